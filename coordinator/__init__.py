@@ -1,0 +1,1 @@
+"""The orchestration side: probing, extraction, dispatch, monitoring, encoding, the esrfarm CLI."""
