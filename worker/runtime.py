@@ -1,0 +1,348 @@
+"""Batched, tiled Real-ESRGAN inference: N uint8 RGB frames in, N upscaled uint8 frames out.
+
+This module owns torch. One :class:`Upscaler` holds one model on one device, loaded once.
+
+On CUDA: fp16 by default (bf16 and fp32 selectable), channels_last, pinned host memory, and the
+uint8 <-> float conversion done on the GPU. On the CPU: fp32, with a thread-count setting.
+
+Frames whose size the network cannot take directly (odd sizes for a pixel-unshuffle model, say)
+are padded by reflection and the output cropped. An output scale other than the model's own is
+reached by resizing the model output on the device (antialiased bicubic).
+
+Failure handling, none of which ever drops a frame:
+
+- out of GPU memory: the micro-batch is halved down to 1, then the frame is tiled with ever
+  smaller tiles; each fallback is logged and kept for later batches;
+- a half-precision output with NaN or inf (the cause of Real-ESRGAN's black frames) is
+  recomputed in fp32 from the original fp32 weights, and that is logged.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from spandrel import ImageModelDescriptor
+
+from worker.models import ModelLoadError, load_model_file, resolve_model
+
+log = logging.getLogger(__name__)
+
+PRECISIONS: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+MIN_TILE = 32
+MAX_SCALE = 16.0
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+__all__ = [
+    "InferenceError",
+    "ModelLoadError",
+    "RuntimeSettings",
+    "Upscaler",
+    "load_upscaler",
+    "select_device",
+]
+
+
+class InferenceError(RuntimeError):
+    """A batch could not be upscaled even after every fallback."""
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """How a model runs. Validated on construction; ``None`` means "the device's default"."""
+
+    device: str = "auto"  # "auto" (first CUDA device, else the CPU) | "cpu" | "cuda" | "cuda:N"
+    precision: str | None = None  # "fp16" | "bf16" | "fp32"; default fp16 on CUDA, fp32 on the CPU
+    scale: float | None = None  # output scale; default the model's own
+    tile: int = 0  # tile edge in input pixels; 0 = whole frames
+    tile_pad: int = 10  # context each tile carries on every side, in input pixels
+    max_batch: int | None = None  # frames per forward pass; default 1 on the CPU, the whole batch on CUDA
+    cpu_threads: int | None = None  # torch intra-op threads on the CPU; default torch's own
+    channels_last: bool | None = None  # default on for CUDA, off for the CPU (measured slower there)
+
+    def __post_init__(self) -> None:
+        if not _DEVICE_RE.match(self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.scale is not None and not 0 < self.scale <= MAX_SCALE:
+            raise ValueError(f"scale must be above 0 and at most {MAX_SCALE:g}, not {self.scale!r}")
+        if self.tile != 0 and self.tile < MIN_TILE:
+            raise ValueError(f"tile must be 0 (off) or at least {MIN_TILE} pixels, not {self.tile}")
+        if self.tile_pad < 0:
+            raise ValueError(f"tile_pad must be 0 or more, not {self.tile_pad}")
+        if self.max_batch is not None and self.max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, not {self.max_batch}")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be at least 1, not {self.cpu_threads}")
+
+
+def select_device(spec: str) -> torch.device:
+    """Turn a device setting into a torch device, with a clear error if it is not there."""
+    if spec == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {spec} was asked for but CUDA is not available on this machine")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {spec} does not exist: {torch.cuda.device_count()} CUDA device(s) visible"
+            )
+        device = torch.device("cuda", index)
+    return device
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+class Upscaler:
+    """One model on one device. ``upscale`` is thread-safe (one batch runs at a time)."""
+
+    def __init__(
+        self, descriptor: ImageModelDescriptor[Any], settings: RuntimeSettings, model_name: str
+    ) -> None:
+        if descriptor.input_channels != 3 or descriptor.output_channels != 3:
+            raise ModelLoadError(
+                f"model {model_name} maps {descriptor.input_channels} to {descriptor.output_channels} "
+                "channels; esrfarm upscales RGB frames (3 to 3)"
+            )
+        self.settings = settings
+        self.model_name = model_name
+        self.architecture = descriptor.architecture.name
+        self.native_scale = descriptor.scale
+        self.scale = float(settings.scale) if settings.scale is not None else float(descriptor.scale)
+        self.device = select_device(settings.device)
+        on_cuda = self.device.type == "cuda"
+        self.device_name = torch.cuda.get_device_name(self.device) if on_cuda else "cpu"
+
+        precision = settings.precision or ("fp16" if on_cuda else "fp32")
+        supported = {"fp16": descriptor.supports_half, "bf16": descriptor.supports_bfloat16, "fp32": True}
+        if not supported[precision]:
+            log.warning("%s does not support %s; running in fp32", self.architecture, precision)
+            precision = "fp32"
+        if not on_cuda and precision != "fp32":
+            log.warning(
+                "%s on the CPU is slow and only useful for testing; fp32 is the CPU default", precision
+            )
+        self.precision = precision
+        self._dtype = PRECISIONS[precision]
+        if not on_cuda and settings.cpu_threads:
+            torch.set_num_threads(settings.cpu_threads)
+        if on_cuda:
+            torch.backends.cudnn.benchmark = True  # frame sizes repeat for a whole job
+
+        reqs = descriptor.size_requirements
+        self._multiple = max(1, reqs.multiple_of)
+        self._minimum = max(1, reqs.minimum)
+        self._square = reqs.square
+        self._channels_last = settings.channels_last if settings.channels_last is not None else on_cuda
+
+        model = descriptor.model.eval()
+        # An fp32 copy kept on the CPU, so a NaN in half precision is recomputed from the exact weights.
+        self._fp32_source = None if self._dtype == torch.float32 else copy.deepcopy(model).float()
+        self._fp32_model: torch.nn.Module | None = None
+        self._model = self._place(model, self._dtype)
+
+        self._micro_batch = settings.max_batch or (1 if not on_cuda else 0)  # 0: the whole batch
+        self._tile = settings.tile
+        self._lock = threading.Lock()
+
+    # -- public ---------------------------------------------------------------------------------
+
+    @property
+    def micro_batch(self) -> int:
+        """Frames per forward pass now (0 = the whole batch); lowered by out-of-memory fallbacks."""
+        return self._micro_batch
+
+    @property
+    def tile(self) -> int:
+        """Tile edge now (0 = whole frames); set by out-of-memory fallbacks if not configured."""
+        return self._tile
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        return round(height * self.scale), round(width * self.scale)
+
+    def upscale(self, frames: np.ndarray) -> np.ndarray:
+        """Upscale ``(N, H, W, 3)`` uint8 RGB frames to ``(N, H*scale, W*scale, 3)`` uint8."""
+        if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8:
+            raise TypeError("frames must be a uint8 numpy array")
+        if frames.ndim != 4 or frames.shape[3] != 3 or 0 in frames.shape:
+            raise ValueError(f"frames must have shape (N, H, W, 3) with N, H, W >= 1, not {frames.shape}")
+        count, height, width, _ = frames.shape
+        out_h, out_w = self.output_size(height, width)
+        with self._lock, torch.inference_mode():
+            batch = self._to_device(frames)
+            on_cuda = self.device.type == "cuda"
+            result = torch.empty((count, out_h, out_w, 3), dtype=torch.uint8, pin_memory=on_cuda)
+            start = 0
+            while start < count:
+                size = self._micro_batch or count
+                chunk = batch[start : start + size]
+                try:
+                    out: torch.Tensor | None = self._upscale_chunk(chunk, height, width)
+                except torch.OutOfMemoryError:
+                    out = None  # handled outside the except block, once its tensors are released
+                if out is None:
+                    del chunk
+                    self._after_oom(size, count, height, width)
+                    continue
+                result[start : start + len(out)].copy_(out, non_blocking=on_cuda)
+                start += len(out)
+            if on_cuda:
+                torch.cuda.current_stream(self.device).synchronize()
+        return result.numpy()
+
+    def warmup(self, height: int = 64, width: int = 64) -> None:
+        """Run one batch so lazy initialisation (cuDNN, allocator) happens before real work."""
+        self.upscale(np.zeros((max(1, self._micro_batch), height, width, 3), dtype=np.uint8))
+
+    def memory_info(self) -> dict[str, int] | None:
+        """GPU memory ``{"used", "total"}`` in bytes for this device, or None on the CPU."""
+        if self.device.type != "cuda":
+            return None
+        free, total = torch.cuda.mem_get_info(self.device)
+        return {"used": total - free, "total": total}
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _place(self, model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+        model = model.to(self.device, dtype=dtype)
+        if self._channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def _to_device(self, frames: np.ndarray) -> torch.Tensor:
+        host = torch.from_numpy(np.ascontiguousarray(frames))
+        if self.device.type != "cuda":
+            return host
+        staging = torch.empty(host.shape, dtype=torch.uint8, pin_memory=True)
+        staging.copy_(host)
+        return staging.to(self.device, non_blocking=True)
+
+    def _upscale_chunk(self, chunk: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """uint8 NHWC on the device -> upscaled uint8 NHWC on the device."""
+        out = self._forward(self._normalise(chunk, self._dtype), self._model)
+        if self._fp32_source is not None and not bool(torch.isfinite(out).all()):
+            log.warning(
+                "%s output of %d frame(s) holds NaN or inf; recomputing them in fp32",
+                self.precision,
+                len(chunk),
+            )
+            out = self._forward(self._normalise(chunk, torch.float32), self._fp32_network())
+        out = out[:, :, : height * self.native_scale, : width * self.native_scale].float()
+        out_h, out_w = self.output_size(height, width)
+        if (out_h, out_w) != tuple(out.shape[2:]):
+            out = F.interpolate(out, size=(out_h, out_w), mode="bicubic", antialias=True, align_corners=False)
+        out = out.clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
+        return out.permute(0, 2, 3, 1).contiguous()
+
+    def _normalise(self, chunk: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """uint8 NHWC -> padded NCHW in [0, 1], converted on the chunk's device."""
+        return self._pad(chunk.permute(0, 3, 1, 2).to(dtype).div_(255.0))
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[2:]
+        pad_h = _round_up(max(height, self._minimum), self._multiple)
+        pad_w = _round_up(max(width, self._minimum), self._multiple)
+        if self._square:
+            pad_h = pad_w = max(pad_h, pad_w)
+        if (pad_h, pad_w) == (height, width):
+            return x
+        bottom, right = pad_h - height, pad_w - width
+        mode = "reflect" if bottom < height and right < width else "replicate"
+        return F.pad(x, (0, right, 0, bottom), mode=mode)
+
+    def _forward(self, x: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
+        if self._channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        height, width = x.shape[2:]
+        if not self._tile or (self._tile >= height and self._tile >= width):
+            return model(x)
+        return self._forward_tiled(x, model)
+
+    def _forward_tiled(self, x: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
+        """Tiles carry ``tile_pad`` pixels of real context on each side; only their centres are kept.
+
+        Tile edges and pads are multiples of the network's size multiple, so each tile is a valid
+        input and, with ``tile_pad`` at least the receptive field, equals the untiled result.
+        """
+        scale = self.native_scale
+        count, _, height, width = x.shape
+        tile = max(_round_up(self._tile, self._multiple), self._minimum)
+        pad = _round_up(self.settings.tile_pad, self._multiple)
+        out: torch.Tensor | None = None
+        for top in range(0, height, tile):
+            for left in range(0, width, tile):
+                bottom, right = min(top + tile, height), min(left + tile, width)
+                in_top, in_left = max(top - pad, 0), max(left - pad, 0)
+                piece = x[:, :, in_top : min(bottom + pad, height), in_left : min(right + pad, width)]
+                piece_out = model(self._pad(piece))
+                if out is None:
+                    out = torch.empty(
+                        (count, piece_out.shape[1], height * scale, width * scale),
+                        dtype=piece_out.dtype,
+                        device=piece_out.device,
+                    )
+                oy, ox = (top - in_top) * scale, (left - in_left) * scale
+                out[:, :, top * scale : bottom * scale, left * scale : right * scale] = piece_out[
+                    :, :, oy : oy + (bottom - top) * scale, ox : ox + (right - left) * scale
+                ]
+        assert out is not None
+        return out
+
+    def _fp32_network(self) -> torch.nn.Module:
+        if self._fp32_model is None:
+            assert self._fp32_source is not None
+            self._fp32_model = self._place(copy.deepcopy(self._fp32_source), torch.float32)
+        return self._fp32_model
+
+    def _after_oom(self, size: int, count: int, height: int, width: int) -> None:
+        """Shrink the work after an out-of-memory error: first the batch, then the tiles."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        effective = min(size or count, count)
+        if effective > 1:
+            self._micro_batch = effective // 2
+            log.warning(
+                "out of memory at %d frame(s) per pass; retrying with %d", effective, self._micro_batch
+            )
+            return
+        current = self._tile or max(height, width)
+        smaller = max(MIN_TILE, _round_up(current // 2, self._multiple))
+        if smaller >= current:
+            raise InferenceError(
+                f"out of memory upscaling one {width}x{height} frame even with {current}-pixel tiles"
+            )
+        self._tile = smaller
+        log.warning("out of memory on one frame; tiling it with %d-pixel tiles", smaller)
+
+
+def load_upscaler(
+    model: str, settings: RuntimeSettings | None = None, *, allow_download: bool = True
+) -> Upscaler:
+    """Resolve ``model`` (catalog name or path), load it once through spandrel, place it on its device."""
+    resolved = resolve_model(model, allow_download=allow_download)
+    descriptor = load_model_file(resolved.path)
+    if not isinstance(descriptor, ImageModelDescriptor):
+        raise ModelLoadError(f"model file {resolved.path} is not an image-to-image model")
+    upscaler = Upscaler(descriptor, settings or RuntimeSettings(), resolved.name)
+    log.info(
+        "loaded %s (%s, x%d) from %s on %s in %s",
+        resolved.name,
+        upscaler.architecture,
+        upscaler.native_scale,
+        resolved.path,
+        upscaler.device_name,
+        upscaler.precision,
+    )
+    return upscaler
