@@ -1,0 +1,252 @@
+"""The manifest: one worker's share of a job, as a versioned JSON file.
+
+Example (``format`` is checked first; unknown fields are refused)::
+
+    {
+      "format": "esrfarm.manifest/1",
+      "job_id": "clip-2024",
+      "manifest_id": "w0",
+      "worker_id": "gpu-host-1:8090",
+      "model": "realesr-animevideov3",
+      "scale": 2.0,                     # null: the model's native scale
+      "tile": null, "tile_pad": null,   # null: whatever the worker was started with
+      "frame_format": "png", "png_compression": 1,
+      "input_dir": "input", "output_dir": "output", "status_file": "status/w0.json",
+      "batches": [{"id": 0, "start": 1, "end": 9}, {"id": 3, "frames": [25, 26, 30]}]
+    }
+
+A batch is a contiguous range ``[start, end)`` of frame indices, or an explicit list. Frame ``i``
+is read from ``<input_dir>/<frame_filename(i)>`` and written to ``<output_dir>/`` under the same name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from manifests._fields import Fields, check_format, decode
+from manifests.errors import DocumentError
+from manifests.jsonio import dumps
+from manifests.layout import FrameFormat, is_safe_name
+
+MANIFEST_FORMAT = "esrfarm.manifest/1"
+DEFAULT_PNG_COMPRESSION = 1
+_KIND = "manifest"
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A batch of frames, upscaled together. ``frames`` are frame indices in processing order."""
+
+    id: int
+    frames: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.id < 0:
+            raise ValueError(f"batch id must be >= 0, not {self.id}")
+        if not self.frames:
+            raise ValueError(f"batch {self.id} has no frames")
+        if min(self.frames) < 0:
+            raise ValueError(f"batch {self.id} has a negative frame index")
+        if len(set(self.frames)) != len(self.frames):
+            raise ValueError(f"batch {self.id} lists a frame twice")
+
+    @classmethod
+    def range(cls, batch_id: int, start: int, end: int) -> Batch:
+        """The contiguous batch of frames ``start, start + 1, ..., end - 1``."""
+        if end <= start:
+            raise ValueError(f"batch {batch_id}: end ({end}) must be greater than start ({start})")
+        return cls(batch_id, tuple(range(start, end)))
+
+    @property
+    def is_contiguous(self) -> bool:
+        return self.frames == tuple(range(self.frames[0], self.frames[0] + len(self.frames)))
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.is_contiguous:
+            return {"id": self.id, "start": self.frames[0], "end": self.frames[-1] + 1}
+        return {"id": self.id, "frames": list(self.frames)}
+
+    @classmethod
+    def _from_fields(cls, f: Fields) -> Batch:
+        batch_id = f.integer("id", minimum=0)
+        if "frames" in f.data:
+            f.reject_unknown({"id", "frames"})
+            frames = f.int_list("frames")
+            if not frames:
+                f.fail("frames", "must not be empty")
+            if len(set(frames)) != len(frames):
+                f.fail("frames", "lists a frame twice")
+            return cls(batch_id, frames)
+        f.reject_unknown({"id", "start", "end"})
+        start = f.integer("start", minimum=0)
+        end = f.integer("end")
+        if end <= start:
+            f.fail("end", f"must be greater than start ({start}), not {end}")
+        return cls.range(batch_id, start, end)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """One worker's share of a job; ``status_file`` defaults to ``status/<manifest_id>.json``."""
+
+    job_id: str
+    manifest_id: str
+    worker_id: str
+    model: str
+    batches: tuple[Batch, ...]
+    scale: float | None = None
+    tile: int | None = None
+    tile_pad: int | None = None
+    frame_format: FrameFormat = FrameFormat.PNG
+    png_compression: int = DEFAULT_PNG_COMPRESSION
+    input_dir: str = "input"
+    output_dir: str = "output"
+    status_file: str = field(default="")
+
+    def __post_init__(self) -> None:
+        # Manifests built in code get the same checks as manifests read from disk.
+        object.__setattr__(self, "batches", tuple(self.batches))
+        object.__setattr__(self, "frame_format", FrameFormat(self.frame_format))
+        if not self.status_file:
+            object.__setattr__(self, "status_file", f"status/{self.manifest_id}.json")
+        _validate(self, source=None)
+
+    @property
+    def frame_count(self) -> int:
+        return sum(len(batch) for batch in self.batches)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": MANIFEST_FORMAT,
+            "job_id": self.job_id,
+            "manifest_id": self.manifest_id,
+            "worker_id": self.worker_id,
+            "model": self.model,
+            "scale": self.scale,
+            "tile": self.tile,
+            "tile_pad": self.tile_pad,
+            "frame_format": self.frame_format.value,
+            "png_compression": self.png_compression,
+            "input_dir": self.input_dir,
+            "output_dir": self.output_dir,
+            "status_file": self.status_file,
+            "batches": [batch.to_dict() for batch in self.batches],
+        }
+
+    def to_json(self) -> bytes:
+        return dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, data: bytes | str, *, source: str | Path | None = None) -> Manifest:
+        """Parse and validate; raises :class:`DocumentError` (or its :class:`FormatVersionError`)."""
+        return cls.from_dict(decode(_KIND, data, source), source=source)
+
+    @classmethod
+    def from_dict(cls, document: dict[str, Any], *, source: str | Path | None = None) -> Manifest:
+        check_format(_KIND, document, MANIFEST_FORMAT, source)
+        f = Fields(_KIND, document, source=source)
+        f.reject_unknown(
+            {
+                "format", "job_id", "manifest_id", "worker_id", "model", "scale", "tile", "tile_pad",
+                "frame_format", "png_compression", "input_dir", "output_dir", "status_file", "batches",
+            }
+        )  # fmt: skip
+        frame_format = f.data.get("frame_format", FrameFormat.PNG.value)
+        if frame_format not in {member.value for member in FrameFormat}:
+            f.fail(
+                "frame_format",
+                f"must be one of {', '.join(m.value for m in FrameFormat)}, not {frame_format!r}",
+            )
+        png_compression = f.opt_integer("png_compression", minimum=0, maximum=9)
+        manifest = object.__new__(cls)
+        values = {
+            "job_id": f.string("job_id"),
+            "manifest_id": f.string("manifest_id"),
+            "worker_id": f.string("worker_id"),
+            "model": f.string("model"),
+            "scale": f.opt_number("scale", positive=True),
+            "tile": f.opt_integer("tile", minimum=0),
+            "tile_pad": f.opt_integer("tile_pad", minimum=0),
+            "frame_format": FrameFormat(frame_format),
+            "png_compression": DEFAULT_PNG_COMPRESSION if png_compression is None else png_compression,
+            "input_dir": f.string("input_dir"),
+            "output_dir": f.string("output_dir"),
+            "status_file": f.opt_string("status_file") or "",
+            "batches": tuple(Batch._from_fields(item) for item in f.objects("batches")),
+        }
+        if not values["status_file"]:
+            values["status_file"] = f"status/{values['manifest_id']}.json"
+        for name, value in values.items():
+            object.__setattr__(manifest, name, value)
+        _validate(manifest, source=source)
+        return manifest
+
+    def with_batches(self, manifest_id: str, worker_id: str, batches: Sequence[Batch]) -> Manifest:
+        """The same job settings for other batches (for re-dealing); gets its own status file."""
+        return Manifest(
+            job_id=self.job_id,
+            manifest_id=manifest_id,
+            worker_id=worker_id,
+            model=self.model,
+            batches=tuple(batches),
+            scale=self.scale,
+            tile=self.tile,
+            tile_pad=self.tile_pad,
+            frame_format=self.frame_format,
+            png_compression=self.png_compression,
+            input_dir=self.input_dir,
+            output_dir=self.output_dir,
+        )
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """Read and validate a manifest file.
+
+    Raises ``OSError`` if it cannot be read, :class:`DocumentError` if it is not valid.
+    """
+    source = Path(path)
+    return Manifest.from_json(source.read_bytes(), source=source)
+
+
+def _validate(manifest: Manifest, *, source: str | Path | None) -> None:
+    def fail(name: str, problem: str) -> None:
+        raise DocumentError(_KIND, problem, source=source, field=name)
+
+    for name in ("job_id", "manifest_id"):
+        value = getattr(manifest, name)
+        if not isinstance(value, str) or not is_safe_name(value):
+            fail(name, f"must be a safe name (letters, digits, '.', '_', '-'; at most 128), not {value!r}")
+    for name in ("worker_id", "model", "input_dir", "output_dir", "status_file"):
+        value = getattr(manifest, name)
+        if not isinstance(value, str) or not value:
+            fail(name, f"must be a non-empty string, not {value!r}")
+        if name.endswith(("_dir", "_file")) and "\x00" in value:
+            fail(name, "must not contain a NUL character")
+    if manifest.scale is not None and not manifest.scale > 0:
+        fail("scale", f"must be above 0, not {manifest.scale!r}")
+    for name in ("tile", "tile_pad"):
+        value = getattr(manifest, name)
+        if value is not None and (not isinstance(value, int) or value < 0):
+            fail(name, f"must be an integer >= 0 or null, not {value!r}")
+    if not 0 <= manifest.png_compression <= 9:
+        fail("png_compression", f"must be between 0 and 9, not {manifest.png_compression}")
+    if not manifest.batches:
+        fail("batches", "must hold at least one batch")
+    ids: set[int] = set()
+    frames: set[int] = set()
+    for i, batch in enumerate(manifest.batches):
+        if not isinstance(batch, Batch):
+            fail(f"batches[{i}]", f"must be a Batch, not {type(batch).__name__}")
+        if batch.id in ids:
+            fail(f"batches[{i}].id", f"repeats batch id {batch.id}")
+        ids.add(batch.id)
+        overlap = frames.intersection(batch.frames)
+        if overlap:
+            fail(f"batches[{i}]", f"repeats frame {min(overlap)}, already in an earlier batch")
+        frames.update(batch.frames)
