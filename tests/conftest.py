@@ -1,0 +1,41 @@
+"""Shared fixtures: a tiny seeded model, a shared root, one real worker process for the session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.model_factory import write_tiny_compact
+from tests.workerutil import WorkerProcess, start_worker
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SRVGGNetCompact x4, 8 features, seed 0, in the official key layout."""
+    return write_tiny_compact(tmp_path_factory.mktemp("models") / "tiny-x4.pth")
+
+
+@pytest.fixture(scope="session")
+def shared_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("shared")
+
+
+@pytest.fixture(scope="session")
+def worker(
+    shared_root: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WorkerProcess]:
+    """One worker process for every test that leaves it idle again."""
+    process = start_worker(shared_root, tiny_model, tmp_path_factory.mktemp("worker-logs"))
+    yield process
+    process.stop()
+
+
+@pytest.fixture()
+def idle_worker(worker: WorkerProcess) -> Iterator[WorkerProcess]:
+    """The session worker, checked idle before and after the test."""
+    assert worker.get("/health").json()["state"] == "idle", worker.log()
+    yield worker
+    if worker.get("/health").json()["state"] != "idle":
+        worker.post("/reset")

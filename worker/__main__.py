@@ -1,0 +1,5 @@
+"""``python -m worker``: the worker CLI."""
+
+from worker.cli import main
+
+raise SystemExit(main())

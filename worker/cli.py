@@ -1,0 +1,161 @@
+"""``esrfarm worker`` / ``python -m worker``: serve one model on one device (``... models``: weights)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from worker.models import DEFAULT_MODEL
+from worker.settings import DEFAULT_HOST, DEFAULT_PORT, TOKEN_ENV, SettingsError, WorkerSettings, read_token
+
+log = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = os.environ
+    parser = argparse.ArgumentParser(
+        prog="esrfarm worker",
+        description=(
+            "Serve Real-ESRGAN upscaling for one GPU over HTTP: load the model once, then process the "
+            "manifests the coordinator posts, reading and writing frames under the shared root. "
+            "'esrfarm worker models ...' lists and fetches model weights."
+        ),
+    )
+    parser.add_argument(
+        "--shared-root",
+        type=Path,
+        default=env.get("ESRFARM_SHARED_ROOT"),
+        required="ESRFARM_SHARED_ROOT" not in env,
+        help="the storage directory shared with the coordinator (env ESRFARM_SHARED_ROOT)",
+    )
+    parser.add_argument(
+        "--model",
+        default=env.get("ESRFARM_MODEL", DEFAULT_MODEL),
+        help="catalog name or path to a .pth/.safetensors file (env ESRFARM_MODEL; default %(default)s)",
+    )
+    parser.add_argument(
+        "--host", default=env.get("ESRFARM_HOST", DEFAULT_HOST), help="address to bind (default %(default)s)"
+    )
+    parser.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help="port; 0 picks a free one (default %(default)s)"
+    )
+    parser.add_argument(
+        "--port-offset",
+        type=int,
+        default=0,
+        metavar="N",
+        help="added to --port (systemd passes the GPU index)",
+    )
+    parser.add_argument("--port-file", type=Path, help='write {"port", "url", "pid"} here once listening')
+    device = parser.add_mutually_exclusive_group()
+    device.add_argument("--gpu", type=int, metavar="N", help="CUDA device index among the visible ones")
+    device.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"] + [f"cuda:{i}" for i in range(16)],
+        metavar="DEVICE",
+        help="auto (default: first visible GPU, else the CPU), cpu, cuda or cuda:N",
+    )
+    parser.add_argument(
+        "--precision", choices=["fp16", "bf16", "fp32"], help="default fp16 on CUDA, fp32 on the CPU"
+    )
+    parser.add_argument("--scale", type=float, help="output scale (default: the model's own)")
+    parser.add_argument(
+        "--tile", type=int, default=0, help="tile edge in input pixels; 0 = whole frames (default)"
+    )
+    parser.add_argument(
+        "--tile-pad", type=int, default=10, help="context pixels around each tile (default %(default)s)"
+    )
+    parser.add_argument("--max-batch", type=int, help="frames per forward pass (default: per device)")
+    parser.add_argument("--cpu-threads", type=int, help="torch threads on the CPU")
+    parser.add_argument(
+        "--no-download", action="store_true", help="never download weights; offline sources only"
+    )
+    parser.add_argument("--worker-id", help="name in status files (default <hostname>:<port>)")
+    parser.add_argument(
+        "--token-file",
+        type=Path,
+        default=env.get("ESRFARM_WORKER_TOKEN_FILE") or None,
+        help="file holding the bearer token (env ESRFARM_WORKER_TOKEN_FILE, or the token itself in "
+        f"{TOKEN_ENV}); required when binding a non-loopback address",
+    )
+    parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up batch after loading")
+    parser.add_argument(
+        "--warmup-size", type=int, default=64, help="edge of the warm-up frame (default %(default)s)"
+    )
+    parser.add_argument(
+        "--io-threads", type=int, default=4, help="threads reading/writing one batch's frames"
+    )
+    parser.add_argument(
+        "--no-fsync", action="store_true", help="do not fsync output frames (faster, less durable)"
+    )
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=90.0,
+        help="seconds the batch in flight may take after SIGTERM",
+    )
+    parser.add_argument(
+        "--max-request-bytes", type=int, default=64 * 1024, help="largest request body accepted"
+    )
+    parser.add_argument(
+        "--log-level", default=env.get("ESRFARM_LOG_LEVEL", "INFO"), help="default %(default)s"
+    )
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
+    return WorkerSettings(
+        shared_root=args.shared_root,
+        model=args.model,
+        host=args.host,
+        port=args.port + args.port_offset if args.port else 0,
+        gpu=args.gpu,
+        device=args.device,
+        precision=args.precision,
+        scale=args.scale,
+        tile=args.tile,
+        tile_pad=args.tile_pad,
+        max_batch=args.max_batch,
+        cpu_threads=args.cpu_threads,
+        allow_download=not args.no_download,
+        worker_id=args.worker_id,
+        token=read_token(args.token_file),
+        port_file=args.port_file,
+        warmup=not args.no_warmup,
+        warmup_size=args.warmup_size,
+        max_request_bytes=args.max_request_bytes,
+        io_threads=args.io_threads,
+        fsync_frames=not args.no_fsync,
+        shutdown_timeout_s=args.shutdown_timeout,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] == "models":
+        from worker import models_cli
+
+        return models_cli.main(args_list[1:])
+    parser = build_parser()
+    args = parser.parse_args(args_list)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        settings = settings_from_args(args)
+    except SettingsError as exc:
+        print(f"esrfarm worker: error: {exc}", file=sys.stderr)
+        return 2
+    from worker.service import serve
+
+    def listening(url: str) -> None:
+        print(f"listening on {url}", flush=True)
+
+    return asyncio.run(serve(settings, on_listening=listening))

@@ -1,0 +1,111 @@
+"""Worker settings: one frozen dataclass built from CLI flags and the environment, validated once."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8090
+TOKEN_ENV = "ESRFARM_WORKER_TOKEN"
+
+
+class SettingsError(ValueError):
+    """Settings that cannot work together; the message says which flag to change."""
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    shared_root: Path
+    model: str
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT  # 0: any free port (the bound port is printed and written to port_file)
+    gpu: int | None = None  # index among the visible CUDA devices; None: the first one, else the CPU
+    device: str | None = None  # "cpu" | "cuda" | "cuda:N" | "auto"; overrides gpu
+    precision: str | None = None
+    scale: float | None = None
+    tile: int = 0
+    tile_pad: int = 10
+    max_batch: int | None = None
+    cpu_threads: int | None = None
+    allow_download: bool = True
+    worker_id: str | None = None  # default "<hostname>:<port>"
+    token: str | None = field(default=None, repr=False)
+    port_file: Path | None = None
+    warmup: bool = True
+    warmup_size: int = 64  # edge of the square warm-up frame, in pixels
+    max_request_bytes: int = 64 * 1024  # request bodies larger than this get 413
+    io_threads: int = 4  # threads reading or writing the frames of one batch
+    fsync_frames: bool = True  # fsync each output frame before its batch is claimed as done
+    shutdown_timeout_s: float = 90.0  # on SIGTERM, how long the current batch may take to finish
+    reset_timeout_s: float = 60.0  # how long POST /reset waits for the batch in flight
+
+    def __post_init__(self) -> None:
+        if not self.shared_root.is_dir():
+            raise SettingsError(f"shared root {self.shared_root} is not a directory")
+        if not 0 <= self.port <= 65535:
+            raise SettingsError(f"port must be between 0 and 65535, not {self.port}")
+        if self.gpu is not None and self.gpu < 0:
+            raise SettingsError(f"--gpu must be 0 or more, not {self.gpu}")
+        if self.gpu is not None and self.device is not None:
+            raise SettingsError(f"give either --gpu {self.gpu} or --device {self.device}, not both")
+        if self.token is not None and not self.token.strip():
+            raise SettingsError("the bearer token is empty")
+        if not is_loopback(self.host) and self.token is None:
+            raise SettingsError(
+                f"binding {self.host} exposes the worker beyond this machine, so it needs a bearer token: "
+                f"pass --token-file PATH or set {TOKEN_ENV} (or bind 127.0.0.1)"
+            )
+        for name in ("warmup_size", "max_request_bytes", "io_threads"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{name} must be at least 1, not {getattr(self, name)}")
+        for name in ("shutdown_timeout_s", "reset_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{name} must be above 0, not {getattr(self, name)}")
+
+    @property
+    def device_spec(self) -> str:
+        """The runtime's device setting: ``--device``, else ``cuda:<gpu>``, else auto."""
+        if self.device is not None:
+            return self.device
+        if self.gpu is not None:
+            return f"cuda:{self.gpu}"
+        return "auto"
+
+    def gpu_label(self, device_type: str) -> str | None:
+        """How the host names this worker's GPU (its CUDA_VISIBLE_DEVICES entry); None on the CPU."""
+        if device_type != "cuda":
+            return None
+        index = self.gpu or 0
+        visible = [
+            item.strip() for item in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if item.strip()
+        ]
+        if index < len(visible):
+            return visible[index]
+        return str(index)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_token(token_file: Path | None, environ: dict[str, str] | None = None) -> str | None:
+    """The bearer token from ``token_file`` (first line, stripped), else from ``$ESRFARM_WORKER_TOKEN``."""
+    if token_file is not None:
+        try:
+            token = token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise SettingsError(f"cannot read the token file {token_file}: {exc.strerror}") from None
+        if not token:
+            raise SettingsError(f"the token file {token_file} is empty")
+        return token
+    env = os.environ if environ is None else environ
+    token = env.get(TOKEN_ENV, "").strip()
+    return token or None
