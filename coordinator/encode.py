@@ -1,0 +1,583 @@
+"""Turn a directory of output frames into the output video in one encoder pass.
+
+::
+
+    frames (PNG / .npy) --read, in order--> PyAV NUT muxer (rawvideo rgb24, exact pts) --pipe-->
+    ffmpeg -f nut -i pipe:0 -i <source>: video encoded once; audio copied; subtitles copied or
+    converted; chapters, metadata, colour tags, rotation and SAR carried over --> temp file -->
+    checked (frame count) --> renamed to the output path
+
+Timing: a CFR source is fed with time base ``1/rate`` and pts ``0, 1, 2...`` (so ``30000/1001``
+stays ``30000/1001``); a VFR source with its own time base and per-frame pts. Either way ffmpeg
+runs ``-fps_mode passthrough`` with ``-enc_time_base`` equal to that time base, so no frame is
+dropped, duplicated or moved. Video keeps its offset from the container start (``-itsoffset``),
+so audio stays in sync.
+
+Colour: RGB -> YUV uses the source's matrix and range (:attr:`VideoInfo.conversion`, the same
+one extraction used) and the output is tagged with them plus the source's primaries and transfer.
+RGB pixel formats (``gbrp``, ``bgr0``, ``rgb24``) skip the conversion: with ``ffv1`` + ``gbrp``
+(:meth:`EncodeSettings.lossless`) decoded output frames equal the frames given, bit for bit.
+
+Nothing half-written ever has the output's name: ffmpeg writes ``.<name>.<pid>.<token>.part`` in
+the output's directory; it is renamed only after ffmpeg succeeded and the video packet count
+matched, and deleted on any failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import secrets
+import subprocess
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import av
+import numpy as np
+from PIL import Image
+
+from coordinator.errors import EncodeSettingsError, FFmpegError, FramesError, MediaError
+from coordinator.ffmpeg import FFmpegProcess, available_encoders
+from coordinator.probe import CONTAINER_FORMATS, MediaInfo, SubtitleInfo, check_output_path
+from manifests.layout import FrameFormat, frame_filename
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int], None]
+"""Called as ``progress(done)`` (frames handed to the encoder so far) from the calling thread."""
+
+X264_PRESETS = frozenset(
+    [
+        "ultrafast",
+        "superfast",
+        "veryfast",
+        "faster",
+        "fast",
+        "medium",
+        "slow",
+        "slower",
+        "veryslow",
+        "placebo",
+    ]
+)
+NVENC_PRESETS = frozenset({"p1", "p2", "p3", "p4", "p5", "p6", "p7"})
+SVTAV1_PRESETS = frozenset(str(p) for p in range(-1, 14))
+RGB_PIX_FMTS = frozenset({"gbrp", "bgr0", "rgb0", "bgr24", "rgb24", "gbrp10le", "gbrp12le", "gbrp16le"})
+
+
+@dataclass(frozen=True)
+class CodecSpec:
+    """What esrfarm knows about one encoder: quality option, range, defaults, containers."""
+
+    name: str
+    family: str  # h264, hevc, av1, ffv1
+    quality_option: str | None  # "-crf", "-cq", or None (lossless-only codecs)
+    quality_default: int | None
+    quality_max: int
+    presets: frozenset[str]
+    preset_default: str | None
+    pix_fmt_default: str
+    containers: frozenset[str]
+    needs_gpu: bool = False
+
+
+_MP4ISH = frozenset({"mp4", "mov", "matroska"})
+CODECS: Mapping[str, CodecSpec] = MappingProxyType(
+    {
+        spec.name: spec
+        for spec in (
+            CodecSpec("libx264", "h264", "-crf", 18, 51, X264_PRESETS, "medium", "yuv420p", _MP4ISH),
+            CodecSpec("libx264rgb", "h264", "-crf", 18, 51, X264_PRESETS, "medium", "rgb24", _MP4ISH),
+            CodecSpec("libx265", "hevc", "-crf", 20, 51, X264_PRESETS, "medium", "yuv420p", _MP4ISH),
+            CodecSpec("libsvtav1", "av1", "-crf", 30, 63, SVTAV1_PRESETS, "8", "yuv420p", _MP4ISH | {"webm"}),
+            CodecSpec("ffv1", "ffv1", None, None, 0, frozenset(), None, "gbrp", frozenset({"matroska"})),
+            CodecSpec("h264_nvenc", "h264", "-cq", 19, 51, NVENC_PRESETS, "p5", "yuv420p", _MP4ISH, True),
+            CodecSpec("hevc_nvenc", "hevc", "-cq", 21, 51, NVENC_PRESETS, "p5", "yuv420p", _MP4ISH, True),
+            CodecSpec(
+                "av1_nvenc", "av1", "-cq", 30, 51, NVENC_PRESETS, "p5", "yuv420p", _MP4ISH | {"webm"}, True
+            ),
+        )
+    }
+)
+
+# Audio codecs that can be copied (not re-encoded) into each container; absent = anything goes.
+_AUDIO_COPYABLE: Mapping[str, frozenset[str]] = MappingProxyType(
+    {
+        "mp4": frozenset({"aac", "mp3", "mp2", "ac3", "eac3", "opus", "flac", "alac", "dts", "truehd"}),
+        "webm": frozenset({"opus", "vorbis"}),
+    }
+)
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    """How the output video stream is encoded; validated on construction.
+
+    ``crf`` (``-cq`` for NVENC), ``preset`` and ``pix_fmt`` default per codec (``None``): libx264
+    crf 18 / medium / yuv420p, libx265 crf 20 / medium, libsvtav1 crf 30 / preset 8, NVENC cq
+    19-30 / p5, ``ffv1`` lossless RGB (``gbrp``; it ignores crf). ``extra_args`` go to ffmpeg
+    verbatim after the encoder options (e.g. ``("-x264-params", "aq-mode=3")``).
+    """
+
+    codec: str = "libx264"
+    crf: int | None = None
+    preset: str | None = None
+    pix_fmt: str | None = None
+    extra_args: Sequence[str] = field(default=())
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "extra_args", tuple(self.extra_args))  # a list is fine; stored frozen
+        spec = CODECS.get(self.codec)
+        if spec is None:
+            known = ", ".join(sorted(CODECS))
+            raise EncodeSettingsError(f"unknown codec {self.codec!r}; esrfarm encodes with {known}")
+        if self.crf is not None and spec.quality_option is not None and not 0 <= self.crf <= spec.quality_max:
+            raise EncodeSettingsError(
+                f"crf {self.crf} is out of range for {self.codec} (0 to {spec.quality_max})"
+            )
+        if self.preset is not None:
+            if not spec.presets:
+                raise EncodeSettingsError(f"{self.codec} has no presets (got {self.preset!r})")
+            if str(self.preset) not in spec.presets:
+                choices = ", ".join(sorted(spec.presets, key=lambda p: (len(p), p)))
+                raise EncodeSettingsError(
+                    f"preset {self.preset!r} is not one of {self.codec}'s presets: {choices}"
+                )
+        if not all(isinstance(arg, str) for arg in self.extra_args):
+            raise EncodeSettingsError(f"extra_args must be strings, not {self.extra_args!r}")
+        if self.codec == "libx264rgb" and self.effective_pix_fmt not in {"rgb24", "bgr24", "bgr0"}:
+            raise EncodeSettingsError(f"libx264rgb takes rgb24, bgr24 or bgr0, not {self.pix_fmt}")
+        if self.codec != "libx264rgb" and self.codec != "ffv1" and self.is_rgb:
+            raise EncodeSettingsError(f"{self.codec} can't encode RGB pixel format {self.pix_fmt}")
+
+    @classmethod
+    def for_codec(
+        cls,
+        codec: str,
+        *,
+        crf: int | None = None,
+        preset: str | None = None,
+        pix_fmt: str | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> EncodeSettings:
+        """Settings for ``codec``; every ``None`` takes that codec's default (CLI flags map 1:1)."""
+        return cls(codec=codec, crf=crf, preset=preset, pix_fmt=pix_fmt, extra_args=tuple(extra_args))
+
+    @classmethod
+    def lossless(cls) -> EncodeSettings:
+        """FFV1 in RGB (``gbrp``, MKV only): decoded output frames equal the input frames exactly."""
+        return cls(codec="ffv1", pix_fmt="gbrp")
+
+    @property
+    def spec(self) -> CodecSpec:
+        return CODECS[self.codec]
+
+    @property
+    def effective_crf(self) -> int | None:
+        return self.crf if self.crf is not None else self.spec.quality_default
+
+    @property
+    def effective_preset(self) -> str | None:
+        return self.preset if self.preset is not None else self.spec.preset_default
+
+    @property
+    def effective_pix_fmt(self) -> str:
+        return self.pix_fmt or self.spec.pix_fmt_default
+
+    @property
+    def is_rgb(self) -> bool:
+        """RGB output: no YUV conversion at all (with a lossless codec, bit-exact frames)."""
+        return self.effective_pix_fmt in RGB_PIX_FMTS
+
+    @property
+    def is_lossless(self) -> bool:
+        return self.codec == "ffv1" or (self.codec in {"libx264", "libx264rgb"} and self.effective_crf == 0)
+
+    def codec_args(self) -> list[str]:
+        """The ffmpeg output options for the video encoder (codec, quality, preset, pix_fmt, extra)."""
+        spec = self.spec
+        args = ["-c:v", self.codec]
+        if spec.family == "ffv1":
+            args += ["-level", "3", "-g", "1", "-slicecrc", "1"]
+        elif spec.needs_gpu:
+            args += ["-preset", str(self.effective_preset), "-rc", "vbr", "-cq", str(self.effective_crf)]
+            args += ["-b:v", "0"]
+        else:
+            args += [str(spec.quality_option), str(self.effective_crf), "-preset", str(self.effective_preset)]
+            if self.codec == "libx265":
+                args += ["-x265-params", "log-level=error"]
+        args += ["-pix_fmt", self.effective_pix_fmt, *self.extra_args]
+        return args
+
+    def check_container(self, container: str) -> None:
+        """Raise :class:`EncodeSettingsError` if this codec can't go into ``container``."""
+        if container not in self.spec.containers:
+            fits = sorted(suffix for suffix, fmt in CONTAINER_FORMATS.items() if fmt in self.spec.containers)
+            raise EncodeSettingsError(
+                f"{self.codec} can't be written to a {container} file; use {' or '.join(fits)}"
+            )
+
+    def check_frame_size(self, width: int, height: int) -> None:
+        """Raise :class:`EncodeSettingsError` if the pixel format can't hold ``width`` x ``height``."""
+        pix_fmt = self.effective_pix_fmt
+        needs_even_width = "420" in pix_fmt or "422" in pix_fmt or pix_fmt in {"nv12", "p010le"}
+        needs_even_height = "420" in pix_fmt or pix_fmt in {"nv12", "p010le"}
+        if (needs_even_width and width % 2) or (needs_even_height and height % 2):
+            raise EncodeSettingsError(
+                f"{pix_fmt} needs even dimensions but the frames are {width}x{height}; "
+                "use pix_fmt yuv444p (or a scale that gives even sizes)"
+            )
+
+
+def read_frame(path: Path, frame_format: FrameFormat) -> np.ndarray:
+    """Read one frame file as an (H, W, 3) uint8 RGB array (ValueError / OSError if it can't)."""
+    data = path.read_bytes()
+    if frame_format is FrameFormat.NPY:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+            raise ValueError(f"holds a {array.dtype} array of shape {array.shape}, not (H, W, 3) uint8")
+        return np.ascontiguousarray(array)
+    with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
+        return np.asarray(image.convert("RGB") if image.mode != "RGB" else image, dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class _Timing:
+    time_base: Fraction
+    pts: tuple[int, ...]
+    rate: Fraction
+    offset: Fraction  # seconds from the container start to the first frame
+
+
+def _timing(info: MediaInfo) -> _Timing:
+    video = info.video
+    offset = max(Fraction(0), video.frame_pts[0] * video.time_base - info.start_time)
+    if video.is_vfr:
+        first = video.frame_pts[0]
+        return _Timing(video.time_base, tuple(p - first for p in video.frame_pts), video.frame_rate, offset)
+    return _Timing(1 / video.frame_rate, tuple(range(video.frame_count)), video.frame_rate, offset)
+
+
+def subtitle_codec_for(sub: SubtitleInfo, container: str) -> str | None:
+    """The ffmpeg subtitle codec for ``sub`` in ``container`` ("copy"), or None: can't be carried."""
+    if container == "matroska":
+        return "srt" if sub.codec == "mov_text" else "copy"
+    if container in {"mp4", "mov"}:
+        if sub.codec in {"mov_text", "dvd_subtitle"}:
+            return "copy"
+        return "mov_text" if sub.is_text else None
+    if container == "webm":
+        if sub.codec == "webvtt":
+            return "copy"
+        return "webvtt" if sub.is_text else None
+    return None
+
+
+def _color_args(info: MediaInfo, settings: EncodeSettings) -> tuple[str, list[str]]:
+    """(video filter chain, colour tag options) converting RGB frames as the source was."""
+    video = info.video
+    color = video.color
+    tags: dict[str, str] = {}
+    if color.primaries:
+        tags["color_primaries"] = color.primaries
+    if color.transfer:
+        tags["color_trc"] = color.transfer
+    pix_fmt = settings.effective_pix_fmt
+    if settings.is_rgb:
+        chain = [f"format={pix_fmt}"]
+        tags["colorspace"] = "gbr"
+        tags["range"] = "pc"
+    else:
+        conversion = video.conversion
+        chain = [
+            f"scale=out_color_matrix={conversion.scale_matrix}:out_range={conversion.range}"
+            ":flags=bicubic+accurate_rnd",
+            f"format={pix_fmt}",
+        ]
+        tags["colorspace"] = conversion.matrix
+        tags["range"] = conversion.range
+    chain.append("setparams=" + ":".join(f"{key}={value}" for key, value in tags.items()))
+    if video.sample_aspect_ratio:
+        sar = video.sample_aspect_ratio
+        chain.append(f"setsar={sar.numerator}/{sar.denominator}")
+    options = {"color_primaries": "-color_primaries", "color_trc": "-color_trc"}
+    options |= {"colorspace": "-colorspace", "range": "-color_range"}
+    # The encoder options spell the RGB "matrix" rgb where filters and ffprobe say gbr.
+    tag_args = [
+        arg for key, value in tags.items() for arg in (options[key], "rgb" if value == "gbr" else value)
+    ]
+    return ",".join(chain), tag_args
+
+
+def _ffmpeg_encode_args(
+    info: MediaInfo,
+    settings: EncodeSettings,
+    container: str,
+    target: Path,
+    timing: _Timing,
+) -> list[str]:
+    """The ffmpeg arguments of the encode: NUT frames on stdin (input 0), the source (input 1)."""
+    video = info.video
+    args: list[str] = ["-y"]
+    if video.rotation:
+        args += ["-noautorotate", "-display_rotation:v:0", str(video.rotation)]
+    if timing.offset:
+        args += ["-itsoffset", f"{float(timing.offset):.6f}"]
+    args += ["-f", "nut", "-i", "pipe:0", "-i", str(info.path), "-map", "0:v:0"]
+
+    mapped_audio: list[int] = []
+    for audio in info.audio:
+        copyable = _AUDIO_COPYABLE.get("mp4" if container in {"mp4"} else container)
+        if copyable is not None and audio.codec not in copyable:
+            raise EncodeSettingsError(
+                f"audio stream #{audio.index} ({audio.codec}) can't be copied into a {container} file; "
+                "write an .mkv output instead"
+            )
+        args += ["-map", f"1:{audio.index}", f"-map_metadata:s:a:{len(mapped_audio)}", f"1:s:{audio.index}"]
+        mapped_audio.append(audio.index)
+    if info.audio:
+        args += ["-c:a", "copy"]
+
+    out_sub = 0
+    for sub in info.subtitles:
+        codec = subtitle_codec_for(sub, container)
+        if codec is None:
+            log.warning(
+                "subtitle stream #%d (%s) can't be carried into a %s file; it is left out "
+                "(write an .mkv output to keep it)",
+                sub.index,
+                sub.codec,
+                container,
+            )
+            continue
+        args += ["-map", f"1:{sub.index}", f"-c:s:{out_sub}", codec]
+        args += [f"-map_metadata:s:s:{out_sub}", f"1:s:{sub.index}"]
+        out_sub += 1
+    if info.attachments and container == "matroska":
+        args += ["-map", "1:t", "-c:t", "copy"]  # fonts used by ASS subtitles
+
+    # Naming one stream's metadata source turns off ffmpeg's default per-stream copy: name them all.
+    args += ["-map_metadata", "1", "-map_metadata:s:v:0", f"1:s:{video.index}"]
+    args += ["-map_chapters", "1" if info.chapters else "-1"]
+    args += ["-metadata:s:v:0", "DURATION=", "-metadata:s:v:0", "encoder="]
+
+    vf, tag_args = _color_args(info, settings)
+    args += ["-vf", vf, *settings.codec_args(), *tag_args]
+    args += ["-fps_mode", "passthrough", "-enc_time_base:v", _ratio(timing.time_base)]
+    if container in {"mp4", "mov"}:
+        if settings.spec.family == "hevc":
+            args += ["-tag:v", "hvc1"]  # Apple players need hvc1, not hev1
+        args += ["-movflags", "+faststart"]
+    args += ["-f", container, str(target)]
+    return args
+
+
+def _ratio(value: Fraction) -> str:
+    return f"{value.numerator}/{value.denominator}"
+
+
+def check_encode(
+    info: MediaInfo,
+    output: str | Path,
+    settings: EncodeSettings,
+    *,
+    overwrite: bool,
+    size: tuple[int, int] | None = None,
+) -> str:
+    """Everything that would stop :func:`encode_video` before it starts, checked up front.
+
+    The coordinator calls this before any frame is upscaled, so a bad output path, a codec the
+    container or this ffmpeg cannot take, or an output ``size`` (width, height) the pixel format
+    cannot hold fails at once. Returns the container format name.
+    """
+    target = Path(output)
+    check_output_path(info.path, target, overwrite)
+    container = CONTAINER_FORMATS[target.suffix.lower()]
+    settings.check_container(container)
+    if settings.codec not in available_encoders():
+        raise EncodeSettingsError(f"this ffmpeg has no {settings.codec} encoder")
+    if size is not None:
+        settings.check_frame_size(*size)
+    return container
+
+
+def encode_video(
+    info: MediaInfo,
+    frames_dir: str | Path,
+    output: str | Path,
+    *,
+    settings: EncodeSettings | None = None,
+    frame_format: FrameFormat = FrameFormat.PNG,
+    overwrite: bool = False,
+    threads: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> Path:
+    """Encode ``frames_dir``'s frames 1..N (``N = info.video.frame_count``) into ``output``.
+
+    ``info`` is the probe of the source: it gives the timing, colour, rotation and the streams
+    carried over. The frames must all have one size (any size: the upscaled one). ``threads``
+    frame readers run ahead of the encoder (default: CPU count, at most 4); ``progress(done)``
+    is called after each frame is handed to ffmpeg.
+
+    Raises :class:`OutputPathError` (bad output path), :class:`EncodeSettingsError`,
+    :class:`FramesError` (a frame missing, unreadable or of another size: names it),
+    :class:`FFmpegError`. On any failure no output file and no temporary file is left.
+    Returns the output path.
+    """
+    settings = settings or EncodeSettings()
+    target = Path(output)
+    directory = Path(frames_dir)
+    paths = _frame_paths(directory, info.video.frame_count, frame_format)
+    first = _read(paths[0], 1, frame_format, directory)
+    height, width = first.shape[:2]
+    container = check_encode(info, target, settings, overwrite=overwrite, size=(width, height))
+    timing = _timing(info)
+
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
+    args = _ffmpeg_encode_args(info, settings, container, tmp, timing)
+    log.info("encoding %d frames (%dx%d) into %s with %s", len(paths), width, height, target, settings.codec)
+    try:
+        with FFmpegProcess(args, action=f"encoding {target}", stdin=True) as ffmpeg:
+            try:
+                _feed(ffmpeg, paths, frame_format, directory, (width, height), timing, threads, progress)
+            except (OSError, av.error.FFmpegError) as exc:
+                # ffmpeg stopped reading its stdin; its own error says why.
+                try:
+                    ffmpeg.finish(timeout=60)
+                except FFmpegError as ffmpeg_error:
+                    raise ffmpeg_error from exc
+                except subprocess.TimeoutExpired:
+                    pass
+                raise MediaError(f"ffmpeg stopped taking frames while encoding {target}: {exc}") from exc
+            ffmpeg.finish()
+        _check_output(tmp, target, len(paths))
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    log.info("wrote %s", target)
+    return target
+
+
+def _frame_paths(directory: Path, count: int, frame_format: FrameFormat) -> list[Path]:
+    if not directory.is_dir():
+        raise FramesError(directory, "is not a directory of frames")
+    paths = [directory / frame_filename(i, frame_format) for i in range(1, count + 1)]
+    missing = [i for i, path in enumerate(paths, start=1) if not path.is_file()]
+    if missing:
+        raise FramesError(
+            directory,
+            f"{frame_filename(missing[0], frame_format)} is missing "
+            f"({len(missing)} of the {count} frames are missing)",
+            frame=missing[0],
+        )
+    extra = directory / frame_filename(count + 1, frame_format)
+    if extra.exists():
+        raise FramesError(directory, f"holds {extra.name}, but the input has only {count} frames")
+    return paths
+
+
+def _read(path: Path, index: int, frame_format: FrameFormat, directory: Path) -> np.ndarray:
+    try:
+        return read_frame(path, frame_format)
+    except FileNotFoundError as exc:
+        raise FramesError(directory, f"{path.name} is missing", frame=index) from exc
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL raises SyntaxError on some broken PNGs
+        raise FramesError(directory, f"{path.name} can't be read: {exc}", frame=index) from exc
+
+
+def _read_ahead(
+    paths: Sequence[Path], frame_format: FrameFormat, directory: Path, threads: int
+) -> Iterator[np.ndarray]:
+    """The frames in order, read by ``threads`` threads up to ``2 * threads`` frames ahead."""
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="encode-read") as pool:
+        pending: deque[Future[np.ndarray]] = deque()
+        next_index = 0
+        try:
+            while next_index < len(paths) or pending:
+                while next_index < len(paths) and len(pending) < 2 * threads:
+                    pending.append(
+                        pool.submit(_read, paths[next_index], next_index + 1, frame_format, directory)
+                    )
+                    next_index += 1
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def _feed(
+    ffmpeg: FFmpegProcess,
+    paths: Sequence[Path],
+    frame_format: FrameFormat,
+    directory: Path,
+    size: tuple[int, int],
+    timing: _Timing,
+    threads: int | None,
+    progress: ProgressCallback | None,
+) -> None:
+    """Mux every frame, with its pts, as rawvideo rgb24 into NUT on ffmpeg's stdin."""
+    width, height = size
+    muxer: Any = av.open(ffmpeg.stdin, mode="w", format="nut")
+    try:
+        stream = muxer.add_stream("rawvideo", rate=timing.rate)
+        stream.width = width
+        stream.height = height
+        stream.pix_fmt = "rgb24"
+        stream.time_base = timing.time_base
+        stream.codec_context.time_base = timing.time_base
+        workers = threads or min(4, os.cpu_count() or 1)
+        frames = _read_ahead(paths, frame_format, directory, workers)
+        for index, array in enumerate(frames, start=1):
+            if array.shape != (height, width, 3):
+                raise FramesError(
+                    directory,
+                    f"{paths[index - 1].name} is {array.shape[1]}x{array.shape[0]}, "
+                    f"but frame 1 is {width}x{height}",
+                    frame=index,
+                )
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            frame.pts = timing.pts[index - 1]
+            frame.time_base = timing.time_base
+            for packet in stream.encode(frame):
+                muxer.mux(packet)
+            if progress is not None:
+                progress(index)
+        for packet in stream.encode(None):
+            muxer.mux(packet)
+    finally:
+        with contextlib.suppress(Exception):
+            muxer.close()
+
+
+def _check_output(tmp: Path, target: Path, expected: int) -> None:
+    """Trust the file, not ffmpeg's exit code: the output must hold ``expected`` video packets."""
+    try:
+        with av.open(str(tmp)) as container:
+            stream = container.streams.video[0]
+            count = sum(1 for packet in container.demux(stream) if packet.size)
+    except (av.error.FFmpegError, IndexError) as exc:
+        raise MediaError(f"the encoded file for {target} can't be read back: {exc}") from exc
+    if count != expected:
+        raise MediaError(f"the encoded file for {target} holds {count} video frames, not {expected}")
+
+
+__all__ = [
+    "CODECS",
+    "CodecSpec",
+    "EncodeSettings",
+    "encode_video",
+    "read_frame",
+    "subtitle_codec_for",
+]

@@ -1,0 +1,171 @@
+"""Decode the input video into RGB frames: in memory (:func:`decode_frames`) or as files in a
+job's ``input/`` directory (:func:`extract_frames`).
+
+One decoder for both: the ffmpeg binary, ``-fps_mode passthrough`` (exactly one RGB frame per
+decoded frame: nothing resampled, dropped or duplicated), ``-noautorotate`` (frames stay in coded
+orientation; the rotation travels as metadata to the output), converting YUV to 8-bit RGB with the
+matrix and range of :attr:`VideoInfo.conversion <coordinator.probe.VideoInfo.conversion>` (the
+source's tags, or the documented guess) and accurate rounding. ffmpeg writes raw ``rgb24`` to a
+pipe; a small thread pool encodes PNG / ``.npy`` files.
+
+Why the binary rather than PyAV in-process: measured on a 2-core machine with a 1280x720
+H.264 clip (132 frames), the binary + pipe is faster for both formats (it decodes in its own
+process while Python threads compress PNGs): PNG level 1 25.6 fps vs 15-17 fps, NPY 106 fps vs
+81 fps.
+
+Every frame file is written under a temporary name (``.00000001.png.<pid>.tmp``) in the same
+directory and renamed into place, so a crash never leaves a truncated frame under its final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from coordinator.errors import FFmpegError, InputError
+from coordinator.ffmpeg import FFmpegProcess
+from coordinator.probe import MediaInfo, VideoInfo, probe
+from manifests.layout import FrameFormat, frame_filename
+
+log = logging.getLogger(__name__)
+
+#: swscale flags for YUV -> RGB: bicubic chroma upsampling, full horizontal chroma interpolation,
+#: accurate rounding (costs ~4 ms per 720p frame; the model sees these pixels).
+SCALE_FLAGS = "bicubic+accurate_rnd+full_chroma_int"
+DEFAULT_PNG_COMPRESSION = 1
+
+ProgressCallback = Callable[[int], None]
+"""Called as ``progress(done)`` (frames written so far) from the calling thread."""
+
+
+def rgb_filter(video: VideoInfo) -> str:
+    """The ffmpeg filter that turns this video's decoded frames into ``rgb24`` frames."""
+    conversion = video.conversion
+    return (
+        f"scale=w={video.width}:h={video.height}:in_color_matrix={conversion.scale_matrix}"
+        f":in_range={conversion.range}:flags={SCALE_FLAGS},format=rgb24"
+    )
+
+
+def decode_frames(source: MediaInfo | str | Path) -> Iterator[np.ndarray]:
+    """Yield the input's frames as (H, W, 3) uint8 RGB arrays, frame 1 first.
+
+    Exactly the pixels :func:`extract_frames` writes ("the decoded input frame i"). ``source`` is a
+    :class:`MediaInfo` from :func:`probe`, or a path (probed here). Raises :class:`InputError` if
+    ffmpeg reports a decoding error.
+    """
+    info = source if isinstance(source, MediaInfo) else probe(source)
+    video = info.video
+    frame_bytes = video.width * video.height * 3
+    args = [
+        "-noautorotate", "-i", str(info.path), "-map", f"0:{video.index}", "-an", "-sn", "-dn",
+        "-fps_mode", "passthrough", "-enc_time_base:v", _ratio(video.time_base),
+        "-vf", rgb_filter(video), "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1",
+    ]  # fmt: skip
+    with FFmpegProcess(args, action=f"decoding {info.path}", stdout=True) as ffmpeg:
+        while True:
+            data = ffmpeg.stdout.read(frame_bytes)
+            if not data:
+                break
+            if len(data) != frame_bytes:
+                raise InputError(info.path, "could not be decoded: ffmpeg stopped in the middle of a frame")
+            yield np.frombuffer(data, dtype=np.uint8).reshape(video.height, video.width, 3)
+        try:
+            stderr = ffmpeg.finish()
+        except FFmpegError as exc:
+            raise InputError(info.path, f"is corrupt: decoding failed ({exc.last_line})") from exc
+    if stderr.strip():
+        first = stderr.strip().splitlines()[0]
+        raise InputError(info.path, f"is corrupt: ffmpeg reported a decoding error ({first})")
+
+
+def _ratio(value: Fraction) -> str:
+    return f"{value.numerator}/{value.denominator}"
+
+
+def write_frame(
+    path: Path, frame: np.ndarray, frame_format: FrameFormat, *, png_compression: int, fsync: bool = False
+) -> None:
+    """Write one RGB frame to ``path`` atomically: a temporary name, then ``os.replace``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            if frame_format is FrameFormat.NPY:
+                np.save(handle, frame, allow_pickle=False)
+            else:
+                Image.fromarray(frame).save(handle, format="PNG", compress_level=png_compression)
+            if fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def extract_frames(
+    info: MediaInfo,
+    input_dir: str | Path,
+    *,
+    frame_format: FrameFormat = FrameFormat.PNG,
+    png_compression: int = DEFAULT_PNG_COMPRESSION,
+    threads: int | None = None,
+    progress: ProgressCallback | None = None,
+    fsync: bool = False,
+) -> int:
+    """Write every frame of the probed input to ``input_dir`` as ``frame_filename(i, frame_format)``
+    (``00000001.png``, ...), and return how many were written.
+
+    ``png_compression`` is zlib's level 0-9 (1: fast, about half the size of 0). ``threads`` PNG /
+    NPY writers run beside ffmpeg (default: the CPU count, at most 4). ``fsync`` flushes each
+    file to disk before its rename. Raises :class:`InputError` if decoding fails or yields a
+    different number of frames than the probe counted.
+    """
+    if not 0 <= png_compression <= 9:
+        raise ValueError(f"png_compression must be between 0 and 9, not {png_compression}")
+    directory = Path(input_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    total = info.video.frame_count
+    workers = threads or min(4, os.cpu_count() or 1)
+    pending: deque[Future[None]] = deque()
+    written = 0
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="extract") as pool:
+        try:
+            for index, frame in enumerate(decode_frames(info), start=1):
+                path = directory / frame_filename(index, frame_format)
+                pending.append(
+                    pool.submit(
+                        write_frame, path, frame, frame_format, png_compression=png_compression, fsync=fsync
+                    )
+                )
+                while len(pending) > 2 * workers:
+                    written = _finish_one(pending, written, progress)
+            while pending:
+                written = _finish_one(pending, written, progress)
+        finally:
+            for future in pending:
+                future.cancel()
+    if written != total:
+        raise InputError(
+            info.path, f"is corrupt: {written} video frames could be decoded, the probe counted {total}"
+        )
+    log.info("extracted %d frames from %s into %s", written, info.path, directory)
+    return written
+
+
+def _finish_one(pending: deque[Future[None]], written: int, progress: ProgressCallback | None) -> int:
+    pending.popleft().result()
+    written += 1
+    if progress is not None:
+        progress(written)
+    return written
