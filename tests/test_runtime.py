@@ -109,6 +109,17 @@ def test_output_scale_below_native_resizes_the_model_output(compact_path: Path, 
         assert np.abs(ref.astype(int) - scaled[i].astype(int)).mean() < 2.0
 
 
+def test_output_scale_per_call_equals_a_fixed_output_scale(compact_path: Path) -> None:
+    batch = frames(2, 20, 26, seed=7)
+    default = load_upscaler(str(compact_path), cpu())
+    for scale in (2.0, 3.0):
+        fixed = load_upscaler(str(compact_path), cpu(scale=scale)).upscale(batch)
+        np.testing.assert_array_equal(default.upscale(batch, scale), fixed)
+    assert default.upscale(batch).shape == (2, 80, 104, 3)  # the default is untouched
+    with pytest.raises(ValueError, match="scale must be above 0"):
+        default.upscale(batch, 0.0)
+
+
 def test_output_scale_above_native(rrdb_x2_path: Path) -> None:
     out = load_upscaler(str(rrdb_x2_path), cpu(scale=4)).upscale(frames(1, 10, 12))
     assert out.shape == (1, 40, 48, 3)

@@ -43,10 +43,12 @@ def reference(tiny_model: Path) -> Upscaler:
     return load_upscaler(str(tiny_model), RuntimeSettings(device="cpu", cpu_threads=1))
 
 
-def assert_outputs_match(job: Job, done: list[Batch], reference: Upscaler) -> None:
+def assert_outputs_match(
+    job: Job, done: list[Batch], reference: Upscaler, scale: float | None = None
+) -> None:
     """Every frame of every batch in ``done`` is on disk and equals the runtime's output."""
     for batch in done:
-        expected = reference.upscale(np.stack([job.frames[i] for i in batch.frames]))
+        expected = reference.upscale(np.stack([job.frames[i] for i in batch.frames]), scale)
         for position, index in enumerate(batch.frames):
             got = read_frame(job.output_path(index))
             assert got.shape == expected[position].shape, f"frame {index}"
@@ -115,6 +117,23 @@ def test_manifest_of_several_batches_completes_with_the_runtimes_output(
     )
     assert frames_total >= 37
     assert 'esrfarm_worker_batch_seconds_count{stage="compute"}' in text
+
+
+def test_a_manifest_sets_the_output_scale(
+    idle_worker: WorkerProcess, shared_root: Path, tiny_model: Path, reference: Upscaler
+) -> None:
+    """One x4 worker serves x2 and x3 jobs: the model output is resized to the manifest's scale."""
+    for scale in (2.0, 3.0):
+        job = new_job(shared_root, 10, seed=3)
+        planned = batches(job)
+        manifest_id = f"s{scale:g}"
+        manifest = job.manifest(manifest_id, tiny_model.stem, planned, scale=scale)
+        post_manifest(idle_worker, job.write_manifest(manifest))
+        final = idle_worker.wait_final(manifest_id, job.layout.job_id)
+        assert final["state"] == "completed", final
+        height, width = job.frames[1].shape[:2]
+        assert read_frame(job.output_path(1)).shape == (round(height * scale), round(width * scale), 3)
+        assert_outputs_match(job, list(planned), reference, scale)
 
 
 def test_manifest_with_a_missing_frame_fails_that_batch_only(
@@ -320,11 +339,10 @@ def test_bad_requests_and_manifests_get_400_with_a_message(
     ("options", "message"),
     [
         ({"model": "realesrgan-x4plus"}, "manifest asks for model 'realesrgan-x4plus', but this worker runs"),
-        ({"scale": 2.0}, "manifest asks for scale 2, but this worker upscales x4"),
         ({"tile": 128}, "manifest asks for tile 128, but this worker runs tile 0"),
     ],
 )
-def test_a_manifest_for_another_model_or_scale_is_refused(
+def test_a_manifest_for_another_model_or_tiling_is_refused(
     idle_worker: WorkerProcess, shared_root: Path, tiny_model: Path, options: dict[str, object], message: str
 ) -> None:
     job = new_job(shared_root, 8)

@@ -46,7 +46,7 @@ class Upscaler(Protocol):
     device: Any
     device_name: str
 
-    def upscale(self, frames: np.ndarray) -> np.ndarray: ...
+    def upscale(self, frames: np.ndarray, scale: float | None = None) -> np.ndarray: ...
 
     def warmup(self, height: int = 64, width: int = 64) -> None: ...
 
@@ -245,7 +245,9 @@ class ManifestRun:
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         try:
-            upscaled = await loop.run_in_executor(self._compute, self._upscaler.upscale, frames)
+            upscaled = await loop.run_in_executor(
+                self._compute, self._upscaler.upscale, frames, self.manifest.scale
+            )
         except Exception as exc:
             self._computing = None
             await self._fail(batch, None, f"upscaling failed: {type(exc).__name__}: {exc}", "compute")

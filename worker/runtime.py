@@ -169,17 +169,24 @@ class Upscaler:
         """Tile edge now (0 = whole frames); set by out-of-memory fallbacks if not configured."""
         return self._tile
 
-    def output_size(self, height: int, width: int) -> tuple[int, int]:
-        return round(height * self.scale), round(width * self.scale)
+    def output_size(self, height: int, width: int, scale: float | None = None) -> tuple[int, int]:
+        """(height, width) of the output for an input of that size, at ``scale`` or the default."""
+        factor = self.scale if scale is None else scale
+        return round(height * factor), round(width * factor)
 
-    def upscale(self, frames: np.ndarray) -> np.ndarray:
-        """Upscale ``(N, H, W, 3)`` uint8 RGB frames to ``(N, H*scale, W*scale, 3)`` uint8."""
+    def upscale(self, frames: np.ndarray, scale: float | None = None) -> np.ndarray:
+        """Upscale ``(N, H, W, 3)`` uint8 RGB frames to ``(N, H*scale, W*scale, 3)`` uint8.
+
+        ``scale`` overrides the output scale for this call (the model's own output is resized).
+        """
         if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8:
             raise TypeError("frames must be a uint8 numpy array")
         if frames.ndim != 4 or frames.shape[3] != 3 or 0 in frames.shape:
             raise ValueError(f"frames must have shape (N, H, W, 3) with N, H, W >= 1, not {frames.shape}")
+        if scale is not None and not 0 < scale <= MAX_SCALE:
+            raise ValueError(f"scale must be above 0 and at most {MAX_SCALE:g}, not {scale!r}")
         count, height, width, _ = frames.shape
-        out_h, out_w = self.output_size(height, width)
+        out_h, out_w = self.output_size(height, width, scale)
         with self._lock, torch.inference_mode():
             batch = self._to_device(frames)
             on_cuda = self.device.type == "cuda"
@@ -189,7 +196,7 @@ class Upscaler:
                 size = self._micro_batch or count
                 chunk = batch[start : start + size]
                 try:
-                    out: torch.Tensor | None = self._upscale_chunk(chunk, height, width)
+                    out: torch.Tensor | None = self._upscale_chunk(chunk, (out_h, out_w))
                 except torch.OutOfMemoryError:
                     out = None  # handled outside the except block, once its tensors are released
                 if out is None:
@@ -222,6 +229,8 @@ class Upscaler:
         return model
 
     def _to_device(self, frames: np.ndarray) -> torch.Tensor:
+        if not frames.flags.writeable:  # torch warns on read-only arrays; the copy is cheap next to inference
+            frames = frames.copy()
         host = torch.from_numpy(np.ascontiguousarray(frames))
         if self.device.type != "cuda":
             return host
@@ -229,8 +238,9 @@ class Upscaler:
         staging.copy_(host)
         return staging.to(self.device, non_blocking=True)
 
-    def _upscale_chunk(self, chunk: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """uint8 NHWC on the device -> upscaled uint8 NHWC on the device."""
+    def _upscale_chunk(self, chunk: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+        """uint8 NHWC on the device -> upscaled uint8 NHWC of ``out_size`` (h, w) on the device."""
+        height, width = chunk.shape[1:3]
         out = self._forward(self._normalise(chunk, self._dtype), self._model)
         if self._fp32_source is not None and not bool(torch.isfinite(out).all()):
             log.warning(
@@ -240,9 +250,8 @@ class Upscaler:
             )
             out = self._forward(self._normalise(chunk, torch.float32), self._fp32_network())
         out = out[:, :, : height * self.native_scale, : width * self.native_scale].float()
-        out_h, out_w = self.output_size(height, width)
-        if (out_h, out_w) != tuple(out.shape[2:]):
-            out = F.interpolate(out, size=(out_h, out_w), mode="bicubic", antialias=True, align_corners=False)
+        if out_size != tuple(out.shape[2:]):
+            out = F.interpolate(out, size=out_size, mode="bicubic", antialias=True, align_corners=False)
         out = out.clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
         return out.permute(0, 2, 3, 1).contiguous()
 

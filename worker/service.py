@@ -246,12 +246,6 @@ class Worker:
                 f"manifest asks for model {manifest.model!r}, but this worker runs {upscaler.model_name!r} "
                 f"(started with --model {settings.model}); send it to a worker running that model",
             )
-        if manifest.scale is not None and abs(manifest.scale - upscaler.scale) > 1e-6:
-            raise RequestError(
-                400,
-                f"manifest asks for scale {manifest.scale:g}, but this worker upscales x{upscaler.scale:g} "
-                "(set with --scale at start)",
-            )
         for field, wanted, running in (
             ("tile", manifest.tile, settings.tile),
             ("tile_pad", manifest.tile_pad, settings.tile_pad),
