@@ -1,0 +1,260 @@
+"""``esrfarm upscale`` end to end: real ffmpeg, real worker processes on 127.0.0.1, a tiny seeded model.
+
+Each job runs the CLI as a user would (a subprocess), against workers that are separate processes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+
+from coordinator.extract import decode_frames
+from coordinator.probe import probe
+from tests import clips
+from tests.videocheck import assert_faithful_upscale
+from tests.workerutil import REPO, WorkerProcess, start_worker
+from worker.runtime import RuntimeSettings, load_upscaler
+
+FAST = ["--preset", "ultrafast"]
+
+
+def esrfarm(*args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "coordinator.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=REPO,
+    )
+
+
+@pytest.fixture(scope="module")
+def farm_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("farm")
+
+
+@pytest.fixture(scope="module")
+def farm(
+    farm_root: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[list[WorkerProcess]]:
+    """Two worker processes sharing one root, as two GPUs of a host would."""
+    logs = tmp_path_factory.mktemp("farm-logs")
+    workers = [start_worker(farm_root, tiny_model, logs) for _ in range(2)]
+    yield workers
+    for worker in workers:
+        if worker.process.poll() is None:
+            worker.stop()
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("e2e-clips")
+
+
+CLIPS: dict[str, tuple[Callable[[Path], Path], str]] = {
+    "one-frame.mp4": (lambda p: clips.video(p, frames=1), ".mp4"),
+    "seven-frames.mp4": (lambda p: clips.video(p, frames=7), ".mp4"),
+    "ntsc-stereo.mp4": (lambda p: clips.video_with_audio(p, rate="30000/1001", seconds=3.0), ".mp4"),
+    "odd-161x91.mkv": (lambda p: clips.odd_size_video(p, size=(161, 91)), ".mkv"),
+    "vfr.mp4": (lambda p: clips.vfr_video(p, frames=30), ".mp4"),
+    "two-audio-subs.mkv": (lambda p: clips.rich_mkv(p, seconds=2.0), ".mkv"),
+}
+
+
+@pytest.mark.parametrize("name", list(CLIPS))
+def test_clip_end_to_end(
+    name: str, clip_dir: Path, tmp_path: Path, farm: list[WorkerProcess], farm_root: Path, tiny_model: Path
+) -> None:
+    make, suffix = CLIPS[name]
+    source = make(clip_dir / name)
+    output = tmp_path / f"out{suffix}"
+    workers = ",".join(w.url for w in farm)
+    result = esrfarm(
+        "upscale", source, output, "--scale", "2", "--model", tiny_model,
+        "--workers", workers, "--shared-root", farm_root, "--batch-size", "4", *FAST,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {output}" in result.stderr
+    assert_faithful_upscale(source, output, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [output.name]  # no temp files beside it
+    assert not any((farm_root / "jobs").iterdir()), "the job directory is removed after success"
+
+
+def test_lossless_output_is_the_model_output_bit_for_bit(
+    clip_dir: Path, tmp_path: Path, farm: list[WorkerProcess], farm_root: Path, tiny_model: Path
+) -> None:
+    source = clips.video(clip_dir / "lossless-src.mp4", size="48x32", frames=11)
+    output = tmp_path / "out.mkv"
+    result = esrfarm(
+        "upscale", source, output, "--model", tiny_model, "--workers", ",".join(w.url for w in farm),
+        "--shared-root", farm_root, "--codec", "ffv1", "--pix-fmt", "gbrp", "--batch-size", "3",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    upscaler = load_upscaler(str(tiny_model), RuntimeSettings(device="cpu", cpu_threads=1))
+    inputs = list(decode_frames(source))
+    outputs = list(decode_frames(output))
+    assert len(outputs) == len(inputs) == 11
+    for i, (frame_in, frame_out) in enumerate(zip(inputs, outputs, strict=True)):
+        expected = upscaler.upscale(frame_in[None])[0]
+        assert frame_out.shape == (128, 192, 3)
+        assert np.array_equal(frame_out, expected), f"frame {i + 1} differs from the model's output"
+
+
+def test_local_workers_through_the_shell_wrapper(clip_dir: Path, tmp_path: Path, tiny_model: Path) -> None:
+    source = clips.video_with_audio(clip_dir / "wrapper.mp4", rate="25", seconds=1.0)
+    output = tmp_path / "out.mp4"
+    root = tmp_path / "root"
+    env = {**os.environ, "ESRFARM_PYTHON": sys.executable, "ESRFARM_SHARED_ROOT": str(root)}
+    result = subprocess.run(
+        ["bash", str(REPO / "scripts" / "upscale.sh"), str(source), str(output), "2",
+         "--model", str(tiny_model), "--worker-arg=--cpu-threads=1", *FAST],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "started local worker 0" in result.stderr
+    assert_faithful_upscale(source, output, 2)
+    assert list((root / "jobs").iterdir()) == []
+
+
+def test_shell_wrapper_checks_its_arguments(tmp_path: Path) -> None:
+    script = str(REPO / "scripts" / "upscale.sh")
+    missing = subprocess.run(["bash", script, "in.mp4"], capture_output=True, text=True)
+    assert missing.returncode == 2 and "expected INPUT OUTPUT SCALE" in missing.stderr
+    bad_scale = subprocess.run(
+        ["bash", script, script, str(tmp_path / "o.mp4"), "5"], capture_output=True, text=True
+    )
+    assert bad_scale.returncode == 2 and "SCALE must be 2, 3 or 4" in bad_scale.stderr
+
+
+def _status_files(root: Path) -> list[Path]:
+    return sorted(root.glob("jobs/*/status/*.json"))
+
+
+def test_a_worker_killed_mid_job_loses_its_batches_to_the_other(
+    clip_dir: Path, tmp_path: Path, tiny_model: Path
+) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    workers = [start_worker(root, tiny_model, tmp_path / "logs") for _ in range(2)]
+    victim = workers[1]
+    try:
+        source = clips.video(clip_dir / "long.mp4", size="160x90", frames=160)
+        output = tmp_path / "out.mp4"
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        coordinator = subprocess.Popen(
+            [sys.executable, "-m", "coordinator.cli", "upscale", str(source), str(output),
+             "--model", str(tiny_model), "--workers", ",".join(w.url for w in workers),
+             "--shared-root", str(root), "--unreachable-timeout", "2", "--keep-frames", *FAST],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        killed_after = None
+        while killed_after is None and time.monotonic() < deadline and coordinator.poll() is None:
+            for path in _status_files(root):
+                try:
+                    status = orjson.loads(path.read_bytes())
+                except (OSError, ValueError):
+                    continue
+                if (
+                    status["worker"]["pid"] == victim.pid
+                    and 0 < status["batches_done"] < status["batches_total"]
+                ):
+                    os.kill(victim.pid, signal.SIGKILL)
+                    killed_after = status["batches_done"]
+                    break
+            time.sleep(0.005)
+        assert killed_after is not None, "the second worker never got part way through its manifest"
+        _, stderr = coordinator.communicate(timeout=300)
+        assert coordinator.returncode == 0, stderr
+        assert "lost worker" in stderr
+        info = probe(output, full_decode=True)
+        assert info.video.frame_count == 160
+        assert (info.video.width, info.video.height) == (640, 360)
+        # Every frame was upscaled: the kept output frames are exactly the job's frames.
+        outputs = sorted(p.name for p in root.glob("jobs/*/output/*.png"))
+        assert outputs == [f"{i:08d}.png" for i in range(1, 161)]
+    finally:
+        for worker in workers:
+            if worker.process.poll() is None:
+                worker.stop()
+
+
+def test_failed_job_keeps_its_files_and_writes_no_output(
+    clip_dir: Path, tmp_path: Path, tiny_model: Path
+) -> None:
+    source = clips.video(clip_dir / "short.mp4", frames=3)
+    output = tmp_path / "out.mp4"
+    root = tmp_path / "root"
+    result = esrfarm(
+        "upscale", source, output, "--model", tiny_model, "--workers", "http://127.0.0.1:9",
+        "--shared-root", root, "--unreachable-timeout", "1",
+    )  # fmt: skip
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("esrfarm upscale: error: no healthy worker to upscale with")
+    job_dirs = list((root / "jobs").iterdir())
+    assert len(job_dirs) == 1 and f"its files are kept in {job_dirs[0]}" in last
+    assert not output.exists()
+
+
+@pytest.fixture(scope="module")
+def good_clip(clip_dir: Path) -> Path:
+    return clips.video(clip_dir / "good.mp4", frames=3)
+
+
+def bad_input_cases(clip_dir: Path, tmp_path: Path, good: Path) -> dict[str, tuple[Path, Path, str]]:
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a video\n" * 100)
+    audio = tmp_path / "audio.m4a"
+    clips.ffmpeg(["-f", "lavfi", "-i", "sine=duration=1", "-c:a", "aac", str(audio)])
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    readonly.chmod(0o500)
+    existing = tmp_path / "existing.mp4"
+    existing.write_bytes(b"precious")
+    return {
+        "missing input": (tmp_path / "nope.mp4", tmp_path / "o1.mp4", "does not exist"),
+        "not a video": (text, tmp_path / "o2.mp4", ""),
+        "no video stream": (audio, tmp_path / "o3.mp4", "no video stream"),
+        "zero frames": (clips.zero_frame_video(tmp_path / "zero.mkv"), tmp_path / "o4.mp4", ""),
+        "corrupt": (clips.corrupt_copy(good, tmp_path / "corrupt.mp4"), tmp_path / "o5.mp4", ""),
+        "unwritable output": (good, readonly / "o6.mp4", ""),
+        "output is the input": (good, good, ""),
+        "existing output": (good, existing, "--overwrite"),
+    }
+
+
+def test_bad_inputs_fail_with_one_line_and_no_output(clip_dir: Path, tmp_path: Path, good_clip: Path) -> None:
+    cases = bad_input_cases(clip_dir, tmp_path, good_clip)
+    if os.geteuid() == 0:  # root writes through a read-only directory: put the output under a file
+        source, _, hint = cases["unwritable output"]
+        cases["unwritable output"] = (source, tmp_path / "notes.mp4" / "o6.mp4", hint)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for name, (source, output, hint) in cases.items():
+        result = esrfarm("upscale", source, output, "--model", "realesr-animevideov3", "--local-workers", "1")
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode != 0, name
+        assert len(lines) == 1 and lines[0].startswith("esrfarm upscale: error: "), (name, result.stderr)
+        assert hint in lines[0], (name, lines[0])
+        assert output == source or not output.exists() or before.get(output) == output.read_bytes(), name
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before, "nothing written, nothing changed"
+
+
+def test_help_explains_the_command() -> None:
+    result = esrfarm("upscale", "--help")
+    assert result.returncode == 0
+    for option in ("--scale", "--model", "--workers", "--local-workers", "--shared-root", "--batch-size",
+                   "--codec", "--crf", "--preset", "--pix-fmt", "--overwrite", "--keep-frames"):  # fmt: skip
+        assert option in result.stdout
