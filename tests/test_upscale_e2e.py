@@ -5,6 +5,7 @@ Each job runs the CLI as a user would (a subprocess), against workers that are s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -258,3 +259,51 @@ def test_help_explains_the_command() -> None:
     for option in ("--scale", "--model", "--workers", "--local-workers", "--shared-root", "--batch-size",
                    "--codec", "--crf", "--preset", "--pix-fmt", "--overwrite", "--keep-frames"):  # fmt: skip
         assert option in result.stdout
+
+
+def test_local_workers_die_with_a_killed_coordinator(
+    clip_dir: Path, tmp_path: Path, tiny_model: Path
+) -> None:
+    """SIGKILL leaves the coordinator no chance to clean up; its workers must still not outlive it."""
+    source = clips.video(clip_dir / "orphans.mp4", size="160x90", frames=400)
+    root = tmp_path / "root"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    coordinator = subprocess.Popen(
+        [sys.executable, "-m", "coordinator.cli", "upscale", str(source), str(tmp_path / "out.mp4"),
+         "--model", str(tiny_model), "--local-workers", "2", "--shared-root", str(root),
+         "--worker-arg=--cpu-threads=1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=REPO,
+    )  # fmt: skip
+    try:
+        pids: list[int] = []
+        deadline = time.monotonic() + 120
+        while len(pids) < 2 and time.monotonic() < deadline:
+            assert coordinator.poll() is None, "the coordinator ended before its workers were up"
+            pids = []
+            for port_file in root.glob("jobs/*/workers/worker-*.port.json"):
+                with contextlib.suppress(OSError, ValueError):
+                    pids.append(orjson.loads(port_file.read_bytes())["pid"])
+            time.sleep(0.05)
+        assert len(pids) == 2
+        coordinator.kill()
+        coordinator.wait()
+        deadline = time.monotonic() + 30
+        while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in pids if _running(pid)], "local workers outlived their coordinator"
+    finally:
+        if coordinator.poll() is None:
+            coordinator.kill()
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie has exited; its parent (gone) just has not reaped it.
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
