@@ -35,7 +35,9 @@ def read_frame(path: str, index: int) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("video")
     parser.add_argument("--frame", type=int, default=60)
     parser.add_argument("--models", nargs="+", default=MODELS)

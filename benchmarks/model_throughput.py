@@ -38,7 +38,9 @@ def commit() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="realesr-animevideov3", help="catalog name or model file")
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--height", type=int, default=360)
