@@ -44,7 +44,11 @@ SCALE_FLAGS = "bicubic+accurate_rnd+full_chroma_int"
 DEFAULT_PNG_COMPRESSION = 1
 
 ProgressCallback = Callable[[int], None]
-"""Called as ``progress(done)`` (frames written so far) from the calling thread."""
+"""Called as ``progress(done)`` (frames written or skipped so far, in order) from the calling thread."""
+
+FrameGate = Callable[[int], bool]
+"""Called as ``gate(index)`` before frame ``index`` is written: False skips the frame, and the call
+may block (back pressure: ffmpeg then waits on its full pipe)."""
 
 
 def rgb_filter(video: VideoInfo) -> str:
@@ -122,9 +126,13 @@ def extract_frames(
     threads: int | None = None,
     progress: ProgressCallback | None = None,
     fsync: bool = False,
+    gate: FrameGate | None = None,
 ) -> int:
     """Write every frame of the probed input to ``input_dir`` as ``frame_filename(i, frame_format)``
-    (``00000001.png``, ...), and return how many were written.
+    (``00000001.png``, ...), and return how many were decoded.
+
+    ``gate(index)``, if given, decides frame by frame whether to write it, and may block to hold
+    extraction back (a streaming job admits frames only as disk space is freed).
 
     ``png_compression`` is zlib's level 0-9 (1: fast, about half the size of 0). ``threads`` PNG /
     NPY writers run beside ffmpeg (default: the CPU count, at most 4). ``fsync`` flushes each
@@ -142,12 +150,22 @@ def extract_frames(
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="extract") as pool:
         try:
             for index, frame in enumerate(decode_frames(info), start=1):
-                path = directory / frame_filename(index, frame_format)
-                pending.append(
-                    pool.submit(
-                        write_frame, path, frame, frame_format, png_compression=png_compression, fsync=fsync
+                if gate is not None and not gate(index):
+                    skipped: Future[None] = Future()
+                    skipped.set_result(None)
+                    pending.append(skipped)
+                else:
+                    path = directory / frame_filename(index, frame_format)
+                    pending.append(
+                        pool.submit(
+                            write_frame,
+                            path,
+                            frame,
+                            frame_format,
+                            png_compression=png_compression,
+                            fsync=fsync,
+                        )
                     )
-                )
                 while len(pending) > 2 * workers:
                     written = _finish_one(pending, written, progress)
             while pending:

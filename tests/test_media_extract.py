@@ -142,3 +142,25 @@ def test_decode_frames_accepts_a_path(clip_dir: Path) -> None:
     assert isinstance(info, MediaInfo)
     assert len(frames) == 3
     np.testing.assert_array_equal(frames[2], list(decode_frames(info))[2])
+
+
+def test_gate_skips_frames_and_holds_extraction_back(clip_dir: Path, tmp_path: Path) -> None:
+    info = probe(clips.video(clip_dir / "gated.mkv", frames=12))
+    calls: list[int] = []
+    done: list[int] = []
+
+    def gate(index: int) -> bool:
+        calls.append(index)
+        return index % 3 != 0  # frames 3, 6, 9, 12 are not wanted
+
+    decoded = extract_frames(info, tmp_path, frame_format=FrameFormat.NPY, gate=gate, progress=done.append)
+    assert decoded == 12
+    assert calls == list(range(1, 13)) and done == list(range(1, 13))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        frame_filename(i, FrameFormat.NPY) for i in range(1, 13) if i % 3
+    ]
+    expected = list(decode_frames(info))
+    for i in (1, 5, 11):
+        assert np.array_equal(
+            read_frame(tmp_path / frame_filename(i, FrameFormat.NPY), FrameFormat.NPY), expected[i - 1]
+        )
