@@ -317,22 +317,25 @@ def _color_args(info: MediaInfo, settings: EncodeSettings) -> tuple[str, list[st
     return ",".join(chain), tag_args
 
 
-def _ffmpeg_encode_args(
-    info: MediaInfo,
-    settings: EncodeSettings,
-    container: str,
-    target: Path,
-    timing: _Timing,
-) -> list[str]:
-    """The ffmpeg arguments of the encode: NUT frames on stdin (input 0), the source (input 1)."""
-    video = info.video
+def _input_args(info: MediaInfo, timing: _Timing, video_input: Sequence[str]) -> list[str]:
+    """The inputs: the video (input 0: ``video_input``, e.g. NUT on stdin), then the source (input 1).
+
+    The video input takes the source's rotation (display matrix) and its offset from the container
+    start (``-itsoffset``), so audio stays in sync.
+    """
     args: list[str] = ["-y"]
-    if video.rotation:
-        args += ["-noautorotate", "-display_rotation:v:0", str(video.rotation)]
+    if info.video.rotation:
+        args += ["-noautorotate", "-display_rotation:v:0", str(info.video.rotation)]
     if timing.offset:
         args += ["-itsoffset", f"{float(timing.offset):.6f}"]
-    args += ["-f", "nut", "-i", "pipe:0", "-i", str(info.path), "-map", "0:v:0"]
+    return [*args, *video_input, "-i", str(info.path), "-map", "0:v:0"]
 
+
+def _carry_over_args(info: MediaInfo, container: str) -> list[str]:
+    """Audio (copied), subtitles (copied or converted), attachments, chapters and metadata from the
+    source (input 1) into a ``container`` output."""
+    video = info.video
+    args: list[str] = []
     mapped_audio: list[int] = []
     for audio in info.audio:
         copyable = _AUDIO_COPYABLE.get("mp4" if container in {"mp4"} else container)
@@ -368,20 +371,55 @@ def _ffmpeg_encode_args(
     args += ["-map_metadata", "1", "-map_metadata:s:v:0", f"1:s:{video.index}"]
     args += ["-map_chapters", "1" if info.chapters else "-1"]
     args += ["-metadata:s:v:0", "DURATION=", "-metadata:s:v:0", "encoder="]
+    return args
 
+
+def _video_encode_args(info: MediaInfo, settings: EncodeSettings, timing: _Timing) -> list[str]:
+    """Filters, encoder options and colour tags of the video encode; timestamps passed through."""
     vf, tag_args = _color_args(info, settings)
-    args += ["-vf", vf, *settings.codec_args(), *tag_args]
-    args += ["-fps_mode", "passthrough", "-enc_time_base:v", _ratio(timing.time_base)]
+    args = ["-vf", vf, *settings.codec_args(), *tag_args]
+    return [*args, "-fps_mode", "passthrough", "-enc_time_base:v", _ratio(timing.time_base)]
+
+
+def _container_args(settings: EncodeSettings, container: str, target: Path) -> list[str]:
+    """The output: ``hvc1`` for HEVC in MP4/MOV, the index up front, the format and the path."""
+    args: list[str] = []
     if container in {"mp4", "mov"}:
         if settings.spec.family == "hevc":
             args += ["-tag:v", "hvc1"]  # Apple players need hvc1, not hev1
         args += ["-movflags", "+faststart"]
-    args += ["-f", container, str(target)]
-    return args
+    return [*args, "-f", container, str(target)]
+
+
+def _ffmpeg_encode_args(
+    info: MediaInfo,
+    settings: EncodeSettings,
+    container: str,
+    target: Path,
+    timing: _Timing,
+) -> list[str]:
+    """The ffmpeg arguments of the encode: NUT frames on stdin (input 0), the source (input 1)."""
+    return [
+        *_input_args(info, timing, ["-f", "nut", "-i", "pipe:0"]),
+        *_carry_over_args(info, container),
+        *_video_encode_args(info, settings, timing),
+        *_container_args(settings, container, target),
+    ]
 
 
 def _ratio(value: Fraction) -> str:
     return f"{value.numerator}/{value.denominator}"
+
+
+def output_container(
+    info: MediaInfo, output: str | Path, settings: EncodeSettings, *, overwrite: bool
+) -> str:
+    """The container format of ``output``, after checking the path and that ``settings``' codec fits."""
+    target = Path(output)
+    check_output_path(info.path, target, overwrite)
+    container = CONTAINER_FORMATS[target.suffix.lower()]
+    settings.check_container(container)
+    return container
 
 
 def check_encode(
@@ -398,10 +436,7 @@ def check_encode(
     container or this ffmpeg cannot take, or an output ``size`` (width, height) the pixel format
     cannot hold fails at once. Returns the container format name.
     """
-    target = Path(output)
-    check_output_path(info.path, target, overwrite)
-    container = CONTAINER_FORMATS[target.suffix.lower()]
-    settings.check_container(container)
+    container = output_container(info, output, settings, overwrite=overwrite)
     if settings.codec not in available_encoders():
         raise EncodeSettingsError(f"this ffmpeg has no {settings.codec} encoder")
     if size is not None:
@@ -435,30 +470,38 @@ def encode_video(
     settings = settings or EncodeSettings()
     target = Path(output)
     directory = Path(frames_dir)
-    paths = _frame_paths(directory, info.video.frame_count, frame_format)
+    count = info.video.frame_count
+    paths = frame_paths(directory, 1, count, frame_format)
+    extra = directory / frame_filename(count + 1, frame_format)
+    if extra.exists():
+        raise FramesError(directory, f"holds {extra.name}, but the input has only {count} frames")
     first = _read(paths[0], 1, frame_format, directory)
     height, width = first.shape[:2]
     container = check_encode(info, target, settings, overwrite=overwrite, size=(width, height))
     timing = _timing(info)
-
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
-    args = _ffmpeg_encode_args(info, settings, container, tmp, timing)
     log.info("encoding %d frames (%dx%d) into %s with %s", len(paths), width, height, target, settings.codec)
+    with atomic_output(target) as tmp:
+        args = _ffmpeg_encode_args(info, settings, container, tmp, timing)
+        feed = FrameFeed(paths, frame_format, directory, (width, height), timing, threads=threads)
+        run_frame_encoder(args, f"encoding {target}", feed, progress)
+        check_packet_count(tmp, target, len(paths))
+    log.info("wrote %s", target)
+    return target
+
+
+def part_path(target: Path, tag: str = "") -> Path:
+    """A hidden temporary name beside ``target``: ``.<name>.<pid>.<token>[.tag].part``."""
+    suffix = f".{tag}" if tag else ""
+    return target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}{suffix}.part")
+
+
+@contextlib.contextmanager
+def atomic_output(target: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; when the block succeeds, fsync it and rename it to
+    ``target``; when it raises, delete it. Nothing half-written ever has the target's name."""
+    tmp = part_path(target)
     try:
-        with FFmpegProcess(args, action=f"encoding {target}", stdin=True) as ffmpeg:
-            try:
-                _feed(ffmpeg, paths, frame_format, directory, (width, height), timing, threads, progress)
-            except (OSError, av.error.FFmpegError) as exc:
-                # ffmpeg stopped reading its stdin; its own error says why.
-                try:
-                    ffmpeg.finish(timeout=60)
-                except FFmpegError as ffmpeg_error:
-                    raise ffmpeg_error from exc
-                except subprocess.TimeoutExpired:
-                    pass
-                raise MediaError(f"ffmpeg stopped taking frames while encoding {target}: {exc}") from exc
-            ffmpeg.finish()
-        _check_output(tmp, target, len(paths))
+        yield tmp
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
@@ -466,15 +509,50 @@ def encode_video(
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    log.info("wrote %s", target)
-    return target
 
 
-def _frame_paths(directory: Path, count: int, frame_format: FrameFormat) -> list[Path]:
+@dataclass(frozen=True)
+class FrameFeed:
+    """Frame files ``paths`` (frame numbers ``first_frame``, ``first_frame + 1``...) of one size,
+    with the pts ``timing.pts`` (one per path), to be fed to ffmpeg by :func:`run_frame_encoder`."""
+
+    paths: Sequence[Path]
+    frame_format: FrameFormat
+    directory: Path
+    size: tuple[int, int]
+    timing: _Timing
+    first_frame: int = 1
+    threads: int | None = None
+
+
+def run_frame_encoder(
+    args: Sequence[str], action: str, feed: FrameFeed, progress: ProgressCallback | None = None
+) -> None:
+    """Run ffmpeg with ``args`` (NUT frames on stdin as input 0) and feed it ``feed``'s frames.
+
+    Raises :class:`FramesError` for a bad frame, :class:`FFmpegError` when ffmpeg fails.
+    """
+    with FFmpegProcess(args, action=action, stdin=True) as ffmpeg:
+        try:
+            _feed(ffmpeg, feed, progress)
+        except (OSError, av.error.FFmpegError) as exc:
+            # ffmpeg stopped reading its stdin; its own error says why.
+            try:
+                ffmpeg.finish(timeout=60)
+            except FFmpegError as ffmpeg_error:
+                raise ffmpeg_error from exc
+            except subprocess.TimeoutExpired:
+                pass
+            raise MediaError(f"ffmpeg stopped taking frames while {action}: {exc}") from exc
+        ffmpeg.finish()
+
+
+def frame_paths(directory: Path, first: int, count: int, frame_format: FrameFormat) -> list[Path]:
+    """The files of frames ``first .. first + count - 1``; :class:`FramesError` names the first missing."""
     if not directory.is_dir():
         raise FramesError(directory, "is not a directory of frames")
-    paths = [directory / frame_filename(i, frame_format) for i in range(1, count + 1)]
-    missing = [i for i, path in enumerate(paths, start=1) if not path.is_file()]
+    paths = [directory / frame_filename(i, frame_format) for i in range(first, first + count)]
+    missing = [i for i, path in enumerate(paths, start=first) if not path.is_file()]
     if missing:
         raise FramesError(
             directory,
@@ -482,9 +560,6 @@ def _frame_paths(directory: Path, count: int, frame_format: FrameFormat) -> list
             f"({len(missing)} of the {count} frames are missing)",
             frame=missing[0],
         )
-    extra = directory / frame_filename(count + 1, frame_format)
-    if extra.exists():
-        raise FramesError(directory, f"holds {extra.name}, but the input has only {count} frames")
     return paths
 
 
@@ -498,7 +573,7 @@ def _read(path: Path, index: int, frame_format: FrameFormat, directory: Path) ->
 
 
 def _read_ahead(
-    paths: Sequence[Path], frame_format: FrameFormat, directory: Path, threads: int
+    paths: Sequence[Path], frame_format: FrameFormat, directory: Path, threads: int, first_frame: int
 ) -> Iterator[np.ndarray]:
     """The frames in order, read by ``threads`` threads up to ``2 * threads`` frames ahead."""
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="encode-read") as pool:
@@ -508,7 +583,9 @@ def _read_ahead(
             while next_index < len(paths) or pending:
                 while next_index < len(paths) and len(pending) < 2 * threads:
                     pending.append(
-                        pool.submit(_read, paths[next_index], next_index + 1, frame_format, directory)
+                        pool.submit(
+                            _read, paths[next_index], first_frame + next_index, frame_format, directory
+                        )
                     )
                     next_index += 1
                 yield pending.popleft().result()
@@ -517,18 +594,10 @@ def _read_ahead(
                 future.cancel()
 
 
-def _feed(
-    ffmpeg: FFmpegProcess,
-    paths: Sequence[Path],
-    frame_format: FrameFormat,
-    directory: Path,
-    size: tuple[int, int],
-    timing: _Timing,
-    threads: int | None,
-    progress: ProgressCallback | None,
-) -> None:
+def _feed(ffmpeg: FFmpegProcess, feed: FrameFeed, progress: ProgressCallback | None) -> None:
     """Mux every frame, with its pts, as rawvideo rgb24 into NUT on ffmpeg's stdin."""
-    width, height = size
+    width, height = feed.size
+    timing = feed.timing
     muxer: Any = av.open(ffmpeg.stdin, mode="w", format="nut")
     try:
         stream = muxer.add_stream("rawvideo", rate=timing.rate)
@@ -537,15 +606,15 @@ def _feed(
         stream.pix_fmt = "rgb24"
         stream.time_base = timing.time_base
         stream.codec_context.time_base = timing.time_base
-        workers = threads or min(4, os.cpu_count() or 1)
-        frames = _read_ahead(paths, frame_format, directory, workers)
+        workers = feed.threads or min(4, os.cpu_count() or 1)
+        frames = _read_ahead(feed.paths, feed.frame_format, feed.directory, workers, feed.first_frame)
         for index, array in enumerate(frames, start=1):
             if array.shape != (height, width, 3):
                 raise FramesError(
-                    directory,
-                    f"{paths[index - 1].name} is {array.shape[1]}x{array.shape[0]}, "
-                    f"but frame 1 is {width}x{height}",
-                    frame=index,
+                    feed.directory,
+                    f"{feed.paths[index - 1].name} is {array.shape[1]}x{array.shape[0]}, "
+                    f"but frame {feed.first_frame} is {width}x{height}",
+                    frame=feed.first_frame + index - 1,
                 )
             frame = av.VideoFrame.from_ndarray(array, format="rgb24")
             frame.pts = timing.pts[index - 1]
@@ -561,12 +630,20 @@ def _feed(
             muxer.close()
 
 
-def _check_output(tmp: Path, target: Path, expected: int) -> None:
+def count_video_packets(path: Path) -> int:
+    """The number of (non-empty) packets of ``path``'s first video stream.
+
+    Raises ``av.error.FFmpegError`` (unreadable file) or ``IndexError`` (no video stream).
+    """
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return sum(1 for packet in container.demux(stream) if packet.size)
+
+
+def check_packet_count(tmp: Path, target: Path, expected: int) -> None:
     """Trust the file, not ffmpeg's exit code: the output must hold ``expected`` video packets."""
     try:
-        with av.open(str(tmp)) as container:
-            stream = container.streams.video[0]
-            count = sum(1 for packet in container.demux(stream) if packet.size)
+        count = count_video_packets(tmp)
     except (av.error.FFmpegError, IndexError) as exc:
         raise MediaError(f"the encoded file for {target} can't be read back: {exc}") from exc
     if count != expected:

@@ -10,6 +10,8 @@ behind it is kept in attributes for logs and tests::
     │                           without overwrite, directory missing or not writable
     ├── FramesError             a directory of frames that doesn't make the video: a frame file
     │                           missing, unreadable or of another size (names the frame)
+    ├── SegmentError            an encoded segment that can't be joined: missing, damaged, out of
+    │                           place, or encoded with other settings (names the segment)
     ├── EncodeSettingsError     impossible encoder settings (unknown codec, crf out of range,
     │                           codec the container can't hold, encoder missing from this ffmpeg)
     ├── FFmpegNotFoundError     no ffmpeg binary (ESRFARM_FFMPEG, imageio-ffmpeg, PATH)
@@ -79,6 +81,23 @@ class FramesError(MediaError):
     def __str__(self) -> str:
         where = f"frame {self.frame} in {self.directory}" if self.frame is not None else self.directory
         return f"{where}: {self.reason}"
+
+
+class SegmentError(MediaError):
+    """A segment that can't be joined: unreadable, incomplete, out of place, or encoded otherwise.
+
+    ``path`` is the segment file, ``number`` its 1-based position in the join, ``reason`` the rest
+    of the sentence.
+    """
+
+    def __init__(self, path: str | Path, number: int, reason: str) -> None:
+        self.path = str(path)
+        self.number = number
+        self.reason = reason
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return f"segment {self.number} ({self.path}) {self.reason}"
 
 
 class EncodeSettingsError(MediaError, ValueError):
