@@ -50,6 +50,10 @@ FrameGate = Callable[[int], bool]
 """Called as ``gate(index)`` before frame ``index`` is written: False skips the frame, and the call
 may block (back pressure: ffmpeg then waits on its full pipe)."""
 
+FrameDone = Callable[[int], None]
+"""Called as ``on_frame(index)`` once frame ``index`` is on disk under its final name, or skipped;
+from a writer thread, in no particular order (frames before a blocking gate are reported too)."""
+
 
 def rgb_filter(video: VideoInfo) -> str:
     """The ffmpeg filter that turns this video's decoded frames into ``rgb24`` frames."""
@@ -127,12 +131,14 @@ def extract_frames(
     progress: ProgressCallback | None = None,
     fsync: bool = False,
     gate: FrameGate | None = None,
+    on_frame: FrameDone | None = None,
 ) -> int:
     """Write every frame of the probed input to ``input_dir`` as ``frame_filename(i, frame_format)``
     (``00000001.png``, ...), and return how many were decoded.
 
     ``gate(index)``, if given, decides frame by frame whether to write it, and may block to hold
-    extraction back (a streaming job admits frames only as disk space is freed).
+    extraction back (a streaming job admits frames only as disk space is freed); ``on_frame(index)``
+    reports each frame written or skipped as soon as that is so.
 
     ``png_compression`` is zlib's level 0-9 (1: fast, about half the size of 0). ``threads`` PNG /
     NPY writers run beside ffmpeg (default: the CPU count, at most 4). ``fsync`` flushes each
@@ -154,16 +160,20 @@ def extract_frames(
                     skipped: Future[None] = Future()
                     skipped.set_result(None)
                     pending.append(skipped)
+                    if on_frame is not None:
+                        on_frame(index)
                 else:
                     path = directory / frame_filename(index, frame_format)
                     pending.append(
                         pool.submit(
-                            write_frame,
+                            _write_and_report,
                             path,
                             frame,
                             frame_format,
-                            png_compression=png_compression,
-                            fsync=fsync,
+                            png_compression,
+                            fsync,
+                            index,
+                            on_frame,
                         )
                     )
                 while len(pending) > 2 * workers:
@@ -179,6 +189,20 @@ def extract_frames(
         )
     log.info("extracted %d frames from %s into %s", written, info.path, directory)
     return written
+
+
+def _write_and_report(
+    path: Path,
+    frame: np.ndarray,
+    frame_format: FrameFormat,
+    png_compression: int,
+    fsync: bool,
+    index: int,
+    on_frame: FrameDone | None,
+) -> None:
+    write_frame(path, frame, frame_format, png_compression=png_compression, fsync=fsync)
+    if on_frame is not None:
+        on_frame(index)
 
 
 def _finish_one(pending: deque[Future[None]], written: int, progress: ProgressCallback | None) -> int:

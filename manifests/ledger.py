@@ -42,13 +42,14 @@ def _frames_text(batch: Batch) -> str:
 
 @dataclass
 class JobLedger:
-    batches: Mapping[int, Batch]
+    batches: dict[int, Batch]
     max_failures: int = 2
     done: set[int] = field(default_factory=set)
     assigned: dict[int, str] = field(default_factory=dict)  # batch id -> manifest id
     manifests: dict[str, str] = field(default_factory=dict)  # manifest id -> worker id
     failures: dict[int, dict[str, str]] = field(default_factory=dict)  # batch id -> worker -> reason
     done_by: dict[int, str] = field(default_factory=dict)  # batch id -> worker id
+    frames_forgotten: int = 0  # frames of done batches dropped by forget()
 
     @classmethod
     def for_batches(cls, batches: Iterable[Batch], *, max_failures: int = 2) -> JobLedger:
@@ -63,11 +64,11 @@ class JobLedger:
 
     @property
     def frames_total(self) -> int:
-        return sum(len(batch) for batch in self.batches.values())
+        return self.frames_forgotten + sum(len(batch) for batch in self.batches.values())
 
     @property
     def frames_done(self) -> int:
-        return sum(len(self.batches[batch_id]) for batch_id in self.done)
+        return self.frames_forgotten + sum(len(self.batches[batch_id]) for batch_id in self.done)
 
     def pending(self) -> list[Batch]:
         """Batches neither done nor held by a worker, in batch-id order."""
@@ -104,6 +105,16 @@ class JobLedger:
         return JobFailure(batch, reasons, f"batch {batch_id} ({_frames_text(batch)}) {how} ({because})")
 
     # -- events -----------------------------------------------------------------------------------
+
+    def add(self, batches: Iterable[Batch], *, done: Iterable[int] = ()) -> None:
+        """Take in more batches (a streaming job's next chunk); ``done`` ones are already on disk."""
+        for batch in batches:
+            if batch.id in self.batches:
+                raise ValueError(f"batch {batch.id} is in the ledger already")
+            self.batches[batch.id] = batch
+        for batch_id in done:
+            self.done.add(batch_id)
+            self.done_by[batch_id] = "(found on disk)"
 
     def assign(self, manifest_id: str, worker_id: str, batches: Iterable[Batch]) -> None:
         if manifest_id in self.manifests:
@@ -160,13 +171,31 @@ class JobLedger:
         self.failures.setdefault(batch_id, {})[worker_id] = reason
         self.assigned.pop(batch_id, None)
 
+    def forget(self, batch_ids: Iterable[int]) -> None:
+        """Drop done batches the job no longer needs to remember (a streaming job's encoded chunks),
+        and the manifests that hold nothing any more, so a long job's ledger does not grow."""
+        for batch_id in batch_ids:
+            if batch_id not in self.done:
+                raise ValueError(f"batch {batch_id} is not done")
+            self.done.discard(batch_id)
+            self.done_by.pop(batch_id, None)
+            self.failures.pop(batch_id, None)
+            self.frames_forgotten += len(self.batches.pop(batch_id))
+        held = set(self.assigned.values())
+        for manifest_id in [m for m in self.manifests if m not in held]:
+            del self.manifests[manifest_id]
+
     # -- dealing ----------------------------------------------------------------------------------
 
-    def deal(self, idle_workers: Sequence[str]) -> dict[str, tuple[Batch, ...]]:
-        """Deal pending batches to ``idle_workers``, none to a worker it failed on. Does not assign."""
+    def deal(self, idle_workers: Sequence[str], *, limit: int | None = None) -> dict[str, tuple[Batch, ...]]:
+        """Deal pending batches to ``idle_workers``, none to a worker it failed on. Does not assign.
+
+        ``limit`` caps the batches dealt now, lowest ids first (a streaming job deals each worker
+        its share of what is pending, keeping the rest for workers that free up later).
+        """
         dealt: dict[str, list[Batch]] = {}
         groups: dict[tuple[str, ...], list[Batch]] = {}
-        for batch in self.pending():
+        for batch in self.pending()[:limit]:
             eligible = tuple(w for w in idle_workers if w not in self.failures.get(batch.id, {}))
             if eligible:
                 groups.setdefault(eligible, []).append(batch)

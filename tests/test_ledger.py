@@ -174,3 +174,28 @@ def test_invariants_under_any_event_sequence(frames: int, actions: list[tuple[st
 def test_batches_keep_ids_and_frames() -> None:
     ledger = JobLedger.for_batches([Batch.range(0, 1, 9), Batch(1, (9, 11))])
     assert ledger.frames_total == 10
+
+
+def test_streaming_adds_batches_and_deals_a_share() -> None:
+    plan = plan_batches(64, 8, ["x"])
+    ledger = JobLedger.for_batches([])
+    ledger.add(plan.batches[:4], done=[1])  # batch 1 was found complete on disk
+    assert [b.id for b in ledger.pending()] == [0, 2, 3] and ledger.frames_done == 8
+    dealt = ledger.deal(["a", "b"], limit=2)
+    assert {w: [b.id for b in bs] for w, bs in dealt.items()} == {"a": [0], "b": [2]}
+    ledger.add(plan.batches[4:])
+    assert [b.id for b in ledger.pending()] == [0, 2, 3, 4, 5, 6, 7]
+    with pytest.raises(ValueError, match="already"):
+        ledger.add(plan.batches[:1])
+
+
+def test_forgetting_encoded_batches_keeps_the_counts() -> None:
+    plan = plan_batches(32, 8, ["a"])
+    ledger = JobLedger.for_batches(plan.batches)
+    ledger.assign("m1", "a", plan.batches[:2])
+    ledger.record_status(status("m1", WorkerState.COMPLETED, (0, 1)))
+    with pytest.raises(ValueError, match="not done"):
+        ledger.forget([2])
+    ledger.forget([0, 1])
+    assert (ledger.frames_done, ledger.frames_total) == (16, 32)
+    assert sorted(ledger.batches) == [2, 3] and ledger.manifests == {} and not ledger.done

@@ -153,9 +153,19 @@ def test_gate_skips_frames_and_holds_extraction_back(clip_dir: Path, tmp_path: P
         calls.append(index)
         return index % 3 != 0  # frames 3, 6, 9, 12 are not wanted
 
-    decoded = extract_frames(info, tmp_path, frame_format=FrameFormat.NPY, gate=gate, progress=done.append)
+    reported: list[int] = []
+    decoded = extract_frames(
+        info,
+        tmp_path,
+        frame_format=FrameFormat.NPY,
+        gate=gate,
+        progress=done.append,
+        on_frame=reported.append,
+    )
     assert decoded == 12
-    assert calls == list(range(1, 13)) and done == list(range(1, 13))
+    assert (
+        calls == list(range(1, 13)) and done == list(range(1, 13)) and sorted(reported) == list(range(1, 13))
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         frame_filename(i, FrameFormat.NPY) for i in range(1, 13) if i % 3
     ]
