@@ -84,15 +84,40 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ARG",
         help="extra flag for local workers, repeatable (e.g. --worker-arg=--cpu-threads=1)",
     )
+    up.add_argument(
+        "--tile", type=int, help="tile edge in pixels for frames too large for GPU memory (default off)"
+    )
+    up.add_argument("--precision", choices=["fp16", "bf16", "fp32"], help="local workers' precision")
     work = up.add_argument_group("work")
     work.add_argument("--batch-size", type=int, default=8, help="frames per batch (default %(default)s)")
+    work.add_argument(
+        "--max-disk",
+        default="4G",
+        metavar="SIZE",
+        help="most frame data on disk at once, e.g. 4G or 512M (default %(default)s); the video streams "
+        "through in chunks that fit",
+    )
+    work.add_argument(
+        "--chunk-frames",
+        type=int,
+        default=256,
+        metavar="N",
+        help="most frames in one chunk (default %(default)s)",
+    )
+    work.add_argument(
+        "--encoders", type=int, metavar="N", help="segments encoded at once (default: by CPU count)"
+    )
     work.add_argument(
         "--frame-format",
         choices=[f.value for f in FrameFormat],
         default=FrameFormat.PNG.value,
         help="frame files on shared storage: png (compact) or npy (raw, fast) (default %(default)s)",
     )
-    work.add_argument("--keep-frames", action="store_true", help="keep the job directory after success")
+    work.add_argument(
+        "--keep-frames",
+        action="store_true",
+        help="keep the job directory and every upscaled frame after success (then --max-disk cannot hold)",
+    )
     work.add_argument(
         "--unreachable-timeout",
         type=float,
@@ -158,6 +183,7 @@ class ProgressPrinter:
 
 def settings_from_args(args: argparse.Namespace) -> UpscaleSettings:
     from coordinator.encode import EncodeSettings
+    from manifests.chunks import parse_size
 
     token = None
     if args.token_file is not None:
@@ -182,6 +208,11 @@ def settings_from_args(args: argparse.Namespace) -> UpscaleSettings:
         local_worker_args=tuple(args.worker_arg),
         shared_root=args.shared_root,
         batch_size=args.batch_size,
+        tile=args.tile,
+        precision=args.precision,
+        max_disk=parse_size(args.max_disk),
+        max_chunk_frames=args.chunk_frames,
+        encoders=args.encoders,
         frame_format=FrameFormat(args.frame_format),
         encode=encode,
         overwrite=args.overwrite,

@@ -1,32 +1,47 @@
-"""One upscaling job, end to end: probe, extract, dispatch, watch, reassign, encode.
+"""One upscaling job, end to end, streamed through a bounded window of frames.
+
+The input's frames are cut into chunks (``manifests.chunks``). Extraction of chunk k+1, upscaling
+of chunk k and encoding of chunk k-1 overlap; frame data on disk stays under ``max_disk``. Each
+chunk becomes a video-only segment; the segments are joined without re-encoding and the audio,
+subtitles and chapters are muxed once from the source.
 
 The coordinator trusts files, not promises: a batch is done when a status file claims it and its
 output frames are on disk. A worker that fails or vanishes (process gone, ``/health`` unreachable
 for ``unreachable_after_s``, status file unchanged for ``stale_after_s``) loses its batches to the
 others. The job fails when no worker is left, or when one batch has failed on two workers.
+
+A job is named by what determines its frames: the input's content, the model, the scale, the tile
+size and the precision. Started again with the same command after a crash (even SIGKILL), it finds
+its job directory and continues: finished segments are kept, batches whose output frames are on
+disk are not upscaled again. Changing only encoder settings re-encodes the segments, from the
+upscaled frames when they were kept (``--keep-frames``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import hashlib
 import logging
 import os
 import shutil
+import threading
 import time
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import aiohttp
 import orjson
 
 from coordinator.client import WorkerBusyError, WorkerClient, WorkerRequestError
-from coordinator.encode import EncodeSettings, check_encode, encode_video
+from coordinator.encode import EncodeSettings, check_encode
 from coordinator.extract import extract_frames
 from coordinator.local_workers import LocalWorkerPool, visible_gpu_count
 from coordinator.probe import MediaInfo, check_output_path, probe
-from manifests.errors import DocumentError
+from coordinator.segments import SEGMENT_SUFFIX, encode_segment, join_segments, segment_is_complete
+from manifests.chunks import Chunk, ChunkPlan, format_size, frame_file_bytes, plan_chunks
+from manifests.errors import DocumentError, PlanningError
 from manifests.jsonio import write_json_atomic
 from manifests.layout import FrameFormat, JobLayout, frame_filename
 from manifests.ledger import JobLedger
@@ -37,6 +52,8 @@ from manifests.status import Status
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "realesr-animevideov3"
+DEFAULT_MAX_DISK = 4 << 30
+JOB_FORMAT = "esrfarm.job/1"
 
 
 class JobError(Exception):
@@ -44,7 +61,7 @@ class JobError(Exception):
 
     def __init__(self, message: str, job_dir: Path | None = None) -> None:
         self.message, self.job_dir = message, job_dir
-        kept = f" (its files are kept in {job_dir})" if job_dir else ""
+        kept = f" (its files are kept in {job_dir}; the same command resumes it)" if job_dir else ""
         super().__init__(f"{message}{kept}")
 
 
@@ -56,6 +73,8 @@ class UpscaleSettings:
     output: Path
     scale: float | None = None  # None: the model's own
     model: str = DEFAULT_MODEL
+    tile: int | None = None  # None: whatever the workers run
+    precision: str | None = None  # local workers only; None: the device's default
     workers: tuple[str, ...] = ()  # worker URLs; empty: start local workers
     local_workers: int | None = None  # None: one per visible GPU, or one on the CPU
     local_worker_args: tuple[str, ...] = ()  # extra flags for local workers (e.g. --cpu-threads 1)
@@ -63,11 +82,14 @@ class UpscaleSettings:
     batch_size: int = 8
     frame_format: FrameFormat = FrameFormat.PNG
     png_compression: int = 1
+    max_disk: int = DEFAULT_MAX_DISK  # bytes of input and output frames on disk at once
+    max_chunk_frames: int = 256
+    encoders: int | None = None  # segments encoded at once; None: by CPU count
     encode: EncodeSettings = field(default_factory=EncodeSettings)
     overwrite: bool = False
     keep_frames: bool = False
     token: str | None = field(default=None, repr=False)
-    poll_interval_s: float = 0.25
+    poll_interval_s: float = 0.1
     health_interval_s: float = 2.0
     startup_timeout_s: float = 600.0  # local workers: model load and warm-up
     unreachable_after_s: float = 30.0
@@ -90,11 +112,17 @@ class UpscaleSettings:
             )
         if not 0 <= self.png_compression <= 9:
             raise ValueError(f"PNG compression must be 0 to 9, not {self.png_compression}")
+        if self.max_disk < 1 or self.max_chunk_frames < 1:
+            raise ValueError("--max-disk and --chunk-frames must be above 0")
+        if self.encoders is not None and self.encoders < 1:
+            raise ValueError(f"--encoders must be at least 1, not {self.encoders}")
+        if self.tile is not None and self.tile < 0:
+            raise ValueError(f"--tile must be 0 or more, not {self.tile}")
 
 
 @dataclass(frozen=True)
 class JobProgress:
-    stage: str  # "extract" | "upscale" | "encode"
+    stage: str  # "extract" | "upscale" | "join"
     done: int
     total: int
     fps: float
@@ -120,9 +148,31 @@ def output_size(info: MediaInfo, scale: float | None) -> tuple[int, int] | None:
     return round(info.video.width * scale), round(info.video.height * scale)
 
 
-def new_job_id(input_path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def job_identity(settings: UpscaleSettings) -> dict[str, object]:
+    """What determines the upscaled frames: a changed value means another job."""
+    model_path = Path(settings.model)
+    model = {"file_sha256": file_sha256(model_path)} if model_path.is_file() else {"name": settings.model}
+    return {
+        "input_sha256": file_sha256(settings.input),
+        "model": model,
+        "scale": settings.scale,
+        "tile": settings.tile,
+        "precision": settings.precision,
+    }
+
+
+def job_id_for(input_path: Path, identity: dict[str, object]) -> str:
     stem = "".join(c if c.isalnum() or c in "._-" else "_" for c in input_path.stem)[:40] or "job"
-    return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    digest = hashlib.sha256(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    return f"{stem}-{digest[:16]}"
 
 
 @dataclass
@@ -138,6 +188,56 @@ class _Worker:
     last_status: bytes = b""
 
 
+class _DiskBudget:
+    """Bytes of frame data admitted to disk; extraction waits here for room."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+        self.closed = False
+        self._cond = threading.Condition()
+
+    def acquire(self, cost: int, *, wait: bool = True) -> None:
+        with self._cond:
+            while wait and self.used and self.used + cost > self.limit and not self.closed:
+                self._cond.wait()
+            if self.closed:
+                raise _Stopped
+            self.used += cost
+            self.peak = max(self.peak, self.used)
+
+    def release(self, cost: int) -> None:
+        with self._cond:
+            self.used -= cost
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+
+
+class _Stopped(Exception):
+    """Extraction was told to stop (the job is failing)."""
+
+
+@dataclass
+class _ChunkState:
+    chunk: Chunk
+    batches: tuple[Batch, ...]
+    done_on_disk: set[int] = field(default_factory=set)  # batch ids whose outputs were found
+    extract: bool = False  # its input frames must be extracted
+    extracted: bool = False
+    frames_extracted: int = 0
+    dispatched: bool = False  # its batches are in the ledger
+    upscaled: bool = False
+    encoding: concurrent.futures.Future[Path] | None = None
+    encoded: bool = False
+    holds_input: int = 0  # bytes of the disk budget it holds
+    holds_output: int = 0
+
+
 async def run_upscale(settings: UpscaleSettings, on_progress: ProgressCallback | None = None) -> MediaInfo:
     """Upscale ``settings.input`` into ``settings.output``. Raises :class:`JobError` or a media error."""
     check_output_path(settings.input, settings.output, settings.overwrite)
@@ -151,30 +251,18 @@ async def run_upscale(settings: UpscaleSettings, on_progress: ProgressCallback |
     )
     shared_root = (settings.shared_root or default_shared_root()).resolve()
     shared_root.mkdir(parents=True, exist_ok=True)
-    layout = JobLayout(shared_root, new_job_id(settings.input))
-    layout.create()
-    write_json_atomic(
-        layout.job_file,
-        orjson.dumps(
-            {
-                "format": "esrfarm.job/1",
-                "input": str(settings.input.resolve()),
-                "output": str(settings.output.resolve()),
-                "model": settings.model,
-                "scale": settings.scale,
-                "frames": info.frame_count,
-                "created_at": time.time(),
-            }
-        ),
-    )
-    log.info("job %s: %s, %d frames, in %s", layout.job_id, settings.input, info.frame_count, layout.job_dir)
-    job = _Job(settings, info, layout, on_progress or (lambda _: None))
+    started = time.monotonic()
+    identity = job_identity(settings)
+    log.debug("identified the job in %.1f s", time.monotonic() - started)
+    layout = JobLayout(shared_root, job_id_for(settings.input, identity))
+    run = _open_job_dir(layout, identity, settings, info)
+    job = _Job(settings, info, layout, run, on_progress or (lambda _: None))
     try:
         await job.run()
     except BaseException as exc:
         if isinstance(exc, JobError):
             raise JobError(exc.message, layout.job_dir) from exc.__cause__
-        if isinstance(exc, Exception) and not isinstance(exc, asyncio.CancelledError):
+        if isinstance(exc, Exception):
             log.error("job %s failed; its files are kept in %s", layout.job_id, layout.job_dir)
         raise
     if not settings.keep_frames:
@@ -184,39 +272,182 @@ async def run_upscale(settings: UpscaleSettings, on_progress: ProgressCallback |
     return info
 
 
+def _open_job_dir(
+    layout: JobLayout, identity: dict[str, object], settings: UpscaleSettings, info: MediaInfo
+) -> int:
+    """Create the job directory, or take up the one a stopped run left. Returns this run's number."""
+    runs = 0
+    if layout.job_file.is_file():
+        try:
+            previous = orjson.loads(layout.job_file.read_bytes())
+            if previous.get("format") == JOB_FORMAT and previous.get("identity") == identity:
+                runs = int(previous.get("runs", 0))
+        except (ValueError, OSError):
+            pass
+        if runs:
+            log.info("resuming job %s (run %d) from %s", layout.job_id, runs + 1, layout.job_dir)
+        else:
+            log.warning("job directory %s is not readable as this job's; starting it afresh", layout.job_dir)
+            shutil.rmtree(layout.job_dir, ignore_errors=True)
+    layout.create()
+    write_json_atomic(
+        layout.job_file,
+        orjson.dumps(
+            {
+                "format": JOB_FORMAT,
+                "identity": identity,
+                "input": str(settings.input.resolve()),
+                "output": str(settings.output.resolve()),
+                "frames": info.frame_count,
+                "runs": runs + 1,
+                "updated_at": time.time(),
+            }
+        ),
+    )
+    return runs + 1
+
+
 class _Job:
     def __init__(
-        self, settings: UpscaleSettings, info: MediaInfo, layout: JobLayout, on_progress: ProgressCallback
+        self,
+        settings: UpscaleSettings,
+        info: MediaInfo,
+        layout: JobLayout,
+        run: int,
+        on_progress: ProgressCallback,
     ) -> None:
         self.settings = settings
         self.info = info
         self.layout = layout
+        self.run_number = run
         self.on_progress = on_progress
         self.workers: dict[str, _Worker] = {}
         self.pool: LocalWorkerPool | None = None
         self.manifest_count = 0
         self.scale = settings.scale
+        self.ledger = JobLedger.for_batches([])
+        self.plan: ChunkPlan | None = None
+        self.states: list[_ChunkState] = []
+        self.budget = _DiskBudget(float("inf"))
+        self.frames_before = 0  # frames in segments finished by earlier runs
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     async def run(self) -> None:
         settings = self.settings
-        async with aiohttp.ClientSession() as session:
-            try:
+        self.loop = asyncio.get_running_loop()
+        encoders = settings.encoders or max(1, min(4, (os.cpu_count() or 1) // 4))
+        executor = concurrent.futures.ThreadPoolExecutor(max_workers=encoders, thread_name_prefix="segment")
+        try:
+            async with aiohttp.ClientSession() as session:
                 start = asyncio.create_task(self._start_workers())
+                extraction: asyncio.Task[None] | None = None
                 try:
-                    await asyncio.to_thread(self._extract)
+                    if self.scale is not None:  # else the workers tell the scale first
+                        self._plan()
+                        extraction = asyncio.create_task(asyncio.to_thread(self._extract))
                     urls = await start
-                except BaseException:
+                    for url in urls:
+                        client = WorkerClient(url, session, settings.token, settings.request_timeout_s)
+                        self.workers[url] = _Worker(url, client)
+                    await self._wait_healthy()
+                    if extraction is None:
+                        self._plan()
+                        extraction = asyncio.create_task(asyncio.to_thread(self._extract))
+                    await self._pipeline(extraction, executor)
+                    await extraction
+                finally:
+                    self.budget.close()
                     start.cancel()
-                    raise
-                for url in urls:
-                    client = WorkerClient(url, session, settings.token, settings.request_timeout_s)
-                    self.workers[url] = _Worker(url, client)
-                await self._wait_healthy()
-                await self._upscale()
-            finally:
-                if self.pool is not None:
-                    await self.pool.stop()
-        self._encode()
+                    if extraction is not None and not extraction.done():
+                        await asyncio.gather(extraction, return_exceptions=True)
+                    if self.pool is not None:
+                        await self.pool.stop()
+        finally:
+            executor.shutdown(wait=True, cancel_futures=True)
+        await asyncio.to_thread(self._join)
+
+    # -- planning ---------------------------------------------------------------------------------
+
+    def _plan(self) -> None:
+        """Chunks, budget, and what a previous run already did (files are the truth)."""
+        settings, info = self.settings, self.info
+        assert self.scale is not None
+        width, height = info.video.width, info.video.height
+        out_w, out_h = round(width * self.scale), round(height * self.scale)
+        try:
+            plan = plan_chunks(
+                info.frame_count,
+                batch_size=settings.batch_size,
+                input_frame_bytes=frame_file_bytes(width, height, settings.frame_format),
+                output_frame_bytes=frame_file_bytes(out_w, out_h, settings.frame_format),
+                max_disk=settings.max_disk,
+                max_chunk_frames=settings.max_chunk_frames,
+            )
+        except PlanningError as exc:
+            raise JobError(f"cannot start: {exc}") from exc
+        self.plan = plan
+        # Kept output frames stay on disk: the budget then cannot hold, and is not enforced.
+        self.budget = _DiskBudget(float("inf") if settings.keep_frames else settings.max_disk)
+        self._check_segments_key(plan)
+        batches = plan_batches(info.frame_count, settings.batch_size, ["all"]).batches
+        by_chunk: dict[int, list[Batch]] = {}
+        for batch in batches:
+            by_chunk.setdefault(plan.chunk_of(batch.frames[0]).index, []).append(batch)
+        for chunk in plan.chunks:
+            state = _ChunkState(chunk, tuple(by_chunk[chunk.index]))
+            self.states.append(state)
+            if segment_is_complete(self._segment_path(chunk), chunk.count):
+                state.encoded = True
+                self.frames_before += chunk.count
+                self._remove_frames(chunk, self.layout.input_dir)
+                if not settings.keep_frames:
+                    self._remove_frames(chunk, self.layout.output_dir)
+                continue
+            state.done_on_disk = {b.id for b in state.batches if self._outputs_exist(b)}
+            if len(state.done_on_disk) == len(state.batches):
+                state.extracted = True  # nothing to extract; straight to the ledger, then encoding
+                state.holds_output = plan.output_cost(chunk)
+                self.budget.acquire(state.holds_output, wait=False)
+            else:
+                state.extract = True
+        done = sum(1 for s in self.states if s.encoded)
+        if self.run_number > 1:
+            log.info(
+                "resuming: %d of %d segments done, %d more chunks upscaled",
+                done,
+                len(plan.chunks),
+                sum(1 for s in self.states if not s.encoded and not s.extract),
+            )
+        log.info(
+            "%d frames in %d chunk(s) of up to %d frames; frame data kept under %s",
+            info.frame_count,
+            len(plan.chunks),
+            plan.chunk_frames,
+            format_size(settings.max_disk),
+        )
+
+    def _check_segments_key(self, plan: ChunkPlan) -> None:
+        """Segments of an earlier run count only if cut and encoded the same way."""
+        key = orjson.dumps({"encode": asdict(self.settings.encode), "chunk_frames": plan.chunk_frames})
+        key_file = self.layout.segments_dir / "segments.json"
+        if key_file.is_file() and key_file.read_bytes() != key:
+            log.info("encoder settings or chunking changed: the earlier segments are encoded again")
+            for segment in self.layout.segments_dir.glob(f"*{SEGMENT_SUFFIX}"):
+                segment.unlink()
+        write_json_atomic(key_file, key)
+
+    def _segment_path(self, chunk: Chunk) -> Path:
+        return self.layout.segments_dir / f"{chunk.index:06d}{SEGMENT_SUFFIX}"
+
+    def _frame_path(self, directory: Path, frame: int) -> Path:
+        return directory / frame_filename(frame, self.settings.frame_format)
+
+    def _outputs_exist(self, batch: Batch) -> bool:
+        return all(self._frame_path(self.layout.output_dir, f).is_file() for f in batch.frames)
+
+    def _remove_frames(self, chunk: Chunk, directory: Path) -> None:
+        for frame in chunk.frames:
+            self._frame_path(directory, frame).unlink(missing_ok=True)
 
     # -- stages -----------------------------------------------------------------------------------
 
@@ -229,29 +460,59 @@ class _Job:
         args = ["--shared-root", str(self.layout.shared_root), "--model", settings.model]
         if settings.scale is not None:
             args += ["--scale", f"{settings.scale:g}"]
+        if settings.tile is not None:
+            args += ["--tile", str(settings.tile)]
+        if settings.precision is not None:
+            args += ["--precision", settings.precision]
         self.pool = LocalWorkerPool(self.layout.job_dir / "workers", [*args, *settings.local_worker_args])
         return await self.pool.start(count, gpus, settings.startup_timeout_s)
 
     def _extract(self) -> None:
+        """Runs in a thread: decodes the input once, writing the frames of chunks that need them."""
+        plan, loop = self.plan, self.loop
+        assert plan is not None and loop is not None
+        if not any(state.extract for state in self.states):
+            return
         started = time.monotonic()
         total = self.info.frame_count
 
-        def report(done: int) -> None:
-            elapsed = time.monotonic() - started
-            fps = done / elapsed if elapsed > 0 else 0.0
-            eta = (total - done) / fps if fps > 0 else None
-            self.on_progress(JobProgress("extract", done, total, fps, eta))
+        def gate(index: int) -> bool:
+            state = self.states[plan.chunk_of(index).index]
+            if not state.extract:
+                return False
+            if index == state.chunk.first:
+                cost = plan.input_cost(state.chunk) + plan.output_cost(state.chunk)
+                self.budget.acquire(cost)  # waits for room
+                state.holds_input, state.holds_output = (
+                    plan.input_cost(state.chunk),
+                    plan.output_cost(state.chunk),
+                )
+            batch = state.batches[(index - state.chunk.first) // self.settings.batch_size]
+            return batch.id not in state.done_on_disk
 
-        count = extract_frames(
-            self.info,
-            self.layout.input_dir,
-            frame_format=self.settings.frame_format,
-            png_compression=self.settings.png_compression,
-            progress=report,
-        )
-        if count != total:
-            raise JobError(f"extracted {count} frames from {self.settings.input}, but it has {total}")
-        log.info("extracted %d frames in %.1f s", count, time.monotonic() - started)
+        def on_frame(index: int) -> None:
+            loop.call_soon_threadsafe(self._frame_extracted, index)
+
+        try:
+            extract_frames(
+                self.info,
+                self.layout.input_dir,
+                frame_format=self.settings.frame_format,
+                png_compression=self.settings.png_compression,
+                gate=gate,
+                on_frame=on_frame,
+            )
+        except _Stopped:
+            return
+        log.info("extracted %d frames in %.1f s", total, time.monotonic() - started)
+
+    def _frame_extracted(self, index: int) -> None:
+        """On the loop: frame ``index`` is on disk (or was not needed)."""
+        assert self.plan is not None
+        state = self.states[self.plan.chunk_of(index).index]
+        state.frames_extracted += 1
+        if state.frames_extracted == state.chunk.count:
+            state.extracted = True
 
     async def _wait_healthy(self) -> None:
         """Keep the workers that answer /health with the right model; fail if none does.
@@ -310,50 +571,46 @@ class _Job:
             check_encode(self.info, settings.output, settings.encode, overwrite=settings.overwrite, size=size)
         log.info("upscaling with %d worker(s): %s", len(ready), ", ".join(w.worker_id for w in ready))
 
-    async def _upscale(self) -> None:
-        settings = self.settings
-        alive = self._alive()
-        plan = plan_batches(self.info.frame_count, settings.batch_size, [w.url for w in alive])
-        ledger = JobLedger.for_batches(plan.batches)
+    async def _pipeline(
+        self,
+        extraction: asyncio.Task[None],
+        executor: concurrent.futures.ThreadPoolExecutor,
+    ) -> None:
+        settings, ledger = self.settings, self.ledger
         loop = asyncio.get_running_loop()
         started = loop.time()
         next_health = loop.time() + settings.health_interval_s
         health: asyncio.Task[None] | None = None  # runs beside the loop: a hung host must not stall it
-        for worker in alive:
-            await self._dispatch(ledger, worker, plan.for_worker(worker.url))
         try:
             while True:
                 now = loop.time()
+                if extraction.done() and extraction.exception() is not None:
+                    extraction.result()  # raises the extraction error
+                for state in self.states:
+                    if state.extracted and not state.dispatched and not state.encoded:
+                        ledger.add(state.batches, done=state.done_on_disk)
+                        state.dispatched = True
                 for manifest_id in ledger.open_manifests():
-                    self._read_status(ledger, manifest_id, now)
-                self._check_workers(ledger, now)
+                    self._read_status(manifest_id, now)
+                self._check_workers(now)
                 if now >= next_health and (health is None or health.done()):
                     health = asyncio.create_task(self._health_round())
                     next_health = now + settings.health_interval_s
-                if ledger.complete:
-                    missing = self._missing_outputs(ledger)
-                    if not missing:
-                        break
-                    for batch_id, (worker_url, reason) in missing.items():
-                        ledger.record_failure(worker_url, batch_id, reason)
+                self._collect_upscaled_chunks(executor)
+                self._collect_segments()
+                if all(state.encoded for state in self.states):
+                    break
                 failure = ledger.failure([w.url for w in self._alive()])
                 if failure is not None:
                     raise JobError(f"upscaling failed: {failure}")
-                for url, batches in ledger.deal(
-                    [w.url for w in self._alive() if not ledger.open_manifests(w.url)]
-                ).items():
-                    await self._dispatch(ledger, self.workers[url], batches)
+                await self._deal()
                 elapsed = loop.time() - started
-                fps = ledger.frames_done / elapsed if elapsed > 0 else 0.0
-                remaining = ledger.frames_total - ledger.frames_done
+                done = ledger.frames_done
+                fps = done / elapsed if elapsed > 0 else 0.0
+                remaining = self.info.frame_count - self.frames_before - done
+                eta = remaining / fps if fps else None
                 self.on_progress(
-                    JobProgress(
-                        "upscale",
-                        ledger.frames_done,
-                        ledger.frames_total,
-                        fps,
-                        remaining / fps if fps else None,
-                    )
+                    JobProgress("upscale", self.frames_before + done, self.info.frame_count, fps, eta)
                 )
                 await asyncio.sleep(settings.poll_interval_s)
         finally:
@@ -361,27 +618,94 @@ class _Job:
                 health.cancel()
         elapsed = loop.time() - started
         log.info(
-            "upscaled %d frames in %.1f s (%.2f fps)",
-            ledger.frames_total,
+            "upscaled and encoded %d frames in %.1f s (%.2f fps); frame data admitted at most %s",
+            ledger.frames_done,
             elapsed,
-            ledger.frames_total / elapsed,
+            ledger.frames_done / elapsed if elapsed > 0 else 0.0,
+            format_size(self.budget.peak),
         )
 
-    def _encode(self) -> None:
+    async def _deal(self) -> None:
+        ledger = self.ledger
+        alive = self._alive()
+        idle = [w.url for w in alive if not ledger.open_manifests(w.url)]
+        pending = len(ledger.pending())
+        if not idle or not pending:
+            return
+        share = -(
+            -pending // max(1, len(alive))
+        )  # each worker its share; the rest waits for the next idle one
+        for url, batches in ledger.deal(idle, limit=share * len(idle)).items():
+            await self._dispatch(self.workers[url], batches[:share])
+
+    def _collect_upscaled_chunks(self, executor: concurrent.futures.ThreadPoolExecutor) -> None:
+        """A chunk whose batches are all done (and on disk) frees its input and goes to an encoder."""
+        assert self.plan is not None
+        for state in self.states:
+            if not state.dispatched or state.upscaled or state.encoded:
+                continue
+            if not all(b.id in self.ledger.done for b in state.batches):
+                continue
+            missing = [b for b in state.batches if not self._outputs_exist(b)]
+            for batch in missing:
+                worker = self.ledger.done_by.get(batch.id, "")
+                self.ledger.record_failure(
+                    worker, batch.id, "its output frames are missing although it was done"
+                )
+            if missing:
+                continue
+            state.upscaled = True
+            self._remove_frames(state.chunk, self.layout.input_dir)
+            self.budget.release(state.holds_input)
+            state.holds_input = 0
+            state.encoding = executor.submit(
+                encode_segment,
+                self.info,
+                self.layout.output_dir,
+                state.chunk.first,
+                state.chunk.count,
+                self._segment_path(state.chunk),
+                settings=self.settings.encode,
+                frame_format=self.settings.frame_format,
+            )
+
+    def _collect_segments(self) -> None:
+        for state in self.states:
+            if state.encoding is None or not state.encoding.done():
+                continue
+            state.encoding.result()  # raises the encoder's error: the job fails, the frames stay
+            state.encoding = None
+            state.encoded = True
+            self.ledger.forget(b.id for b in state.batches)
+            if not self.settings.keep_frames:
+                self._remove_frames(state.chunk, self.layout.output_dir)
+            self.budget.release(state.holds_output)
+            state.holds_output = 0
+            log.info(
+                "segment %d (frames %d-%d) encoded", state.chunk.index, state.chunk.first, state.chunk.last
+            )
+
+    def _join(self) -> None:
+        assert self.plan is not None
+        count = self.info.frame_count
+        self.on_progress(JobProgress("join", 0, count, 0.0, None))
         started = time.monotonic()
-        self.on_progress(JobProgress("encode", 0, self.info.frame_count, 0.0, None))
-        encode_video(
+        join_segments(
             self.info,
-            self.layout.output_dir,
+            [self._segment_path(chunk) for chunk in self.plan.chunks],
             self.settings.output,
-            frame_format=self.settings.frame_format,
             settings=self.settings.encode,
             overwrite=self.settings.overwrite,
         )
-        log.info("encoded %s in %.1f s", self.settings.output, time.monotonic() - started)
-        self.on_progress(JobProgress("encode", self.info.frame_count, self.info.frame_count, 0.0, 0.0))
+        log.info(
+            "joined %d segment(s) into %s in %.1f s",
+            len(self.plan.chunks),
+            self.settings.output,
+            time.monotonic() - started,
+        )
+        self.on_progress(JobProgress("join", count, count, 0.0, 0.0))
 
-    # -- helpers ----------------------------------------------------------------------------------
+    # -- workers ----------------------------------------------------------------------------------
 
     def _alive(self) -> list[_Worker]:
         return [w for w in self.workers.values() if w.alive and w.worker_id]
@@ -394,15 +718,17 @@ class _Job:
             model=self.settings.model,
             batches=batches,
             scale=self.scale,
+            tile=self.settings.tile,
             frame_format=self.settings.frame_format,
             png_compression=self.settings.png_compression,
         )
 
-    async def _dispatch(self, ledger: JobLedger, worker: _Worker, batches: tuple[Batch, ...]) -> None:
+    async def _dispatch(self, worker: _Worker, batches: tuple[Batch, ...]) -> None:
         if not batches:
             return
+        ledger = self.ledger
         self.manifest_count += 1
-        manifest_id = f"m{self.manifest_count:04d}"
+        manifest_id = f"r{self.run_number:02d}-m{self.manifest_count:05d}"
         manifest = self._manifest(manifest_id, worker, batches)
         path = self.layout.manifest_path(manifest_id)
         write_json_atomic(path, manifest.to_json())
@@ -414,19 +740,19 @@ class _Job:
             ledger.release(manifest_id)
             return
         except WorkerRequestError as exc:
-            self._lose(ledger, worker, f"refused {manifest_id}: {exc}")
+            self._lose(worker, f"refused {manifest_id}: {exc}")
             return
         worker.last_change = asyncio.get_running_loop().time()
         worker.last_status = b""
-        log.info(
+        log.debug(
             "dispatched %s (batches %s) to %s",
             manifest_id,
             ",".join(str(b.id) for b in batches),
             worker.worker_id,
         )
 
-    def _read_status(self, ledger: JobLedger, manifest_id: str, now: float) -> None:
-        worker = self.workers[ledger.manifests[manifest_id]]
+    def _read_status(self, manifest_id: str, now: float) -> None:
+        worker = self.workers[self.ledger.manifests[manifest_id]]
         path = self.layout.status_path(manifest_id)
         try:
             raw = path.read_bytes()
@@ -441,26 +767,23 @@ class _Job:
             return
         worker.last_status = raw
         worker.last_change = now
-        for batch_id in ledger.record_status(status):
-            log.debug("batch %d done by %s", batch_id, worker.worker_id)
+        self.ledger.record_status(status)
         for error in status.errors:
             log.warning("worker %s: %s", worker.worker_id, error)
 
-    def _check_workers(self, ledger: JobLedger, now: float) -> None:
+    def _check_workers(self, now: float) -> None:
         settings = self.settings
         exited = self.pool.exited() if self.pool is not None else {}
         for worker in self._alive():
             if worker.url in exited:
-                self._lose(ledger, worker, f"its process exited with code {exited[worker.url]}")
+                self._lose(worker, f"its process exited with code {exited[worker.url]}")
             elif (
                 worker.unreachable_since is not None
                 and now - worker.unreachable_since > settings.unreachable_after_s
             ):
-                self._lose(ledger, worker, f"/health unreachable for {now - worker.unreachable_since:.0f} s")
-            elif ledger.open_manifests(worker.url) and now - worker.last_change > settings.stale_after_s:
-                self._lose(
-                    ledger, worker, f"its status file did not change for {now - worker.last_change:.0f} s"
-                )
+                self._lose(worker, f"/health unreachable for {now - worker.unreachable_since:.0f} s")
+            elif self.ledger.open_manifests(worker.url) and now - worker.last_change > settings.stale_after_s:
+                self._lose(worker, f"its status file did not change for {now - worker.last_change:.0f} s")
 
     async def _health_round(self) -> None:
         loop = asyncio.get_running_loop()
@@ -473,28 +796,12 @@ class _Job:
                 log.warning("health check of %s failed: %s", worker.worker_id, result)
                 worker.unreachable_since = loop.time()
 
-    def _lose(self, ledger: JobLedger, worker: _Worker, reason: str) -> None:
+    def _lose(self, worker: _Worker, reason: str) -> None:
         worker.alive = False
-        returned = ledger.release_worker(worker.url)
+        returned = self.ledger.release_worker(worker.url)
         log.error(
             "lost worker %s: %s; %d batch(es) go to the others",
             worker.worker_id or worker.url,
             reason,
             len(returned),
         )
-
-    def _missing_outputs(self, ledger: JobLedger) -> dict[int, tuple[str, str]]:
-        """Batches claimed done whose output frames are not all on disk: the files are the truth."""
-        missing: dict[int, tuple[str, str]] = {}
-        output_dir = self.layout.output_dir
-        for batch_id, batch in ledger.batches.items():
-            for frame in batch.frames:
-                name = frame_filename(frame, self.settings.frame_format)
-                if not (output_dir / name).is_file():
-                    claimed_by = ledger.done_by.get(batch_id, "")
-                    missing[batch_id] = (
-                        claimed_by,
-                        f"output frame {name} is missing although the batch was done",
-                    )
-                    break
-        return missing

@@ -91,8 +91,8 @@ def plan_chunks(
     smallest = min(batch_size, frame_count)
     if smallest * per_frame > max_disk:
         raise PlanningError(
-            f"the disk budget of {_size(max_disk)} does not hold even one batch of {smallest} frames "
-            f"({_size(smallest * per_frame)} of input and upscaled frames); "
+            f"the disk budget of {format_size(max_disk)} does not hold even one batch of {smallest} frames "
+            f"({format_size(smallest * per_frame)} of input and upscaled frames); "
             "raise --max-disk or lower --batch-size"
         )
     fitting_batches = max(1, max_disk // (in_flight * per_frame * batch_size))
@@ -110,7 +110,7 @@ def plan_chunks(
     return ChunkPlan(chunks, chunk_frames, input_frame_bytes, output_frame_bytes)
 
 
-def _size(count: int) -> str:
+def format_size(count: int) -> str:
     if count < 1024:
         return f"{count} B"
     value = float(count)

@@ -175,7 +175,10 @@ def test_a_worker_killed_mid_job_loses_its_batches_to_the_other(
                     killed_after = status["batches_done"]
                     break
             time.sleep(0.005)
-        assert killed_after is not None, "the second worker never got part way through its manifest"
+        if killed_after is None:
+            coordinator.kill()
+            _, stderr = coordinator.communicate(timeout=60)
+            raise AssertionError(f"the second worker never got part way through its manifest:\n{stderr}")
         _, stderr = coordinator.communicate(timeout=300)
         assert coordinator.returncode == 0, stderr
         assert "lost worker" in stderr
