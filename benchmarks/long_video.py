@@ -1,0 +1,166 @@
+"""A long video through the whole pipeline: wall time, peak disk, memory of every process over time.
+
+Generates a video (default 2 hours of 160x90 at 30 fps, with audio), writes a tiny seeded model,
+runs ``esrfarm upscale`` on local CPU workers, and samples once a second: the bytes in the job
+directory (frames and segments) and the RSS of the coordinator and of each worker. Prints one JSON
+line; checks the output frame count.
+
+    python benchmarks/long_video.py --minutes 120 --size 160x90 --workers 2 --max-disk 256M
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import orjson
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.model_throughput import commit  # noqa: E402
+from coordinator.ffmpeg import run_ffmpeg  # noqa: E402
+from coordinator.probe import probe  # noqa: E402
+from tests.model_factory import write_tiny_compact  # noqa: E402
+
+
+def rss_bytes(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as handle:
+            return [int(p) for p in handle.read().split()]
+    except OSError:
+        return []
+
+
+def tree_bytes(directory: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(directory):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.stat(os.path.join(root, name)).st_size
+    return total
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--minutes", type=float, default=120.0)
+    parser.add_argument("--size", default="160x90")
+    parser.add_argument("--rate", default="30")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--max-disk", default="256M")
+    parser.add_argument("--frame-format", default="npy", choices=["png", "npy"])
+    parser.add_argument("--scale", default="2")
+    parser.add_argument("--work", type=Path, help="work directory (default: a temporary one)")
+    args = parser.parse_args(argv)
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="esrfarm-long-"))
+    work.mkdir(parents=True, exist_ok=True)
+    source = work / f"long-{args.minutes:g}min.mp4"
+    seconds = args.minutes * 60
+    if not source.exists():
+        started = time.monotonic()
+        run_ffmpeg(
+            [
+                "-y", "-f", "lavfi", "-i", f"testsrc2=size={args.size}:rate={args.rate}:duration={seconds}",
+                "-f", "lavfi", "-i", f"sine=frequency=440:duration={seconds}",
+                "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p",
+                "-c:a", "aac", "-b:a", "32k", str(source),
+            ],
+            action="generating the long test video",
+        )  # fmt: skip
+        sys.stderr.write(f"generated {source} in {time.monotonic() - started:.0f} s\n")
+    frames = probe(source).frame_count
+    model = write_tiny_compact(work / "tiny.pth")
+    root = work / "root"
+    output = work / "out.mp4"
+    command = [
+        sys.executable, "-m", "coordinator.cli", "upscale", str(source), str(output), "--overwrite",
+        "--model", str(model), "--scale", args.scale, "--shared-root", str(root),
+        "--local-workers", str(args.workers), "--worker-arg=--cpu-threads=1", "--max-disk", args.max_disk,
+        "--frame-format", args.frame_format, "--preset", "ultrafast", "-q",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    started = time.monotonic()
+    process = subprocess.Popen(command, env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    samples: list[dict[str, object]] = []
+
+    def sample() -> None:
+        while process.poll() is None:
+            workers = [p for p in children(process.pid) if "worker" in _cmdline(p)]
+            samples.append(
+                {
+                    "t": round(time.monotonic() - started, 1),
+                    "disk": tree_bytes(root / "jobs"),
+                    "coordinator_rss": rss_bytes(process.pid),
+                    "worker_rss": [rss_bytes(p) for p in workers],
+                }
+            )
+            time.sleep(1.0)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, stderr = process.communicate()
+    wall = time.monotonic() - started
+    sampler.join(timeout=5)
+    if process.returncode != 0:
+        sys.stderr.write(stderr)
+        return process.returncode
+    out_frames = probe(output).frame_count
+
+    def rss_at(fraction: float, key: str) -> object:
+        if not samples:
+            return None
+        return samples[min(len(samples) - 1, int(fraction * len(samples)))][key]
+
+    record = {
+        "benchmark": "long_video",
+        "input": f"{args.size} {args.rate} fps, {args.minutes:g} min",
+        "frames": frames,
+        "output_frames": out_frames,
+        "frame_count_ok": out_frames == frames,
+        "workers": args.workers,
+        "max_disk": args.max_disk,
+        "frame_format": args.frame_format,
+        "wall_s": round(wall, 1),
+        "fps": round(frames / wall, 1),
+        "peak_job_dir_bytes": max((int(s["disk"]) for s in samples), default=0),  # type: ignore[call-overload]
+        "coordinator_rss_at_10_50_90_pct": [rss_at(f, "coordinator_rss") for f in (0.1, 0.5, 0.9)],
+        "worker_rss_at_10_50_90_pct": [rss_at(f, "worker_rss") for f in (0.1, 0.5, 0.9)],
+        "peak_coordinator_rss": max((s["coordinator_rss"] or 0 for s in samples), default=0),  # type: ignore[type-var]
+        "peak_worker_rss": max((max(s["worker_rss"] or [0]) for s in samples), default=0),  # type: ignore[type-var,arg-type]
+        "commit": commit(),
+    }
+    sys.stdout.write(orjson.dumps(record).decode() + "\n")
+    (work / "long_video_samples.json").write_bytes(orjson.dumps(samples))
+    return 0 if out_frames == frames else 1
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
