@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import shutil
+import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -252,24 +255,47 @@ async def run_upscale(settings: UpscaleSettings, on_progress: ProgressCallback |
     shared_root = (settings.shared_root or default_shared_root()).resolve()
     shared_root.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    identity = job_identity(settings)
-    log.debug("identified the job in %.1f s", time.monotonic() - started)
+    identity = await asyncio.to_thread(job_identity, settings)
+    log.info("hashed the input in %.1f s", time.monotonic() - started)
     layout = JobLayout(shared_root, job_id_for(settings.input, identity))
-    run = _open_job_dir(layout, identity, settings, info)
-    job = _Job(settings, info, layout, run, on_progress or (lambda _: None))
-    try:
-        await job.run()
-    except BaseException as exc:
-        if isinstance(exc, JobError):
-            raise JobError(exc.message, layout.job_dir) from exc.__cause__
-        if isinstance(exc, Exception):
-            log.error("job %s failed; its files are kept in %s", layout.job_id, layout.job_dir)
-        raise
-    if not settings.keep_frames:
-        shutil.rmtree(layout.job_dir, ignore_errors=True)
-    else:
-        log.info("frames kept in %s", layout.job_dir)
+    with _job_lock(layout):
+        run = _open_job_dir(layout, identity, settings, info)
+        job = _Job(settings, info, layout, run, on_progress or (lambda _: None))
+        try:
+            await job.run()
+        except BaseException as exc:
+            if isinstance(exc, JobError):
+                raise JobError(exc.message, layout.job_dir) from exc.__cause__
+            if isinstance(exc, Exception):
+                log.error("job %s failed; its files are kept in %s", layout.job_id, layout.job_dir)
+            raise
+        if not settings.keep_frames:
+            shutil.rmtree(layout.job_dir, ignore_errors=True)
+        else:
+            log.info("frames kept in %s", layout.job_dir)
     return info
+
+
+@contextlib.contextmanager
+def _job_lock(layout: JobLayout) -> Iterator[None]:
+    """One coordinator per job: a second one started with the same command is refused."""
+    lock_path = layout.shared_root / "jobs" / f".{layout.job_id}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise JobError(f"job {layout.job_id} is being run by {holder} right now") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"esrfarm pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            lock_path.unlink(missing_ok=True)
 
 
 def _open_job_dir(

@@ -117,6 +117,25 @@ def _any(directory: Path, pattern: str) -> bool:
     return directory.is_dir() and any(directory.glob(pattern))
 
 
+def kill_when(args: list[str], root: Path, reached: Callable[[Path], bool], point: str) -> None:
+    """Run the coordinator and SIGKILL it as soon as its job directory shows ``reached``."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and process.poll() is None:
+            job = _job_dir(root)
+            if job is not None and reached(job):
+                process.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.002)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == -signal.SIGKILL, f"the run ended before reaching '{point}'"
+
+
 KILL_POINTS: dict[str, Callable[[Path], bool]] = {
     # the first input frames are being extracted
     "extracting": lambda job: _any(job / "input", "*.png"),
@@ -134,22 +153,7 @@ def test_sigkill_then_the_same_command_gives_the_same_output(
     root = tmp_path / "root"
     output = tmp_path / "out.mkv"
     args = command(clip, output, root, tiny_model, "--scale", "2", "--max-disk", "3M", *LOSSLESS)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=REPO)
-    reached = KILL_POINTS[point]
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and process.poll() is None:
-            job = _job_dir(root)
-            if job is not None and reached(job):
-                process.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.002)
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == -signal.SIGKILL, f"the run ended before reaching '{point}'"
+    kill_when(args, root, KILL_POINTS[point], point)
     assert not output.exists()
 
     again = run(args)
@@ -166,19 +170,7 @@ def test_finished_segments_are_not_upscaled_again(clip: Path, tiny_model: Path, 
     root = tmp_path / "root"
     output = tmp_path / "out.mkv"
     args = command(clip, output, root, tiny_model, "--scale", "2", "--max-disk", "3M", *LOSSLESS)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=REPO)
-    try:
-        while process.poll() is None:
-            job = _job_dir(root)
-            if job is not None and len(list((job / "segments").glob("0*.mp4"))) >= 5:
-                process.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.002)
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    kill_when(args, root, lambda job: len(list((job / "segments").glob("0*.mp4"))) >= 5, "five segments")
     job = _job_dir(root)
     assert job is not None
     kept = sorted(p.name for p in (job / "segments").glob("0*.mp4"))
@@ -223,3 +215,27 @@ def test_changing_only_the_encoder_reuses_kept_frames(
     other_scale = run(command(clip, tmp_path / "x3.mkv", root, tiny_model, "--scale", "3", "--keep-frames"))
     assert other_scale.returncode == 0, other_scale.stderr
     assert len(list(root.glob("jobs/*"))) == 2, "another scale is another job"
+
+
+def test_a_second_coordinator_for_the_same_job_is_refused(
+    clip: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "root"
+    args = command(
+        clip, tmp_path / "out.mkv", root, tiny_model, "--scale", "2", "--max-disk", "3M", *LOSSLESS
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 120
+        while _job_dir(root) is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        second = run([*args[:5], str(tmp_path / "other.mkv"), *args[6:]])
+        assert second.returncode == 1
+        last = second.stderr.strip().splitlines()[-1]
+        assert f"is being run by esrfarm pid {first.pid}" in last, last
+        assert not (tmp_path / "other.mkv").exists()
+        assert first.wait(timeout=300) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
