@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
         help='extra ffmpeg output options, e.g. "-tune animation -x264-params aq-mode=3"',
     )
     enc.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    up.add_argument(
+        "--stats", type=Path, metavar="FILE", help="write stage timings (JSON) here after success"
+    )
     up.add_argument("-q", "--quiet", action="store_true", help="no progress, warnings and errors only")
     up.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub.add_parser("worker", help="run one worker service (see: esrfarm worker --help)", add_help=False)
@@ -220,6 +223,7 @@ def settings_from_args(args: argparse.Namespace) -> UpscaleSettings:
         token=token,
         unreachable_after_s=args.unreachable_timeout,
         health_interval_s=min(2.0, args.unreachable_timeout / 4),
+        stats_file=args.stats,
         stale_after_s=args.stale_timeout,
     )
 

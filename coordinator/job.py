@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -98,6 +99,7 @@ class UpscaleSettings:
     unreachable_after_s: float = 30.0
     stale_after_s: float = 600.0
     request_timeout_s: float = 10.0
+    stats_file: Path | None = None  # where to write stage timings (JSON) after success
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -243,6 +245,7 @@ class _ChunkState:
 
 async def run_upscale(settings: UpscaleSettings, on_progress: ProgressCallback | None = None) -> MediaInfo:
     """Upscale ``settings.input`` into ``settings.output``. Raises :class:`JobError` or a media error."""
+    begun = time.monotonic()
     check_output_path(settings.input, settings.output, settings.overwrite)
     info = probe(settings.input)
     check_encode(
@@ -273,6 +276,10 @@ async def run_upscale(settings: UpscaleSettings, on_progress: ProgressCallback |
             shutil.rmtree(layout.job_dir, ignore_errors=True)
         else:
             log.info("frames kept in %s", layout.job_dir)
+    job.stats["total_s"] = time.monotonic() - begun
+    if settings.stats_file is not None:
+        stats = {key: round(value, 3) for key, value in job.stats.items()}
+        write_json_atomic(settings.stats_file, orjson.dumps({"frames": info.frame_count, **stats}))
     return info
 
 
@@ -354,13 +361,19 @@ class _Job:
         self.ledger = JobLedger.for_batches([])
         self.plan: ChunkPlan | None = None
         self.states: list[_ChunkState] = []
+        # Stage timings in seconds, for --stats: wall times of the stages, summed encoder time,
+        # and idle worker-seconds (a live worker without work while the job was not done).
+        self.stats: dict[str, float] = {"segment_encode_s": 0.0, "worker_idle_s": 0.0}
+        self._stats_lock = threading.Lock()
         self.budget = _DiskBudget(float("inf"))
         self.frames_before = 0  # frames in segments finished by earlier runs
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.started = time.monotonic()
 
     async def run(self) -> None:
         settings = self.settings
         self.loop = asyncio.get_running_loop()
+        self.started = time.monotonic()
         encoders = settings.encoders or max(1, min(4, (os.cpu_count() or 1) // 4))
         executor = concurrent.futures.ThreadPoolExecutor(max_workers=encoders, thread_name_prefix="segment")
         try:
@@ -372,10 +385,12 @@ class _Job:
                         self._plan()
                         extraction = asyncio.create_task(asyncio.to_thread(self._extract))
                     urls = await start
+                    self.stats["workers_started_s"] = time.monotonic() - self.started
                     for url in urls:
                         client = WorkerClient(url, session, settings.token, settings.request_timeout_s)
                         self.workers[url] = _Worker(url, client)
                     await self._wait_healthy()
+                    self.stats["workers_ready_s"] = time.monotonic() - self.started
                     if extraction is None:
                         self._plan()
                         extraction = asyncio.create_task(asyncio.to_thread(self._extract))
@@ -530,6 +545,7 @@ class _Job:
             )
         except _Stopped:
             return
+        self.stats["extract_s"] = time.monotonic() - started
         log.info("extracted %d frames in %.1f s", total, time.monotonic() - started)
 
     def _frame_extracted(self, index: int) -> None:
@@ -607,9 +623,13 @@ class _Job:
         started = loop.time()
         next_health = loop.time() + settings.health_interval_s
         health: asyncio.Task[None] | None = None  # runs beside the loop: a hung host must not stall it
+        last = loop.time()
         try:
             while True:
                 now = loop.time()
+                idle = sum(1 for w in self._alive() if not ledger.open_manifests(w.url))
+                self.stats["worker_idle_s"] += idle * (now - last)
+                last = now
                 if extraction.done() and extraction.exception() is not None:
                     extraction.result()  # raises the extraction error
                 for state in self.states:
@@ -685,7 +705,7 @@ class _Job:
             self.budget.release(state.holds_input)
             state.holds_input = 0
             state.encoding = executor.submit(
-                encode_segment,
+                self._encode_segment,
                 self.info,
                 self.layout.output_dir,
                 state.chunk.first,
@@ -694,6 +714,14 @@ class _Job:
                 settings=self.settings.encode,
                 frame_format=self.settings.frame_format,
             )
+
+    def _encode_segment(self, *args: Any, **kwargs: Any) -> Path:
+        started = time.monotonic()
+        try:
+            return encode_segment(*args, **kwargs)
+        finally:
+            with self._stats_lock:
+                self.stats["segment_encode_s"] += time.monotonic() - started
 
     def _collect_segments(self) -> None:
         for state in self.states:
@@ -716,6 +744,7 @@ class _Job:
         count = self.info.frame_count
         self.on_progress(JobProgress("join", 0, count, 0.0, None))
         started = time.monotonic()
+        self.stats["pipeline_done_s"] = started - self.started
         join_segments(
             self.info,
             [self._segment_path(chunk) for chunk in self.plan.chunks],
@@ -723,6 +752,7 @@ class _Job:
             settings=self.settings.encode,
             overwrite=self.settings.overwrite,
         )
+        self.stats["join_s"] = time.monotonic() - started
         log.info(
             "joined %d segment(s) into %s in %.1f s",
             len(self.plan.chunks),

@@ -256,6 +256,23 @@ def test_bad_inputs_fail_with_one_line_and_no_output(clip_dir: Path, tmp_path: P
     assert after == before, "nothing written, nothing changed"
 
 
+def test_stats_file_holds_the_stage_timings(
+    clip_dir: Path, tmp_path: Path, farm: list[WorkerProcess], farm_root: Path, tiny_model: Path
+) -> None:
+    source = clips.video(clip_dir / "stats.mp4", frames=20)
+    stats_file = tmp_path / "stats.json"
+    result = esrfarm(
+        "upscale", source, tmp_path / "out.mp4", "--model", tiny_model,
+        "--workers", ",".join(w.url for w in farm), "--shared-root", farm_root, "--stats", stats_file, *FAST,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    stats = orjson.loads(stats_file.read_bytes())
+    assert stats["frames"] == 20
+    for key in ("extract_s", "segment_encode_s", "join_s", "workers_ready_s", "pipeline_done_s", "total_s"):
+        assert 0 <= stats[key] <= stats["total_s"], key
+    assert stats["workers_ready_s"] <= stats["pipeline_done_s"] and stats["worker_idle_s"] >= 0
+
+
 def test_help_explains_the_command() -> None:
     result = esrfarm("upscale", "--help")
     assert result.returncode == 0

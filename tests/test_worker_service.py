@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,6 +63,28 @@ def post_manifest(worker: WorkerProcess, path: str) -> dict[str, object]:
 
 
 # -- health, status, metrics ---------------------------------------------------------------------
+
+
+def test_simulated_latency_worker_for_benchmarks(shared_root: Path, tmp_path: Path) -> None:
+    """--simulate-latency-ms: no model, each frame takes that long and is upscaled by repeating pixels."""
+    worker = start_worker(shared_root, Path("simulated"), tmp_path, args=["--simulate-latency-ms", "20"])
+    try:
+        health = worker.get("/health").json()
+        assert (health["model"], health["precision"], health["device"]) == (
+            "simulated",
+            "simulated",
+            "simulated",
+        )
+        job = new_job(shared_root, 10, seed=4)
+        manifest = job.manifest("sim", "simulated", batches(job), scale=2.0)
+        started = time.monotonic()
+        post_manifest(worker, job.write_manifest(manifest))
+        assert worker.wait_final("sim", job.layout.job_id)["state"] == "completed"
+        assert time.monotonic() - started >= 10 * 0.020
+        frame = job.frames[3]
+        assert np.array_equal(read_frame(job.output_path(3)), frame.repeat(2, axis=0).repeat(2, axis=1))
+    finally:
+        worker.stop()
 
 
 def test_health_reports_the_model_and_device(idle_worker: WorkerProcess, tiny_model: Path) -> None:

@@ -103,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-request-bytes", type=int, default=64 * 1024, help="largest request body accepted"
     )
     parser.add_argument(
+        "--simulate-latency-ms",
+        type=float,
+        metavar="MS",
+        help="benchmarks only: load no model; every frame takes MS milliseconds and is upscaled by "
+        "repeating pixels (shows whether the coordinator keeps many workers busy)",
+    )
+    parser.add_argument(
         "--log-level", default=env.get("ESRFARM_LOG_LEVEL", "INFO"), help="default %(default)s"
     )
     return parser
@@ -128,6 +135,7 @@ def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
         port_file=args.port_file,
         warmup=not args.no_warmup,
         warmup_size=args.warmup_size,
+        simulate_latency_ms=args.simulate_latency_ms,
         max_request_bytes=args.max_request_bytes,
         io_threads=args.io_threads,
         fsync_frames=not args.no_fsync,

@@ -72,6 +72,11 @@ class RequestError(Exception):
 
 def load_runtime_model(settings: WorkerSettings) -> Upscaler:
     """The real loader: the runtime (torch, spandrel) is imported only here."""
+    if settings.simulate_latency_ms is not None:
+        from worker.benchmarking import SimulatedUpscaler
+
+        scale = settings.scale or 4.0
+        return SimulatedUpscaler(settings.model, settings.simulate_latency_ms / 1000, scale=scale)
     from worker.runtime import RuntimeSettings, load_upscaler
 
     runtime = RuntimeSettings(

@@ -41,6 +41,7 @@ class WorkerSettings:
     fsync_frames: bool = True  # fsync each output frame before its batch is claimed as done
     shutdown_timeout_s: float = 90.0  # on SIGTERM, how long the current batch may take to finish
     reset_timeout_s: float = 60.0  # how long POST /reset waits for the batch in flight
+    simulate_latency_ms: float | None = None  # benchmarks only: no model, a fixed latency per frame
 
     def __post_init__(self) -> None:
         if not self.shared_root.is_dir():
@@ -61,6 +62,8 @@ class WorkerSettings:
         for name in ("warmup_size", "max_request_bytes", "io_threads"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.simulate_latency_ms is not None and self.simulate_latency_ms < 0:
+            raise SettingsError(f"--simulate-latency-ms must be 0 or more, not {self.simulate_latency_ms}")
         for name in ("shutdown_timeout_s", "reset_timeout_s"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be above 0, not {getattr(self, name)}")

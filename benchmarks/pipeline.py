@@ -1,0 +1,210 @@
+"""End-to-end efficiency: is the model the only bottleneck? And how much faster than the naive way?
+
+In one run, on the same input, model and worker count:
+
+(a) model only: the runtime upscales the decoded frames one call per frame, in this process;
+(b) ``esrfarm upscale`` end to end, against workers already running (as under systemd), with
+    stage timings from the coordinator (``--stats``) and from the workers (``/metrics``);
+(c) the naive way (the original design): ffmpeg extracts every frame to PNG with default settings,
+    the frames are upscaled one by one and written as PNG, ffmpeg encodes the PNGs.
+
+efficiency = time(a) / time(b); speed-up = time(c) / time(b). Prints one JSON line.
+
+    python benchmarks/pipeline.py ../shared/media/bigbuckbunny.mp4 --size 320x180 --scale 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import orjson
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.model_throughput import commit  # noqa: E402
+from coordinator.extract import decode_frames  # noqa: E402
+from coordinator.ffmpeg import run_ffmpeg  # noqa: E402
+from coordinator.probe import probe  # noqa: E402
+from worker.runtime import RuntimeSettings, load_upscaler  # noqa: E402
+
+
+def start_workers(
+    count: int, root: Path, model: str, extra: list[str], logs: Path
+) -> list[subprocess.Popen[bytes]]:
+    processes = []
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for index in range(count):
+        port_file = logs / f"worker-{index}.json"
+        port_file.unlink(missing_ok=True)
+        command = [
+            sys.executable, "-m", "worker", "--shared-root", str(root), "--model", model,
+            "--port", "0", "--port-file", str(port_file), "--worker-id", f"bench-{index}", *extra,
+        ]  # fmt: skip
+        with (logs / f"worker-{index}.log").open("wb") as log:
+            processes.append(subprocess.Popen(command, stdout=log, stderr=log, env=env, cwd=REPO))
+    return processes
+
+
+def wait_ready(logs: Path, count: int, timeout_s: float = 600) -> list[str]:
+    deadline = time.monotonic() + timeout_s
+    urls: list[str] = []
+    for index in range(count):
+        port_file = logs / f"worker-{index}.json"
+        while True:
+            if port_file.exists():
+                url = str(orjson.loads(port_file.read_bytes())["url"])
+                try:
+                    with urllib.request.urlopen(url + "/health", timeout=5) as response:
+                        if response.status == 200:
+                            urls.append(url)
+                            break
+                except OSError:
+                    pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"worker {index} not ready; see {logs}")
+            time.sleep(0.2)
+    return urls
+
+
+def metric_sums(url: str) -> dict[str, float]:
+    """Per-stage seconds a worker spent, from its Prometheus histogram sums."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    sums: dict[str, float] = {}
+    for match in re.finditer(
+        r'^esrfarm_worker_batch_seconds_sum\{stage="(\w+)"\} (\S+)$', text, re.MULTILINE
+    ):
+        sums[match.group(1)] = float(match.group(2))
+    return sums
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("video")
+    parser.add_argument("--size", default="320x180", help="resize the input to this first (WxH), or 'keep'")
+    parser.add_argument("--scale", type=float, default=2.0)
+    parser.add_argument("--model", default="realesr-animevideov3")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--worker-args", default="", help="extra worker flags, e.g. '--precision fp16'")
+    parser.add_argument("--codec", default="libx264")
+    parser.add_argument("--preset", default="medium")
+    parser.add_argument("--frame-format", default="png", choices=["png", "npy"])
+    parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--work", type=Path)
+    args = parser.parse_args(argv)
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="esrfarm-pipeline-"))
+    work.mkdir(parents=True, exist_ok=True)
+    source = Path(args.video)
+    if args.size != "keep":
+        width, height = args.size.split("x")
+        resized = work / f"input-{args.size}.mp4"
+        run_ffmpeg(
+            ["-y", "-i", str(source), "-vf", f"scale={width}:{height}", "-c:v", "libx264", "-crf", "16",
+             "-c:a", "copy", str(resized)],
+            action="resizing the benchmark input",
+        )  # fmt: skip
+        source = resized
+    info = probe(source)
+    frames = list(decode_frames(info))
+    count = len(frames)
+
+    # (a) model only, in this process, one frame per call (the CPU default of the worker).
+    upscaler = load_upscaler(args.model, RuntimeSettings(), allow_download=False)
+    upscaler.warmup(info.video.height, info.video.width)
+    started = time.perf_counter()
+    for frame in frames:
+        upscaler.upscale(frame[None], args.scale)
+    model_s = time.perf_counter() - started
+    device = upscaler.device_name
+    del upscaler
+
+    # (b) esrfarm upscale against running workers.
+    root = work / "root"
+    logs = work / "logs"
+    root.mkdir(exist_ok=True)
+    logs.mkdir(exist_ok=True)
+    workers = start_workers(args.workers, root, args.model, args.worker_args.split(), logs)
+    try:
+        urls = wait_ready(logs, args.workers)
+        output = work / "esrfarm.mp4"
+        stats_file = work / "stats.json"
+        command = [
+            sys.executable, "-m", "coordinator.cli", "upscale", str(source), str(output), "--overwrite",
+            "--model", args.model, "--scale", f"{args.scale:g}", "--workers", ",".join(urls),
+            "--shared-root", str(root), "--codec", args.codec, "--preset", args.preset,
+            "--frame-format", args.frame_format, "--stats", str(stats_file), "-q",
+        ]  # fmt: skip
+        started = time.perf_counter()
+        subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
+        esrfarm_s = time.perf_counter() - started
+        worker_stages = [metric_sums(url) for url in urls]
+    finally:
+        for process in workers:
+            process.terminate()
+        for process in workers:
+            process.wait(timeout=120)
+    stats = orjson.loads(stats_file.read_bytes())
+    assert probe(output).frame_count == count
+
+    # (c) the naive way.
+    naive_s = None
+    if not args.skip_naive:
+        naive = work / "naive"
+        (naive / "in").mkdir(parents=True, exist_ok=True)
+        (naive / "out").mkdir(exist_ok=True)
+        started = time.perf_counter()
+        run_ffmpeg(["-y", "-i", str(source), str(naive / "in" / "%08d.png")], action="naive extraction")
+        upscaler = load_upscaler(args.model, RuntimeSettings(), allow_download=False)
+        for path in sorted((naive / "in").glob("*.png")):
+            frame = np.asarray(Image.open(path).convert("RGB"))
+            Image.fromarray(upscaler.upscale(frame[None], args.scale)[0]).save(naive / "out" / path.name)
+        run_ffmpeg(
+            ["-y", "-framerate", info.video.frame_rate_str, "-i", str(naive / "out" / "%08d.png"),
+             "-i", str(source), "-map", "0:v", "-map", "1:a?", "-c:a", "copy", "-c:v", args.codec,
+             "-preset", args.preset, "-pix_fmt", "yuv420p", str(naive / "naive.mp4")],
+            action="naive encode",
+        )  # fmt: skip
+        naive_s = time.perf_counter() - started
+
+    sums = {
+        stage: round(sum(w.get(stage, 0.0) for w in worker_stages), 2)
+        for stage in ("read", "compute", "write")
+    }
+    record = {
+        "benchmark": "pipeline",
+        "input": f"{info.video.width}x{info.video.height}, {count} frames",
+        "scale": args.scale,
+        "model": args.model,
+        "device": device,
+        "workers": args.workers,
+        "frame_format": args.frame_format,
+        "codec": f"{args.codec} {args.preset}",
+        "model_only_s": round(model_s, 2),
+        "esrfarm_s": round(esrfarm_s, 2),
+        "efficiency": round(model_s / esrfarm_s, 3),
+        "naive_s": round(naive_s, 2) if naive_s else None,
+        "speedup_over_naive": round(naive_s / esrfarm_s, 2) if naive_s else None,
+        "coordinator_stages_s": stats,
+        "worker_stages_s": sums,
+        "commit": commit(),
+    }
+    sys.stdout.write(orjson.dumps(record).decode() + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
