@@ -93,7 +93,7 @@ class UpscaleSettings:
     overwrite: bool = False
     keep_frames: bool = False
     token: str | None = field(default=None, repr=False)
-    poll_interval_s: float = 0.1
+    poll_interval_s: float = 0.02
     health_interval_s: float = 2.0
     startup_timeout_s: float = 600.0  # local workers: model load and warm-up
     unreachable_after_s: float = 30.0
@@ -234,8 +234,9 @@ class _ChunkState:
     done_on_disk: set[int] = field(default_factory=set)  # batch ids whose outputs were found
     extract: bool = False  # its input frames must be extracted
     extracted: bool = False
-    frames_extracted: int = 0
-    dispatched: bool = False  # its batches are in the ledger
+    frames_extracted: dict[int, int] = field(default_factory=dict)  # batch id -> frames on disk
+    added: set[int] = field(default_factory=set)  # batch ids handed to the ledger
+    dispatched: bool = False  # all its batches are in the ledger
     upscaled: bool = False
     encoding: concurrent.futures.Future[Path] | None = None
     encoded: bool = False
@@ -549,12 +550,23 @@ class _Job:
         log.info("extracted %d frames in %.1f s", total, time.monotonic() - started)
 
     def _frame_extracted(self, index: int) -> None:
-        """On the loop: frame ``index`` is on disk (or was not needed)."""
+        """On the loop: frame ``index`` is on disk (or was not needed). A batch whose frames are all
+        there goes to the ledger at once, so workers start before the whole chunk is extracted."""
         assert self.plan is not None
         state = self.states[self.plan.chunk_of(index).index]
-        state.frames_extracted += 1
-        if state.frames_extracted == state.chunk.count:
-            state.extracted = True
+        if not state.extract:  # encoded or upscaled by an earlier run: its frames were skipped
+            return
+        batch = state.batches[(index - state.chunk.first) // self.settings.batch_size]
+        done = state.frames_extracted.get(batch.id, 0) + 1
+        state.frames_extracted[batch.id] = done
+        if done == len(batch):
+            self._add_batches(state, [batch])
+
+    def _add_batches(self, state: _ChunkState, batches: list[Batch]) -> None:
+        self.ledger.add(batches, done=[b.id for b in batches if b.id in state.done_on_disk])
+        state.added.update(b.id for b in batches)
+        if len(state.added) == len(state.batches):
+            state.extracted = state.dispatched = True
 
     async def _wait_healthy(self) -> None:
         """Keep the workers that answer /health with the right model; fail if none does.
@@ -634,8 +646,7 @@ class _Job:
                     extraction.result()  # raises the extraction error
                 for state in self.states:
                     if state.extracted and not state.dispatched and not state.encoded:
-                        ledger.add(state.batches, done=state.done_on_disk)
-                        state.dispatched = True
+                        self._add_batches(state, list(state.batches))  # found upscaled on disk
                 for manifest_id in ledger.open_manifests():
                     self._read_status(manifest_id, now)
                 self._check_workers(now)
