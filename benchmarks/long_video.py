@@ -111,6 +111,11 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "t": round(time.monotonic() - started, 1),
                     "disk": tree_bytes(root / "jobs"),
+                    "frame_data": sum(
+                        tree_bytes(job / sub)
+                        for job in (root / "jobs").glob("*")
+                        for sub in ("input", "output")
+                    ),
                     "coordinator_rss": rss_bytes(process.pid),
                     "worker_rss": [rss_bytes(p) for p in workers],
                 }
@@ -144,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": round(wall, 1),
         "fps": round(frames / wall, 1),
         "peak_job_dir_bytes": max((int(s["disk"]) for s in samples), default=0),  # type: ignore[call-overload]
+        "peak_frame_data_bytes": max((int(s["frame_data"]) for s in samples), default=0),  # type: ignore[call-overload]
         "coordinator_rss_at_10_50_90_pct": [rss_at(f, "coordinator_rss") for f in (0.1, 0.5, 0.9)],
         "worker_rss_at_10_50_90_pct": [rss_at(f, "worker_rss") for f in (0.1, 0.5, 0.9)],
         "peak_coordinator_rss": max((s["coordinator_rss"] or 0 for s in samples), default=0),  # type: ignore[type-var]
