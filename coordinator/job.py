@@ -567,6 +567,8 @@ class _Job:
         state.added.update(b.id for b in batches)
         if len(state.added) == len(state.batches):
             state.extracted = state.dispatched = True
+            state.added.clear()  # per-batch bookkeeping is done: a long job must not keep it
+            state.frames_extracted.clear()
 
     async def _wait_healthy(self) -> None:
         """Keep the workers that answer /health with the right model; fail if none does.
@@ -742,6 +744,7 @@ class _Job:
             state.encoding = None
             state.encoded = True
             self.ledger.forget(b.id for b in state.batches)
+            state.batches = ()
             if not self.settings.keep_frames:
                 self._remove_frames(state.chunk, self.layout.output_dir)
             self.budget.release(state.holds_output)
