@@ -280,7 +280,10 @@ async def run_upscale(settings: UpscaleSettings, on_progress: ProgressCallback |
     job.stats["total_s"] = time.monotonic() - begun
     if settings.stats_file is not None:
         stats = {key: round(value, 3) for key, value in job.stats.items()}
-        write_json_atomic(settings.stats_file, orjson.dumps({"frames": info.frame_count, **stats}))
+        try:
+            write_json_atomic(settings.stats_file, orjson.dumps({"frames": info.frame_count, **stats}))
+        except OSError as exc:  # the video is written; a stats file that cannot be is only a warning
+            log.warning("could not write the stats file %s: %s", settings.stats_file, exc)
     return info
 
 
