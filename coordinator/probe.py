@@ -349,7 +349,11 @@ def _decode_check(source: Path, stream_index: int, limit: int | None) -> _Decode
         try:
             with av.open(str(source)) as container:
                 stream: Any = container.streams[stream_index]
-                stream.thread_type = "AUTO"
+                # One decoding thread: with FFmpeg's frame threads, closing the decoder early joins
+                # threads that may be logging into PyAV's capture, which needs the GIL this thread
+                # holds: a deadlock (seen here, in avcodec_free_context). The probe decodes a few
+                # frames; extraction decodes with the ffmpeg binary, threaded.
+                stream.codec_context.thread_count = 1
                 frame: Any
                 for frame in container.decode(stream):
                     if decoded.count == 0:
