@@ -225,6 +225,11 @@ class EncodeSettings:
                 f"{self.codec} can't be written to a {container} file; use {' or '.join(fits)}"
             )
 
+    def check_available(self) -> None:
+        """Raise :class:`EncodeSettingsError` if the ffmpeg in use has no encoder of this codec."""
+        if self.codec not in available_encoders():
+            raise EncodeSettingsError(f"this ffmpeg has no {self.codec} encoder")
+
     def check_frame_size(self, width: int, height: int) -> None:
         """Raise :class:`EncodeSettingsError` if the pixel format can't hold ``width`` x ``height``."""
         pix_fmt = self.effective_pix_fmt
@@ -437,8 +442,7 @@ def check_encode(
     cannot hold fails at once. Returns the container format name.
     """
     container = output_container(info, output, settings, overwrite=overwrite)
-    if settings.codec not in available_encoders():
-        raise EncodeSettingsError(f"this ffmpeg has no {settings.codec} encoder")
+    settings.check_available()
     if size is not None:
         settings.check_frame_size(*size)
     return container

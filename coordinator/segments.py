@@ -63,8 +63,8 @@ from coordinator.encode import (
     part_path,
     run_frame_encoder,
 )
-from coordinator.errors import EncodeSettingsError, MediaError, OutputPathError, SegmentError
-from coordinator.ffmpeg import FFmpegProcess, available_encoders
+from coordinator.errors import MediaError, OutputPathError, SegmentError
+from coordinator.ffmpeg import FFmpegProcess
 from coordinator.probe import MediaInfo
 from manifests.layout import FrameFormat
 
@@ -111,8 +111,7 @@ def encode_segment(
         raise ValueError(f"frames {first_frame}..{first_frame + count - 1} are not within 1..{total}")
     if not target.parent.is_dir():
         raise OutputPathError(target, f"cannot be written: directory {target.parent} does not exist")
-    if settings.codec not in available_encoders():
-        raise EncodeSettingsError(f"this ffmpeg has no {settings.codec} encoder")
+    settings.check_available()
     paths = frame_paths(directory, first_frame, count, frame_format)
     height, width = _read(paths[0], first_frame, frame_format, directory).shape[:2]
     settings.check_frame_size(width, height)
