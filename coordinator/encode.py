@@ -1,11 +1,14 @@
-"""Turn a directory of output frames into the output video in one encoder pass.
+"""Encoder settings and the building blocks of the encode that :mod:`coordinator.segments` runs.
 
 ::
 
     frames (PNG / .npy) --read, in order--> PyAV NUT muxer (rawvideo rgb24, exact pts) --pipe-->
-    ffmpeg -f nut -i pipe:0 -i <source>: video encoded once; audio copied; subtitles copied or
-    converted; chapters, metadata, colour tags, rotation and SAR carried over --> temp file -->
-    checked (frame count) --> renamed to the output path
+    ffmpeg -f nut -i pipe:0 (run_frame_encoder) --> temp file --> checked (packet count) --> renamed
+
+This module owns :class:`EncodeSettings` (codecs, quality, presets, pixel formats, and the checks
+that fail a job up front: :func:`check_encode`), reading frame files, feeding them to ffmpeg, and
+the pieces of the ffmpeg command line: the timing and colour of the video encode (used by every
+segment) and the carry-over from the source (used once, by the join).
 
 Timing: a CFR source is fed with time base ``1/rate`` and pts ``0, 1, 2...`` (so ``30000/1001``
 stays ``30000/1001``); a VFR source with its own time base and per-frame pts. Either way ffmpeg
@@ -18,9 +21,12 @@ one extraction used) and the output is tagged with them plus the source's primar
 RGB pixel formats (``gbrp``, ``bgr0``, ``rgb24``) skip the conversion: with ``ffv1`` + ``gbrp``
 (:meth:`EncodeSettings.lossless`) decoded output frames equal the frames given, bit for bit.
 
-Nothing half-written ever has the output's name: ffmpeg writes ``.<name>.<pid>.<token>.part`` in
-the output's directory; it is renamed only after ffmpeg succeeded and the video packet count
-matched, and deleted on any failure.
+Carried over from the source: audio (copied), subtitles (copied or converted), attachments,
+chapters, metadata, rotation and SAR.
+
+Nothing half-written ever has a final name (:func:`atomic_output`): ffmpeg writes
+``.<name>.<pid>.<token>.part`` in the target's directory; it is renamed only after ffmpeg succeeded
+and the video packet count matched, and deleted on any failure.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import os
 import secrets
 import subprocess
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -50,9 +56,6 @@ from coordinator.probe import CONTAINER_FORMATS, MediaInfo, SubtitleInfo, check_
 from manifests.layout import FrameFormat, frame_filename
 
 log = logging.getLogger(__name__)
-
-ProgressCallback = Callable[[int], None]
-"""Called as ``progress(done)`` (frames handed to the encoder so far) from the calling thread."""
 
 X264_PRESETS = frozenset(
     [
@@ -396,22 +399,6 @@ def _container_args(settings: EncodeSettings, container: str, target: Path) -> l
     return [*args, "-f", container, str(target)]
 
 
-def _ffmpeg_encode_args(
-    info: MediaInfo,
-    settings: EncodeSettings,
-    container: str,
-    target: Path,
-    timing: _Timing,
-) -> list[str]:
-    """The ffmpeg arguments of the encode: NUT frames on stdin (input 0), the source (input 1)."""
-    return [
-        *_input_args(info, timing, ["-f", "nut", "-i", "pipe:0"]),
-        *_carry_over_args(info, container),
-        *_video_encode_args(info, settings, timing),
-        *_container_args(settings, container, target),
-    ]
-
-
 def _ratio(value: Fraction) -> str:
     return f"{value.numerator}/{value.denominator}"
 
@@ -435,7 +422,7 @@ def check_encode(
     overwrite: bool,
     size: tuple[int, int] | None = None,
 ) -> str:
-    """Everything that would stop :func:`encode_video` before it starts, checked up front.
+    """Everything that would stop the encode (segments, then their join) before it starts, up front.
 
     The coordinator calls this before any frame is upscaled, so a bad output path, a codec the
     container or this ffmpeg cannot take, or an output ``size`` (width, height) the pixel format
@@ -446,51 +433,6 @@ def check_encode(
     if size is not None:
         settings.check_frame_size(*size)
     return container
-
-
-def encode_video(
-    info: MediaInfo,
-    frames_dir: str | Path,
-    output: str | Path,
-    *,
-    settings: EncodeSettings | None = None,
-    frame_format: FrameFormat = FrameFormat.PNG,
-    overwrite: bool = False,
-    threads: int | None = None,
-    progress: ProgressCallback | None = None,
-) -> Path:
-    """Encode ``frames_dir``'s frames 1..N (``N = info.video.frame_count``) into ``output``.
-
-    ``info`` is the probe of the source: it gives the timing, colour, rotation and the streams
-    carried over. The frames must all have one size (any size: the upscaled one). ``threads``
-    frame readers run ahead of the encoder (default: CPU count, at most 4); ``progress(done)``
-    is called after each frame is handed to ffmpeg.
-
-    Raises :class:`OutputPathError` (bad output path), :class:`EncodeSettingsError`,
-    :class:`FramesError` (a frame missing, unreadable or of another size: names it),
-    :class:`FFmpegError`. On any failure no output file and no temporary file is left.
-    Returns the output path.
-    """
-    settings = settings or EncodeSettings()
-    target = Path(output)
-    directory = Path(frames_dir)
-    count = info.video.frame_count
-    paths = frame_paths(directory, 1, count, frame_format)
-    extra = directory / frame_filename(count + 1, frame_format)
-    if extra.exists():
-        raise FramesError(directory, f"holds {extra.name}, but the input has only {count} frames")
-    first = _read(paths[0], 1, frame_format, directory)
-    height, width = first.shape[:2]
-    container = check_encode(info, target, settings, overwrite=overwrite, size=(width, height))
-    timing = _timing(info)
-    log.info("encoding %d frames (%dx%d) into %s with %s", len(paths), width, height, target, settings.codec)
-    with atomic_output(target) as tmp:
-        args = _ffmpeg_encode_args(info, settings, container, tmp, timing)
-        feed = FrameFeed(paths, frame_format, directory, (width, height), timing, threads=threads)
-        run_frame_encoder(args, f"encoding {target}", feed, progress)
-        check_packet_count(tmp, target, len(paths))
-    log.info("wrote %s", target)
-    return target
 
 
 def part_path(target: Path, tag: str = "") -> Path:
@@ -529,16 +471,14 @@ class FrameFeed:
     threads: int | None = None
 
 
-def run_frame_encoder(
-    args: Sequence[str], action: str, feed: FrameFeed, progress: ProgressCallback | None = None
-) -> None:
+def run_frame_encoder(args: Sequence[str], action: str, feed: FrameFeed) -> None:
     """Run ffmpeg with ``args`` (NUT frames on stdin as input 0) and feed it ``feed``'s frames.
 
     Raises :class:`FramesError` for a bad frame, :class:`FFmpegError` when ffmpeg fails.
     """
     with FFmpegProcess(args, action=action, stdin=True) as ffmpeg:
         try:
-            _feed(ffmpeg, feed, progress)
+            _feed(ffmpeg, feed)
         except (OSError, av.error.FFmpegError) as exc:
             # ffmpeg stopped reading its stdin; its own error says why.
             try:
@@ -598,7 +538,7 @@ def _read_ahead(
                 future.cancel()
 
 
-def _feed(ffmpeg: FFmpegProcess, feed: FrameFeed, progress: ProgressCallback | None) -> None:
+def _feed(ffmpeg: FFmpegProcess, feed: FrameFeed) -> None:
     """Mux every frame, with its pts, as rawvideo rgb24 into NUT on ffmpeg's stdin."""
     width, height = feed.size
     timing = feed.timing
@@ -625,8 +565,6 @@ def _feed(ffmpeg: FFmpegProcess, feed: FrameFeed, progress: ProgressCallback | N
             frame.time_base = timing.time_base
             for packet in stream.encode(frame):
                 muxer.mux(packet)
-            if progress is not None:
-                progress(index)
         for packet in stream.encode(None):
             muxer.mux(packet)
     finally:
@@ -658,7 +596,6 @@ __all__ = [
     "CODECS",
     "CodecSpec",
     "EncodeSettings",
-    "encode_video",
     "read_frame",
     "subtitle_codec_for",
 ]

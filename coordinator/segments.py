@@ -5,7 +5,7 @@
     frames a..b --(encode_segment, one ffmpeg per segment, several in parallel)--> seg-0001.mp4 ...
     segments, in order --(join_segments: packets copied, exact timestamps)--> .video.part (MP4)
     .video.part + source --ffmpeg: -c:v copy; audio, subtitles, chapters, metadata, rotation, colour
-    tags carried over once from the source, as encode_video does--> temp file --> checked --> output
+    tags carried over once from the source--> temp file --> checked --> output
 
 Segment container: MP4 (non-fragmented, video only). It stores every packet's pts *and* dts
 exactly, in a track timescale taken from the encoder time base (``1001/30000`` -> 30000, VFR
@@ -96,13 +96,14 @@ def encode_segment(
 ) -> Path:
     """Encode frames ``first_frame .. first_frame + count - 1`` (1-based) into one video-only segment.
 
-    The frames keep the timestamps they have in the source (``info``), and are converted and tagged
-    as :func:`~coordinator.encode.encode_video` does. ``threads`` frame readers run ahead of the
-    encoder; ``encoder_threads`` caps the encoder's own threads (``-threads``; useful when several
-    segments are encoded at once). An existing file at ``segment_path`` (say, a damaged segment of
-    an earlier run) is replaced. Written under a temporary name, checked (``count`` packets) and
-    renamed; on failure nothing is left and :class:`FramesError`, :class:`FFmpegError`,
-    :class:`EncodeSettingsError` or :class:`MediaError` is raised. Returns ``segment_path``.
+    The frames keep the timestamps they have in the source (``info``), and are converted with the
+    source's matrix and range and tagged with its colour and SAR (see :mod:`coordinator.encode`).
+    ``threads`` frame readers run ahead of the encoder; ``encoder_threads`` caps the encoder's own
+    threads (``-threads``; useful when several segments are encoded at once). An existing file at
+    ``segment_path`` (say, a damaged segment of an earlier run) is replaced. Written under a
+    temporary name, checked (``count`` packets) and renamed; on failure nothing is left and
+    :class:`FramesError`, :class:`FFmpegError`, :class:`EncodeSettingsError` or
+    :class:`MediaError` is raised. Returns ``segment_path``.
     """
     target = Path(segment_path)
     directory = Path(frames_dir)
@@ -280,9 +281,9 @@ def join_segments(
     overwrite: bool = False,
 ) -> Path:
     """Join ``segments`` (in order, covering frames 1..N of ``info``) into ``output``, without
-    re-encoding, and carry over once from the source what :func:`~coordinator.encode.encode_video`
-    carries: audio (copied), subtitles, attachments, chapters, metadata, rotation, SAR, colour
-    tags, ``hvc1`` for HEVC in MP4/MOV. ``settings`` are the ones the segments were encoded with.
+    re-encoding, and carry over once from the source: audio (copied), subtitles, attachments,
+    chapters, metadata, rotation, SAR, colour tags, ``hvc1`` for HEVC in MP4/MOV. ``settings`` are
+    the ones the segments were encoded with.
 
     Raises :class:`SegmentError` (a segment missing, damaged, out of place or encoded otherwise),
     :class:`MediaError` (the segments don't add up to the video), :class:`OutputPathError`,
