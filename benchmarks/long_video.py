@@ -137,6 +137,28 @@ def main(argv: list[str] | None = None) -> int:
             return None
         return samples[min(len(samples) - 1, int(fraction * len(samples)))][key]
 
+    def growth_per_frame(key: str) -> float | None:
+        """Least-squares slope of RSS over the 10%-90% part of the run, in bytes per frame.
+
+        Start-up (model load, planning) and the final join are left out; the job runs at a steady
+        rate in between, so time converts to frames with the run's average rate.
+        """
+        window = samples[len(samples) // 10 : (9 * len(samples)) // 10]
+        points = []
+        for s in window:
+            value = s[key]
+            if isinstance(value, list):
+                value = max(value) if value and None not in value else None
+            if value is not None:
+                points.append((float(s["t"]), float(value)))  # type: ignore[arg-type]
+        if len(points) < 3:
+            return None
+        mean_t = sum(t for t, _ in points) / len(points)
+        mean_v = sum(v for _, v in points) / len(points)
+        covariance = sum((t - mean_t) * (v - mean_v) for t, v in points)
+        slope = covariance / sum((t - mean_t) ** 2 for t, _ in points)
+        return round(slope * wall / frames, 2)
+
     record = {
         "benchmark": "long_video",
         "input": f"{args.size} {args.rate} fps, {args.minutes:g} min",
@@ -152,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         "peak_frame_data_bytes": max((int(s["frame_data"]) for s in samples), default=0),  # type: ignore[call-overload]
         "coordinator_rss_at_10_50_90_pct": [rss_at(f, "coordinator_rss") for f in (0.1, 0.5, 0.9)],
         "worker_rss_at_10_50_90_pct": [rss_at(f, "worker_rss") for f in (0.1, 0.5, 0.9)],
+        "coordinator_rss_growth_bytes_per_frame": growth_per_frame("coordinator_rss"),
+        "worker_rss_growth_bytes_per_frame": growth_per_frame("worker_rss"),
         "peak_coordinator_rss": max((s["coordinator_rss"] or 0 for s in samples), default=0),  # type: ignore[type-var]
         "peak_worker_rss": max((max(s["worker_rss"] or [0]) for s in samples), default=0),  # type: ignore[type-var,arg-type]
         "commit": commit(),

@@ -42,6 +42,7 @@ from coordinator.client import WorkerBusyError, WorkerClient, WorkerRequestError
 from coordinator.encode import EncodeSettings, check_encode
 from coordinator.extract import extract_frames
 from coordinator.local_workers import LocalWorkerPool, visible_gpu_count
+from coordinator.memory import release_free_memory
 from coordinator.probe import MediaInfo, check_output_path, probe
 from coordinator.segments import SEGMENT_SUFFIX, encode_segment, join_segments, segment_is_complete
 from manifests.chunks import Chunk, ChunkPlan, format_size, frame_file_bytes, plan_chunks
@@ -736,6 +737,9 @@ class _Job:
         try:
             return encode_segment(*args, **kwargs)
         finally:
+            # The segment's frame arrays and buffers are freed: hand the pages back, so that heap
+            # fragmentation cannot raise the RSS step by step over a long job (coordinator.memory).
+            release_free_memory()
             with self._stats_lock:
                 self.stats["segment_encode_s"] += time.monotonic() - started
 
