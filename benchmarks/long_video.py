@@ -3,7 +3,8 @@
 Generates a video (default 2 hours of 160x90 at 30 fps, with audio), writes a tiny seeded model,
 runs ``esrfarm upscale`` on local CPU workers, and samples once a second: the bytes in the job
 directory (frames and segments) and the RSS of the coordinator and of each worker. Prints one JSON
-line; checks the output frame count.
+line: wall time, peak disk, RSS (at 10/50/90%, the median of each tenth of the run, and the growth
+per frame from the 2nd to the 9th tenth); checks the output frame count.
 
     python benchmarks/long_video.py --minutes 120 --size 160x90 --workers 2 --max-disk 256M
 """
@@ -137,28 +138,33 @@ def main(argv: list[str] | None = None) -> int:
             return None
         return samples[min(len(samples) - 1, int(fraction * len(samples)))][key]
 
-    def growth_per_frame(key: str) -> float | None:
-        """Least-squares slope of RSS over the 10%-90% part of the run, in bytes per frame.
+    def median_by_tenth(key: str) -> list[int | None]:
+        """The median RSS in each tenth of the run (for workers: of the largest worker's RSS).
 
-        Start-up (model load, planning) and the final join are left out; the job runs at a steady
-        rate in between, so time converts to frames with the run's average rate.
+        Medians, because RSS moves by a few MB from second to second as buffers come and go; the
+        first tenth holds start-up (model load, planning) and the last the join.
         """
-        window = samples[len(samples) // 10 : (9 * len(samples)) // 10]
-        points = []
-        for s in window:
-            value = s[key]
-            if isinstance(value, list):
-                value = max(value) if value and None not in value else None
-            if value is not None:
-                points.append((float(s["t"]), float(value)))  # type: ignore[arg-type]
-        if len(points) < 3:
-            return None
-        mean_t = sum(t for t, _ in points) / len(points)
-        mean_v = sum(v for _, v in points) / len(points)
-        covariance = sum((t - mean_t) * (v - mean_v) for t, v in points)
-        slope = covariance / sum((t - mean_t) ** 2 for t, _ in points)
-        return round(slope * wall / frames, 2)
+        medians: list[int | None] = []
+        for tenth in range(10):
+            values = []
+            for s in samples[tenth * len(samples) // 10 : (tenth + 1) * len(samples) // 10]:
+                value = s[key]
+                if isinstance(value, list):
+                    value = max(value) if value and None not in value else None
+                if value is not None:
+                    values.append(int(value))  # type: ignore[call-overload]
+            medians.append(sorted(values)[len(values) // 2] if values else None)
+        return medians
 
+    def growth_per_frame(medians: list[int | None]) -> float | None:
+        """RSS growth from the 2nd to the 9th tenth of the run, in bytes per frame processed."""
+        first, last = medians[1], medians[8]
+        if first is None or last is None:
+            return None
+        return round((last - first) / (frames * 7 / 10), 2)
+
+    coordinator_medians = median_by_tenth("coordinator_rss")
+    worker_medians = median_by_tenth("worker_rss")
     record = {
         "benchmark": "long_video",
         "input": f"{args.size} {args.rate} fps, {args.minutes:g} min",
@@ -174,8 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         "peak_frame_data_bytes": max((int(s["frame_data"]) for s in samples), default=0),  # type: ignore[call-overload]
         "coordinator_rss_at_10_50_90_pct": [rss_at(f, "coordinator_rss") for f in (0.1, 0.5, 0.9)],
         "worker_rss_at_10_50_90_pct": [rss_at(f, "worker_rss") for f in (0.1, 0.5, 0.9)],
-        "coordinator_rss_growth_bytes_per_frame": growth_per_frame("coordinator_rss"),
-        "worker_rss_growth_bytes_per_frame": growth_per_frame("worker_rss"),
+        "coordinator_rss_median_by_tenth": coordinator_medians,
+        "worker_rss_median_by_tenth": worker_medians,
+        "coordinator_rss_growth_bytes_per_frame": growth_per_frame(coordinator_medians),
+        "worker_rss_growth_bytes_per_frame": growth_per_frame(worker_medians),
         "peak_coordinator_rss": max((s["coordinator_rss"] or 0 for s in samples), default=0),  # type: ignore[type-var]
         "peak_worker_rss": max((max(s["worker_rss"] or [0]) for s in samples), default=0),  # type: ignore[type-var,arg-type]
         "commit": commit(),
