@@ -22,7 +22,7 @@ is read from ``<input_dir>/<frame_filename(i)>`` and written to ``<output_dir>/`
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -189,19 +189,8 @@ class Manifest:
 
     def with_batches(self, manifest_id: str, worker_id: str, batches: Sequence[Batch]) -> Manifest:
         """The same job settings for other batches (for re-dealing); gets its own status file."""
-        return Manifest(
-            job_id=self.job_id,
-            manifest_id=manifest_id,
-            worker_id=worker_id,
-            model=self.model,
-            batches=tuple(batches),
-            scale=self.scale,
-            tile=self.tile,
-            tile_pad=self.tile_pad,
-            frame_format=self.frame_format,
-            png_compression=self.png_compression,
-            input_dir=self.input_dir,
-            output_dir=self.output_dir,
+        return replace(
+            self, manifest_id=manifest_id, worker_id=worker_id, batches=tuple(batches), status_file=""
         )
 
 
