@@ -16,6 +16,7 @@ efficiency = time(a) / time(b); speed-up = time(c) / time(b). Prints one JSON li
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import subprocess
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +77,36 @@ def wait_ready(logs: Path, count: int, timeout_s: float = 600) -> list[str]:
                 raise SystemExit(f"worker {index} not ready; see {logs}")
             time.sleep(0.2)
     return urls
+
+
+@contextlib.contextmanager
+def running_workers(count: int, root: Path, model: str, extra: list[str], logs: Path) -> Iterator[list[str]]:
+    """``count`` workers on 127.0.0.1 sharing ``root`` (logs and port files in ``logs``): yields
+    their URLs once every one answers /health, and stops them afterwards."""
+    root.mkdir(exist_ok=True)
+    logs.mkdir(exist_ok=True)
+    processes = start_workers(count, root, model, extra, logs)
+    try:
+        yield wait_ready(logs, count)
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=120)
+
+
+def time_upscale(
+    source: Path, output: Path, urls: list[str], root: Path, model: str, scale: str, *options: str
+) -> float:
+    """Seconds ``esrfarm upscale`` takes to turn ``source`` into ``output`` on the workers ``urls``."""
+    command = [
+        sys.executable, "-m", "coordinator.cli", "upscale", str(source), str(output), "--overwrite",
+        "--model", model, "--scale", scale, "--workers", ",".join(urls), "--shared-root", str(root),
+        "-q", *options,
+    ]  # fmt: skip
+    started = time.perf_counter()
+    subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
+    return time.perf_counter() - started
 
 
 def metric_sums(url: str) -> dict[str, float]:
@@ -133,30 +165,17 @@ def main(argv: list[str] | None = None) -> int:
     del upscaler
 
     # (b) esrfarm upscale against running workers.
-    root = work / "root"
-    logs = work / "logs"
-    root.mkdir(exist_ok=True)
-    logs.mkdir(exist_ok=True)
-    workers = start_workers(args.workers, root, args.model, args.worker_args.split(), logs)
-    try:
-        urls = wait_ready(logs, args.workers)
-        output = work / "esrfarm.mp4"
-        stats_file = work / "stats.json"
-        command = [
-            sys.executable, "-m", "coordinator.cli", "upscale", str(source), str(output), "--overwrite",
-            "--model", args.model, "--scale", f"{args.scale:g}", "--workers", ",".join(urls),
-            "--shared-root", str(root), "--codec", args.codec, "--preset", args.preset,
-            "--frame-format", args.frame_format, "--stats", str(stats_file), "-q",
-        ]  # fmt: skip
-        started = time.perf_counter()
-        subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
-        esrfarm_s = time.perf_counter() - started
+    output = work / "esrfarm.mp4"
+    stats_file = work / "stats.json"
+    with running_workers(
+        args.workers, work / "root", args.model, args.worker_args.split(), work / "logs"
+    ) as urls:
+        esrfarm_s = time_upscale(
+            source, output, urls, work / "root", args.model, f"{args.scale:g}",
+            "--codec", args.codec, "--preset", args.preset, "--frame-format", args.frame_format,
+            "--stats", str(stats_file),
+        )  # fmt: skip
         worker_stages = [metric_sums(url) for url in urls]
-    finally:
-        for process in workers:
-            process.terminate()
-        for process in workers:
-            process.wait(timeout=120)
     stats = orjson.loads(stats_file.read_bytes())
     assert probe(output).frame_count == count
 

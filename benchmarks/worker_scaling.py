@@ -11,11 +11,8 @@ from ``--stats``), and over the whole command. Prints one JSON line per worker c
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import orjson
@@ -24,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.model_throughput import commit  # noqa: E402
-from benchmarks.pipeline import start_workers, wait_ready  # noqa: E402
+from benchmarks.pipeline import running_workers, time_upscale  # noqa: E402
 from coordinator.ffmpeg import run_ffmpeg  # noqa: E402
 
 
@@ -50,28 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     base = None
     for count in args.counts:
         root = work / f"root-{count}"
-        logs = work / f"logs-{count}"
-        root.mkdir(exist_ok=True)
-        logs.mkdir(exist_ok=True)
-        model = "simulated"
-        workers = start_workers(count, root, model, ["--simulate-latency-ms", f"{args.latency_ms:g}"], logs)
-        try:
-            urls = wait_ready(logs, count)
-            stats_file = work / f"stats-{count}.json"
-            output = work / f"out-{count}.mp4"
-            command = [
-                sys.executable, "-m", "coordinator.cli", "upscale", str(source), str(output), "--overwrite",
-                "--model", model, "--scale", "2", "--workers", ",".join(urls),
-                "--shared-root", str(root), "--preset", "ultrafast", "--stats", str(stats_file), "-q",
-            ]  # fmt: skip
-            started = time.perf_counter()
-            subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
-            wall = time.perf_counter() - started
-        finally:
-            for process in workers:
-                process.terminate()
-            for process in workers:
-                process.wait(timeout=60)
+        stats_file = work / f"stats-{count}.json"
+        latency = ["--simulate-latency-ms", f"{args.latency_ms:g}"]
+        with running_workers(count, root, "simulated", latency, work / f"logs-{count}") as urls:
+            wall = time_upscale(
+                source, work / f"out-{count}.mp4", urls, root, "simulated", "2",
+                "--preset", "ultrafast", "--stats", str(stats_file),
+            )  # fmt: skip
         stats = orjson.loads(stats_file.read_bytes())
         pipeline_s = stats["pipeline_done_s"] - stats["workers_ready_s"]
         fps = args.frames / pipeline_s
