@@ -26,9 +26,9 @@ from coordinator.job import (
     run_upscale,
 )
 from manifests.layout import FrameFormat
+from manifests.tokens import TOKEN_ENV, read_token
 
 WORKER_COMMANDS = {"worker": [], "models": ["models"]}
-TOKEN_ENV = "ESRFARM_WORKER_TOKEN"
 
 log = logging.getLogger("esrfarm")
 
@@ -188,11 +188,7 @@ def settings_from_args(args: argparse.Namespace) -> UpscaleSettings:
     from coordinator.encode import EncodeSettings
     from manifests.chunks import parse_size
 
-    token = None
-    if args.token_file is not None:
-        token = args.token_file.read_text().strip()
-    elif os.environ.get(TOKEN_ENV):
-        token = os.environ[TOKEN_ENV].strip()
+    token = read_token(args.token_file)
     workers = tuple(u.strip().rstrip("/") for u in (args.workers or "").split(",") if u.strip())
     encode = EncodeSettings.for_codec(
         args.codec,

@@ -32,10 +32,8 @@ and the video packet count matched, and deleted on any failure.
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
-import secrets
 import subprocess
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
@@ -48,11 +46,12 @@ from typing import Any
 
 import av
 import numpy as np
-from PIL import Image
 
 from coordinator.errors import EncodeSettingsError, FFmpegError, FramesError, MediaError
 from coordinator.ffmpeg import FFmpegProcess, available_encoders
 from coordinator.probe import CONTAINER_FORMATS, MediaInfo, SubtitleInfo, check_output_path
+from manifests.atomic import atomic_path
+from manifests.frames import read_frame
 from manifests.layout import FrameFormat, frame_filename
 
 log = logging.getLogger(__name__)
@@ -73,6 +72,8 @@ X264_PRESETS = frozenset(
 )
 NVENC_PRESETS = frozenset({"p1", "p2", "p3", "p4", "p5", "p6", "p7"})
 SVTAV1_PRESETS = frozenset(str(p) for p in range(-1, 14))
+#: The suffix of every temporary file beside an output (a segment, the joined video, the output).
+PART_SUFFIX = ".part"
 RGB_PIX_FMTS = frozenset({"gbrp", "bgr0", "rgb0", "bgr24", "rgb24", "gbrp10le", "gbrp12le", "gbrp16le"})
 
 
@@ -243,18 +244,6 @@ class EncodeSettings:
                 f"{pix_fmt} needs even dimensions but the frames are {width}x{height}; "
                 "use pix_fmt yuv444p (or a scale that gives even sizes)"
             )
-
-
-def read_frame(path: Path, frame_format: FrameFormat) -> np.ndarray:
-    """Read one frame file as an (H, W, 3) uint8 RGB array (ValueError / OSError if it can't)."""
-    data = path.read_bytes()
-    if frame_format is FrameFormat.NPY:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-            raise ValueError(f"holds a {array.dtype} array of shape {array.shape}, not (H, W, 3) uint8")
-        return np.ascontiguousarray(array)
-    with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
-        return np.asarray(image.convert("RGB") if image.mode != "RGB" else image, dtype=np.uint8)
 
 
 @dataclass(frozen=True)
@@ -435,26 +424,10 @@ def check_encode(
     return container
 
 
-def part_path(target: Path, tag: str = "") -> Path:
-    """A hidden temporary name beside ``target``: ``.<name>.<pid>.<token>[.tag].part``."""
-    suffix = f".{tag}" if tag else ""
-    return target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}{suffix}.part")
-
-
-@contextlib.contextmanager
-def atomic_output(target: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; when the block succeeds, fsync it and rename it to
-    ``target``; when it raises, delete it. Nothing half-written ever has the target's name."""
-    tmp = part_path(target)
-    try:
-        yield tmp
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+def atomic_output(target: Path) -> contextlib.AbstractContextManager[Path]:
+    """A hidden ``.part`` path beside ``target`` that becomes ``target`` once the block succeeds
+    (:func:`manifests.atomic.atomic_path`). Nothing half-written ever has the target's name."""
+    return atomic_path(target, suffix=PART_SUFFIX)
 
 
 @dataclass(frozen=True)
@@ -596,6 +569,5 @@ __all__ = [
     "CODECS",
     "CodecSpec",
     "EncodeSettings",
-    "read_frame",
     "subtitle_codec_for",
 ]

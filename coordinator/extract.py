@@ -13,13 +13,12 @@ H.264 clip (132 frames), the binary + pipe is faster for both formats (it decode
 process while Python threads compress PNGs): PNG level 1 25.6 fps vs 15-17 fps, NPY 106 fps vs
 81 fps.
 
-Every frame file is written under a temporary name (``.00000001.png.<pid>.tmp``) in the same
-directory and renamed into place, so a crash never leaves a truncated frame under its final name.
+Every frame file is written by :mod:`manifests.frames` under a temporary name in the same directory
+and renamed into place, so a crash never leaves a truncated frame under its final name.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections import deque
@@ -29,11 +28,11 @@ from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from coordinator.errors import FFmpegError, InputError
 from coordinator.ffmpeg import FFmpegProcess
 from coordinator.probe import MediaInfo, VideoInfo, probe
+from manifests.frames import write_frame
 from manifests.layout import FrameFormat, frame_filename
 
 log = logging.getLogger(__name__)
@@ -98,27 +97,6 @@ def decode_frames(source: MediaInfo | str | Path) -> Iterator[np.ndarray]:
 
 def _ratio(value: Fraction) -> str:
     return f"{value.numerator}/{value.denominator}"
-
-
-def write_frame(
-    path: Path, frame: np.ndarray, frame_format: FrameFormat, *, png_compression: int, fsync: bool = False
-) -> None:
-    """Write one RGB frame to ``path`` atomically: a temporary name, then ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            if frame_format is FrameFormat.NPY:
-                np.save(handle, frame, allow_pickle=False)
-            else:
-                Image.fromarray(frame).save(handle, format="PNG", compress_level=png_compression)
-            if fsync:
-                handle.flush()
-                os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
 
 
 def extract_frames(

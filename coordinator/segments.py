@@ -45,6 +45,7 @@ from typing import Any
 import av
 
 from coordinator.encode import (
+    PART_SUFFIX,
     EncodeSettings,
     FrameFeed,
     _carry_over_args,
@@ -60,12 +61,12 @@ from coordinator.encode import (
     count_video_packets,
     frame_paths,
     output_container,
-    part_path,
     run_frame_encoder,
 )
 from coordinator.errors import MediaError, OutputPathError, SegmentError
 from coordinator.ffmpeg import FFmpegProcess
 from coordinator.probe import MediaInfo
+from manifests.atomic import temp_path
 from manifests.layout import FrameFormat
 
 log = logging.getLogger(__name__)
@@ -313,7 +314,7 @@ def join_segments(
             f"but the video has {total}"
         )
     log.info("joining %d segments (%d frames) into %s", len(scanned), total, target)
-    video_part = part_path(target, "video")
+    video_part = temp_path(target, ".video" + PART_SUFFIX)
     try:
         try:
             last_duration = info.video.last_frame_duration if info.video.is_vfr else 1  # in timing ticks

@@ -15,7 +15,7 @@ import av
 import numpy as np
 import pytest
 
-from coordinator.encode import EncodeSettings, read_frame, subtitle_codec_for
+from coordinator.encode import EncodeSettings, subtitle_codec_for
 from coordinator.errors import (
     EncodeSettingsError,
     FFmpegError,
@@ -23,10 +23,11 @@ from coordinator.errors import (
     OutputPathError,
     SegmentError,
 )
-from coordinator.extract import decode_frames, extract_frames, write_frame
+from coordinator.extract import decode_frames, extract_frames
 from coordinator.probe import MediaInfo, SubtitleInfo, probe
 from coordinator.segments import SEGMENT_SUFFIX, encode_segment, join_segments, segment_is_complete
 from manifests.chunks import plan_chunks
+from manifests.frames import read_frame, write_frame
 from manifests.layout import FrameFormat, frame_filename
 from tests import clips
 from tests.videocheck import assert_faithful_upscale

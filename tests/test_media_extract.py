@@ -10,10 +10,10 @@ import av
 import numpy as np
 import pytest
 
-from coordinator.encode import read_frame
 from coordinator.errors import InputError
 from coordinator.extract import decode_frames, extract_frames
 from coordinator.probe import ColorInfo, MediaInfo, probe
+from manifests.frames import read_frame
 from manifests.layout import FrameFormat, frame_filename
 from tests import clips
 

@@ -18,9 +18,10 @@ import pytest
 
 from coordinator.encode import EncodeSettings
 from coordinator.errors import FramesError, MediaError, SegmentError
-from coordinator.extract import decode_frames, write_frame
+from coordinator.extract import decode_frames
 from coordinator.probe import MediaInfo, probe
 from coordinator.segments import encode_segment, join_segments, segment_is_complete
+from manifests.frames import write_frame
 from manifests.layout import FrameFormat, frame_filename
 from tests import clips
 from tests.test_media_encode import no_leftovers, upscale_frames

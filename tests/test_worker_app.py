@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from manifests.tokens import TokenError, read_token
 from worker.service import create_app
-from worker.settings import SettingsError, WorkerSettings, read_token
+from worker.settings import SettingsError, WorkerSettings
 
 
 class NearestUpscaler:
@@ -125,7 +126,7 @@ def test_token_comes_from_the_file_before_the_environment(tmp_path: Path) -> Non
     assert read_token(None, {"ESRFARM_WORKER_TOKEN": " env-token "}) == "env-token"
     assert read_token(None, {}) is None
     (tmp_path / "empty").write_text("\n")
-    with pytest.raises(SettingsError, match="is empty"):
+    with pytest.raises(TokenError, match="is empty"):
         read_token(tmp_path / "empty", {})
-    with pytest.raises(SettingsError, match="cannot read the token file"):
+    with pytest.raises(TokenError, match="cannot read the token file"):
         read_token(tmp_path / "absent", {})

@@ -10,8 +10,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from manifests.tokens import TOKEN_ENV, TokenError, read_token
 from worker.models import DEFAULT_MODEL
-from worker.settings import DEFAULT_HOST, DEFAULT_PORT, TOKEN_ENV, SettingsError, WorkerSettings, read_token
+from worker.settings import DEFAULT_HOST, DEFAULT_PORT, SettingsError, WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         settings = settings_from_args(args)
-    except SettingsError as exc:
+    except (SettingsError, TokenError) as exc:
         print(f"esrfarm worker: error: {exc}", file=sys.stderr)
         return 2
     from worker.service import serve

@@ -1,24 +1,22 @@
 """Frame files on the shared storage: read a batch into one array, write a batch atomically.
 
-A frame is an 8-bit RGB image stored as PNG or as a raw ``.npy`` (H, W, 3) uint8 array. Every
-output frame is written under a temporary name and renamed, so a half-written frame never has
-its final name. Errors name the frame and say what is wrong with it.
+The frame file codec itself (PNG or raw ``.npy``, atomic writes) is the protocol's,
+:mod:`manifests.frames`; this module reads and writes whole batches with it, on several threads,
+with errors that name the frame and say what is wrong with it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
-import os
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
-from PIL import Image
 
 from manifests import FrameFormat, PathOutsideRootError, frame_filename, resolve_within
+from manifests.frames import decode_frame, write_frame
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -31,46 +29,6 @@ class FrameError(Exception):
         self.frame = frame
         self.reason = reason
         super().__init__(f"frame {frame}: {reason}")
-
-
-def read_frame(path: Path, frame_format: FrameFormat) -> np.ndarray:
-    """Read one frame as an (H, W, 3) uint8 RGB array. Raises OSError or ValueError."""
-    return decode_frame(path.read_bytes(), frame_format)
-
-
-def decode_frame(data: bytes, frame_format: FrameFormat) -> np.ndarray:
-    """Decode a PNG or ``.npy`` file's bytes into an (H, W, 3) uint8 RGB array."""
-    if frame_format is FrameFormat.NPY:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-            raise ValueError(f"holds a {array.dtype} array of shape {array.shape}, not (H, W, 3) uint8")
-        return np.ascontiguousarray(array)
-    with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
-        rgb = image if image.mode == "RGB" else image.convert("RGB")
-        return np.asarray(rgb, dtype=np.uint8)
-
-
-def write_frame_atomic(
-    path: Path, frame: np.ndarray, frame_format: FrameFormat, png_compression: int, *, fsync: bool
-) -> None:
-    """Write one frame under a temporary name in the same directory, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()  # left by a killed process that had this pid
-    try:
-        with open(tmp, "xb") as handle:
-            if frame_format is FrameFormat.NPY:
-                np.save(handle, frame, allow_pickle=False)
-            else:
-                Image.fromarray(frame, mode="RGB").save(handle, format="PNG", compress_level=png_compression)
-            if fsync:
-                handle.flush()
-                os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
 
 
 def read_batch(
@@ -134,8 +92,12 @@ def write_batch(
         index = frames[position]
         name = frame_filename(index, frame_format)
         try:
-            write_frame_atomic(
-                output_dir / name, upscaled[position], frame_format, png_compression, fsync=fsync
+            write_frame(
+                output_dir / name,
+                upscaled[position],
+                frame_format,
+                png_compression=png_compression,
+                fsync=fsync,
             )
         except OSError as exc:
             raise FrameError(

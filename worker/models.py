@@ -31,12 +31,12 @@ import hashlib
 import importlib.util
 import logging
 import os
-import tempfile
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal
+from typing import BinaryIO, Literal
+
+from manifests.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -305,28 +305,17 @@ def resolve_model(
     return ResolvedModel(spec.name, target, "downloaded")
 
 
-@contextlib.contextmanager
-def atomic_output(target: Path) -> Iterator[IO[bytes]]:
-    """A temp file beside ``target``, fsynced and renamed over it on success, removed on failure."""
+def _atomic_model_file(target: Path) -> contextlib.AbstractContextManager[BinaryIO]:
+    """A new file that becomes ``target`` once written whole (:func:`manifests.atomic.atomic_write`)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    return atomic_write(target, suffix=".part")
 
 
 def download_verified(url: str, sha256: str, target: Path, timeout_s: float = DOWNLOAD_TIMEOUT_S) -> Path:
     """Download ``url`` to ``target`` atomically; keep it only if its SHA-256 matches."""
     log.info("downloading %s", url)
     digest = hashlib.sha256()
-    with atomic_output(target) as out, urllib.request.urlopen(url, timeout=timeout_s) as response:
+    with _atomic_model_file(target) as out, urllib.request.urlopen(url, timeout=timeout_s) as response:
         while chunk := response.read(1 << 20):
             digest.update(chunk)
             out.write(chunk)
@@ -342,7 +331,7 @@ def _convert_ncnn_into(spec: ModelSpec, files: tuple[Path, Path], target: Path) 
 
     arrays = official_state_dict(*files, architecture=spec.architecture)
     state = {key: torch.from_numpy(value) for key, value in arrays.items()}
-    with atomic_output(target) as out:
+    with _atomic_model_file(target) as out:
         torch.save({"params_ema": state}, out)
 
 

@@ -7,9 +7,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from manifests.tokens import TOKEN_ENV
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8090
-TOKEN_ENV = "ESRFARM_WORKER_TOKEN"
 
 
 class SettingsError(ValueError):
@@ -97,18 +98,3 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def read_token(token_file: Path | None, environ: dict[str, str] | None = None) -> str | None:
-    """The bearer token from ``token_file`` (first line, stripped), else from ``$ESRFARM_WORKER_TOKEN``."""
-    if token_file is not None:
-        try:
-            token = token_file.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise SettingsError(f"cannot read the token file {token_file}: {exc.strerror}") from None
-        if not token:
-            raise SettingsError(f"the token file {token_file} is empty")
-        return token
-    env = os.environ if environ is None else environ
-    token = env.get(TOKEN_ENV, "").strip()
-    return token or None
