@@ -29,8 +29,8 @@ The best model by VMAF NEG is named, and the fastest one within 1 point of it.
 Cost: each model upscales the run twice, once degraded (1/scale^2 of the pixels) and once for
 real, so the time grows in proportion to --frames, to the frame's pixels (or --region's) and to
 the model's cost per pixel. Measured on a 2-core CPU at 320x180 (x2): realesr-animevideov3
-2.5 fps, realesrgan-x4plus-anime 0.17 fps (15x slower), realesrgan-x4plus (23 RRDB blocks)
-0.05 fps (50x slower); 12 frames of 320x180 with these three and the baselines took 7 minutes,
+2.4 fps, realesrgan-x4plus-anime 0.20 fps (12x slower), realesrgan-x4plus (23 RRDB blocks)
+0.066 fps (36x slower); 12 frames of 320x180 with these three and the baselines took 5 minutes,
 x4plus most of it. A 1280x720 frame has 16x the pixels of 320x180. VMAF, the shift search and
 the baselines add seconds. On a large video use --region (e.g. 320x180: the most detailed area
 of that size) and few --frames; decoding seeks to the run, so the video's length costs nothing.
