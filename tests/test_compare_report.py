@@ -19,7 +19,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
 from compare.cli import main
-from compare.run import run_comparison
+from compare.run import default_models, run_comparison
 from compare.spec import CompareSpec
 from tests import clips
 from tests.model_factory import write_tiny_compact
@@ -199,3 +199,35 @@ def test_models_that_cannot_serve_or_load_are_skipped_rows(
     assert rows["broken"]["status"] == "skipped" and "cannot load" in rows["broken"]["reason"]
     assert rows["bicubic"]["status"] == "ok"
     assert "tiny-x2: skipped: a x2 model cannot serve x4" in out and "broken: skipped: cannot load" in out
+
+
+def test_the_default_models_are_the_offline_ones_then_the_baselines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ESRFARM_MODEL_DIR", str(tmp_path))  # an empty cache: only the ncnn copies are offline
+    assert default_models() == (
+        "realesr-animevideov3",
+        "realesrgan-x4plus",
+        "realesrgan-x4plus-anime",
+        "bicubic",
+        "lanczos",
+    )
+    write_tiny_compact(tmp_path / "realesr-general-x4v3.pth")  # a cached official file counts too
+    assert "realesr-general-x4v3" in default_models()
+
+
+class Cancelled(Exception):
+    pass
+
+
+def test_a_progress_callback_can_cancel_a_comparison(clip: Path) -> None:
+    seen: list[str] = []
+
+    def progress(text: str) -> None:
+        seen.append(text)
+        if text.startswith("[1/"):
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        run_comparison(CompareSpec(clip, models=("bicubic",), frames=2), progress)
+    assert seen[0].startswith("reading frames") and seen[-1] == "[1/1] bicubic"
