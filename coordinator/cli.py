@@ -3,6 +3,7 @@
 ``esrfarm upscale`` is the coordinator. ``esrfarm worker`` and ``esrfarm models`` belong to the worker
 side; they run as ``python -m worker ...`` in this same process image (``exec``), so the
 coordinator never imports worker code: the two sides meet only in ``manifests`` and on disk/HTTP.
+``esrfarm compare`` runs as ``python -m compare ...`` the same way (that package sits above both).
 """
 
 from __future__ import annotations
@@ -154,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub.add_parser("worker", help="run one worker service (see: esrfarm worker --help)", add_help=False)
     sub.add_parser("models", help="list and fetch models (see: esrfarm models --help)", add_help=False)
+    sub.add_parser(
+        "compare", help="compare models on your video (see: esrfarm compare --help)", add_help=False
+    )
     return parser
 
 
@@ -261,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
         worker_argv = [sys.executable, "-m", "worker", *WORKER_COMMANDS[args_list[0]], *args_list[1:]]
         sys.stdout.flush()
         os.execv(sys.executable, worker_argv)
+    if args_list and args_list[0] == "compare":
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "compare", *args_list[1:]])
     parser = build_parser()
     args = parser.parse_args(args_list)
     if args.command == "upscale":
