@@ -30,12 +30,36 @@ def temp_path(target: str | Path, suffix: str = ".tmp") -> Path:
     return target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}{suffix}")
 
 
-def leftover_temp_files(target: str | Path, suffix: str = ".tmp") -> list[Path]:
-    """Temporary files of :func:`temp_path` for ``target`` that are on disk (a killed writer's)."""
+def leftover_temp_files(
+    target: str | Path, suffix: str = ".tmp", *, dead_writers_only: bool = False
+) -> list[Path]:
+    """Temporary files of :func:`temp_path` for ``target`` that are on disk (a killed writer's).
+
+    ``dead_writers_only``: only those whose writer (the pid in the name) no longer runs on this host.
+    """
     target = Path(target)
-    with contextlib.suppress(FileNotFoundError):
-        return sorted(target.parent.glob(f".{_glob_escape(target.name)}.*{_glob_escape(suffix)}"))
-    return []
+    try:
+        found = sorted(target.parent.glob(f".{_glob_escape(target.name)}.*{_glob_escape(suffix)}"))
+    except OSError:
+        return []
+    if dead_writers_only:
+        found = [path for path in found if not _writer_runs(path.name[len(target.name) + 2 :].split(".")[0])]
+    return found
+
+
+def _writer_runs(pid_text: str) -> bool:
+    if not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, as another user
+        return True
+    return True
 
 
 def _glob_escape(text: str) -> str:

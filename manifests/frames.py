@@ -12,6 +12,8 @@ half-written frame never has its final name.
 from __future__ import annotations
 
 import io
+import os
+import struct
 from pathlib import Path
 from typing import BinaryIO
 
@@ -21,7 +23,7 @@ from PIL import Image
 from manifests.atomic import atomic_write
 from manifests.layout import FrameFormat
 
-__all__ = ["decode_frame", "encode_frame_into", "read_frame", "write_frame"]
+__all__ = ["decode_frame", "encode_frame_into", "frame_file_is_sound", "read_frame", "write_frame"]
 
 
 def decode_frame(data: bytes, frame_format: FrameFormat) -> np.ndarray:
@@ -65,3 +67,34 @@ def write_frame(
     """Write one frame to ``path`` atomically; ``fsync`` flushes it to disk before the rename."""
     with atomic_write(path, fsync=fsync) as handle:
         encode_frame_into(handle, frame, frame_format, png_compression)
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def frame_file_is_sound(path: str | Path, frame_format: FrameFormat, width: int, height: int) -> bool:
+    """Whether the frame file at ``path`` is whole and of the given size, judged by its header and
+    its end (two small reads, no decode): a truncated file, garbage, or a frame of another size is
+    not. What a resumed job checks before it trusts a frame an earlier run left."""
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if frame_format is FrameFormat.NPY:
+                version = np.lib.format.read_magic(handle)
+                read_header = (
+                    np.lib.format.read_array_header_1_0
+                    if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0
+                )
+                shape, _, dtype = read_header(handle)
+                expected = handle.tell() + height * width * 3
+                return bool(shape == (height, width, 3) and dtype == np.uint8 and size == expected)
+            head = handle.read(24)
+            handle.seek(max(0, size - len(_PNG_END)))
+            tail = handle.read()
+    except (OSError, ValueError):
+        return False
+    if len(head) < 24 or not head.startswith(_PNG_SIGNATURE) or head[12:16] != b"IHDR":
+        return False
+    return struct.unpack(">II", head[16:24]) == (width, height) and tail == _PNG_END

@@ -117,7 +117,11 @@ class JobLedger:
             self.done_by[batch_id] = "(found on disk)"
 
     def assign(self, manifest_id: str, worker_id: str, batches: Iterable[Batch]) -> None:
-        if manifest_id in self.manifests:
+        """Deal ``batches`` to ``worker_id`` in ``manifest_id``. A manifest that was dealt and holds
+        nothing (its worker answered busy) may be dealt again, to the same worker only."""
+        if manifest_id in self.manifests and (
+            self.manifests[manifest_id] != worker_id or manifest_id in self.assigned.values()
+        ):
             raise ValueError(f"manifest {manifest_id} was dealt already")
         self.manifests[manifest_id] = worker_id
         for batch in batches:

@@ -47,3 +47,43 @@ def progress(statuses: Iterable[Status], now: float, *, total: int | None = None
     else:
         eta = None
     return Progress(done=done, total=total, fps=fps, eta_s=eta)
+
+
+@dataclass(frozen=True)
+class JobProgress:
+    """How far one job is in its current stage."""
+
+    stage: str
+    done: int  # units of the stage done (frames upscaled, frames encoded, segments joined)
+    total: int
+    fps: float  # frames per second of this run's own work; 0.0 before any
+    eta_s: float | None  # seconds left at that rate; 0.0 when done, None when unknown
+
+
+def job_progress(stage: str, *, done: int, total: int, done_this_run: int, elapsed_s: float) -> JobProgress:
+    """Progress of a job that may have resumed: ``done`` counts what earlier runs did as well, the
+    rate only ``done_this_run`` (work found on disk must not make a resumed job look fast)."""
+    fps = done_this_run / elapsed_s if done_this_run > 0 and elapsed_s > 0 else 0.0
+    remaining = max(total - done, 0)
+    eta: float | None = 0.0 if remaining == 0 else (remaining / fps if fps > 0 else None)
+    return JobProgress(stage=stage, done=done, total=total, fps=fps, eta_s=eta)
+
+
+@dataclass
+class ProgressThrottle:
+    """Decides which progress reports to pass on: a new stage at once, the end of a stage once,
+    anything else at most every ``interval_s``; a report that says nothing new never."""
+
+    interval_s: float
+    _last: JobProgress | None = None
+    _last_at: float = 0.0
+
+    def admit(self, report: JobProgress, now: float) -> bool:
+        last = self._last
+        if last is not None and last.stage == report.stage:
+            if (last.done, last.total) == (report.done, report.total):
+                return False
+            if report.done < report.total and now - self._last_at < self.interval_s:
+                return False
+        self._last, self._last_at = report, now
+        return True
