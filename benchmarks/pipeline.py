@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.model_throughput import commit  # noqa: E402
 from coordinator.extract import decode_frames  # noqa: E402
 from coordinator.ffmpeg import run_ffmpeg  # noqa: E402
+from coordinator.local_workers import read_port_file, spawn_worker  # noqa: E402
 from coordinator.probe import probe  # noqa: E402
 from worker.runtime import RuntimeSettings, load_upscaler  # noqa: E402
 
@@ -44,28 +45,36 @@ from worker.runtime import RuntimeSettings, load_upscaler  # noqa: E402
 def start_workers(
     count: int, root: Path, model: str, extra: list[str], logs: Path
 ) -> list[subprocess.Popen[bytes]]:
-    processes = []
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    for index in range(count):
-        port_file = logs / f"worker-{index}.json"
-        port_file.unlink(missing_ok=True)
-        command = [
-            sys.executable, "-m", "worker", "--shared-root", str(root), "--model", model,
-            "--port", "0", "--port-file", str(port_file), "--worker-id", f"bench-{index}", *extra,
-        ]  # fmt: skip
-        with (logs / f"worker-{index}.log").open("wb") as log:
-            processes.append(subprocess.Popen(command, stdout=log, stderr=log, env=env, cwd=REPO))
-    return processes
+    return [
+        spawn_worker(
+            [
+                "--shared-root",
+                str(root),
+                "--model",
+                model,
+                "--port",
+                "0",
+                "--worker-id",
+                f"bench-{i}",
+                *extra,
+            ],
+            port_file=logs / f"worker-{i}.json",
+            log_file=logs / f"worker-{i}.log",
+            env=env,
+            cwd=REPO,
+        )
+        for i in range(count)
+    ]
 
 
 def wait_ready(logs: Path, count: int, timeout_s: float = 600) -> list[str]:
     deadline = time.monotonic() + timeout_s
     urls: list[str] = []
     for index in range(count):
-        port_file = logs / f"worker-{index}.json"
         while True:
-            if port_file.exists():
-                url = str(orjson.loads(port_file.read_bytes())["url"])
+            url = read_port_file(logs / f"worker-{index}.json")
+            if url is not None:
                 try:
                     with urllib.request.urlopen(url + "/health", timeout=5) as response:
                         if response.status == 200:

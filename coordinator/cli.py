@@ -1,37 +1,60 @@
 """The ``esrfarm`` command.
 
-``esrfarm upscale`` is the coordinator. ``esrfarm worker`` and ``esrfarm models`` belong to the worker
-side; they run as ``python -m worker ...`` in this same process image (``exec``), so the
-coordinator never imports worker code: the two sides meet only in ``manifests`` and on disk/HTTP.
-``esrfarm compare`` runs as ``python -m compare ...`` the same way (that package sits above both).
+``esrfarm upscale`` is the coordinator. The other commands belong to other packages and run as
+``python -m <package> ...`` in this same process image (``exec``), so the coordinator never imports
+them: ``esrfarm worker`` and ``esrfarm models`` are the worker side (the two sides meet only in
+``manifests`` and on disk/HTTP), ``esrfarm compare`` sits above both.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import shlex
+import signal
 import sys
 import time
+from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 from typing import TextIO
 
-from coordinator.job import (
-    DEFAULT_MODEL,
-    JobError,
-    JobProgress,
-    UpscaleSettings,
-    default_shared_root,
-    run_upscale,
-)
+import orjson
+
+from coordinator.errors import CoordinatorError, JobCancelledError, SpecError
+from coordinator.events import Failed, JobEvent, JobResult, Progress
+from coordinator.spec import DEFAULT_MODEL, FarmSettings, JobSpec, default_shared_root
+from manifests.jsonio import write_json_atomic
 from manifests.layout import FrameFormat
 from manifests.tokens import TOKEN_ENV, read_token
 
-WORKER_COMMANDS = {"worker": [], "models": ["models"]}
+#: Subcommands of other packages: command -> the ``python -m`` argument list that runs them.
+EXEC_COMMANDS = {
+    "worker": ["worker"],
+    "models": ["worker", "models"],
+    "compare": ["compare"],
+}
+
+#: The flag behind each JobSpec / FarmSettings field, for error messages.
+FLAGS = {
+    "model": "--model", "scale": "--scale", "tile": "--tile", "precision": "--precision",
+    "batch_size": "--batch-size", "frame_format": "--frame-format", "max_disk": "--max-disk",
+    "max_chunk_frames": "--chunk-frames", "encoders": "--encoders", "workers": "--workers",
+    "local_workers": "--local-workers", "shared_root": "--shared-root",
+    "unreachable_after_s": "--unreachable-timeout", "stale_after_s": "--stale-timeout",
+}  # fmt: skip
 
 log = logging.getLogger("esrfarm")
+
+
+def version() -> str:
+    try:
+        return metadata.version("esrfarm")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="esrfarm",
         description="Upscale videos with Real-ESRGAN on a farm of GPU worker processes.",
     )
+    parser.add_argument("--version", action="version", version=f"esrfarm {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     up = sub.add_parser(
         "upscale",
@@ -47,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Upscale INPUT into OUTPUT: probe it, extract its frames into a job directory under the "
             "shared root, upscale them on the workers, and encode the result once, carrying over every "
             "audio stream (copied), subtitles, chapters, metadata, timing and colour. Without --workers, "
-            "local workers are started (one per GPU, or one on the CPU) and stopped afterwards."
+            "local workers are started (one per GPU, or one on the CPU) and stopped afterwards. "
+            "Interrupted (Ctrl-C, SIGTERM, a crash), the same command resumes the job."
         ),
     )
     up.add_argument("input", type=Path, help="the video to upscale")
@@ -148,11 +173,20 @@ def build_parser() -> argparse.ArgumentParser:
         help='extra ffmpeg output options, e.g. "-tune animation -x264-params aq-mode=3"',
     )
     enc.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
-    up.add_argument(
+    shown = up.add_argument_group("output on the terminal")
+    shown.add_argument(
         "--stats", type=Path, metavar="FILE", help="write stage timings (JSON) here after success"
     )
-    up.add_argument("-q", "--quiet", action="store_true", help="no progress, warnings and errors only")
-    up.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    shown.add_argument(
+        "--events",
+        choices=["jsonl"],
+        help="print the job's events on stdout, one JSON object per line (progress, worker_lost, "
+        "batch_failed, segment_done, then finished, failed or cancelled), instead of the progress bar",
+    )
+    shown.add_argument("-q", "--quiet", action="store_true", help="no progress bar; errors and warnings only")
+    shown.add_argument(
+        "-v", "--verbose", action="count", default=0, help="log what happens (-v: info, -vv: debug)"
+    )
     sub.add_parser("worker", help="run one worker service (see: esrfarm worker --help)", add_help=False)
     sub.add_parser("models", help="list and fetch models (see: esrfarm models --help)", add_help=False)
     sub.add_parser(
@@ -161,39 +195,73 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class ProgressPrinter:
-    """A one-line progress bar on a terminal; a log line every ``interval_s`` otherwise."""
+class ProgressDisplay:
+    """The job's progress on stderr: one bar that updates in place (tqdm) on a terminal, a log line
+    per stage and every ``interval_s`` otherwise. (Warnings are log records; the CLI routes them
+    through the bar so they never break it.)"""
 
-    def __init__(self, stream: TextIO, interval_s: float = 10.0) -> None:
+    def __init__(self, stream: TextIO, *, interval_s: float = 10.0, bar: bool | None = None) -> None:
         self.stream = stream
-        self.tty = stream.isatty()
+        self.bar_enabled = stream.isatty() if bar is None else bar
         self.interval_s = interval_s
-        self.last_line = 0.0
-        self.last_stage = ""
+        self._bar: object | None = None
+        self._stage = ""
+        self._last_line = 0.0
+        self._drawn = False
 
-    def __call__(self, p: JobProgress) -> None:
-        eta = f"{p.eta_s:.0f}s" if p.eta_s is not None else "?"
-        text = f"{p.stage:8s} {p.done}/{p.total} frames  {p.fps:.2f} fps  ETA {eta}"
-        if self.tty:
-            width = 30
-            filled = int(width * p.done / p.total) if p.total else width
-            self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {text}\x1b[K")
-            if p.done >= p.total:
-                self.stream.write("\n")
-            self.stream.flush()
+    def __call__(self, event: JobEvent) -> None:
+        if isinstance(event, Progress):
+            self._progress(event)
+        elif isinstance(event, Failed):
+            self.close()
+
+    def _progress(self, p: Progress) -> None:
+        if not self.bar_enabled:
+            if not p.total:
+                return  # a stage without a count (probing, loading the model) makes no log line
+            now = time.monotonic()
+            if p.stage != self._stage or now - self._last_line >= self.interval_s or p.done >= p.total:
+                log.info("progress: %s", describe(p))
+                self._stage, self._last_line = p.stage, now
             return
-        now = time.monotonic()
-        if p.stage != self.last_stage or now - self.last_line >= self.interval_s or p.done >= p.total:
-            log.info("progress: %s", text)
-            self.last_line, self.last_stage = now, p.stage
+        from tqdm import tqdm
+
+        bar = self._bar
+        if not isinstance(bar, tqdm) or p.stage != self._stage:
+            self.close()
+            unit = "segment" if p.stage == "joining" else "frame"
+            bar = tqdm(
+                total=p.total or None, desc=f"{p.stage:13s}", unit=unit, file=self.stream,
+                dynamic_ncols=True, leave=p.stage in {"encoding", "joining"},
+                bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}",
+            )  # fmt: skip
+            self._bar, self._stage, self._drawn = bar, p.stage, False
+        if (bar.n, bar.total) == (p.done, p.total or None) and self._drawn:
+            return  # nothing new to show
+        self._drawn = True
+        bar.n = p.done
+        eta = f"{p.eta_s:.0f}s" if p.eta_s is not None else "?"
+        bar.set_postfix_str(f"{p.fps:.2f} fps, ETA {eta}" if p.total else "", refresh=False)
+        bar.refresh()
+
+    def close(self) -> None:
+        bar, self._bar = self._bar, None
+        if bar is not None:
+            bar.close()  # type: ignore[attr-defined]
 
 
-def settings_from_args(args: argparse.Namespace) -> UpscaleSettings:
+def describe(p: Progress) -> str:
+    eta = f"{p.eta_s:.0f}s" if p.eta_s is not None else "?"
+    if not p.total:
+        return p.stage
+    return f"{p.stage} {p.done}/{p.total}  {p.fps:.2f} fps  ETA {eta}"
+
+
+def settings_from_args(args: argparse.Namespace) -> tuple[JobSpec, FarmSettings]:
+    """The CLI's flags as a job spec and farm settings; raises :class:`SpecError` or ValueError."""
     from coordinator.encode import EncodeSettings
     from manifests.chunks import parse_size
 
-    token = read_token(args.token_file)
-    workers = tuple(u.strip().rstrip("/") for u in (args.workers or "").split(",") if u.strip())
     encode = EncodeSettings.for_codec(
         args.codec,
         crf=args.crf,
@@ -201,15 +269,11 @@ def settings_from_args(args: argparse.Namespace) -> UpscaleSettings:
         pix_fmt=args.pix_fmt,
         extra_args=tuple(shlex.split(args.encoder_args)),
     )
-    return UpscaleSettings(
+    spec = JobSpec(
         input=args.input,
         output=args.output,
         scale=args.scale,
         model=args.model,
-        workers=workers,
-        local_workers=args.local_workers,
-        local_worker_args=tuple(args.worker_arg),
-        shared_root=args.shared_root,
         batch_size=args.batch_size,
         tile=args.tile,
         precision=args.precision,
@@ -220,54 +284,105 @@ def settings_from_args(args: argparse.Namespace) -> UpscaleSettings:
         encode=encode,
         overwrite=args.overwrite,
         keep_frames=args.keep_frames,
-        token=token,
+    )
+    farm = FarmSettings(
+        workers=tuple((args.workers or "").split(",")),
+        local_workers=args.local_workers,
+        local_worker_args=tuple(args.worker_arg),
+        shared_root=args.shared_root,
+        token=read_token(args.token_file),
         unreachable_after_s=args.unreachable_timeout,
         health_interval_s=min(2.0, args.unreachable_timeout / 4),
-        stats_file=args.stats,
         stale_after_s=args.stale_timeout,
     )
+    return spec, farm
 
 
 def upscale_main(args: argparse.Namespace) -> int:
-    from coordinator.errors import MediaError
-
-    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    level = logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     try:
-        settings = settings_from_args(args)
+        spec, farm = settings_from_args(args)
+    except SpecError as exc:
+        flag = FLAGS.get(exc.field, exc.field)
+        sys.stderr.write(f"esrfarm upscale: error: {flag} {exc.problem}\n")
+        return 2
     except (ValueError, OSError) as exc:
         sys.stderr.write(f"esrfarm upscale: error: {exc}\n")
         return 2
-    progress = None if args.quiet else ProgressPrinter(sys.stderr)
+    display: ProgressDisplay | None = None
+    on_event: Callable[[JobEvent], None] | None = None
+    if args.events == "jsonl":
+        on_event = _print_jsonl
+    elif not args.quiet:
+        display = on_event = ProgressDisplay(sys.stderr)
+        if not display.bar_enabled:  # not a terminal: progress as log lines
+            log.setLevel(min(level, logging.INFO))
     started = time.monotonic()
     try:
-        info = asyncio.run(run_upscale(settings, progress))
-    except (JobError, MediaError) as exc:
+        with _logs_around(display):
+            result = asyncio.run(_upscale_until_signalled(spec, farm, on_event))
+    except JobCancelledError as exc:
+        kept = f"its files are kept in {exc.job_dir}; " if exc.job_dir else ""
+        sys.stderr.write(f"esrfarm upscale: interrupted ({kept}the same command resumes it)\n")
+        return 130
+    except CoordinatorError as exc:
         sys.stderr.write(f"esrfarm upscale: error: {exc}\n")
         return 1
-    except KeyboardInterrupt:
-        sys.stderr.write("esrfarm upscale: interrupted\n")
-        return 130
-    if not args.quiet:
+    except OSError as exc:
+        sys.stderr.write(f"esrfarm upscale: error: {exc}\n")
+        return 1
+    finally:
+        if display is not None:
+            display.close()
+    if args.stats is not None:
+        try:
+            write_json_atomic(args.stats, orjson.dumps({"frames": result.frames, **result.stats}))
+        except OSError as exc:  # the video is written; a stats file that cannot be is only a warning
+            log.warning("could not write the stats file %s: %s", args.stats, exc)
+    if not args.quiet and args.events is None:
         elapsed = time.monotonic() - started
         sys.stderr.write(
-            f"wrote {settings.output}: {info.frame_count} frames in {elapsed:.1f} s "
-            f"({info.frame_count / elapsed:.2f} fps end to end)\n"
+            f"wrote {spec.output}: {result.frames} frames in {elapsed:.1f} s "
+            f"({result.frames / elapsed:.2f} fps end to end)\n"
         )
     return 0
 
 
+def _logs_around(display: ProgressDisplay | None) -> contextlib.AbstractContextManager[None]:
+    """While a bar is shown, log lines are printed above it instead of through it."""
+    if display is None or not display.bar_enabled:
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm()
+
+
+def _print_jsonl(event: JobEvent) -> None:
+    sys.stdout.write(orjson.dumps(event.to_dict()).decode() + "\n")
+    sys.stdout.flush()
+
+
+async def _upscale_until_signalled(
+    spec: JobSpec, farm: FarmSettings, on_event: Callable[[JobEvent], None] | None
+) -> JobResult:
+    """The job, cancelled cleanly on SIGINT or SIGTERM (workers reset, ffmpeg killed, job kept)."""
+    from coordinator.job import upscale
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return await upscale(spec, farm, on_event=on_event, stop=stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if args_list and args_list[0] in WORKER_COMMANDS:
-        worker_argv = [sys.executable, "-m", "worker", *WORKER_COMMANDS[args_list[0]], *args_list[1:]]
+    if args_list and args_list[0] in EXEC_COMMANDS:
         sys.stdout.flush()
-        os.execv(sys.executable, worker_argv)
-    if args_list and args_list[0] == "compare":
-        sys.stdout.flush()
-        os.execv(sys.executable, [sys.executable, "-m", "compare", *args_list[1:]])
+        os.execv(sys.executable, [sys.executable, "-m", *EXEC_COMMANDS[args_list[0]], *args_list[1:]])
     parser = build_parser()
     args = parser.parse_args(args_list)
     if args.command == "upscale":

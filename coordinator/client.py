@@ -8,10 +8,12 @@ from typing import Any
 
 import aiohttp
 
+from coordinator.errors import CoordinatorError
+
 log = logging.getLogger(__name__)
 
 
-class WorkerRequestError(Exception):
+class WorkerRequestError(CoordinatorError):
     """A worker answered, but not with what was asked for (or did not answer at all)."""
 
     def __init__(self, url: str, what: str, status: int | None, detail: str) -> None:
@@ -25,8 +27,8 @@ class WorkerBusyError(WorkerRequestError):
 
 
 @dataclass
-class WorkerClient:
-    """One worker's HTTP API. ``timeout_s`` bounds every request."""
+class HttpWorkerClient:
+    """One worker's HTTP API (:class:`coordinator.fleet.WorkerClient`). ``timeout_s`` bounds every request."""
 
     url: str
     session: aiohttp.ClientSession
@@ -55,12 +57,6 @@ class WorkerClient:
         status, body = await self._request("GET", "/health", "health check")
         if status != 200:
             raise WorkerRequestError(self.url, "health check", status, _detail(body))
-        return dict(body)
-
-    async def status(self) -> dict[str, Any]:
-        status, body = await self._request("GET", "/status", "status")
-        if status != 200:
-            raise WorkerRequestError(self.url, "status", status, _detail(body))
         return dict(body)
 
     async def process_manifest(self, manifest_path: str) -> None:

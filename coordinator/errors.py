@@ -1,21 +1,27 @@
-"""Errors of the coordinator's media edge (probing, extraction, encoding).
+"""Every error the coordinator raises: one tree, so a caller (the CLI, the job service) catches
+:class:`CoordinatorError` and shows ``str(error)``, one sentence that names the file, frame, field,
+worker or command at fault; the data behind it is kept in attributes for logs and tests::
 
-Every error's ``str`` is one sentence that names the file, frame or command at fault; the data
-behind it is kept in attributes for logs and tests::
-
-    MediaError                  base of everything raised by probe / extract / encode / ffmpeg
-    ├── InputError              what the user gave can't be used: missing input, not a video,
-    │   │                       no video stream, zero frames, corrupt data
-    │   └── OutputPathError     the output path can't be used: same file as the input, exists
-    │                           without overwrite, directory missing or not writable
-    ├── FramesError             a directory of frames that doesn't make the video: a frame file
-    │                           missing, unreadable or of another size (names the frame)
-    ├── SegmentError            an encoded segment that can't be joined: missing, damaged, out of
-    │                           place, or encoded with other settings (names the segment)
-    ├── EncodeSettingsError     impossible encoder settings (unknown codec, crf out of range,
-    │                           codec the container can't hold, encoder missing from this ffmpeg)
-    ├── FFmpegNotFoundError     no ffmpeg binary (ESRFARM_FFMPEG, imageio-ffmpeg, PATH)
-    └── FFmpegError             ffmpeg exited non-zero: command, exit code and stderr tail
+  CoordinatorError
+  ├── SpecError                 a JobSpec / FarmSettings field that cannot work (names the field)
+  ├── FleetError                the workers cannot be used
+  │   ├── WorkerStartError      a local worker exited or never listened (carries its log's tail)
+  │   └── NoWorkerError         no worker answers /health with the job's model (each one's reason)
+  ├── JobError                  the job could not be done (names the batch and frames; job_dir kept)
+  │   └── JobCancelledError     the job was cancelled; its directory is kept, a rerun resumes it
+  └── MediaError                base of everything raised by probe / extract / encode / ffmpeg
+      ├── InputError              what the user gave can't be used: missing input, not a video,
+      │   │                       no video stream, zero frames, corrupt data
+      │   └── OutputPathError     the output path can't be used: same file as the input, exists
+      │                           without overwrite, directory missing or not writable
+      ├── FramesError             a directory of frames that doesn't make the video: a frame file
+      │                           missing, unreadable or of another size (names the frame)
+      ├── SegmentError            an encoded segment that can't be joined: missing, damaged, out of
+      │                           place, or encoded with other settings (names the segment)
+      ├── EncodeSettingsError     impossible encoder settings (unknown codec, crf out of range,
+      │                           codec the container can't hold, encoder missing from this ffmpeg)
+      ├── FFmpegNotFoundError     no ffmpeg binary (ESRFARM_FFMPEG, imageio-ffmpeg, PATH)
+      └── FFmpegError             ffmpeg exited non-zero: command, exit code and stderr tail
 
 ``InputError`` and ``OutputPathError`` are what a CLI shows the user as ``error: <str>``.
 """
@@ -43,7 +49,11 @@ _GENERIC = (
 )
 
 
-class MediaError(Exception):
+class CoordinatorError(Exception):
+    """Base of every error the coordinator raises on purpose."""
+
+
+class MediaError(CoordinatorError):
     """Base of every error raised by the coordinator's media modules."""
 
 
@@ -153,3 +163,79 @@ class FFmpegError(MediaError):
     def details(self) -> str:
         """Several lines: the sentence, the command (shell-quoted) and the stderr tail."""
         return f"{self}\ncommand: {shlex.join(self.command)}\nstderr:\n{self.stderr_tail}"
+
+
+class SpecError(CoordinatorError, ValueError):
+    """A job spec or farm setting that cannot work. ``field`` is the setting's name (``batch_size``),
+    never a CLI flag: the CLI maps its flags onto the fields."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field, self.problem = field, problem
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return f"{self.field} {self.problem}"
+
+
+class FleetError(CoordinatorError):
+    """The workers cannot be used."""
+
+
+class WorkerStartError(FleetError):
+    """A local worker exited or did not get ready; carries the tail of its log."""
+
+    def __init__(self, index: int, reason: str, log_tail: str) -> None:
+        self.index, self.reason, self.log_tail = index, reason, log_tail
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        tail = f"; its log ends: {self.log_tail}" if self.log_tail else ""
+        return f"local worker {self.index} {self.reason}{tail}"
+
+
+class NoWorkerError(FleetError):
+    """No worker can take the job; ``problems`` maps each worker's URL to what it answered."""
+
+    def __init__(self, problems: dict[str, str]) -> None:
+        self.problems = dict(problems)
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        detail = "; ".join(self.problems.values()) or "none answered"
+        return f"no healthy worker to upscale with: {detail}"
+
+
+class JobError(CoordinatorError):
+    """The job could not be done. ``job_dir`` is where its files were kept, if anywhere;
+    ``resumable`` says whether the same command takes it up again."""
+
+    def __init__(
+        self,
+        message: str,
+        job_dir: Path | None = None,
+        *,
+        resumable: bool = True,
+        batch_id: int | None = None,
+        frames: tuple[int, ...] = (),
+        reasons: dict[str, str] | None = None,
+    ) -> None:
+        self.message, self.job_dir, self.resumable = message, job_dir, resumable
+        self.batch_id, self.frames, self.reasons = batch_id, frames, dict(reasons or {})
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        if self.job_dir is None:
+            return self.message
+        then = "; the same command resumes it" if self.resumable else ""
+        return f"{self.message} (its files are kept in {self.job_dir}{then})"
+
+    def kept_in(self, job_dir: Path, *, resumable: bool = True) -> JobError:
+        """The same error, saying where the job's files were kept."""
+        return type(self)(
+            self.message, job_dir, resumable=resumable, batch_id=self.batch_id, frames=self.frames,
+            reasons=self.reasons,
+        )  # fmt: skip
+
+
+class JobCancelledError(JobError):
+    """The job was cancelled before it finished; nothing was written under the output's name."""

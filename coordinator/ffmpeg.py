@@ -9,28 +9,102 @@ Which binary, first match wins:
 
 Every run uses ``-hide_banner -nostats -loglevel error`` so that stderr holds only problems, and a
 failure raises :class:`FFmpegError` carrying the command, exit code and stderr tail.
+
+Every ffmpeg started here dies with the process that started it (``PR_SET_PDEATHSIG`` on Linux),
+so a coordinator killed even by SIGKILL leaves no encoder running; and every one belongs to the
+:class:`ProcessGroup` current in its context (:func:`process_group`), so a job that is cancelled
+kills its decoders and encoders at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import ctypes
 import functools
 import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import IO
 
-from coordinator.errors import FFmpegError, FFmpegNotFoundError
+from coordinator.errors import FFmpegError, FFmpegNotFoundError, MediaError
 
 log = logging.getLogger(__name__)
 
 ENV_VAR = "ESRFARM_FFMPEG"
 STDERR_TAIL_LINES = 20
 BASE_ARGS = ("-hide_banner", "-nostats", "-loglevel", "error")
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    try:
+        prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
+        return prctl
+    except (OSError, AttributeError):
+        return None
+
+
+#: Resolved once here: a forked child must not load libraries (another thread may hold the lock).
+_PRCTL = _load_prctl()
+
+
+def die_with_parent() -> None:
+    """For ``preexec_fn``: the child gets SIGKILL when the thread that started it dies."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class ProcessGroup:
+    """The ffmpeg processes of one job, so that cancelling the job kills them all at once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: set[FFmpegProcess] = set()
+        self.killed = False
+
+    def add(self, process: FFmpegProcess) -> None:
+        with self._lock:
+            killed = self.killed
+            if not killed:
+                self._running.add(process)
+        if killed:
+            process.kill()
+            raise MediaError(f"ffmpeg was not started for {process.action}: the job is being stopped")
+
+    def discard(self, process: FFmpegProcess) -> None:
+        with self._lock:
+            self._running.discard(process)
+
+    def kill_all(self) -> int:
+        """Kill every ffmpeg of the group, and any started later; returns how many were running."""
+        with self._lock:
+            self.killed = True
+            running = list(self._running)
+        for process in running:
+            process.kill()
+        return len(running)
+
+
+_GROUP: contextvars.ContextVar[ProcessGroup | None] = contextvars.ContextVar("ffmpeg_group", default=None)
+
+
+@contextlib.contextmanager
+def process_group(group: ProcessGroup) -> Iterator[ProcessGroup]:
+    """Every ffmpeg started in this context (and in threads given a copy of it) joins ``group``."""
+    token = _GROUP.set(group)
+    try:
+        yield group
+    finally:
+        _GROUP.reset(token)
 
 
 def find_ffmpeg() -> str:
@@ -117,7 +191,11 @@ class FFmpegProcess:
             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE if stdout else subprocess.DEVNULL,
             stderr=self._stderr,
+            preexec_fn=die_with_parent if os.name == "posix" else None,
         )
+        self._group = _GROUP.get()
+        if self._group is not None:
+            self._group.add(self)
 
     @property
     def stdin(self) -> IO[bytes]:
@@ -156,6 +234,8 @@ class FFmpegProcess:
                 with contextlib.suppress(BrokenPipeError):
                     pipe.close()
         self._proc.wait(timeout=timeout)
+        if self._group is not None:
+            self._group.discard(self)
         try:
             if self._proc.returncode != 0:
                 raise self.error()
@@ -168,6 +248,8 @@ class FFmpegProcess:
         if self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait()
+        if self._group is not None:
+            self._group.discard(self)
         for stream in (self._proc.stdin, self._proc.stdout, self._stderr):
             if stream is not None:
                 with contextlib.suppress(OSError):

@@ -1,20 +1,33 @@
-"""One upscaling job, end to end, streamed through a bounded window of frames.
+"""One upscaling job, end to end, streamed through a bounded window of frames: the :class:`Job` handle.
 
-The input's frames are cut into chunks (``manifests.chunks``). Extraction of chunk k+1, upscaling
-of chunk k and encoding of chunk k-1 overlap; frame data on disk stays under ``max_disk``. Each
-chunk becomes a video-only segment; the segments are joined without re-encoding and the audio,
-subtitles and chapters are muxed once from the source.
+The input's frames are cut into chunks (``manifests.chunks``), and each chunk moves through the
+chunk book (``manifests.chunkbook``): extraction of chunk k+1, upscaling of chunk k and encoding of
+chunk k-1 overlap, and frame data on disk stays under ``max_disk``. Each chunk becomes a
+video-only segment; the segments are joined without re-encoding and the audio, subtitles and
+chapters are muxed once from the source.
 
 The coordinator trusts files, not promises: a batch is done when a status file claims it and its
-output frames are on disk. A worker that fails or vanishes (process gone, ``/health`` unreachable
-for ``unreachable_after_s``, status file unchanged for ``stale_after_s``) loses its batches to the
-others. The job fails when no worker is left, or when one batch has failed on two workers.
+output frames are on disk. A worker that fails or vanishes (lost by the fleet, or its status file
+unchanged for ``stale_after_s``) loses its batches to the others. The job fails when no worker is
+left, or when one batch has failed on two workers.
 
 A job is named by what determines its frames: the input's content, the model, the scale, the tile
-size and the precision. Started again with the same command after a crash (even SIGKILL), it finds
-its job directory and continues: finished segments are kept, batches whose output frames are on
-disk are not upscaled again. Changing only encoder settings re-encodes the segments, from the
-upscaled frames when they were kept (``--keep-frames``).
+size and the precision. Started again after a crash (even SIGKILL) or a cancel, it finds its job
+directory and continues: finished segments are kept, batches whose output frames are on disk (and
+sound) are not upscaled again. Changing only encoder settings re-encodes the segments, from the
+upscaled frames when they were kept (``keep_frames``).
+
+Driving it::
+
+    async with WorkerFleet(farm, local=...) as fleet:
+        job = Job(spec, fleet).start()
+        async for event in job.events():   # Progress, WorkerLost, ..., then Finished/Failed/Cancelled
+            ...
+        result = await job.wait()           # JobResult, or raises JobError / a CoordinatorError
+    # job.cancel(): stop dealing, reset the workers' manifests, kill the job's ffmpeg processes,
+    # keep the job directory (the same job resumes from it)
+
+:func:`upscale` does all of that for one job on a fleet of its own (what ``esrfarm upscale`` runs).
 """
 
 from __future__ import annotations
@@ -22,136 +35,69 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import fcntl
 import hashlib
 import logging
 import os
+import re
 import shutil
 import socket
-import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+import unicodedata
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, TypeVar
 
-import aiohttp
 import orjson
 
-from coordinator.client import WorkerBusyError, WorkerClient, WorkerRequestError
-from coordinator.encode import EncodeSettings, check_encode
+from coordinator.encode import PART_SUFFIX, check_encode
+from coordinator.errors import (
+    CoordinatorError,
+    JobCancelledError,
+    JobError,
+)
+from coordinator.events import (
+    BatchFailed,
+    Cancelled,
+    Failed,
+    Finished,
+    JobEvent,
+    JobResult,
+    Progress,
+    SegmentDone,
+    Stage,
+    Started,
+    WorkerLost,
+)
 from coordinator.extract import extract_frames
-from coordinator.local_workers import LocalWorkerPool, visible_gpu_count
+from coordinator.ffmpeg import ProcessGroup, process_group
+from coordinator.fleet import Dispatch, LocalWorkerConfig, WorkerFleet, WorkerHandle
 from coordinator.memory import release_free_memory
 from coordinator.probe import MediaInfo, check_output_path, probe
 from coordinator.segments import SEGMENT_SUFFIX, encode_segment, join_segments, segment_is_complete
+from coordinator.spec import FarmSettings, JobSpec
+from manifests.atomic import leftover_temp_files
+from manifests.chunkbook import Admission, ChunkBook, ChunkStage
 from manifests.chunks import Chunk, ChunkPlan, format_size, frame_file_bytes, plan_chunks
-from manifests.errors import DocumentError, PlanningError
+from manifests.errors import DocumentError, FormatVersionError, PlanningError
+from manifests.frames import frame_file_is_sound
+from manifests.jobrecord import JobRecord, SegmentsRecord
 from manifests.jsonio import write_json_atomic
-from manifests.layout import FrameFormat, JobLayout, frame_filename
+from manifests.layout import JobLayout, frame_filename
 from manifests.ledger import JobLedger
 from manifests.manifest import Batch, Manifest
 from manifests.planner import plan_batches
+from manifests.progress import ProgressThrottle, job_progress
 from manifests.status import Status
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "realesr-animevideov3"
-DEFAULT_MAX_DISK = 4 << 30
-JOB_FORMAT = "esrfarm.job/1"
+T = TypeVar("T")
 
 
-class JobError(Exception):
-    """The job could not be done. ``job_dir`` is where its files were kept, if anywhere."""
-
-    def __init__(self, message: str, job_dir: Path | None = None) -> None:
-        self.message, self.job_dir = message, job_dir
-        kept = f" (its files are kept in {job_dir}; the same command resumes it)" if job_dir else ""
-        super().__init__(f"{message}{kept}")
-
-
-@dataclass(frozen=True)
-class UpscaleSettings:
-    """Everything one ``esrfarm upscale`` needs; every timeout is a setting so tests can shrink it."""
-
-    input: Path
-    output: Path
-    scale: float | None = None  # None: the model's own
-    model: str = DEFAULT_MODEL
-    tile: int | None = None  # None: whatever the workers run
-    precision: str | None = None  # local workers only; None: the device's default
-    workers: tuple[str, ...] = ()  # worker URLs; empty: start local workers
-    local_workers: int | None = None  # None: one per visible GPU, or one on the CPU
-    local_worker_args: tuple[str, ...] = ()  # extra flags for local workers (e.g. --cpu-threads 1)
-    shared_root: Path | None = None
-    batch_size: int = 8
-    frame_format: FrameFormat = FrameFormat.PNG
-    png_compression: int = 1
-    max_disk: int = DEFAULT_MAX_DISK  # bytes of input and output frames on disk at once
-    max_chunk_frames: int = 256
-    encoders: int | None = None  # segments encoded at once; None: by CPU count
-    encode: EncodeSettings = field(default_factory=EncodeSettings)
-    overwrite: bool = False
-    keep_frames: bool = False
-    token: str | None = field(default=None, repr=False)
-    poll_interval_s: float = 0.02
-    health_interval_s: float = 2.0
-    startup_timeout_s: float = 600.0  # local workers: model load and warm-up
-    unreachable_after_s: float = 30.0
-    stale_after_s: float = 600.0
-    request_timeout_s: float = 10.0
-    stats_file: Path | None = None  # where to write stage timings (JSON) after success
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be at least 1, not {self.batch_size}")
-        if self.scale is not None and not 0 < self.scale <= 16:
-            raise ValueError(f"--scale must be above 0 and at most 16, not {self.scale:g}")
-        if self.local_workers is not None and self.local_workers < 1:
-            raise ValueError(f"--local-workers must be at least 1, not {self.local_workers}")
-        if self.workers and self.local_workers is not None:
-            raise ValueError("give either --workers or --local-workers, not both")
-        if self.workers and self.shared_root is None:
-            raise ValueError(
-                "--workers needs --shared-root (or ESRFARM_SHARED_ROOT): the directory those workers "
-                "were started with, as this machine sees it"
-            )
-        if not 0 <= self.png_compression <= 9:
-            raise ValueError(f"PNG compression must be 0 to 9, not {self.png_compression}")
-        if self.max_disk < 1 or self.max_chunk_frames < 1:
-            raise ValueError("--max-disk and --chunk-frames must be above 0")
-        if self.encoders is not None and self.encoders < 1:
-            raise ValueError(f"--encoders must be at least 1, not {self.encoders}")
-        if self.tile is not None and self.tile < 0:
-            raise ValueError(f"--tile must be 0 or more, not {self.tile}")
-
-
-@dataclass(frozen=True)
-class JobProgress:
-    stage: str  # "extract" | "upscale" | "join"
-    done: int
-    total: int
-    fps: float
-    eta_s: float | None
-
-
-ProgressCallback = Callable[[JobProgress], None]
-
-
-def default_shared_root() -> Path:
-    env = os.environ.get("ESRFARM_SHARED_ROOT")
-    if env:
-        return Path(env)
-    import tempfile
-
-    return Path(tempfile.gettempdir()) / f"esrfarm-{os.getuid()}"
-
-
-def output_size(info: MediaInfo, scale: float | None) -> tuple[int, int] | None:
-    """(width, height) of the upscaled frames, or None while the scale is not known."""
-    if scale is None:
-        return None
-    return round(info.video.width * scale), round(info.video.height * scale)
+# -- what names a job ------------------------------------------------------------------------------
 
 
 def file_sha256(path: Path) -> str:
@@ -162,165 +108,75 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def job_identity(settings: UpscaleSettings) -> dict[str, object]:
+def job_identity(spec: JobSpec) -> dict[str, object]:
     """What determines the upscaled frames: a changed value means another job."""
-    model_path = Path(settings.model)
-    model = {"file_sha256": file_sha256(model_path)} if model_path.is_file() else {"name": settings.model}
+    model_path = Path(spec.model)
+    model = {"file_sha256": file_sha256(model_path)} if model_path.is_file() else {"name": spec.model}
     return {
-        "input_sha256": file_sha256(settings.input),
+        "input_sha256": file_sha256(spec.input),
         "model": model,
-        "scale": settings.scale,
-        "tile": settings.tile,
-        "precision": settings.precision,
+        "scale": spec.scale,
+        "tile": spec.tile,
+        "precision": spec.precision,
     }
 
 
 def job_id_for(input_path: Path, identity: dict[str, object]) -> str:
-    stem = "".join(c if c.isalnum() or c in "._-" else "_" for c in input_path.stem)[:40] or "job"
+    """``<readable stem>-<16 hex digits of the identity>``, a safe directory name for any file name
+    (accents folded, other letters and leading dots or dashes dropped: ``.vidéo`` -> ``video``)."""
+    folded = unicodedata.normalize("NFKD", input_path.stem).encode("ascii", "ignore").decode()
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", folded).strip("._-")[:40].rstrip("._-") or "job"
     digest = hashlib.sha256(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS)).hexdigest()
     return f"{stem}-{digest[:16]}"
 
 
-@dataclass
-class _Worker:
-    """The coordinator's view of one worker."""
-
-    url: str
-    client: WorkerClient
-    worker_id: str = ""
-    alive: bool = True
-    unreachable_since: float | None = None  # monotonic time of the first failed health check in a row
-    last_change: float = 0.0  # monotonic time the status of its open manifest last changed
-    last_status: bytes = b""
+def output_size(info: MediaInfo, scale: float | None) -> tuple[int, int] | None:
+    """(width, height) of the upscaled frames, or None while the scale is not known."""
+    if scale is None:
+        return None
+    return round(info.video.width * scale), round(info.video.height * scale)
 
 
-class _DiskBudget:
-    """Bytes of frame data admitted to disk; extraction waits here for room."""
+class JobLock:
+    """One coordinator per job: ``jobs/.<id>.lock`` held with ``flock``; a second one is refused."""
 
-    def __init__(self, limit: float) -> None:
-        self.limit = limit
-        self.used = 0
-        self.peak = 0
-        self.closed = False
-        self._cond = threading.Condition()
+    def __init__(self, layout: JobLayout) -> None:
+        self.path = layout.shared_root / "jobs" / f".{layout.job_id}.lock"
+        self.job_id = layout.job_id
+        self._handle: IO[str] | None = None
 
-    def acquire(self, cost: int, *, wait: bool = True) -> None:
-        with self._cond:
-            while wait and self.used and self.used + cost > self.limit and not self.closed:
-                self._cond.wait()
-            if self.closed:
-                raise _Stopped
-            self.used += cost
-            self.peak = max(self.peak, self.used)
-
-    def release(self, cost: int) -> None:
-        with self._cond:
-            self.used -= cost
-            self._cond.notify_all()
-
-    def close(self) -> None:
-        with self._cond:
-            self.closed = True
-            self._cond.notify_all()
-
-
-class _Stopped(Exception):
-    """Extraction was told to stop (the job is failing)."""
-
-
-@dataclass
-class _ChunkState:
-    chunk: Chunk
-    batches: tuple[Batch, ...]
-    done_on_disk: set[int] = field(default_factory=set)  # batch ids whose outputs were found
-    extract: bool = False  # its input frames must be extracted
-    extracted: bool = False
-    frames_extracted: dict[int, int] = field(default_factory=dict)  # batch id -> frames on disk
-    added: set[int] = field(default_factory=set)  # batch ids handed to the ledger
-    dispatched: bool = False  # all its batches are in the ledger
-    upscaled: bool = False
-    encoding: concurrent.futures.Future[Path] | None = None
-    encoded: bool = False
-    holds_input: int = 0  # bytes of the disk budget it holds
-    holds_output: int = 0
-
-
-async def run_upscale(settings: UpscaleSettings, on_progress: ProgressCallback | None = None) -> MediaInfo:
-    """Upscale ``settings.input`` into ``settings.output``. Raises :class:`JobError` or a media error."""
-    begun = time.monotonic()
-    check_output_path(settings.input, settings.output, settings.overwrite)
-    info = probe(settings.input)
-    check_encode(
-        info,
-        settings.output,
-        settings.encode,
-        overwrite=settings.overwrite,
-        size=output_size(info, settings.scale),
-    )
-    shared_root = (settings.shared_root or default_shared_root()).resolve()
-    shared_root.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
-    identity = await asyncio.to_thread(job_identity, settings)
-    log.info("hashed the input in %.1f s", time.monotonic() - started)
-    layout = JobLayout(shared_root, job_id_for(settings.input, identity))
-    with _job_lock(layout):
-        run = _open_job_dir(layout, identity, settings, info)
-        job = _Job(settings, info, layout, run, on_progress or (lambda _: None))
-        try:
-            await job.run()
-        except BaseException as exc:
-            if isinstance(exc, JobError):
-                raise JobError(exc.message, layout.job_dir) from exc.__cause__
-            if isinstance(exc, Exception):
-                log.error("job %s failed; its files are kept in %s", layout.job_id, layout.job_dir)
-            raise
-        if not settings.keep_frames:
-            shutil.rmtree(layout.job_dir, ignore_errors=True)
-        else:
-            log.info("frames kept in %s", layout.job_dir)
-    job.stats["total_s"] = time.monotonic() - begun
-    if settings.stats_file is not None:
-        stats = {key: round(value, 3) for key, value in job.stats.items()}
-        try:
-            write_json_atomic(settings.stats_file, orjson.dumps({"frames": info.frame_count, **stats}))
-        except OSError as exc:  # the video is written; a stats file that cannot be is only a warning
-            log.warning("could not write the stats file %s: %s", settings.stats_file, exc)
-    return info
-
-
-@contextlib.contextmanager
-def _job_lock(layout: JobLayout) -> Iterator[None]:
-    """One coordinator per job: a second one started with the same command is refused."""
-    lock_path = layout.shared_root / "jobs" / f".{layout.job_id}.lock"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with lock_path.open("a+") as handle:
+    def acquire(self) -> JobLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = self.path.open("a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
-            raise JobError(f"job {layout.job_id} is being run by {holder} right now") from None
+            handle.close()
+            raise JobError(f"job {self.job_id} is being run by {holder} right now") from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"esrfarm pid {os.getpid()} on {socket.gethostname()}")
         handle.flush()
-        try:
-            yield
-        finally:
-            lock_path.unlink(missing_ok=True)
+        self._handle = handle
+        return self
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self.path.unlink(missing_ok=True)
+            self._handle.close()
+            self._handle = None
 
 
-def _open_job_dir(
-    layout: JobLayout, identity: dict[str, object], settings: UpscaleSettings, info: MediaInfo
-) -> int:
+def open_job_dir(layout: JobLayout, identity: dict[str, object], spec: JobSpec, info: MediaInfo) -> int:
     """Create the job directory, or take up the one a stopped run left. Returns this run's number."""
     runs = 0
     if layout.job_file.is_file():
         try:
-            previous = orjson.loads(layout.job_file.read_bytes())
-            if previous.get("format") == JOB_FORMAT and previous.get("identity") == identity:
-                runs = int(previous.get("runs", 0))
-        except (ValueError, OSError):
+            previous = JobRecord.from_json(layout.job_file.read_bytes(), source=layout.job_file)
+            runs = previous.runs if previous.identity == identity else 0
+        except (DocumentError, OSError):
             pass
         if runs:
             log.info("resuming job %s (run %d) from %s", layout.job_id, runs + 1, layout.job_dir)
@@ -328,557 +184,790 @@ def _open_job_dir(
             log.warning("job directory %s is not readable as this job's; starting it afresh", layout.job_dir)
             shutil.rmtree(layout.job_dir, ignore_errors=True)
     layout.create()
-    write_json_atomic(
-        layout.job_file,
-        orjson.dumps(
-            {
-                "format": JOB_FORMAT,
-                "identity": identity,
-                "input": str(settings.input.resolve()),
-                "output": str(settings.output.resolve()),
-                "frames": info.frame_count,
-                "runs": runs + 1,
-                "updated_at": time.time(),
-            }
-        ),
+    record = JobRecord(
+        identity=identity,
+        input=str(spec.input.resolve()),
+        output=str(spec.output.resolve()),
+        frames=info.frame_count,
+        runs=runs + 1,
+        updated_at=time.time(),
     )
+    write_json_atomic(layout.job_file, record.to_json())
     return runs + 1
 
 
-class _Job:
-    def __init__(
-        self,
-        settings: UpscaleSettings,
-        info: MediaInfo,
-        layout: JobLayout,
-        run: int,
-        on_progress: ProgressCallback,
-    ) -> None:
-        self.settings = settings
-        self.info = info
-        self.layout = layout
-        self.run_number = run
-        self.on_progress = on_progress
-        self.workers: dict[str, _Worker] = {}
-        self.pool: LocalWorkerPool | None = None
-        self.manifest_count = 0
-        self.scale = settings.scale
-        self.ledger = JobLedger.for_batches([])
-        self.plan: ChunkPlan | None = None
-        self.states: list[_ChunkState] = []
-        # Stage timings in seconds, for --stats: wall times of the stages, summed encoder time,
-        # and idle worker-seconds (a live worker without work while the job was not done).
-        self.stats: dict[str, float] = {"segment_encode_s": 0.0, "worker_idle_s": 0.0}
-        self._stats_lock = threading.Lock()
-        self.budget = _DiskBudget(float("inf"))
-        self.frames_before = 0  # frames in segments finished by earlier runs
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.started = time.monotonic()
+@dataclass(frozen=True)
+class _Parked:
+    """A manifest a worker refused as busy (409), kept to be sent again instead of a new file."""
 
-    async def run(self) -> None:
-        settings = self.settings
-        self.loop = asyncio.get_running_loop()
-        self.started = time.monotonic()
-        encoders = settings.encoders or max(1, min(4, (os.cpu_count() or 1) // 4))
-        executor = concurrent.futures.ThreadPoolExecutor(max_workers=encoders, thread_name_prefix="segment")
+    manifest_id: str
+    batches: tuple[Batch, ...]
+
+
+class _Stopped(Exception):
+    """Extraction was told to stop (the job is ending)."""
+
+
+# -- the job -------------------------------------------------------------------------------------
+
+
+class Job:
+    """One video through the farm; see the module docstring."""
+
+    def __init__(self, spec: JobSpec, fleet: WorkerFleet, *, progress_interval_s: float = 0.25) -> None:
+        self.spec = spec
+        self.fleet = fleet
+        self.farm: FarmSettings = fleet.farm
+        self.layout: JobLayout | None = None
+        self.info: MediaInfo | None = None
+        self.run_number = 0
+        self.stats: dict[str, float] = {"segment_encode_s": 0.0, "worker_idle_s": 0.0}
+        self._events: asyncio.Queue[JobEvent] = asyncio.Queue()
+        self._throttle = ProgressThrottle(progress_interval_s)
+        self._task: asyncio.Task[JobResult] | None = None
+        self._cancel_requested = False
+        self._processes = ProcessGroup()
+        self._threads: set[asyncio.Future[Any]] = set()
+        self._begun = time.monotonic()
+        # set by the pipeline
+        self._book: ChunkBook | None = None
+        self._plan: ChunkPlan | None = None
+        self._scale: float | None = spec.scale
+        self._ledger = JobLedger.for_batches([])
+        self._to_extract: frozenset[int] = frozenset()
+        self._admissions: dict[int, asyncio.Future[Admission | None]] = {}
+        self._extraction: asyncio.Future[None] | None = None
+        self._encoding: dict[int, asyncio.Future[None]] = {}
+        self._encode_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._holders: dict[str, WorkerHandle] = {}  # open manifest id -> the worker holding it
+        self._last_status: dict[str, bytes] = {}
+        self._last_change: dict[str, float] = {}
+        self._reported_errors: set[tuple[str, int]] = set()
+        self._parked: dict[str, _Parked] = {}
+        self._lost: set[str] = set()
+        self._reset_orphans: set[str] = set()
+        self._stopping = False
+        self._manifest_count = 0
+        self._ready = False
+        self._frames_found = 0  # frames of chunks an earlier run finished (upscaled or encoded)
+        self._found_batch_frames = 0  # frames of batches found on disk and added to the ledger done
+        self._encoded_before = 0
+        self._frames_extracted = 0
+        self._started_at = 0.0  # loop time the workers were ready
+        self._last_tick: float | None = None
+        self._callback_error: Exception | None = None
+
+    # -- the handle -------------------------------------------------------------------------------
+
+    def start(self) -> Job:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="esrfarm-job")
+        return self
+
+    async def events(self) -> AsyncIterator[JobEvent]:
+        """Every event of the job, in order; ends after Finished, Failed or Cancelled."""
+        self.start()
+        while True:
+            event = await self._events.get()
+            yield event
+            if isinstance(event, Finished | Failed | Cancelled):
+                return
+
+    async def wait(self) -> JobResult:
+        """The result; raises :class:`JobError` (or another :class:`CoordinatorError`) if it failed."""
+        task = self.start()._task
+        assert task is not None
+        return await asyncio.shield(task)
+
+    async def cancel(self) -> None:
+        """Stop the job and wait until it has stopped: no batch goes out any more, the workers'
+        manifests are reset, its ffmpeg processes are killed, the job directory is kept."""
+        task = self._task
+        if task is None or task.done():
+            return
+        self._cancel_requested = True
+        self._processes.kill_all()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    @property
+    def job_dir(self) -> Path | None:
+        return self.layout.job_dir if self.layout is not None else None
+
+    def _emit(self, event: JobEvent) -> None:
+        self._events.put_nowait(event)
+
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking work on a thread; the job waits for it even when cancelled meanwhile."""
+        future = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        self._threads.add(future)
+        future.add_done_callback(self._threads.discard)
+        return await asyncio.shield(future)
+
+    # -- the run ----------------------------------------------------------------------------------
+
+    async def _run(self) -> JobResult:
+        with process_group(self._processes):
+            try:
+                result = await self._upscale()
+            except asyncio.CancelledError:
+                if not self._cancel_requested:
+                    raise
+                self._emit(Cancelled(self.job_dir))
+                raise JobCancelledError("the job was cancelled", self.job_dir) from None
+            except JobError as exc:
+                self._emit(
+                    Failed(str(exc), exc.job_dir, exc.resumable, exc.batch_id, exc.frames, exc.reasons)
+                )
+                raise
+            except CoordinatorError as exc:
+                self._emit(Failed(str(exc), self.job_dir, self.job_dir is not None))
+                raise
+            except Exception as exc:  # a defect: whoever drives the job still gets a last event
+                log.exception("job failed unexpectedly")
+                self._emit(Failed(f"internal error: {type(exc).__name__}: {exc}", self.job_dir, False))
+                raise
+        self._emit(Finished(result))
+        return result
+
+    async def _upscale(self) -> JobResult:
+        spec = self.spec
+        self._report(Stage.PROBING, 0, 0)
+        info = await self._in_thread(self._probe)
+        started = time.monotonic()
+        identity = await self._in_thread(job_identity, spec)
+        log.info("hashed the input in %.1f s", time.monotonic() - started)
+        layout = JobLayout(self.farm.root, job_id_for(spec.input, identity))
+        lock = await self._in_thread(JobLock(layout).acquire)
         try:
-            async with aiohttp.ClientSession() as session:
-                start = asyncio.create_task(self._start_workers())
-                extraction: asyncio.Task[None] | None = None
-                try:
-                    if self.scale is not None:  # else the workers tell the scale first
-                        self._plan()
-                        extraction = asyncio.create_task(asyncio.to_thread(self._extract))
-                    urls = await start
-                    self.stats["workers_started_s"] = time.monotonic() - self.started
-                    for url in urls:
-                        client = WorkerClient(url, session, settings.token, settings.request_timeout_s)
-                        self.workers[url] = _Worker(url, client)
-                    await self._wait_healthy()
-                    self.stats["workers_ready_s"] = time.monotonic() - self.started
-                    if extraction is None:
-                        self._plan()
-                        extraction = asyncio.create_task(asyncio.to_thread(self._extract))
-                    await self._pipeline(extraction, executor)
-                    await extraction
-                finally:
-                    self.budget.close()
-                    start.cancel()
-                    if extraction is not None and not extraction.done():
-                        await asyncio.gather(extraction, return_exceptions=True)
-                    if self.pool is not None:
-                        await self.pool.stop()
+            self.run_number = await self._in_thread(open_job_dir, layout, identity, spec, info)
+            self.layout, self.info = layout, info
+            self._emit(Started(layout.job_id, layout.job_dir, info.frame_count, self.run_number))
+            try:
+                await self._upscale_frames()
+                await self._join()
+            except JobError as exc:
+                if exc.job_dir is not None or not exc.resumable:
+                    raise
+                raise exc.kept_in(layout.job_dir) from exc.__cause__
+            except CoordinatorError as exc:
+                if not layout.job_dir.is_dir():
+                    raise
+                raise JobError(str(exc), layout.job_dir) from exc
+            if not spec.keep_frames:
+                await self._in_thread(shutil.rmtree, layout.job_dir, True)
+            else:
+                log.info("frames kept in %s", layout.job_dir)
         finally:
-            executor.shutdown(wait=True, cancel_futures=True)
-        await asyncio.to_thread(self._join)
+            await asyncio.gather(*self._threads, return_exceptions=True)
+            await asyncio.to_thread(lock.release)
+        self.stats["total_s"] = time.monotonic() - self._begun
+        stats = {key: round(value, 3) for key, value in self.stats.items()}
+        return JobResult(layout.job_id, spec.output, info.frame_count, self.run_number > 1, stats)
+
+    def _probe(self) -> MediaInfo:
+        spec = self.spec
+        check_output_path(spec.input, spec.output, spec.overwrite)
+        info = probe(spec.input)
+        check_encode(
+            info, spec.output, spec.encode, overwrite=spec.overwrite, size=output_size(info, spec.scale)
+        )
+        self.farm.root.mkdir(parents=True, exist_ok=True)
+        for leftover in leftover_temp_files(spec.output, PART_SUFFIX, dead_writers_only=True):
+            log.info("removing %s, left by an earlier run that was killed", leftover)
+            leftover.unlink(missing_ok=True)
+        return info
+
+    async def _upscale_frames(self) -> None:
+        """Plan, extract, upscale and encode every chunk; the segments are on disk afterwards."""
+        spec = self.spec
+        ready = asyncio.ensure_future(self.fleet.wait_ready(spec.model))
+        self._encode_pool = concurrent.futures.ThreadPoolExecutor(spec.encoder_count, "segment")
+        succeeded = False
+        try:
+            if self._scale is not None:  # else the workers tell the scale first
+                await self._start_pipeline()
+            self._report(Stage.LOADING, 0, 0)
+            handles = await ready
+            self._ready = True
+            self.stats["workers_ready_s"] = time.monotonic() - self._begun
+            if self._book is None:
+                self._scale = handles[0].scale
+                await self._in_thread(self._check_encode_size)
+                await self._start_pipeline()
+            self._started_at = asyncio.get_running_loop().time()
+            await self._loop()
+            assert self._extraction is not None
+            await self._extraction
+            succeeded = True
+        finally:
+            ready.cancel()
+            await self._stop(succeeded)
+
+    async def _loop(self) -> None:
+        """The job, one step after another every ``poll_interval_s``, until every segment is encoded."""
+        assert self._book is not None
+        while not self._book.all_encoded:
+            self._raise_if_extraction_failed()
+            self._admit_chunks()
+            await self._read_statuses()
+            self._account_lost_workers()
+            self._lose_stale_workers()
+            await self._collect_upscaled_chunks()
+            self._start_encoders()
+            await self._collect_segments()
+            self._raise_if_stuck()
+            await self._deal()
+            self._report_progress()
+            await asyncio.sleep(self.farm.poll_interval_s)
+        log.info(
+            "upscaled and encoded %d frames; frame data admitted at most %s",
+            self._ledger.frames_done,
+            format_size(self._book.peak),
+        )
+
+    async def _stop(self, succeeded: bool) -> None:
+        """Whatever way the pipeline ends: extraction and encoders stopped, workers reset if it failed."""
+        self._stopping = True
+        for future in self._admissions.values():
+            if not future.done():
+                future.set_result(None)
+        if not succeeded:
+            self._processes.kill_all()
+            holders = [h for h in set(self._holders.values()) if h.holding in self._holders]
+            await asyncio.gather(*(self.fleet.reset(h) for h in holders))
+            for manifest_id, handle in self._holders.items():
+                self.fleet.release(handle, manifest_id)
+        waits = [f for f in (self._extraction, *self._encoding.values()) if f is not None]
+        await asyncio.gather(*waits, return_exceptions=True)
+        if self._encode_pool is not None:
+            await asyncio.to_thread(self._encode_pool.shutdown, True, cancel_futures=True)
 
     # -- planning ---------------------------------------------------------------------------------
 
-    def _plan(self) -> None:
-        """Chunks, budget, and what a previous run already did (files are the truth)."""
-        settings, info = self.settings, self.info
-        assert self.scale is not None
+    def _check_encode_size(self) -> None:
+        assert self.info is not None
+        size = output_size(self.info, self._scale)
+        check_encode(self.info, self.spec.output, self.spec.encode, overwrite=self.spec.overwrite, size=size)
+
+    async def _start_pipeline(self) -> None:
+        """Plan the chunks, take in what earlier runs left, and start extracting."""
+        spec, info, layout = self.spec, self.info, self.layout
+        assert info is not None and layout is not None and self._scale is not None
         width, height = info.video.width, info.video.height
-        out_w, out_h = round(width * self.scale), round(height * self.scale)
+        out_w, out_h = round(width * self._scale), round(height * self._scale)
         try:
             plan = plan_chunks(
                 info.frame_count,
-                batch_size=settings.batch_size,
-                input_frame_bytes=frame_file_bytes(width, height, settings.frame_format),
-                output_frame_bytes=frame_file_bytes(out_w, out_h, settings.frame_format),
-                max_disk=settings.max_disk,
-                max_chunk_frames=settings.max_chunk_frames,
+                batch_size=spec.batch_size,
+                input_frame_bytes=frame_file_bytes(width, height, spec.frame_format),
+                output_frame_bytes=frame_file_bytes(out_w, out_h, spec.frame_format),
+                max_disk=spec.max_disk,
+                max_chunk_frames=spec.max_chunk_frames,
             )
         except PlanningError as exc:
-            raise JobError(f"cannot start: {exc}") from exc
-        self.plan = plan
+            if self.run_number == 1:  # nothing of this job is on disk: leave nothing behind
+                await self._in_thread(shutil.rmtree, layout.job_dir, True)
+            raise JobError(f"cannot start: {exc}", resumable=False) from exc
+        batches = plan_batches(info.frame_count, spec.batch_size, ["all"]).batches
+        encoded, on_disk = await self._in_thread(self._scan_disk, plan, batches, (out_w, out_h))
         # Kept output frames stay on disk: the budget then cannot hold, and is not enforced.
-        self.budget = _DiskBudget(float("inf") if settings.keep_frames else settings.max_disk)
-        self._check_segments_key(plan)
-        batches = plan_batches(info.frame_count, settings.batch_size, ["all"]).batches
-        by_chunk: dict[int, list[Batch]] = {}
-        for batch in batches:
-            by_chunk.setdefault(plan.chunk_of(batch.frames[0]).index, []).append(batch)
-        for chunk in plan.chunks:
-            state = _ChunkState(chunk, tuple(by_chunk[chunk.index]))
-            self.states.append(state)
-            if segment_is_complete(self._segment_path(chunk), chunk.count):
-                state.encoded = True
-                self.frames_before += chunk.count
-                self._remove_frames(chunk, self.layout.input_dir)
-                if not settings.keep_frames:
-                    self._remove_frames(chunk, self.layout.output_dir)
-                continue
-            state.done_on_disk = {b.id for b in state.batches if self._outputs_exist(b)}
-            if len(state.done_on_disk) == len(state.batches):
-                state.extracted = True  # nothing to extract; straight to the ledger, then encoding
-                state.holds_output = plan.output_cost(chunk)
-                self.budget.acquire(state.holds_output, wait=False)
-            else:
-                state.extract = True
-        done = sum(1 for s in self.states if s.encoded)
+        budget = None if spec.keep_frames else spec.max_disk
+        self._plan = plan
+        self._book = book = ChunkBook(plan, batches, budget=budget, encoded=encoded, outputs_on_disk=on_disk)
+        self._to_extract = frozenset(c.index for c in book.in_stage(ChunkStage.WAITING))
+        self._frames_found = book.frames_in(ChunkStage.UPSCALED, ChunkStage.ENCODED)
+        self._encoded_before = book.frames_in(ChunkStage.ENCODED)
         if self.run_number > 1:
             log.info(
                 "resuming: %d of %d segments done, %d more chunks upscaled",
-                done,
+                len(encoded),
                 len(plan.chunks),
-                sum(1 for s in self.states if not s.encoded and not s.extract),
+                len(book.in_stage(ChunkStage.UPSCALED)),
             )
         log.info(
             "%d frames in %d chunk(s) of up to %d frames; frame data kept under %s",
             info.frame_count,
             len(plan.chunks),
             plan.chunk_frames,
-            format_size(settings.max_disk),
+            format_size(spec.max_disk),
         )
+        self._extraction = asyncio.ensure_future(self._in_thread(self._extract))
 
-    def _check_segments_key(self, plan: ChunkPlan) -> None:
+    def _scan_disk(
+        self, plan: ChunkPlan, batches: Iterable[Batch], size: tuple[int, int]
+    ) -> tuple[set[int], dict[int, set[int]]]:
+        """What earlier runs left that can be trusted: complete segments, and batches whose output
+        frames are all whole and of the right size (a damaged frame is deleted and redone)."""
+        layout, spec = self.layout, self.spec
+        assert layout is not None
+        self._check_segments_record(plan)
+        for leftover in layout.segments_dir.glob(f".*{PART_SUFFIX}"):
+            leftover.unlink(missing_ok=True)  # a killed encoder's; this coordinator holds the job lock
+        encoded = {c.index for c in plan.chunks if segment_is_complete(self._segment_path(c), c.count)}
+        on_disk: dict[int, set[int]] = {}
+        for batch in batches:
+            chunk = plan.chunk_of(batch.frames[0])
+            if chunk.index in encoded:
+                continue
+            paths = [layout.output_dir / frame_filename(f, spec.frame_format) for f in batch.frames]
+            if not all(path.is_file() for path in paths):
+                continue
+            damaged = [p for p in paths if not frame_file_is_sound(p, spec.frame_format, *size)]
+            for path in damaged:
+                log.warning("output frame %s of an earlier run is damaged; its batch is upscaled again", path)
+                path.unlink(missing_ok=True)
+            if not damaged:
+                on_disk.setdefault(chunk.index, set()).add(batch.id)
+        for chunk in plan.chunks:
+            if chunk.index in encoded:
+                self._remove_frames(chunk, layout.input_dir)
+                if not spec.keep_frames:
+                    self._remove_frames(chunk, layout.output_dir)
+        return encoded, on_disk
+
+    def _check_segments_record(self, plan: ChunkPlan) -> None:
         """Segments of an earlier run count only if cut and encoded the same way."""
-        key = orjson.dumps({"encode": asdict(self.settings.encode), "chunk_frames": plan.chunk_frames})
-        key_file = self.layout.segments_dir / "segments.json"
-        if key_file.is_file() and key_file.read_bytes() != key:
+        assert self.layout is not None
+        encode = asdict(self.spec.encode)
+        record = SegmentsRecord(
+            plan.chunk_frames, {**encode, "extra_args": list(self.spec.encode.extra_args)}
+        )
+        record_file = self.layout.segments_dir / "segments.json"
+        previous: SegmentsRecord | None = None
+        with contextlib.suppress(OSError, DocumentError):
+            previous = SegmentsRecord.from_json(record_file.read_bytes(), source=record_file)
+        if previous != record and any(self.layout.segments_dir.glob(f"*{SEGMENT_SUFFIX}")):
             log.info("encoder settings or chunking changed: the earlier segments are encoded again")
             for segment in self.layout.segments_dir.glob(f"*{SEGMENT_SUFFIX}"):
                 segment.unlink()
-        write_json_atomic(key_file, key)
+        write_json_atomic(record_file, record.to_json())
 
     def _segment_path(self, chunk: Chunk) -> Path:
+        assert self.layout is not None
         return self.layout.segments_dir / f"{chunk.index:06d}{SEGMENT_SUFFIX}"
-
-    def _frame_path(self, directory: Path, frame: int) -> Path:
-        return directory / frame_filename(frame, self.settings.frame_format)
-
-    def _outputs_exist(self, batch: Batch) -> bool:
-        return all(self._frame_path(self.layout.output_dir, f).is_file() for f in batch.frames)
 
     def _remove_frames(self, chunk: Chunk, directory: Path) -> None:
         for frame in chunk.frames:
-            self._frame_path(directory, frame).unlink(missing_ok=True)
+            (directory / frame_filename(frame, self.spec.frame_format)).unlink(missing_ok=True)
 
-    # -- stages -----------------------------------------------------------------------------------
-
-    async def _start_workers(self) -> list[str]:
-        settings = self.settings
-        if settings.workers:
-            return list(settings.workers)
-        gpus = visible_gpu_count()
-        count = settings.local_workers or max(gpus, 1)
-        args = ["--shared-root", str(self.layout.shared_root), "--model", settings.model]
-        if settings.scale is not None:
-            args += ["--scale", f"{settings.scale:g}"]
-        if settings.tile is not None:
-            args += ["--tile", str(settings.tile)]
-        if settings.precision is not None:
-            args += ["--precision", settings.precision]
-        self.pool = LocalWorkerPool(self.layout.job_dir / "workers", [*args, *settings.local_worker_args])
-        return await self.pool.start(count, gpus, settings.startup_timeout_s)
+    # -- extraction (a thread) and admission (the loop) -------------------------------------------
 
     def _extract(self) -> None:
-        """Runs in a thread: decodes the input once, writing the frames of chunks that need them."""
-        plan, loop = self.plan, self.loop
-        assert plan is not None and loop is not None
-        if not any(state.extract for state in self.states):
+        """Decodes the input once, writing the frames of the chunks the book admits."""
+        plan, info, layout = self._plan, self.info, self.layout
+        assert plan is not None and info is not None and layout is not None
+        if not self._to_extract:
             return
-        started = time.monotonic()
-        total = self.info.frame_count
+        loop = self._loop_ref()
+        batch_size = self.spec.batch_size
+        skip: frozenset[int] = frozenset()
 
         def gate(index: int) -> bool:
-            state = self.states[plan.chunk_of(index).index]
-            if not state.extract:
+            nonlocal skip
+            chunk = plan.chunk_of(index)
+            if chunk.index not in self._to_extract:
                 return False
-            if index == state.chunk.first:
-                cost = plan.input_cost(state.chunk) + plan.output_cost(state.chunk)
-                self.budget.acquire(cost)  # waits for room
-                state.holds_input, state.holds_output = (
-                    plan.input_cost(state.chunk),
-                    plan.output_cost(state.chunk),
-                )
-            batch = state.batches[(index - state.chunk.first) // self.settings.batch_size]
-            return batch.id not in state.done_on_disk
+            if index == chunk.first:
+                admitted = asyncio.run_coroutine_threadsafe(self._admission(chunk.index), loop).result()
+                if admitted is None:
+                    raise _Stopped
+                skip = admitted.skip
+            return (index - 1) // batch_size not in skip
 
         def on_frame(index: int) -> None:
-            loop.call_soon_threadsafe(self._frame_extracted, index)
+            if plan.chunk_of(index).index in self._to_extract:
+                with contextlib.suppress(RuntimeError):  # the loop closed: the job is over
+                    loop.call_soon_threadsafe(self._frame_extracted, index)
 
+        started = time.monotonic()
         try:
             extract_frames(
-                self.info,
-                self.layout.input_dir,
-                frame_format=self.settings.frame_format,
-                png_compression=self.settings.png_compression,
+                info,
+                layout.input_dir,
+                frame_format=self.spec.frame_format,
+                png_compression=self.spec.png_compression,
                 gate=gate,
                 on_frame=on_frame,
             )
         except _Stopped:
             return
+        except CoordinatorError:
+            if self._stopping:
+                return  # killed on purpose: the job is ending for another reason
+            raise
         self.stats["extract_s"] = time.monotonic() - started
-        log.info("extracted %d frames in %.1f s", total, time.monotonic() - started)
+        log.info("extracted %d frames in %.1f s", info.frame_count, time.monotonic() - started)
+
+    def _loop_ref(self) -> asyncio.AbstractEventLoop:
+        assert self._task is not None
+        return self._task.get_loop()
+
+    async def _admission(self, index: int) -> Admission | None:
+        """The extraction thread waits here until the book admits chunk ``index`` (None: stop)."""
+        if self._stopping:
+            return None
+        future = self._admissions[index] = asyncio.get_running_loop().create_future()
+        return await future
+
+    def _admit_chunks(self) -> None:
+        assert self._book is not None
+        while (chunk := self._book.next_admission()) is not None and chunk.index in self._admissions:
+            future = self._admissions.pop(chunk.index)
+            future.set_result(self._book.admit(chunk.index))
 
     def _frame_extracted(self, index: int) -> None:
-        """On the loop: frame ``index`` is on disk (or was not needed). A batch whose frames are all
-        there goes to the ledger at once, so workers start before the whole chunk is extracted."""
-        assert self.plan is not None
-        state = self.states[self.plan.chunk_of(index).index]
-        if not state.extract:  # encoded or upscaled by an earlier run: its frames were skipped
+        """Frame ``index`` is on disk (or not needed): batches whose frames are all there go to the
+        ledger at once, so workers start before the whole chunk is extracted."""
+        assert self._book is not None
+        if self._stopping:
             return
-        batch = state.batches[(index - state.chunk.first) // self.settings.batch_size]
-        done = state.frames_extracted.get(batch.id, 0) + 1
-        state.frames_extracted[batch.id] = done
-        if done == len(batch):
-            self._add_batches(state, [batch])
-
-    def _add_batches(self, state: _ChunkState, batches: list[Batch]) -> None:
-        self.ledger.add(batches, done=[b.id for b in batches if b.id in state.done_on_disk])
-        state.added.update(b.id for b in batches)
-        if len(state.added) == len(state.batches):
-            state.extracted = state.dispatched = True
-            state.added.clear()  # per-batch bookkeeping is done: a long job must not keep it
-            state.frames_extracted.clear()
-
-    async def _wait_healthy(self) -> None:
-        """Keep the workers that answer /health with the right model; fail if none does.
-
-        A worker still loading its model (503), or one started here, gets ``startup_timeout_s``;
-        a remote one that does not answer at all gets ``unreachable_after_s``.
-        """
-        settings = self.settings
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        problems: dict[str, str] = {}
-        answered: set[str] = set()
-        pending = set(self.workers)
-        while pending:
-            for url in sorted(pending):
-                worker = self.workers[url]
-                try:
-                    health = await worker.client.health()
-                except WorkerRequestError as exc:
-                    problems[url] = str(exc)
-                    if exc.status is not None:
-                        answered.add(url)
-                    gone = self.pool.exit_reason(url) if self.pool is not None else None
-                    local = self.pool is not None
-                    patience = (
-                        settings.startup_timeout_s
-                        if local or url in answered
-                        else settings.unreachable_after_s
-                    )
-                    if gone is not None:
-                        problems[url] = gone
-                        pending.discard(url)
-                    elif loop.time() - started > patience:
-                        pending.discard(url)
-                    continue
-                pending.discard(url)
-                problems.pop(url, None)
-                model = health.get("model")
-                if model not in {settings.model, Path(settings.model).stem}:
-                    problems[url] = f"worker {url} runs model {model!r}, not {settings.model!r}"
-                    continue
-                if self.scale is None:  # every manifest names the scale, so all workers match it
-                    self.scale = float(health["scale"])
-                worker.worker_id = str(health.get("worker_id") or url)
-            if pending:
-                await asyncio.sleep(settings.poll_interval_s)
-        ready = [w for w in self.workers.values() if w.worker_id]
-        for url, problem in problems.items():
-            log.warning("not using worker %s: %s", url, problem)
-            self.workers[url].alive = False
-        if not ready:
-            detail = "; ".join(problems.values()) or "none answered"
-            raise JobError(f"no healthy worker to upscale with: {detail}")
-        if settings.scale is None:
-            size = output_size(self.info, self.scale)
-            check_encode(self.info, settings.output, settings.encode, overwrite=settings.overwrite, size=size)
-        log.info("upscaling with %d worker(s): %s", len(ready), ", ".join(w.worker_id for w in ready))
-
-    async def _pipeline(
-        self,
-        extraction: asyncio.Task[None],
-        executor: concurrent.futures.ThreadPoolExecutor,
-    ) -> None:
-        settings, ledger = self.settings, self.ledger
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        next_health = loop.time() + settings.health_interval_s
-        health: asyncio.Task[None] | None = None  # runs beside the loop: a hung host must not stall it
-        last = loop.time()
+        self._frames_extracted += 1
         try:
-            while True:
-                now = loop.time()
-                idle = sum(1 for w in self._alive() if not ledger.open_manifests(w.url))
-                self.stats["worker_idle_s"] += idle * (now - last)
-                last = now
-                if extraction.done() and extraction.exception() is not None:
-                    extraction.result()  # raises the extraction error
-                for state in self.states:
-                    if state.extracted and not state.dispatched and not state.encoded:
-                        self._add_batches(state, list(state.batches))  # found upscaled on disk
-                for manifest_id in ledger.open_manifests():
-                    self._read_status(manifest_id, now)
-                self._check_workers(now)
-                if now >= next_health and (health is None or health.done()):
-                    health = asyncio.create_task(self._health_round())
-                    next_health = now + settings.health_interval_s
-                self._collect_upscaled_chunks(executor)
-                self._collect_segments()
-                if all(state.encoded for state in self.states):
-                    break
-                failure = ledger.failure([w.url for w in self._alive()])
-                if failure is not None:
-                    raise JobError(f"upscaling failed: {failure}")
-                await self._deal()
-                elapsed = loop.time() - started
-                done = ledger.frames_done
-                fps = done / elapsed if elapsed > 0 else 0.0
-                remaining = self.info.frame_count - self.frames_before - done
-                eta = remaining / fps if fps else None
-                self.on_progress(
-                    JobProgress("upscale", self.frames_before + done, self.info.frame_count, fps, eta)
-                )
-                await asyncio.sleep(settings.poll_interval_s)
-        finally:
-            if health is not None:
-                health.cancel()
-        elapsed = loop.time() - started
-        log.info(
-            "upscaled and encoded %d frames in %.1f s (%.2f fps); frame data admitted at most %s",
-            ledger.frames_done,
-            elapsed,
-            ledger.frames_done / elapsed if elapsed > 0 else 0.0,
-            format_size(self.budget.peak),
-        )
+            chunk = self._book.frame_extracted(index)
+            for batch, done in self._book.ready_batches(chunk):
+                self._ledger.add([batch], done=[batch.id] if done else [])
+                if done:
+                    self._found_batch_frames += len(batch)
+        except Exception as exc:  # a callback's error would be lost: the loop raises it
+            self._callback_error = exc
 
-    async def _deal(self) -> None:
-        ledger = self.ledger
-        alive = self._alive()
-        idle = [w.url for w in alive if not ledger.open_manifests(w.url)]
-        pending = len(ledger.pending())
-        if not idle or not pending:
+    def _raise_if_extraction_failed(self) -> None:
+        if self._callback_error is not None:
+            raise self._callback_error
+
+        extraction = self._extraction
+        if extraction is not None and extraction.done() and extraction.exception() is not None:
+            extraction.result()
+
+    # -- status files and workers -----------------------------------------------------------------
+
+    async def _read_statuses(self) -> None:
+        """The status file of every manifest a worker holds for this job, until it is final (a
+        manifest whose batches are all done still holds its worker until then)."""
+        manifest_ids = list(self._holders)
+        if not manifest_ids:
             return
-        share = -(
-            -pending // max(1, len(alive))
-        )  # each worker its share; the rest waits for the next idle one
-        for url, batches in ledger.deal(idle, limit=share * len(idle)).items():
-            await self._dispatch(self.workers[url], batches[:share])
+        raws = await self._in_thread(self._read_status_files, manifest_ids)
+        now = asyncio.get_running_loop().time()
+        for manifest_id, raw in raws.items():
+            if raw is not None and raw != self._last_status.get(manifest_id):
+                self._last_status[manifest_id] = raw
+                self._last_change[manifest_id] = now
+                self._take_status(manifest_id, raw)
 
-    def _collect_upscaled_chunks(self, executor: concurrent.futures.ThreadPoolExecutor) -> None:
-        """A chunk whose batches are all done (and on disk) frees its input and goes to an encoder."""
-        assert self.plan is not None
-        for state in self.states:
-            if not state.dispatched or state.upscaled or state.encoded:
+    def _read_status_files(self, manifest_ids: list[str]) -> dict[str, bytes | None]:
+        assert self.layout is not None
+        raws: dict[str, bytes | None] = {}
+        for manifest_id in manifest_ids:
+            try:
+                raws[manifest_id] = self.layout.status_path(manifest_id).read_bytes()
+            except FileNotFoundError:
+                raws[manifest_id] = None
+        return raws
+
+    def _take_status(self, manifest_id: str, raw: bytes) -> None:
+        assert self.layout is not None
+        handle = self._holders[manifest_id]
+        path = self.layout.status_path(manifest_id)
+        try:
+            status = Status.from_json(raw, source=path)
+        except FormatVersionError as exc:
+            self.fleet.lose(handle, f"it writes status files this coordinator cannot read ({exc})")
+            return
+        except DocumentError as exc:
+            log.warning("ignoring unreadable status file: %s", exc)
+            return
+        for error in status.errors:
+            if (manifest_id, error.batch_id) not in self._reported_errors:
+                self._reported_errors.add((manifest_id, error.batch_id))
+                log.warning("worker %s: %s", handle.worker_id, error)
+                self._emit(BatchFailed(error.batch_id, error.frame, handle.worker_id, error.reason))
+        if manifest_id in self._ledger.manifests:  # else its batches are encoded and forgotten already
+            self._ledger.record_status(status)
+        if status.state.is_final:
+            self._end_manifest(manifest_id)
+
+    def _end_manifest(self, manifest_id: str) -> None:
+        handle = self._holders.pop(manifest_id)
+        self.fleet.release(handle, manifest_id)
+        self._last_status.pop(manifest_id, None)
+        self._last_change.pop(manifest_id, None)
+
+    def _account_lost_workers(self) -> None:
+        """A worker the fleet lost gives its batches back (once)."""
+        for handle in self.fleet.handles.values():
+            if handle.alive or handle.url in self._lost:
                 continue
-            if not all(b.id in self.ledger.done for b in state.batches):
+            self._lost.add(handle.url)
+            returned = self._ledger.release_worker(handle.url)
+            for manifest_id in [m for m, h in self._holders.items() if h is handle]:
+                self._end_manifest(manifest_id)
+            if returned or handle.serves(self.spec.model):
+                log.error("%d batch(es) of lost worker %s go to the others", len(returned), handle.worker_id)
+                self._emit(WorkerLost(handle.worker_id, handle.lost_reason or "lost", len(returned)))
+
+    def _lose_stale_workers(self) -> None:
+        now = asyncio.get_running_loop().time()
+        for manifest_id, handle in list(self._holders.items()):
+            still = now - self._last_change.get(manifest_id, now)
+            if still > self.farm.stale_after_s:
+                self.fleet.lose(handle, f"its status file did not change for {still:.0f} s")
+
+    # -- chunks -----------------------------------------------------------------------------------
+
+    async def _collect_upscaled_chunks(self) -> None:
+        """A chunk whose batches are all done (and on disk) frees its input frames."""
+        assert self._book is not None and self.layout is not None
+        for chunk in self._book.in_stage(ChunkStage.UPSCALING):
+            batches = self._book.batches(chunk.index)
+            if not all(b.id in self._ledger.done for b in batches):
                 continue
-            missing = [b for b in state.batches if not self._outputs_exist(b)]
+            missing = await self._in_thread(self._missing_outputs, batches)
             for batch in missing:
-                worker = self.ledger.done_by.get(batch.id, "")
-                self.ledger.record_failure(
+                worker = self._ledger.done_by.get(batch.id, "")
+                self._ledger.record_failure(
                     worker, batch.id, "its output frames are missing although it was done"
                 )
             if missing:
                 continue
-            state.upscaled = True
-            self._remove_frames(state.chunk, self.layout.input_dir)
-            self.budget.release(state.holds_input)
-            state.holds_input = 0
-            state.encoding = executor.submit(
-                self._encode_segment,
-                self.info,
-                self.layout.output_dir,
-                state.chunk.first,
-                state.chunk.count,
-                self._segment_path(state.chunk),
-                settings=self.settings.encode,
-                frame_format=self.settings.frame_format,
+            self._book.upscaled(chunk.index)
+            await self._in_thread(self._remove_frames, chunk, self.layout.input_dir)
+
+    def _missing_outputs(self, batches: Iterable[Batch]) -> list[Batch]:
+        assert self.layout is not None
+        out = self.layout.output_dir
+        fmt = self.spec.frame_format
+        return [b for b in batches if not all((out / frame_filename(f, fmt)).is_file() for f in b.frames)]
+
+    def _start_encoders(self) -> None:
+        assert self._book is not None and self._encode_pool is not None
+        loop = asyncio.get_running_loop()
+        for chunk in self._book.in_stage(ChunkStage.UPSCALED):
+            self._book.encoding_started(chunk.index)
+            context = contextvars.copy_context()  # the encoder's ffmpeg joins this job's process group
+            self._encoding[chunk.index] = loop.run_in_executor(
+                self._encode_pool, context.run, self._encode_segment, chunk
             )
 
-    def _encode_segment(self, *args: Any, **kwargs: Any) -> Path:
+    def _encode_segment(self, chunk: Chunk) -> None:
+        assert self.info is not None and self.layout is not None
         started = time.monotonic()
         try:
-            return encode_segment(*args, **kwargs)
+            encode_segment(
+                self.info,
+                self.layout.output_dir,
+                chunk.first,
+                chunk.count,
+                self._segment_path(chunk),
+                settings=self.spec.encode,
+                frame_format=self.spec.frame_format,
+            )
         finally:
             # The segment's frame arrays and buffers are freed: hand the pages back, so that heap
             # fragmentation cannot raise the RSS step by step over a long job (coordinator.memory).
             release_free_memory()
-            with self._stats_lock:
-                self.stats["segment_encode_s"] += time.monotonic() - started
+            self.stats["segment_encode_s"] += time.monotonic() - started
 
-    def _collect_segments(self) -> None:
-        for state in self.states:
-            if state.encoding is None or not state.encoding.done():
+    async def _collect_segments(self) -> None:
+        assert self._book is not None and self.layout is not None
+        for index, future in list(self._encoding.items()):
+            if not future.done():
                 continue
-            state.encoding.result()  # raises the encoder's error: the job fails, the frames stay
-            state.encoding = None
-            state.encoded = True
-            self.ledger.forget(b.id for b in state.batches)
-            state.batches = ()
-            if not self.settings.keep_frames:
-                self._remove_frames(state.chunk, self.layout.output_dir)
-            self.budget.release(state.holds_output)
-            state.holds_output = 0
-            log.info(
-                "segment %d (frames %d-%d) encoded", state.chunk.index, state.chunk.first, state.chunk.last
+            del self._encoding[index]
+            future.result()  # raises the encoder's error: the job fails, the frames stay
+            batches = self._book.encoded(index)
+            self._ledger.forget(b.id for b in batches if b.id in self._ledger.batches)
+            assert self._plan is not None
+            chunk = self._plan.chunks[index]
+            if not self.spec.keep_frames:
+                await self._in_thread(self._remove_frames, chunk, self.layout.output_dir)
+            log.info("segment %d (frames %d-%d) encoded", chunk.index, chunk.first, chunk.last)
+            self._emit(SegmentDone(chunk.index, chunk.first, chunk.last))
+
+    def _raise_if_stuck(self) -> None:
+        failure = self._ledger.failure([h.url for h in self.fleet.serving(self.spec.model)])
+        if failure is not None:
+            batch = failure.batch
+            raise JobError(
+                f"upscaling failed: {failure}",
+                batch_id=batch.id if batch is not None else None,
+                frames=batch.frames if batch is not None else (),
+                reasons=dict(failure.reasons),
             )
 
-    def _join(self) -> None:
-        assert self.plan is not None
-        count = self.info.frame_count
-        self.on_progress(JobProgress("join", 0, count, 0.0, None))
-        started = time.monotonic()
-        self.stats["pipeline_done_s"] = started - self.started
-        join_segments(
-            self.info,
-            [self._segment_path(chunk) for chunk in self.plan.chunks],
-            self.settings.output,
-            settings=self.settings.encode,
-            overwrite=self.settings.overwrite,
-        )
-        self.stats["join_s"] = time.monotonic() - started
-        log.info(
-            "joined %d segment(s) into %s in %.1f s",
-            len(self.plan.chunks),
-            self.settings.output,
-            time.monotonic() - started,
-        )
-        self.on_progress(JobProgress("join", count, count, 0.0, 0.0))
+    # -- dealing ----------------------------------------------------------------------------------
 
-    # -- workers ----------------------------------------------------------------------------------
-
-    def _alive(self) -> list[_Worker]:
-        return [w for w in self.workers.values() if w.alive and w.worker_id]
-
-    def _manifest(self, manifest_id: str, worker: _Worker, batches: tuple[Batch, ...]) -> Manifest:
-        return Manifest(
-            job_id=self.layout.job_id,
-            manifest_id=manifest_id,
-            worker_id=worker.worker_id,
-            model=self.settings.model,
-            batches=batches,
-            scale=self.scale,
-            tile=self.settings.tile,
-            frame_format=self.settings.frame_format,
-            png_compression=self.settings.png_compression,
-        )
-
-    async def _dispatch(self, worker: _Worker, batches: tuple[Batch, ...]) -> None:
-        if not batches:
+    async def _deal(self) -> None:
+        """Each idle worker gets its share of the pending batches; the rest waits for the next one."""
+        await self._reset_orphaned_manifests()
+        await self._drop_stale_parked_manifests()
+        pending = len(self._ledger.pending())
+        idle = self.fleet.idle(self.spec.model)
+        if not pending or not idle:
             return
-        ledger = self.ledger
-        self.manifest_count += 1
-        manifest_id = f"r{self.run_number:02d}-m{self.manifest_count:05d}"
-        manifest = self._manifest(manifest_id, worker, batches)
-        path = self.layout.manifest_path(manifest_id)
-        write_json_atomic(path, manifest.to_json())
-        ledger.assign(manifest_id, worker.url, batches)
-        try:
-            await worker.client.process_manifest(str(path.relative_to(self.layout.shared_root)))
-        except WorkerBusyError:
-            log.info("worker %s is busy; %s waits for the next round", worker.url, manifest_id)
-            ledger.release(manifest_id)
+        serving = len(self.fleet.serving(self.spec.model))
+        share = -(-pending // max(1, serving))
+        handles = {h.url: h for h in idle}
+        for url, batches in self._ledger.deal(list(handles), limit=share * len(idle)).items():
+            await self._dispatch(handles[url], batches[:share])
+
+    async def _reset_orphaned_manifests(self) -> None:
+        """A worker still busy with this job's manifest of an earlier, killed run is reset (once)."""
+        assert self.layout is not None
+        for handle in self.fleet.serving(self.spec.model):
+            manifest_id = str(handle.health.get("manifest_id") or "")
+            if (
+                handle.busy_elsewhere
+                and handle.health.get("job_id") == self.layout.job_id
+                and not manifest_id.startswith(f"r{self.run_number:02d}-")
+                and handle.url not in self._reset_orphans
+            ):
+                self._reset_orphans.add(handle.url)
+                log.info("resetting %s: it still runs a manifest of an earlier run", handle.worker_id)
+                await self.fleet.reset(handle)
+
+    async def _drop_stale_parked_manifests(self) -> None:
+        """A manifest refused as busy is kept for its worker while its batches wait; once any of them
+        went elsewhere, its file is deleted."""
+        assert self.layout is not None
+        pending = {b.id for b in self._ledger.pending()}
+        for url, parked in list(self._parked.items()):
+            if not all(b.id in pending for b in parked.batches):
+                del self._parked[url]
+                await self._in_thread(self.layout.manifest_path(parked.manifest_id).unlink, True)
+
+    async def _dispatch(self, handle: WorkerHandle, batches: tuple[Batch, ...]) -> None:
+        assert self.layout is not None
+        parked = self._parked.pop(handle.url, None)
+        if parked is not None and parked.batches == batches:
+            manifest_id = parked.manifest_id  # the same file again: nothing new is written
+        else:
+            if parked is not None:
+                await self._in_thread(self.layout.manifest_path(parked.manifest_id).unlink, True)
+            self._manifest_count += 1
+            manifest_id = f"r{self.run_number:02d}-m{self._manifest_count:05d}"
+            manifest = self._manifest(manifest_id, handle, batches)
+            await self._in_thread(
+                write_json_atomic, self.layout.manifest_path(manifest_id), manifest.to_json()
+            )
+        self._ledger.assign(manifest_id, handle.url, batches)
+        self._holders[manifest_id] = handle
+        path = self.layout.manifest_path(manifest_id).relative_to(self.layout.shared_root)
+        outcome = await self.fleet.dispatch(handle, manifest_id, str(path))
+        if outcome is not Dispatch.ACCEPTED:
+            self._ledger.release(manifest_id)
+            del self._holders[manifest_id]
+            if outcome is Dispatch.BUSY:
+                self._parked[handle.url] = _Parked(manifest_id, batches)
             return
-        except WorkerRequestError as exc:
-            self._lose(worker, f"refused {manifest_id}: {exc}")
-            return
-        worker.last_change = asyncio.get_running_loop().time()
-        worker.last_status = b""
+        self._last_change[manifest_id] = asyncio.get_running_loop().time()
         log.debug(
             "dispatched %s (batches %s) to %s",
             manifest_id,
             ",".join(str(b.id) for b in batches),
-            worker.worker_id,
+            handle.worker_id,
         )
 
-    def _read_status(self, manifest_id: str, now: float) -> None:
-        worker = self.workers[self.ledger.manifests[manifest_id]]
-        path = self.layout.status_path(manifest_id)
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            return
-        if raw == worker.last_status:
-            return
-        try:
-            status = Status.from_json(raw, source=path)
-        except DocumentError as exc:
-            log.warning("ignoring unreadable status file: %s", exc)
-            return
-        worker.last_status = raw
-        worker.last_change = now
-        self.ledger.record_status(status)
-        for error in status.errors:
-            log.warning("worker %s: %s", worker.worker_id, error)
-
-    def _check_workers(self, now: float) -> None:
-        settings = self.settings
-        exited = self.pool.exited() if self.pool is not None else {}
-        for worker in self._alive():
-            if worker.url in exited:
-                self._lose(worker, f"its process exited with code {exited[worker.url]}")
-            elif (
-                worker.unreachable_since is not None
-                and now - worker.unreachable_since > settings.unreachable_after_s
-            ):
-                self._lose(worker, f"/health unreachable for {now - worker.unreachable_since:.0f} s")
-            elif self.ledger.open_manifests(worker.url) and now - worker.last_change > settings.stale_after_s:
-                self._lose(worker, f"its status file did not change for {now - worker.last_change:.0f} s")
-
-    async def _health_round(self) -> None:
-        loop = asyncio.get_running_loop()
-        workers = self._alive()
-        results = await asyncio.gather(*(w.client.health() for w in workers), return_exceptions=True)
-        for worker, result in zip(workers, results, strict=True):
-            if not isinstance(result, BaseException):
-                worker.unreachable_since = None
-            elif worker.unreachable_since is None:
-                log.warning("health check of %s failed: %s", worker.worker_id, result)
-                worker.unreachable_since = loop.time()
-
-    def _lose(self, worker: _Worker, reason: str) -> None:
-        worker.alive = False
-        returned = self.ledger.release_worker(worker.url)
-        log.error(
-            "lost worker %s: %s; %d batch(es) go to the others",
-            worker.worker_id or worker.url,
-            reason,
-            len(returned),
+    def _manifest(self, manifest_id: str, handle: WorkerHandle, batches: tuple[Batch, ...]) -> Manifest:
+        assert self.layout is not None
+        return Manifest(
+            job_id=self.layout.job_id,
+            manifest_id=manifest_id,
+            worker_id=handle.worker_id,
+            model=self.spec.model,
+            batches=batches,
+            scale=self._scale,
+            tile=self.spec.tile,
+            frame_format=self.spec.frame_format,
+            png_compression=self.spec.png_compression,
         )
+
+    # -- progress and the end ---------------------------------------------------------------------
+
+    def _report(
+        self, stage: Stage, done: int, total: int, *, this_run: int = 0, elapsed_s: float = 0.0
+    ) -> None:
+        report = job_progress(
+            stage.value, done=done, total=total, done_this_run=this_run, elapsed_s=elapsed_s
+        )
+        if self._throttle.admit(report, time.monotonic()):
+            self._emit(Progress(report.stage, report.done, report.total, report.fps, report.eta_s))
+
+    def _report_progress(self) -> None:
+        assert self._book is not None and self.info is not None
+        now = asyncio.get_running_loop().time()
+        elapsed = now - self._started_at
+        idle = sum(1 for h in self.fleet.serving(self.spec.model) if h.holding is None)
+        self.stats["worker_idle_s"] += idle * (now - (self._last_tick or now))
+        self._last_tick = now
+        total = self.info.frame_count
+        ledger = self._ledger
+        if not self._book.all_upscaled:
+            if not ledger.batches and not ledger.frames_forgotten and not self._frames_found:
+                self._report(Stage.EXTRACTING, self._frames_extracted, total)
+                return
+            done = self._frames_found + ledger.frames_done
+            this_run = ledger.frames_done - self._found_batch_frames
+            self._report(Stage.UPSCALING, done, total, this_run=this_run, elapsed_s=elapsed)
+        else:
+            encoded = self._book.frames_in(ChunkStage.ENCODED)
+            self._report(
+                Stage.ENCODING, encoded, total, this_run=encoded - self._encoded_before, elapsed_s=elapsed
+            )
+
+    async def _join(self) -> None:
+        assert self._plan is not None and self.info is not None
+        started = time.monotonic()
+        self.stats["pipeline_done_s"] = started - self._begun
+        self._report(Stage.JOINING, 0, 1)
+        segments = [self._segment_path(chunk) for chunk in self._plan.chunks]
+        await self._in_thread(self._join_segments, segments)
+        self.stats["join_s"] = time.monotonic() - started
+        log.info(
+            "joined %d segment(s) into %s in %.1f s", len(segments), self.spec.output, self.stats["join_s"]
+        )
+        self._report(Stage.JOINING, 1, 1)
+
+    def _join_segments(self, segments: list[Path]) -> None:
+        assert self.info is not None
+        join_segments(
+            self.info, segments, self.spec.output, settings=self.spec.encode, overwrite=self.spec.overwrite
+        )
+
+
+async def upscale(
+    spec: JobSpec,
+    farm: FarmSettings,
+    *,
+    on_event: Callable[[JobEvent], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> JobResult:
+    """Upscale one video on a fleet of its own (local workers are started and stopped here).
+
+    ``stop``, once set, cancels the job (:meth:`Job.cancel`): it then raises :class:`JobCancelledError`.
+    """
+    local = None if farm.workers else LocalWorkerConfig(spec.model, spec.scale, spec.tile, spec.precision)
+    run_dir = farm.root / "workers" / f"{socket.gethostname()}-{os.getpid()}"
+    fleet = WorkerFleet(farm, local=local, run_dir=run_dir)
+    starting = asyncio.ensure_future(fleet.start())  # workers load their model while the input is probed
+    job = Job(spec, fleet).start()
+    stopper = asyncio.ensure_future(_cancel_when(stop, job)) if stop is not None else None
+    try:
+        async for event in job.events():
+            if on_event is not None:
+                on_event(event)
+        result = await job.wait()
+    finally:
+        for task in (starting, stopper):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        await fleet.close()
+    await asyncio.to_thread(shutil.rmtree, run_dir, True)  # worker logs are kept only if the job failed
+    return result
+
+
+async def _cancel_when(stop: asyncio.Event, job: Job) -> None:
+    await stop.wait()
+    await job.cancel()

@@ -16,15 +16,14 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
+from coordinator.local_workers import LocalWorkerProcess, read_port_file, spawn_worker
 from manifests import write_json_atomic
 
 PID_FILE = "workers.json"
@@ -32,15 +31,6 @@ PID_FILE = "workers.json"
 
 class LaunchError(RuntimeError):
     """Workers could not be started or stopped; the message says which and why."""
-
-
-@dataclass
-class Launched:
-    index: int
-    process: subprocess.Popen[bytes]
-    log: Path
-    port_file: Path
-    url: str | None = None
 
 
 def default_run_dir() -> Path:
@@ -69,7 +59,7 @@ def start(
                 f"{len(alive)} worker(s) recorded in {pid_file} are still running; stop them first"
             )
         pid_file.unlink()
-    launched: list[Launched] = []
+    launched: list[LocalWorkerProcess] = []
     try:
         for index in range(count):
             launched.append(_spawn(index, worker_args, run_dir, base_port, cpu))
@@ -79,54 +69,40 @@ def start(
             _terminate(item.process.pid, timeout_s=30.0)
         raise
     records: list[dict[str, object]] = [
-        {"index": w.index, "pid": w.process.pid, "url": w.url, "log": str(w.log)} for w in launched
+        {"index": w.index, "pid": w.process.pid, "url": w.url, "log": str(w.log_file)} for w in launched
     ]
     write_json_atomic(pid_file, json.dumps({"workers": records}, indent=2).encode() + b"\n")
     return records
 
 
-def _spawn(index: int, worker_args: Sequence[str], run_dir: Path, base_port: int, cpu: bool) -> Launched:
+def _spawn(
+    index: int, worker_args: Sequence[str], run_dir: Path, base_port: int, cpu: bool
+) -> LocalWorkerProcess:
     log = run_dir / f"worker-{index}.log"
     port_file = run_dir / f"worker-{index}.port.json"
-    port_file.unlink(missing_ok=True)
     env = dict(os.environ)
-    args = [
-        sys.executable,
-        "-m",
-        "worker",
-        *worker_args,
-        "--port",
-        str(base_port + index if base_port else 0),
-    ]
-    args += ["--port-file", str(port_file)]
+    args = [*worker_args, "--port", str(base_port + index if base_port else 0)]
     if cpu:
         args += ["--device", "cpu"]
     else:
         env["CUDA_VISIBLE_DEVICES"] = str(index)
-    with open(log, "ab") as handle:
-        process = subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-    return Launched(index, process, log, port_file)
+    # They outlive this script: their own session, and no death signal tied to it.
+    process = spawn_worker(
+        args, port_file=port_file, log_file=log, env=env, die_with_parent_process=False, new_session=True
+    )
+    return LocalWorkerProcess(index, process, port_file=port_file, log_file=log)
 
 
-def _wait_healthy(launched: list[Launched], timeout_s: float, poll_s: float) -> None:
+def _wait_healthy(launched: list[LocalWorkerProcess], timeout_s: float, poll_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     pending = list(launched)
     while pending:
         for item in list(pending):
             code = item.process.poll()
             if code is not None:
-                raise LaunchError(f"worker {item.index} exited with status {code}:\n{_tail(item.log)}")
-            if item.url is None and item.port_file.exists():
-                with contextlib.suppress(ValueError, OSError):
-                    url = json.loads(item.port_file.read_text())["url"]
-                    item.url = url.replace("://0.0.0.0:", "://127.0.0.1:").replace("://[::]:", "://[::1]:")
+                raise LaunchError(f"worker {item.index} exited with status {code}:\n{_tail(item.log_file)}")
+            if item.url is None:
+                item.url = read_port_file(item.port_file)
             if item.url is not None and _healthy(item.url):
                 print(f"worker {item.index}: {item.url} (pid {item.process.pid})", flush=True)
                 pending.remove(item)
@@ -134,7 +110,9 @@ def _wait_healthy(launched: list[Launched], timeout_s: float, poll_s: float) -> 
             return
         if time.monotonic() > deadline:
             names = ", ".join(str(item.index) for item in pending)
-            raise LaunchError(f"worker(s) {names} not healthy after {timeout_s:g}s; see {pending[0].log}")
+            raise LaunchError(
+                f"worker(s) {names} not healthy after {timeout_s:g}s; see {pending[0].log_file}"
+            )
         time.sleep(poll_s)
 
 

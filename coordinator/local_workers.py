@@ -1,37 +1,36 @@
-"""Workers the coordinator starts itself on this host (``esrfarm upscale`` without ``--workers``).
+"""Worker processes started on this host: the one way esrfarm spawns a worker and waits for it.
 
-Each is a ``python -m worker`` process on 127.0.0.1 with a free port, reported through a port file.
-On Linux each worker is told to die with the coordinator (``PR_SET_PDEATHSIG``), so a coordinator
-killed even by SIGKILL leaves no orphan holding GPU memory. Workers run by systemd are not started
-here and are never touched.
+A local worker is a ``python -m worker`` process with ``--port-file``: once it listens, it writes
+its URL there. :func:`spawn_worker` starts one; :func:`read_port_file` reads the URL it reported;
+:func:`wait_listening` waits for it (for scripts and tests); :class:`LocalWorkerPool` starts, watches
+and stops the workers of a :class:`coordinator.fleet.WorkerFleet`. The same functions serve
+``esrfarm upscale`` without ``--workers``, ``scripts/start_workers.sh`` (:mod:`coordinator.launcher`),
+the benchmarks and the tests.
+
+On Linux a worker started with ``die_with_parent`` is told to die with the process that started it
+(``PR_SET_PDEATHSIG``), so a coordinator killed even by SIGKILL leaves no orphan holding GPU
+memory. Workers run by systemd are never started or touched here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import signal
+import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
 
+from coordinator.errors import WorkerStartError
+from coordinator.ffmpeg import die_with_parent
+
 log = logging.getLogger(__name__)
-
-_PR_SET_PDEATHSIG = 1
-
-
-class WorkerStartError(Exception):
-    """A local worker exited or did not get ready; carries the tail of its log."""
-
-    def __init__(self, index: int, reason: str, log_tail: str) -> None:
-        self.index, self.reason, self.log_tail = index, reason, log_tail
-        tail = f"; its log ends: {log_tail}" if log_tail else ""
-        super().__init__(f"local worker {index} {reason}{tail}")
 
 
 def visible_gpu_count() -> int:
@@ -52,113 +51,171 @@ def visible_gpu_count() -> int:
         return 0
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def spawn_worker(
+    worker_args: Sequence[str],
+    *,
+    port_file: Path,
+    log_file: Path,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    die_with_parent_process: bool = True,
+    new_session: bool = False,
+) -> subprocess.Popen[bytes]:
+    """Start ``python -m worker <worker_args> --port-file PORT_FILE``, its output appended to ``log_file``.
+
+    Call it from a thread that outlives the worker (the event loop's): the death signal follows
+    the thread that started the process.
+    """
+    port_file.unlink(missing_ok=True)
+    argv = [sys.executable, "-m", "worker", *worker_args, "--port-file", str(port_file)]
+    preexec: Callable[[], None] | None = None
+    if die_with_parent_process and sys.platform == "linux":
+        preexec = die_with_parent
+    with log_file.open("ab") as handle:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            preexec_fn=preexec,
+            start_new_session=new_session,
+        )
+
+
+def read_port_file(port_file: Path) -> str | None:
+    """The URL a worker reported in its port file, or None while there is none (or it is being
+    written). A wildcard bind address is reported as the loopback address, which answers for it."""
     try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        url = str(orjson.loads(port_file.read_bytes())["url"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return url.replace("://0.0.0.0:", "://127.0.0.1:").replace("://[::]:", "://[::1]:")
+
+
+def log_tail(log_file: Path, lines: int = 5) -> str:
+    """The last ``lines`` lines of a worker's log, joined with `` | `` (empty if unreadable)."""
+    try:
+        text = log_file.read_text(errors="replace").strip().splitlines()
     except OSError:
-        pass
+        return ""
+    return " | ".join(text[-lines:])
+
+
+def wait_listening(
+    process: subprocess.Popen[bytes],
+    port_file: Path,
+    log_file: Path,
+    *,
+    index: int = 0,
+    timeout_s: float,
+    poll_s: float = 0.05,
+) -> str:
+    """Block until the worker reports its URL; :class:`WorkerStartError` if it exits or times out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        url = read_port_file(port_file)
+        if url is not None:
+            return url
+        if process.poll() is not None:
+            raise WorkerStartError(index, f"exited with code {process.returncode}", log_tail(log_file))
+        if time.monotonic() > deadline:
+            raise WorkerStartError(index, f"was not listening after {timeout_s:g} s", log_tail(log_file))
+        time.sleep(poll_s)
 
 
 @dataclass
-class LocalWorker:
+class LocalWorkerProcess:
+    """One worker process this host started."""
+
     index: int
-    process: asyncio.subprocess.Process
+    process: subprocess.Popen[bytes]
     port_file: Path
     log_file: Path
     url: str | None = None
 
     @property
     def alive(self) -> bool:
-        return self.process.returncode is None
+        return self.process.poll() is None
 
-    def log_tail(self, lines: int = 5) -> str:
-        try:
-            text = self.log_file.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return ""
-        return " | ".join(text[-lines:])
+    def exit_reason(self) -> str:
+        tail = log_tail(self.log_file)
+        return f"local worker {self.index} exited with code {self.process.returncode}" + (
+            f"; its log ends: {tail}" if tail else ""
+        )
 
 
 @dataclass
 class LocalWorkerPool:
-    """Start, watch and stop this host's workers for one job."""
+    """Start, watch and stop this host's workers: one per GPU while there are GPUs, then on the CPU."""
 
     run_dir: Path
     worker_args: Sequence[str]  # common flags: --shared-root, --model, --scale, ...
-    workers: list[LocalWorker] = field(default_factory=list)
+    workers: list[LocalWorkerProcess] = field(default_factory=list)
 
     async def start(self, count: int, gpus: int, startup_timeout_s: float) -> list[str]:
-        """Start ``count`` workers (one per GPU while there are GPUs, else on the CPU); wait for them.
+        """Start ``count`` workers and wait until each listens; returns their URLs.
 
-        Returns their URLs. Raises :class:`WorkerStartError` if any exits or stays unready.
+        Raises :class:`WorkerStartError` if any exits or does not listen in time.
         """
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for index in range(count):
-            port_file = self.run_dir / f"worker-{index}.port.json"
-            log_file = self.run_dir / f"worker-{index}.log"
-            port_file.unlink(missing_ok=True)
             device = ["--gpu", str(index)] if index < gpus else ["--device", "cpu"]
-            argv = [
-                sys.executable, "-m", "worker", *self.worker_args, *device,
-                "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
+            args = [
+                *self.worker_args, *device, "--host", "127.0.0.1", "--port", "0",
                 "--worker-id", f"local-{index}",
             ]  # fmt: skip
-            with log_file.open("ab") as log_handle:
-                process = await asyncio.create_subprocess_exec(
-                    *argv,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=log_handle,
-                    stderr=log_handle,
-                    preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-                )
+            port_file = self.run_dir / f"worker-{index}.port.json"
+            log_file = self.run_dir / f"worker-{index}.log"
+            process = spawn_worker(args, port_file=port_file, log_file=log_file)
             log.info("started local worker %d (pid %d, %s)", index, process.pid, " ".join(device))
-            self.workers.append(LocalWorker(index, process, port_file, log_file))
-        await asyncio.gather(*(self._wait_ready(w, startup_timeout_s) for w in self.workers))
+            self.workers.append(LocalWorkerProcess(index, process, port_file, log_file))
+        await asyncio.gather(*(self._wait_listening(w, startup_timeout_s) for w in self.workers))
         return [w.url for w in self.workers if w.url]
 
-    async def _wait_ready(self, worker: LocalWorker, timeout_s: float) -> None:
+    async def _wait_listening(self, worker: LocalWorkerProcess, timeout_s: float) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while loop.time() < deadline:
+        while worker.url is None:
+            worker.url = read_port_file(worker.port_file)
+            if worker.url is not None:
+                return
             if not worker.alive:
                 raise WorkerStartError(
-                    worker.index, f"exited with code {worker.process.returncode}", worker.log_tail()
+                    worker.index, f"exited with code {worker.process.returncode}", log_tail(worker.log_file)
                 )
-            if worker.port_file.is_file():
-                try:
-                    worker.url = str(orjson.loads(worker.port_file.read_bytes())["url"])
-                    return
-                except (ValueError, KeyError, OSError):
-                    pass  # being written; the next poll reads it whole
-            await asyncio.sleep(0.1)
-        raise WorkerStartError(worker.index, f"was not listening after {timeout_s:g} s", worker.log_tail())
-
-    def exit_reason(self, url: str) -> str | None:
-        """Why the worker at ``url`` is gone (exit code and log tail), or None while it runs."""
-        for worker in self.workers:
-            if worker.url == url and not worker.alive:
-                tail = worker.log_tail()
-                return f"local worker {worker.index} exited with code {worker.process.returncode}" + (
-                    f"; its log ends: {tail}" if tail else ""
+            if loop.time() > deadline:
+                raise WorkerStartError(
+                    worker.index, f"was not listening after {timeout_s:g} s", log_tail(worker.log_file)
                 )
-        return None
+            await asyncio.sleep(0.05)
 
-    def exited(self) -> dict[str, int]:
-        """URL -> exit code of workers that have exited."""
-        return {
-            w.url: w.process.returncode for w in self.workers if w.url and w.process.returncode is not None
-        }
+    def worker_at(self, url: str) -> LocalWorkerProcess | None:
+        return next((w for w in self.workers if w.url == url), None)
+
+    def exited(self) -> dict[str, str]:
+        """URL -> why, for every worker whose process has exited."""
+        return {w.url: w.exit_reason() for w in self.workers if w.url and not w.alive}
+
+    def kill(self, url: str) -> None:
+        """SIGKILL a worker the fleet gave up on: a stopped or hung process cannot act on SIGTERM."""
+        worker = self.worker_at(url)
+        if worker is not None and worker.alive:
+            log.info("killing local worker %d (pid %d)", worker.index, worker.process.pid)
+            worker.process.kill()
 
     async def stop(self, timeout_s: float = 30.0) -> None:
         """SIGTERM every worker (each finishes its batch and exits), SIGKILL what outlives ``timeout_s``."""
         for worker in self.workers:
             if worker.alive:
                 worker.process.send_signal(signal.SIGTERM)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         for worker in self.workers:
-            try:
-                await asyncio.wait_for(worker.process.wait(), timeout_s)
-            except TimeoutError:
+            while worker.alive and loop.time() < deadline:
+                await asyncio.sleep(0.05)
+            if worker.alive:
                 log.warning("local worker %d ignored SIGTERM for %g s; killing it", worker.index, timeout_s)
                 worker.process.kill()
-                await worker.process.wait()
+            await asyncio.to_thread(worker.process.wait)

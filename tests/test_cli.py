@@ -7,12 +7,13 @@ import logging
 import os
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 
-from coordinator.cli import ProgressPrinter
-from coordinator.job import JobProgress
+from coordinator.cli import ProgressDisplay
+from coordinator.events import Progress
 from tests.workerutil import REPO
 
 
@@ -51,25 +52,49 @@ class _Terminal(io.StringIO):
         return True
 
 
-def test_progress_bar_on_a_terminal() -> None:
+def test_the_progress_bar_is_one_line_that_updates_in_place() -> None:
     stream = _Terminal()
-    show = ProgressPrinter(stream)
-    show(JobProgress("upscale", 8, 32, 4.0, 6.0))
-    show(JobProgress("upscale", 32, 32, 4.0, 0.0))
+    show = ProgressDisplay(stream)
+    show(Progress("loading model", 0, 0, 0.0, None))
+    for done in range(0, 33, 4):
+        show(Progress("upscaling", done, 32, 4.0, (32 - done) / 4))
+    for _ in range(50):  # the same report again and again (a stage at 100% waiting for the encoder)
+        show(Progress("upscaling", 32, 32, 4.0, 0.0))
+    show(Progress("encoding", 32, 32, 4.0, 0.0))
+    show.close()
     text = stream.getvalue()
-    assert "\r[" + "#" * 7 + "." * 23 + "] upscale  8/32 frames  4.00 fps  ETA 6s\x1b[K\r" in text
-    assert text.endswith("upscale  32/32 frames  4.00 fps  ETA 0s\x1b[K\n")
+    upscaling = [part for part in text.split("\r") if part.startswith("upscaling")]
+    assert upscaling and upscaling[-1].startswith("upscaling     100%|##########| 32/32, 4.00 fps, ETA 0s"), (
+        upscaling[-1:]
+    )
+    assert len(upscaling) < 40, "a report that says nothing new does not redraw the bar"
+    lines = text.split("\n")
+    assert len(lines) <= 3, f"one line per stage that stays, not one per report: {lines!r}"
+    assert lines[0].split("\r")[-1].startswith("encoding      100%")
 
 
 def test_progress_lines_in_a_log(caplog: pytest.LogCaptureFixture) -> None:
-    show = ProgressPrinter(io.StringIO(), interval_s=3600)
+    show = ProgressDisplay(io.StringIO(), interval_s=3600)
+    assert not show.bar_enabled
     with caplog.at_level(logging.INFO, logger="esrfarm"):
-        show(JobProgress("extract", 1, 10, 5.0, 1.8))
-        show(JobProgress("extract", 5, 10, 5.0, 1.0))  # within the interval: not logged
-        show(JobProgress("upscale", 0, 10, 0.0, None))  # a new stage is logged at once
-        show(JobProgress("upscale", 10, 10, 2.0, 0.0))  # so is the end
+        show(Progress("extracting", 1, 10, 5.0, 1.8))
+        show(Progress("extracting", 5, 10, 5.0, 1.0))  # within the interval: not logged
+        show(Progress("upscaling", 0, 10, 0.0, None))  # a new stage is logged at once
+        show(Progress("upscaling", 10, 10, 2.0, 0.0))  # so is the end
     assert [r.getMessage() for r in caplog.records] == [
-        "progress: extract  1/10 frames  5.00 fps  ETA 2s",
-        "progress: upscale  0/10 frames  0.00 fps  ETA ?",
-        "progress: upscale  10/10 frames  2.00 fps  ETA 0s",
+        "progress: extracting 1/10  5.00 fps  ETA 2s",
+        "progress: upscaling 0/10  0.00 fps  ETA ?",
+        "progress: upscaling 10/10  2.00 fps  ETA 0s",
     ]
+
+
+def test_version() -> None:
+    result = esrfarm("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"esrfarm {metadata.version('esrfarm')}"
+
+
+def test_a_bad_setting_names_its_flag(tmp_path: Path) -> None:
+    result = esrfarm("upscale", str(tmp_path / "in.mp4"), str(tmp_path / "out.mp4"), "--batch-size", "0")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "esrfarm upscale: error: --batch-size must be at least 1, not 0"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import pytest
 
 from coordinator.extract import decode_frames
 from coordinator.probe import probe
+from manifests.manifest import read_manifest
 from tests import clips
 from tests.workerutil import REPO
 
@@ -31,7 +33,7 @@ def command(source: Path, output: Path, root: Path, model: Path, *extra: str) ->
     return [
         sys.executable, "-m", "coordinator.cli", "upscale", str(source), str(output),
         "--model", str(model), "--shared-root", str(root), "--local-workers", "2",
-        "--worker-arg=--cpu-threads=1", "--batch-size", "4", *extra,
+        "--worker-arg=--cpu-threads=1", "--batch-size", "4", "-v", *extra,
     ]  # fmt: skip
 
 
@@ -178,9 +180,12 @@ def test_finished_segments_are_not_upscaled_again(clip: Path, tiny_model: Path, 
     again = run([*args, "--keep-frames"])
     assert again.returncode == 0, again.stderr
     assert f"resuming: {len(kept)} of " in again.stderr or f"resuming: {len(kept) + 1} of " in again.stderr
-    second_run = list(job.glob("manifests/r02-*.json"))
-    first_frames_done_again = [p for p in second_run if b'"start":1,' in p.read_bytes()]
-    assert not first_frames_done_again, "frames of finished segments were upscaled again"
+    second_run = [read_manifest(p) for p in job.glob("manifests/r02-*.json")]
+    assert second_run, "the second run upscaled the rest"
+    chunk_frames = int(re.search(r"chunk\(s\) of up to (\d+) frames", again.stderr).group(1))  # type: ignore[union-attr]
+    kept_frames = set(range(1, chunk_frames * len(kept) + 1))  # what the kept segments hold
+    again = [f for m in second_run for b in m.batches for f in b.frames if f in kept_frames]
+    assert not again, f"frames of finished segments were upscaled again: {again[:8]}"
 
 
 def test_changing_only_the_encoder_reuses_kept_frames(

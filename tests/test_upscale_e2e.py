@@ -119,7 +119,7 @@ def test_local_workers_through_the_shell_wrapper(clip_dir: Path, tmp_path: Path,
     env = {**os.environ, "ESRFARM_PYTHON": sys.executable, "ESRFARM_SHARED_ROOT": str(root)}
     result = subprocess.run(
         ["bash", str(REPO / "scripts" / "upscale.sh"), str(source), str(output), "2",
-         "--model", str(tiny_model), "--worker-arg=--cpu-threads=1", *FAST],
+         "--model", str(tiny_model), "--worker-arg=--cpu-threads=1", "-v", *FAST],
         capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -300,7 +300,7 @@ def test_local_workers_die_with_a_killed_coordinator(
         while len(pids) < 2 and time.monotonic() < deadline:
             assert coordinator.poll() is None, "the coordinator ended before its workers were up"
             pids = []
-            for port_file in root.glob("jobs/*/workers/worker-*.port.json"):
+            for port_file in root.glob("workers/*/worker-*.port.json"):
                 with contextlib.suppress(OSError, ValueError):
                     pids.append(orjson.loads(port_file.read_bytes())["pid"])
             time.sleep(0.05)

@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -27,6 +26,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from coordinator.errors import WorkerStartError
+from coordinator.local_workers import spawn_worker, wait_listening
 from manifests import Batch, FrameFormat, JobLayout, Manifest, frame_filename, write_json_atomic
 
 REPO = Path(__file__).resolve().parent.parent
@@ -142,28 +143,19 @@ def start_worker(
     log_dir.mkdir(parents=True, exist_ok=True)
     port_file = log_dir / f"port-{time.monotonic_ns()}.json"
     log_path = port_file.with_suffix(".log")
-    command = [
-        sys.executable, "-m", "worker", "--shared-root", str(shared_root), "--model", str(model),
-        "--device", "cpu", "--cpu-threads", "1", "--port", "0", "--port-file", str(port_file),
-        "--warmup-size", "16",
-        *args,
+    worker_args = [
+        "--shared-root", str(shared_root), "--model", str(model), "--device", "cpu", "--cpu-threads", "1",
+        "--port", "0", "--warmup-size", "16", *args,
     ]  # fmt: skip
     environ = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environ, cwd=REPO)
+    process = spawn_worker(worker_args, port_file=port_file, log_file=log_path, env=environ, cwd=REPO)
     worker = WorkerProcess(process, "", log_path, token)
     deadline = time.monotonic() + START_TIMEOUT_S
-    while not worker.url:
-        if port_file.exists():
-            url = json.loads(port_file.read_text())["url"]
-            worker.url = url.replace("://0.0.0.0:", "://127.0.0.1:")
-        elif process.poll() is not None:
-            raise AssertionError(f"worker exited with {process.returncode}:\n{worker.log()}")
-        elif time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError(f"worker did not start listening:\n{worker.log()}")
-        else:
-            time.sleep(POLL_S)
+    try:
+        worker.url = wait_listening(process, port_file, log_path, timeout_s=START_TIMEOUT_S, poll_s=POLL_S)
+    except WorkerStartError as exc:
+        process.kill()
+        raise AssertionError(f"{exc}:\n{worker.log()}") from None
     while wait_healthy and worker.get("/health").status != 200:
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()

@@ -1,0 +1,352 @@
+"""The farm's workers as one fleet: started, watched, dispatched to, reset, and shared by jobs.
+
+A :class:`WorkerFleet` outlives one job and may serve several at once (the job service runs many
+jobs on one fleet). It owns:
+
+- **starting** local workers (:class:`coordinator.local_workers.LocalWorkerPool`) or taking the
+  URLs of workers already running;
+- **health**: a background round of ``GET /health`` every ``health_interval_s``; a worker that does
+  not answer for ``unreachable_after_s``, or whose local process exited, is **lost** (a lost local
+  worker is killed: a stopped or hung process cannot act on SIGTERM);
+- **dispatch**: a worker holds at most one manifest at a time. :meth:`idle` names the workers a job
+  may deal to now (alive, running the job's model, holding nothing, not busy with another
+  coordinator's manifest as far as its last ``/health`` says, not backing off after a 409);
+  :meth:`dispatch` posts a manifest and marks the worker as holding it until :meth:`release`.
+  A 409 (busy elsewhere) makes the worker back off, doubling from ``busy_backoff_s``.
+- **reset** of the manifests a worker holds (a cancelled or failed job's).
+
+It talks to workers through :class:`WorkerClient` objects (HTTP, :mod:`coordinator.client`); tests
+give it in-process clients of the same shape instead (``clients=``), the way httpx takes a
+``MockTransport``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiohttp
+
+from coordinator.client import HttpWorkerClient, WorkerBusyError, WorkerRequestError
+from coordinator.errors import NoWorkerError
+from coordinator.local_workers import LocalWorkerPool, visible_gpu_count
+from coordinator.spec import FarmSettings
+
+log = logging.getLogger(__name__)
+
+
+class WorkerClient(Protocol):
+    """What the fleet needs of a worker: its three calls. Each raises :class:`WorkerRequestError`."""
+
+    url: str
+
+    async def health(self) -> dict[str, Any]: ...
+
+    async def process_manifest(self, manifest_path: str) -> None: ...
+
+    async def reset(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class LocalWorkerConfig:
+    """How local workers are started: the model they load and what fixes their output."""
+
+    model: str
+    scale: float | None = None
+    tile: int | None = None
+    precision: str | None = None
+
+    def worker_args(self, shared_root: Path) -> list[str]:
+        args = ["--shared-root", str(shared_root), "--model", self.model]
+        if self.scale is not None:
+            args += ["--scale", f"{self.scale:g}"]
+        if self.tile is not None:
+            args += ["--tile", str(self.tile)]
+        if self.precision is not None:
+            args += ["--precision", self.precision]
+        return args
+
+
+class Dispatch(enum.Enum):
+    ACCEPTED = "accepted"  # the worker took the manifest (202)
+    BUSY = "busy"  # 409: it is processing another manifest; it backs off and the batches wait
+    REFUSED = "refused"  # anything else: the worker is lost
+
+
+@dataclass(eq=False)  # one object per worker: compared and hashed by identity
+class WorkerHandle:
+    """The fleet's view of one worker."""
+
+    url: str
+    client: WorkerClient
+    health: dict[str, Any] = field(default_factory=dict)  # its last /health answer
+    alive: bool = True
+    lost_reason: str | None = None
+    unreachable_since: float | None = None  # loop time of the first failed health check in a row
+    holding: str | None = None  # the manifest id it holds for a job of this fleet
+    busy_until: float = 0.0  # loop time before which it is not dealt to (after a 409)
+    backoff_s: float = 0.0
+    changes: int = 0  # dispatches and releases so far: a /health answer older than one says nothing
+
+    @property
+    def worker_id(self) -> str:
+        return str(self.health.get("worker_id") or self.url)
+
+    @property
+    def ready(self) -> bool:
+        return self.alive and bool(self.health)
+
+    @property
+    def model(self) -> str | None:
+        model = self.health.get("model")
+        return str(model) if model is not None else None
+
+    @property
+    def scale(self) -> float | None:
+        scale = self.health.get("scale")
+        return float(scale) if scale is not None else None
+
+    def serves(self, model: str) -> bool:
+        return self.model in {model, Path(model).stem}
+
+    @property
+    def busy_elsewhere(self) -> bool:
+        """Its last /health shows a manifest this fleet did not give it (another coordinator's)."""
+        return self.holding is None and self.health.get("state") == "processing"
+
+
+class WorkerFleet:
+    """The workers of a farm; see the module docstring. Use ``async with`` or start()/close()."""
+
+    def __init__(
+        self,
+        farm: FarmSettings,
+        *,
+        local: LocalWorkerConfig | None = None,
+        clients: Sequence[WorkerClient] | None = None,
+        run_dir: Path | None = None,
+    ) -> None:
+        if clients is None and not farm.workers and local is None:
+            raise ValueError("a fleet of local workers needs their LocalWorkerConfig")
+        self.farm = farm
+        self.local = local
+        self.run_dir = run_dir
+        self.handles: dict[str, WorkerHandle] = {}
+        self.pool: LocalWorkerPool | None = None
+        self._given_clients = list(clients) if clients is not None else None
+        self._session: aiohttp.ClientSession | None = None
+        self._health_task: asyncio.Task[None] | None = None
+        self._started: asyncio.Future[None] | None = None
+
+    async def __aenter__(self) -> WorkerFleet:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- life -------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start local workers (or take the given ones) and the health round. Idempotent; a
+        concurrent caller waits for the first. Raises :class:`WorkerStartError`."""
+        if self._started is not None:
+            return await asyncio.shield(self._started)
+        self._started = asyncio.get_running_loop().create_future()
+        try:
+            for client in await self._clients():
+                self.handles[client.url] = WorkerHandle(client.url, client)
+        except asyncio.CancelledError:
+            self._started.cancel()
+            raise
+        except BaseException as exc:
+            self._started.set_exception(exc)
+            self._started.exception()  # retrieved: the caller gets it raised here
+            raise
+        self._started.set_result(None)
+        self._health_task = asyncio.create_task(self._health_rounds())
+
+    async def _clients(self) -> list[WorkerClient]:
+        if self._given_clients is not None:
+            return self._given_clients
+        farm = self.farm
+        self._session = aiohttp.ClientSession()
+        urls = list(farm.workers)
+        if not urls:
+            assert self.local is not None
+            gpus = visible_gpu_count()
+            count = farm.local_workers or max(gpus, 1)
+            run_dir = self.run_dir or farm.root / "workers"
+            args = [*self.local.worker_args(farm.root), *farm.local_worker_args]
+            self.pool = LocalWorkerPool(run_dir, args)
+            urls = await self.pool.start(count, gpus, farm.startup_timeout_s)
+        return [HttpWorkerClient(u, self._session, farm.token, farm.request_timeout_s) for u in urls]
+
+    async def close(self) -> None:
+        """Stop the health round and the local workers; close the HTTP session."""
+        if self._health_task is not None:
+            self._health_task.cancel()
+            await asyncio.gather(self._health_task, return_exceptions=True)
+        if self.pool is not None:
+            await self.pool.stop()
+        if self._session is not None:
+            await self._session.close()
+
+    # -- readiness --------------------------------------------------------------------------------
+
+    async def wait_ready(self, model: str) -> list[WorkerHandle]:
+        """The workers that answer /health with ``model``, once each has answered or given up.
+
+        A worker still loading its model (503), or a local one, gets ``startup_timeout_s``; a remote
+        one that does not answer at all gets ``unreachable_after_s``. A worker that runs another
+        model is not lost (another job may want it), only not used for this one. Raises
+        :class:`NoWorkerError` with what each worker answered if none serves ``model``.
+        """
+        await self.start()
+        farm = self.farm
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        problems: dict[str, str] = {}
+        answered: set[str] = set()
+        pending = {url for url, h in self.handles.items() if h.alive and not h.health}
+        while pending:
+            for url in sorted(pending):
+                handle = self.handles[url]
+                try:
+                    handle.health = await handle.client.health()
+                except WorkerRequestError as exc:
+                    problems[url] = str(exc)
+                    if exc.status is not None:
+                        answered.add(url)
+                    gone = self._exit_reason(url)
+                    local = self.pool is not None
+                    patience = (
+                        farm.startup_timeout_s if local or url in answered else farm.unreachable_after_s
+                    )
+                    if gone is not None:
+                        self.lose(handle, gone)
+                        problems[url] = gone
+                        pending.discard(url)
+                    elif loop.time() - started > patience:
+                        pending.discard(url)
+                    continue
+                pending.discard(url)
+                problems.pop(url, None)
+            if pending:
+                await asyncio.sleep(farm.poll_interval_s)
+        ready = [h for h in self.handles.values() if h.ready and h.serves(model)]
+        for handle in self.handles.values():
+            if handle.ready and not handle.serves(model):
+                problems[handle.url] = f"worker {handle.url} runs model {handle.model!r}, not {model!r}"
+        for url, problem in problems.items():
+            log.warning("not using worker %s: %s", url, problem)
+        if not ready:
+            raise NoWorkerError(problems)
+        log.info("upscaling with %d worker(s): %s", len(ready), ", ".join(h.worker_id for h in ready))
+        return ready
+
+    # -- dealing ----------------------------------------------------------------------------------
+
+    def serving(self, model: str) -> list[WorkerHandle]:
+        """Alive workers that run ``model``."""
+        return [h for h in self.handles.values() if h.ready and h.serves(model)]
+
+    def idle(self, model: str) -> list[WorkerHandle]:
+        """Workers a job of ``model`` may deal a manifest to right now."""
+        now = asyncio.get_running_loop().time()
+        return [
+            h
+            for h in self.serving(model)
+            if h.holding is None and h.busy_until <= now and not h.busy_elsewhere
+        ]
+
+    async def dispatch(self, handle: WorkerHandle, manifest_id: str, manifest_path: str) -> Dispatch:
+        """Post ``manifest_path`` (relative to the shared root) to ``handle``'s worker."""
+        if handle.holding is not None:
+            raise ValueError(f"worker {handle.url} already holds manifest {handle.holding}")
+        handle.holding = manifest_id  # before the await: no second job can deal to it meanwhile
+        try:
+            await handle.client.process_manifest(manifest_path)
+        except WorkerBusyError:
+            handle.holding = None
+            base = self.farm.busy_backoff_s
+            handle.backoff_s = min(max(2 * handle.backoff_s, base), 20 * base)
+            handle.busy_until = asyncio.get_running_loop().time() + handle.backoff_s
+            log.info("worker %s is busy; it gets nothing for %.2f s", handle.worker_id, handle.backoff_s)
+            return Dispatch.BUSY
+        except WorkerRequestError as exc:
+            handle.holding = None
+            self.lose(handle, f"refused {manifest_id}: {exc}")
+            return Dispatch.REFUSED
+        handle.backoff_s = 0.0
+        handle.changes += 1
+        handle.health = {**handle.health, "state": "processing"}
+        return Dispatch.ACCEPTED
+
+    def release(self, handle: WorkerHandle, manifest_id: str) -> None:
+        """The manifest ended (its status is final, or the job gave it up)."""
+        if handle.holding == manifest_id:
+            handle.holding = None
+            handle.changes += 1
+            handle.health = {**handle.health, "state": "idle"}
+
+    async def reset(self, handle: WorkerHandle) -> None:
+        """Ask the worker to stop its manifest at the next batch boundary (errors are logged)."""
+        if not handle.alive:
+            return
+        try:
+            await handle.client.reset()
+        except WorkerRequestError as exc:
+            log.warning("could not reset worker %s: %s", handle.worker_id, exc)
+
+    def lose(self, handle: WorkerHandle, reason: str) -> None:
+        """Give up on a worker: nothing more goes to it; a local one is killed."""
+        if not handle.alive:
+            return
+        handle.alive, handle.lost_reason = False, reason
+        log.error("lost worker %s: %s", handle.worker_id, reason)
+        if self.pool is not None:
+            self.pool.kill(handle.url)
+
+    # -- health -----------------------------------------------------------------------------------
+
+    def _exit_reason(self, url: str) -> str | None:
+        if self.pool is None:
+            return None
+        return self.pool.exited().get(url)
+
+    async def _health_rounds(self) -> None:
+        while True:
+            await asyncio.sleep(self.farm.health_interval_s)
+            try:
+                await self.health_round()
+            except Exception:  # the round must go on: without it no worker is ever lost
+                log.exception("health round failed")
+
+    async def health_round(self) -> None:
+        """One round: exited local workers and workers unreachable for too long are lost."""
+        loop = asyncio.get_running_loop()
+        for url, reason in (self.pool.exited() if self.pool is not None else {}).items():
+            self.lose(self.handles[url], reason)
+        handles = [h for h in self.handles.values() if h.ready]  # wait_ready() watches the others
+        changes = [h.changes for h in handles]
+        results = await asyncio.gather(*(h.client.health() for h in handles), return_exceptions=True)
+        now = loop.time()
+        for handle, before, result in zip(handles, changes, results, strict=True):
+            if isinstance(result, dict):
+                handle.unreachable_since = None
+                if handle.changes != before:  # dispatched or released meanwhile: its state is ours
+                    result = {**result, "state": handle.health.get("state")}
+                handle.health = result
+            elif isinstance(result, WorkerRequestError) and result.status is not None:
+                handle.unreachable_since = None  # it answers (503 while it reloads, say): not lost
+            elif handle.unreachable_since is None:
+                log.warning("health check of %s failed: %s", handle.worker_id, result)
+                handle.unreachable_since = now
+            elif now - handle.unreachable_since > self.farm.unreachable_after_s:
+                self.lose(handle, f"/health unreachable for {now - handle.unreachable_since:.0f} s")
