@@ -25,6 +25,7 @@ from PIL import Image
 from coordinator.client import WorkerClient
 from manifests import Batch, FrameFormat, plan_batches
 from tests.workerutil import FifoGate, Job, WorkerProcess, encode_frame, make_job, read_frame, start_worker
+from worker.runtime import RuntimeSettings, load_upscaler
 from worker.service import BACKLOG, FD_RESERVE
 
 _jobs = iter(range(1_000_000))
@@ -267,6 +268,35 @@ def test_a_large_frame_is_upscaled_in_memory_bounded_by_the_pixel_budget(
         grown = (proc_status(worker.pid, "VmHWM") - before) / 1024
         # input 7 MB + output 28 MB (twice, for the write) + tiles of 384x384 pixels: well under 250 MB
         assert grown < 250, f"peak memory grew by {grown:.0f} MB"
+    finally:
+        assert worker.stop() == 0
+
+
+COMPUTE_COUNT = 'esrfarm_worker_batch_seconds_count{stage="compute"}'
+
+
+def test_a_batch_above_the_part_budget_is_handled_in_parts_and_claimed_whole(
+    shared_root: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    """16x24 frames at x4 are 6144 output pixels; a part holds 4 x --max-output-pixels: 4 frames."""
+    worker = start_worker(shared_root, tiny_model, tmp_path, args=["--max-output-pixels", "6144"])
+    try:
+        job = new_job(shared_root, 20, seed=12)
+        job.input_path(15).unlink()  # batch 1 (frames 11-20) fails in its second part
+        batches = (Batch.range(0, 1, 11), Batch.range(1, 11, 21))
+        path = job.write_manifest(job.manifest("parts", tiny_model.stem, batches))
+        assert worker.post("/process_manifest", {"manifest_path": path}).status == 202
+        final = worker.wait_final("parts", job.layout.job_id)
+        assert final["done_batches"] == [0] and final["frames_done"] == 10, final
+        assert [(e["batch_id"], e["frame"]) for e in final["errors"]] == [(1, 15)]
+        assert job.outputs() == set(range(1, 11))  # the first part of batch 1 was removed again
+        metrics = worker.get("/metrics").body.decode()
+        computed = next(line for line in metrics.splitlines() if line.startswith(COMPUTE_COUNT))
+        assert float(computed.split()[1]) == 4  # batch 0 in parts of 4, 4 and 2 frames; batch 1's first
+        reference = load_upscaler(str(tiny_model), RuntimeSettings(device="cpu", cpu_threads=1))
+        expected = reference.upscale(np.stack([job.frames[i] for i in range(1, 11)]))
+        for position, index in enumerate(range(1, 11)):
+            np.testing.assert_array_equal(read_frame(job.output_path(index)), expected[position])
     finally:
         assert worker.stop() == 0
 
