@@ -69,7 +69,7 @@ class HttpWorkerClient:
             raise WorkerRequestError(self.url, "process_manifest", status, _detail(body))
 
     async def reset(self) -> None:
-        status, body = await self._request("POST", "/reset", "reset")
+        status, body = await self._request("POST", "/reset", "reset", json={})
         if status >= 400:
             raise WorkerRequestError(self.url, "reset", status, _detail(body))
 

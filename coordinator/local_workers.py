@@ -60,17 +60,24 @@ def spawn_worker(
     cwd: Path | None = None,
     die_with_parent_process: bool = True,
     new_session: bool = False,
+    also_in_child: Callable[[], None] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start ``python -m worker <worker_args> --port-file PORT_FILE``, its output appended to ``log_file``.
 
     Call it from a thread that outlives the worker (the event loop's): the death signal follows
-    the thread that started the process.
+    the thread that started the process. ``also_in_child`` runs in the child before the worker
+    starts (e.g. to lower a resource limit).
     """
     port_file.unlink(missing_ok=True)
     argv = [sys.executable, "-m", "worker", *worker_args, "--port-file", str(port_file)]
-    preexec: Callable[[], None] | None = None
-    if die_with_parent_process and sys.platform == "linux":
-        preexec = die_with_parent
+    dies = die_with_parent_process and sys.platform == "linux"
+
+    def preexec() -> None:
+        if dies:
+            die_with_parent()
+        if also_in_child is not None:
+            also_in_child()
+
     with log_file.open("ab") as handle:
         return subprocess.Popen(
             argv,
@@ -79,7 +86,7 @@ def spawn_worker(
             stderr=subprocess.STDOUT,
             env=dict(env) if env is not None else None,
             cwd=cwd,
-            preexec_fn=preexec,
+            preexec_fn=preexec if dies or also_in_child is not None else None,
             start_new_session=new_session,
         )
 

@@ -20,10 +20,10 @@ from typing import Any
 from coordinator.encode import EncodeSettings
 from coordinator.errors import SpecError
 from manifests.layout import FrameFormat
+from manifests.manifest import MAX_BATCH_FRAMES, MAX_FRAME_INDEX, MAX_SCALE, MAX_TILE, MIN_SCALE
 
 DEFAULT_MODEL = "realesr-animevideov3"
 DEFAULT_MAX_DISK = 4 << 30
-MAX_SCALE = 16.0
 
 
 def default_shared_root() -> Path:
@@ -64,19 +64,19 @@ class JobSpec:
             raise SpecError("frame_format", f"must be one of {choices}, not {self.frame_format!r}") from None
         if not self.model:
             raise SpecError("model", "must name a model or a model file")
-        if self.scale is not None and not (math.isfinite(self.scale) and 0 < self.scale <= MAX_SCALE):
-            raise SpecError("scale", f"must be above 0 and at most {MAX_SCALE:g}, not {self.scale:g}")
-        if self.tile is not None and self.tile < 0:
-            raise SpecError("tile", f"must be 0 or more, not {self.tile}")
+        if self.scale is not None and not (math.isfinite(self.scale) and MIN_SCALE <= self.scale <= MAX_SCALE):
+            raise SpecError("scale", f"must be {MIN_SCALE:g} to {MAX_SCALE:g}, not {self.scale:g}")
+        if self.tile is not None and not 0 <= self.tile <= MAX_TILE:
+            raise SpecError("tile", f"must be 0 to {MAX_TILE}, not {self.tile}")
         if self.precision not in {None, "fp16", "bf16", "fp32"}:
             raise SpecError("precision", f"must be fp16, bf16 or fp32, not {self.precision!r}")
-        if self.batch_size < 1:
-            raise SpecError("batch_size", f"must be at least 1, not {self.batch_size}")
+        if not 1 <= self.batch_size <= MAX_BATCH_FRAMES:
+            raise SpecError("batch_size", f"must be 1 to {MAX_BATCH_FRAMES}, not {self.batch_size}")
         if not 0 <= self.png_compression <= 9:
             raise SpecError("png_compression", f"must be 0 to 9, not {self.png_compression}")
         if self.max_disk < 1:
             raise SpecError("max_disk", f"must be above 0, not {self.max_disk}")
-        if self.max_chunk_frames < 1:
+        if not 1 <= self.max_chunk_frames <= MAX_FRAME_INDEX:
             raise SpecError("max_chunk_frames", f"must be above 0, not {self.max_chunk_frames}")
         if self.encoders is not None and self.encoders < 1:
             raise SpecError("encoders", f"must be at least 1, not {self.encoders}")

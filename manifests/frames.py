@@ -7,43 +7,110 @@ disagree on what a frame file holds.
 
 Every frame is written under a temporary name and renamed (:mod:`manifests.atomic`), so a
 half-written frame never has its final name.
+
+Bytes that are not a frame raise :class:`~manifests.errors.FrameFileError`, a sentence that names the
+frame and says what is wrong with it; a frame with more pixels than the reader allows raises
+:class:`~manifests.errors.FrameTooLargeError` before anything is decoded (its header is enough).
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
+import re
 import struct
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-from manifests.atomic import atomic_write
+from manifests.atomic import Directory, atomic_write
+from manifests.errors import FrameFileError, FrameTooLargeError
 from manifests.layout import FrameFormat
 
 __all__ = ["decode_frame", "encode_frame_into", "frame_file_is_sound", "read_frame", "write_frame"]
 
 
-def decode_frame(data: bytes, frame_format: FrameFormat) -> np.ndarray:
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def decode_frame(
+    data: bytes, frame_format: FrameFormat, *, name: str = "(unnamed)", max_pixels: int | None = None
+) -> np.ndarray:
     """Decode a frame file's bytes into an (H, W, 3) uint8 RGB array.
 
-    Raises ``ValueError`` (or Pillow's ``OSError`` / ``SyntaxError``) for bytes that are not a frame.
+    ``name`` is how messages call the frame. Raises :class:`FrameFileError` (a ``ValueError``) for
+    bytes that are not a frame, and :class:`FrameTooLargeError` for a frame of more than
+    ``max_pixels`` pixels, found from its header before any pixel is decoded.
     """
-    if frame_format is FrameFormat.NPY:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-            raise ValueError(f"holds a {array.dtype} array of shape {array.shape}, not (H, W, 3) uint8")
-        return np.ascontiguousarray(array)
-    with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
+    try:
+        if frame_format is FrameFormat.NPY:
+            return _decode_npy(data, name, max_pixels)
+        return _decode_png(data, name, max_pixels)
+    except (FrameFileError, MemoryError):
+        raise
+    except Exception as exc:  # Pillow and numpy raise many kinds (OSError, SyntaxError, zlib.error...)
+        raise FrameFileError(name, frame_format.value, _reason(exc)) from None
+
+
+def _decode_png(data: bytes, name: str, max_pixels: int | None) -> np.ndarray:
+    if not data:
+        raise FrameFileError(name, "png", "the file is empty")
+    try:
+        image = Image.open(io.BytesIO(data), formats=["PNG"])  # reads the header only
+    except UnidentifiedImageError:
+        reason = (
+            "its PNG header cannot be read"
+            if data.startswith(PNG_SIGNATURE)
+            else "it is not a PNG file (it does not start with the PNG signature)"
+        )
+        raise FrameFileError(name, "png", reason) from None
+    with image:
+        _check_pixels(name, FrameFormat.PNG, image.size[0], image.size[1], max_pixels)
         rgb = image if image.mode == "RGB" else image.convert("RGB")
         return np.asarray(rgb, dtype=np.uint8)
 
 
+def _decode_npy(data: bytes, name: str, max_pixels: int | None) -> np.ndarray:
+    header = io.BytesIO(data)
+    version = np.lib.format.read_magic(header)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(header)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(header)
+    else:
+        raise FrameFileError(name, "npy", f"npy format version {version[0]}.{version[1]} is not supported")
+    declared, present = math.prod(shape) * dtype.itemsize, len(data) - header.tell()
+    if declared != present:
+        raise FrameFileError(
+            name, "npy", f"its header declares {declared} bytes of {dtype} {shape}, but {present} follow"
+        )
+    if len(shape) >= 2:
+        _check_pixels(name, FrameFormat.NPY, shape[1], shape[0], max_pixels)
+    array = np.load(io.BytesIO(data), allow_pickle=False)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"it holds a {array.dtype} array of shape {array.shape}, not (H, W, 3) uint8")
+    return np.ascontiguousarray(array)
+
+
+def _check_pixels(name: str, frame_format: FrameFormat, width: int, height: int, limit: int | None) -> None:
+    if limit is not None and width * height > limit:
+        raise FrameTooLargeError(name, frame_format.value, width, height, limit)
+
+
+def _reason(exc: Exception) -> str:
+    """What went wrong, as a phrase: the library's message without object reprs (``<_io.BytesIO ...>``)."""
+    text = _OBJECT_REPR.sub("the data", str(exc)).strip()
+    return text or type(exc).__name__
+
+
 def read_frame(path: str | Path, frame_format: FrameFormat) -> np.ndarray:
     """Read one frame file (one sequential read, which also suits slow network storage)."""
-    return decode_frame(Path(path).read_bytes(), frame_format)
+    path = Path(path)
+    return decode_frame(path.read_bytes(), frame_format, name=path.name)
 
 
 def encode_frame_into(
@@ -63,13 +130,21 @@ def write_frame(
     *,
     png_compression: int,
     fsync: bool = False,
+    directory: Directory | None = None,
 ) -> None:
-    """Write one frame to ``path`` atomically; ``fsync`` flushes it to disk before the rename."""
-    with atomic_write(path, fsync=fsync) as handle:
+    """Write one frame to ``path`` atomically; ``fsync`` flushes it to disk before the rename.
+
+    With ``directory``, ``path`` is a name in that open directory (:class:`manifests.atomic.Directory`).
+    """
+    writer = (
+        atomic_write(path, fsync=fsync)
+        if directory is None
+        else directory.atomic_write(str(path), fsync=fsync)
+    )
+    with writer as handle:
         encode_frame_into(handle, frame, frame_format, png_compression)
 
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 
@@ -95,6 +170,6 @@ def frame_file_is_sound(path: str | Path, frame_format: FrameFormat, width: int,
             tail = handle.read()
     except (OSError, ValueError):
         return False
-    if len(head) < 24 or not head.startswith(_PNG_SIGNATURE) or head[12:16] != b"IHDR":
+    if len(head) < 24 or not head.startswith(PNG_SIGNATURE) or head[12:16] != b"IHDR":
         return False
     return struct.unpack(">II", head[16:24]) == (width, height) and tail == _PNG_END

@@ -26,6 +26,7 @@ from manifests.errors import PathOutsideRootError
 
 JOBS_DIR = "jobs"
 FRAME_DIGITS = 8
+DEFAULT_FIRST_FRAME = 1  # ffmpeg's image2 muxer numbers frames from 1 unless told otherwise
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 

@@ -17,6 +17,15 @@ Example (``format`` is checked first; unknown fields are refused)::
 
 A batch is a contiguous range ``[start, end)`` of frame indices, or an explicit list. Frame ``i``
 is read from ``<input_dir>/<frame_filename(i)>`` and written to ``<output_dir>/`` under the same name.
+
+What a manifest may ask for is bounded, so that a few hundred bytes cannot make a worker hold
+millions of frames: at most :data:`MAX_BATCH_FRAMES` frames per batch, :data:`MAX_MANIFEST_BATCHES`
+batches and :data:`MAX_MANIFEST_FRAMES` frames per manifest, frame indices below
+:data:`MAX_FRAME_INDEX` (checked while parsing, before any range is expanded); a scale between
+:data:`MIN_SCALE` and :data:`MAX_SCALE`; tiles of at most :data:`MAX_TILE` pixels with at most
+:data:`MAX_TILE_PAD` of context; strings of at most :data:`MAX_STRING` characters. A worker that
+knows the job's frame count (``job.json``) also refuses frames beyond it
+(:func:`check_frames_within_job`).
 """
 
 from __future__ import annotations
@@ -26,13 +35,24 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from manifests._fields import Fields, check_format, decode
 from manifests.errors import DocumentError
 from manifests.jsonio import dumps
-from manifests.layout import FrameFormat, is_safe_name
+from manifests.layout import DEFAULT_FIRST_FRAME, FRAME_DIGITS, FrameFormat, is_safe_name
 
 MANIFEST_FORMAT = "esrfarm.manifest/1"
 DEFAULT_PNG_COMPRESSION = 1
+MAX_BATCH_FRAMES = 4096
+MAX_MANIFEST_BATCHES = 65_536
+MAX_MANIFEST_FRAMES = 1 << 20
+MAX_FRAME_INDEX = 10**FRAME_DIGITS - 1  # frame file names keep their 8 digits
+MIN_SCALE = 1 / 16
+MAX_SCALE = 16.0
+MAX_TILE = 65_536
+MAX_TILE_PAD = 1024
+MAX_STRING = 4096
 _KIND = "manifest"
 
 
@@ -77,17 +97,24 @@ class Batch:
         batch_id = f.integer("id", minimum=0)
         if "frames" in f.data:
             f.reject_unknown({"id", "frames"})
+            listed = f.data["frames"]
+            if isinstance(listed, list) and len(listed) > MAX_BATCH_FRAMES:
+                f.fail("frames", f"lists {len(listed)} frames; a batch holds at most {MAX_BATCH_FRAMES}")
             frames = f.int_list("frames")
             if not frames:
                 f.fail("frames", "must not be empty")
+            if max(frames) > MAX_FRAME_INDEX:
+                f.fail("frames", f"names frame {max(frames)}; frame indices end at {MAX_FRAME_INDEX}")
             if len(set(frames)) != len(frames):
                 f.fail("frames", "lists a frame twice")
             return cls(batch_id, frames)
         f.reject_unknown({"id", "start", "end"})
-        start = f.integer("start", minimum=0)
-        end = f.integer("end")
+        start = f.integer("start", minimum=0, maximum=MAX_FRAME_INDEX)
+        end = f.integer("end", maximum=MAX_FRAME_INDEX + 1)
         if end <= start:
             f.fail("end", f"must be greater than start ({start}), not {end}")
+        if end - start > MAX_BATCH_FRAMES:
+            f.fail("end", f"makes a batch of {end - start} frames; a batch holds at most {MAX_BATCH_FRAMES}")
         return cls.range(batch_id, start, end)
 
 
@@ -164,21 +191,24 @@ class Manifest:
                 f"must be one of {', '.join(m.value for m in FrameFormat)}, not {frame_format!r}",
             )
         png_compression = f.opt_integer("png_compression", minimum=0, maximum=9)
+        scale = f.opt_number("scale", positive=True)
+        if scale is not None and not MIN_SCALE <= scale <= MAX_SCALE:
+            f.fail("scale", f"must be between {MIN_SCALE:g} and {MAX_SCALE:g}, not {scale:g}")
         manifest = object.__new__(cls)
         values = {
             "job_id": f.string("job_id"),
             "manifest_id": f.string("manifest_id"),
             "worker_id": f.string("worker_id"),
             "model": f.string("model"),
-            "scale": f.opt_number("scale", positive=True),
-            "tile": f.opt_integer("tile", minimum=0),
-            "tile_pad": f.opt_integer("tile_pad", minimum=0),
+            "scale": scale,
+            "tile": f.opt_integer("tile", minimum=0, maximum=MAX_TILE),
+            "tile_pad": f.opt_integer("tile_pad", minimum=0, maximum=MAX_TILE_PAD),
             "frame_format": FrameFormat(frame_format),
             "png_compression": DEFAULT_PNG_COMPRESSION if png_compression is None else png_compression,
             "input_dir": f.string("input_dir"),
             "output_dir": f.string("output_dir"),
             "status_file": f.opt_string("status_file") or "",
-            "batches": tuple(Batch._from_fields(item) for item in f.objects("batches")),
+            "batches": _batches(f),
         }
         if not values["status_file"]:
             values["status_file"] = f"status/{values['manifest_id']}.json"
@@ -192,6 +222,50 @@ class Manifest:
         return replace(
             self, manifest_id=manifest_id, worker_id=worker_id, batches=tuple(batches), status_file=""
         )
+
+
+def _batches(f: Fields) -> tuple[Batch, ...]:
+    """The manifest's batches, refused as soon as they hold more than a manifest may."""
+    listed = f.data.get("batches")
+    if isinstance(listed, list) and len(listed) > MAX_MANIFEST_BATCHES:
+        f.fail("batches", f"holds {len(listed)} batches; a manifest holds at most {MAX_MANIFEST_BATCHES}")
+    batches, frames = [], 0
+    for item in f.objects("batches"):
+        batch = Batch._from_fields(item)
+        frames += len(batch)
+        if frames > MAX_MANIFEST_FRAMES:
+            f.fail("batches", f"hold more than {MAX_MANIFEST_FRAMES} frames, the most a manifest may hold")
+        batches.append(batch)
+    return tuple(batches)
+
+
+def job_frame_count(job_file: bytes) -> int | None:
+    """The frame count a job file (``job.json``) records, or None when it records none it can give."""
+    try:
+        document = orjson.loads(job_file)
+    except orjson.JSONDecodeError:
+        return None
+    frames = document.get("frames") if isinstance(document, dict) else None
+    return frames if isinstance(frames, int) and not isinstance(frames, bool) and frames >= 0 else None
+
+
+def check_frames_within_job(
+    manifest: Manifest, frame_count: int, *, source: str | Path | None = None
+) -> None:
+    """Refuse (:class:`DocumentError`) a manifest naming a frame that a job of ``frame_count`` frames,
+    numbered from :data:`~manifests.layout.DEFAULT_FIRST_FRAME`, does not have."""
+    first, last = DEFAULT_FIRST_FRAME, DEFAULT_FIRST_FRAME + frame_count - 1
+    for i, batch in enumerate(manifest.batches):
+        low, high = min(batch.frames), max(batch.frames)
+        if low < first or high > last:
+            wrong = high if high > last else low
+            raise DocumentError(
+                _KIND,
+                f"names frame {wrong}, but job {manifest.job_id} has {frame_count} frame(s), "
+                f"{first} to {last} (its job.json)",
+                source=source,
+                field=f"batches[{i}]",
+            )
 
 
 def read_manifest(path: str | Path) -> Manifest:
@@ -215,23 +289,36 @@ def _validate(manifest: Manifest, *, source: str | Path | None) -> None:
         value = getattr(manifest, name)
         if not isinstance(value, str) or not value:
             fail(name, f"must be a non-empty string, not {value!r}")
+        if len(value) > MAX_STRING:
+            fail(name, f"is {len(value)} characters long; at most {MAX_STRING} are allowed")
         if name.endswith(("_dir", "_file")) and "\x00" in value:
             fail(name, "must not contain a NUL character")
-    if manifest.scale is not None and not manifest.scale > 0:
-        fail("scale", f"must be above 0, not {manifest.scale!r}")
-    for name in ("tile", "tile_pad"):
+    if manifest.scale is not None and not MIN_SCALE <= manifest.scale <= MAX_SCALE:
+        fail("scale", f"must be between {MIN_SCALE:g} and {MAX_SCALE:g}, not {manifest.scale!r}")
+    for name, most in (("tile", MAX_TILE), ("tile_pad", MAX_TILE_PAD)):
         value = getattr(manifest, name)
-        if value is not None and (not isinstance(value, int) or value < 0):
-            fail(name, f"must be an integer >= 0 or null, not {value!r}")
+        if value is not None and (not isinstance(value, int) or not 0 <= value <= most):
+            fail(name, f"must be an integer from 0 to {most} or null, not {value!r}")
     if not 0 <= manifest.png_compression <= 9:
         fail("png_compression", f"must be between 0 and 9, not {manifest.png_compression}")
     if not manifest.batches:
         fail("batches", "must hold at least one batch")
+    if len(manifest.batches) > MAX_MANIFEST_BATCHES:
+        fail(
+            "batches",
+            f"holds {len(manifest.batches)} batches; a manifest holds at most {MAX_MANIFEST_BATCHES}",
+        )
+    if manifest.frame_count > MAX_MANIFEST_FRAMES:
+        fail("batches", f"hold {manifest.frame_count} frames; a manifest holds at most {MAX_MANIFEST_FRAMES}")
     ids: set[int] = set()
     frames: set[int] = set()
     for i, batch in enumerate(manifest.batches):
         if not isinstance(batch, Batch):
             fail(f"batches[{i}]", f"must be a Batch, not {type(batch).__name__}")
+        if len(batch) > MAX_BATCH_FRAMES:
+            fail(f"batches[{i}]", f"holds {len(batch)} frames; a batch holds at most {MAX_BATCH_FRAMES}")
+        if max(batch.frames) > MAX_FRAME_INDEX:
+            fail(f"batches[{i}]", f"names frame {max(batch.frames)}; frame indices end at {MAX_FRAME_INDEX}")
         if batch.id in ids:
             fail(f"batches[{i}].id", f"repeats batch id {batch.id}")
         ids.add(batch.id)

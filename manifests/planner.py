@@ -11,11 +11,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from manifests.errors import PlanningError
+from manifests.layout import DEFAULT_FIRST_FRAME
 from manifests.manifest import Batch, Manifest
 from manifests.status import Status
 
 DEFAULT_BATCH_SIZE = 8
-DEFAULT_FIRST_FRAME = 1  # ffmpeg's image2 muxer numbers frames from 1 unless told otherwise
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,17 @@ def worker(
     process.stop()
 
 
+_outside = iter(range(1_000_000))
+
+
+@pytest.fixture()
+def outside(shared_root: Path) -> Path:
+    """A directory beside the shared root, to escape to."""
+    directory = shared_root.parent / f"outside-{next(_outside)}"
+    directory.mkdir()
+    return directory
+
+
 @pytest.fixture()
 def idle_worker(worker: WorkerProcess) -> Iterator[WorkerProcess]:
     """The session worker, checked idle before and after the test."""

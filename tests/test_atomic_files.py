@@ -8,7 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from manifests.atomic import atomic_path, atomic_write, leftover_temp_files, temp_path
+from manifests.atomic import Directory, atomic_path, atomic_write, leftover_temp_files, temp_path
+from manifests.errors import (
+    FileTooLargeError,
+    FrameFileError,
+    FrameTooLargeError,
+    NotRegularFileError,
+    SymlinkRefusedError,
+)
 from manifests.frames import decode_frame, read_frame, write_frame
 from manifests.layout import FrameFormat
 
@@ -60,3 +67,109 @@ def test_leftovers_of_a_killed_writer_are_found_and_only_they(tmp_path: Path) ->
     (tmp_path / ".other.mp4.1.ab.part").write_bytes(b"another target's")
     assert leftover_temp_files(target, ".part") == sorted(left)
     assert leftover_temp_files(tmp_path / "missing" / "x.mp4") == []
+
+
+# -- a bad frame is a sentence naming the frame and the reason ---------------------------------------
+
+
+def _png(frame: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(frame).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"not a png", "it is not a PNG file (it does not start with the PNG signature)"),
+        (b"", "the file is empty"),
+        (_png(np.zeros((64, 64, 3), np.uint8))[:60], "image file is truncated"),
+    ],
+)
+def test_a_bad_png_is_a_sentence_naming_the_frame(data: bytes, reason: str) -> None:
+    with pytest.raises(FrameFileError) as caught:
+        decode_frame(data, FrameFormat.PNG, name="input/00000005.png")
+    text = str(caught.value)
+    assert text.startswith("frame input/00000005.png is not a valid png image: ") and reason in text, text
+    assert "object at 0x" not in text and "BytesIO" not in text
+
+
+def test_a_frame_above_the_pixel_limit_is_refused_from_its_header() -> None:
+    data = _png(np.zeros((300, 200, 3), np.uint8))
+    assert decode_frame(data, FrameFormat.PNG, max_pixels=60_000).shape == (300, 200, 3)
+    with pytest.raises(FrameTooLargeError) as caught:
+        decode_frame(data, FrameFormat.PNG, name="f.png", max_pixels=59_999)
+    assert (caught.value.width, caught.value.height) == (200, 300)
+    assert str(caught.value) == "frame f.png is 200x300, more than the 59999 pixels allowed"
+
+
+def test_an_npy_header_claiming_more_than_the_file_holds_is_refused_without_allocating() -> None:
+    import io
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buffer, {"descr": "|u1", "fortran_order": False, "shape": (100_000, 100_000, 3)}
+    )
+    with pytest.raises(
+        FrameFileError, match=r"declares 30000000000 bytes of uint8 \(100000, 100000, 3\), but 0"
+    ):
+        decode_frame(buffer.getvalue(), FrameFormat.NPY, name="f.npy")
+
+
+# -- an open directory: never through a symlink, never blocking, never more than a cap -------------------
+
+
+def test_a_directory_opened_below_refuses_symlinked_components(tmp_path: Path) -> None:
+    (tmp_path / "real" / "deep").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with Directory.open(tmp_path) as root:
+        with root.open_below("real/deep") as deep:
+            assert deep.path == tmp_path / "real" / "deep"
+        with pytest.raises(SymlinkRefusedError, match="link is a symbolic link"):
+            root.open_below("link/deep")
+        with root.open_below("made/here", create=True):
+            assert (tmp_path / "made" / "here").is_dir()
+        with pytest.raises(ValueError, match="is not a path below"):
+            root.open_below("../x")
+
+
+def test_read_bytes_takes_only_small_regular_files(tmp_path: Path) -> None:
+    (tmp_path / "small").write_bytes(b"12345")
+    (tmp_path / "link").symlink_to(tmp_path / "small")
+    os.mkfifo(tmp_path / "fifo")
+    with Directory.open(tmp_path) as directory:
+        assert directory.read_bytes("small", max_bytes=5) == b"12345"
+        with pytest.raises(FileTooLargeError, match="small is 5 bytes, more than the 4 bytes allowed"):
+            directory.read_bytes("small", max_bytes=4)
+        with pytest.raises(SymlinkRefusedError):
+            directory.read_bytes("link", max_bytes=5)
+        with pytest.raises(NotRegularFileError, match=r"fifo is a named pipe \(FIFO\), not a regular file"):
+            directory.read_bytes("fifo", max_bytes=5)  # at once: opening never waits for a writer
+        with pytest.raises(NotRegularFileError, match="is a directory"):
+            directory.read_bytes(".", max_bytes=5)
+        with pytest.raises(InterruptedError):  # a pipe allowed, but its read given up when asked
+            directory.read_bytes("fifo", max_bytes=5, pipes=True, cancelled=lambda: True)
+
+
+def test_writes_go_to_the_directory_opened_even_after_its_path_is_swapped(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    with Directory.open(tmp_path / "out", follow_symlinks=False) as out:
+        assert not out.replaced()
+        (tmp_path / "out").rename(tmp_path / "out.moved")
+        (tmp_path / "out").symlink_to(tmp_path / "elsewhere")
+        assert out.replaced()
+        out.write_bytes_atomic("f.json", b"{}")
+        write_frame(
+            "00000001.npy", np.zeros((2, 2, 3), np.uint8), FrameFormat.NPY, png_compression=1, directory=out
+        )
+    assert sorted(os.listdir(tmp_path / "out.moved")) == ["00000001.npy", "f.json"]
+    assert os.listdir(tmp_path / "elsewhere") == []
+    (tmp_path / "planted").symlink_to(tmp_path / "elsewhere" / "target")
+    with Directory.open(tmp_path) as root:  # a symlink at the final name is replaced, never followed
+        root.write_bytes_atomic("planted", b"new")
+    assert (tmp_path / "planted").read_bytes() == b"new" and os.listdir(tmp_path / "elsewhere") == []

@@ -35,6 +35,7 @@ from manifests import (
     write_json_atomic,
     write_status_atomic,
 )
+from manifests.manifest import check_frames_within_job, job_frame_count
 
 IDENTITY = WorkerIdentity("host-a:8090", "host-a", 4242, "0", "NVIDIA H100")
 
@@ -99,6 +100,28 @@ def test_manifest_json_uses_ranges_for_contiguous_batches() -> None:
         ({"batches": [{"id": 0, "frames": [True]}]}, "must hold only integers >= 0"),
         ({"batches": [{"id": 0, "start": 1, "end": 3, "step": 2}]}, "unknown field(s) in 'batches[0]': step"),
         ({"extra": 1}, "unknown field(s): extra"),
+        # what a manifest may ask is bounded, checked before any range is expanded
+        ({"batches": [{"id": 0, "start": 0, "end": 10**9}]}, "must be at most 100000000, not 1000000000"),
+        (
+            {"batches": [{"id": 0, "start": 1, "end": 4098}]},
+            "makes a batch of 4097 frames; a batch holds at most",
+        ),
+        (
+            {"batches": [{"id": 0, "frames": list(range(4097))}]},
+            "lists 4097 frames; a batch holds at most 4096",
+        ),
+        ({"batches": [{"id": 0, "frames": [10**8]}]}, "names frame 100000000; frame indices end at 99999999"),
+        ({"batches": [{"id": i, "frames": [i]} for i in range(65_537)]}, "a manifest holds at most 65536"),
+        (
+            {"batches": [{"id": i, "start": 4096 * i, "end": 4096 * (i + 1)} for i in range(257)]},
+            "hold more than 1048576 frames",
+        ),
+        ({"scale": 16.5}, "field 'scale' must be between 0.0625 and 16, not 16.5"),
+        ({"scale": 0.05}, "field 'scale' must be between 0.0625 and 16"),
+        ({"scale": 1e308}, "field 'scale' must be between"),
+        ({"tile": 65_537}, "field 'tile' must be at most 65536"),
+        ({"tile_pad": 1025}, "field 'tile_pad' must be at most 1024"),
+        ({"model": "m" * 4097}, "field 'model' is 4097 characters long; at most 4096"),
     ],
 )
 def test_invalid_manifests_are_refused_naming_the_field(changes: dict[str, Any], message: str) -> None:
@@ -126,6 +149,39 @@ def test_manifests_built_in_code_are_validated_too() -> None:
         manifest(job_id="a/b")
     with pytest.raises(ValueError, match=r"end .* must be greater"):
         Batch.range(0, 4, 4)
+    with pytest.raises(DocumentError, match="holds 5000 frames; a batch holds at most 4096"):
+        manifest(batches=(Batch.range(0, 1, 5001),))
+    with pytest.raises(DocumentError, match="field 'scale' must be between"):
+        manifest(scale=32.0)
+
+
+def test_a_manifest_is_checked_against_the_jobs_frame_count() -> None:
+    m = manifest(batches=(Batch.range(0, 1, 9), Batch.range(1, 9, 13)))
+    check_frames_within_job(m, 12)
+    with pytest.raises(DocumentError) as info:
+        check_frames_within_job(m, 11, source="m.json")
+    assert str(info.value) == (
+        "manifest m.json: field 'batches[1]' names frame 12, "
+        "but job job-1 has 11 frame(s), 1 to 11 (its job.json)"
+    )
+    with pytest.raises(DocumentError, match="names frame 0"):
+        check_frames_within_job(manifest(batches=(Batch(0, (0, 1)),)), 100)
+
+
+@pytest.mark.parametrize(
+    ("document", "frames"),
+    [
+        (b'{"format": "esrfarm.job/1", "frames": 120}', 120),
+        (b'{"frames": 0}', 0),
+        (b'{"frames": -1}', None),
+        (b'{"frames": true}', None),
+        (b'{"frames": "12"}', None),
+        (b"[12]", None),
+        (b"not json", None),
+    ],
+)
+def test_the_frame_count_of_a_job_file(document: bytes, frames: int | None) -> None:
+    assert job_frame_count(document) == frames
 
 
 def test_read_manifest_round_trips_through_an_atomic_write(tmp_path: Path) -> None:

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from tests.model_factory import compact_state_dict, rrdb_state_dict, write_official, write_tiny_compact
-from worker.runtime import InferenceError, RuntimeSettings, Upscaler, load_upscaler
+from worker.runtime import InferenceError, RuntimeSettings, Upscaler, load_upscaler, resize_taps
 
 
 def frames(count: int, height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -256,3 +257,54 @@ def test_compact_scales_from_state_dict(tmp_path: Path) -> None:
         upscaler: Upscaler = load_upscaler(str(path), cpu())
         assert upscaler.native_scale == scale
         assert upscaler.upscale(frames(1, 6, 5)).shape == (1, 6 * scale, 5 * scale, 3)
+
+
+# -- the pixel budget: passes split, large frames tiled, each tile finished on its own --------------------
+
+
+@pytest.mark.parametrize(("native", "out"), [(64, 32), (64, 48), (67, 23), (16, 40), (90, 90), (360, 213)])
+def test_resize_taps_are_the_weights_of_the_whole_frame_resize(native: int, out: int) -> None:
+    x = torch.rand(1, 3, native, 7, dtype=torch.float64)
+    whole = F.interpolate(x, size=(out, 7), mode="bicubic", antialias=True, align_corners=False)
+    first, weights = resize_taps(native, out, 0, out)
+    index = np.minimum(first[:, None] + np.arange(weights.shape[1]), native - 1)
+    mine = (x[0, :, index, :] * torch.from_numpy(weights)[None, :, :, None]).sum(dim=2)
+    np.testing.assert_allclose(mine.numpy(), whole[0].numpy(), atol=1e-6)
+    part_first, part_weights = resize_taps(native, out, out // 3, out // 2)  # any span: the same taps
+    np.testing.assert_array_equal(part_first, first[out // 3 : out // 2])
+    np.testing.assert_allclose(part_weights, weights[out // 3 : out // 2, : part_weights.shape[1]])
+
+
+@pytest.mark.parametrize("scale", [4.0, 2.0, 3.0, 1.5, 2.37, 5.0])
+def test_a_frame_above_the_pixel_budget_is_tiled_and_matches_the_whole_frame(
+    compact_path: Path, scale: float
+) -> None:
+    batch = frames(2, 90, 130, seed=8)
+    whole = load_upscaler(str(compact_path), cpu(scale=scale)).upscale(batch)
+    budget = load_upscaler(str(compact_path), cpu(scale=scale, max_pass_pixels=48 * 48, tile_pad=12))
+    assert budget._tile_edge(90, 130) == 32 and budget._tile_edge(40, 40) == 0
+    tiled = budget.upscale(batch)
+    assert tiled.shape == whole.shape == (2, round(90 * scale), round(130 * scale), 3)
+    difference = np.abs(tiled.astype(int) - whole.astype(int))
+    assert difference.max() <= 1 and difference.mean() < 1e-3  # float rounding only, no seams
+
+
+class _CountingPasses(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.frames: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.frames.append(x.shape[0])
+        return self.inner(x)
+
+
+def test_the_pixel_budget_splits_batches_into_passes(compact_path: Path) -> None:
+    batch = frames(5, 16, 16, seed=9)
+    whole = load_upscaler(str(compact_path), cpu(max_batch=5)).upscale(batch)
+    upscaler = load_upscaler(str(compact_path), cpu(max_batch=5, max_pass_pixels=2 * 16 * 16))
+    counting = _CountingPasses(upscaler._model)
+    upscaler._model = counting
+    np.testing.assert_array_equal(upscaler.upscale(batch), whole)
+    assert counting.frames == [2, 2, 1]

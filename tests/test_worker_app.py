@@ -6,6 +6,7 @@ the test controls when loading ends.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import threading
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from manifests.tokens import TokenError, read_token
+from worker.cli import pixel_count
 from worker.service import create_app
 from worker.settings import SettingsError, WorkerSettings
 
@@ -106,6 +108,12 @@ def test_a_failed_load_stays_503_and_says_why(tmp_path: Path) -> None:
         ({"gpu": 1, "device": "cpu"}, "either --gpu 1 or --device cpu"),
         ({"port": 70000}, "port must be between"),
         ({"shutdown_timeout_s": 0}, "shutdown_timeout_s must be above 0"),
+        ({"header_timeout_s": 0}, "header_timeout_s must be above 0"),
+        ({"body_timeout_s": -1}, "body_timeout_s must be above 0"),
+        ({"max_output_pixels": 0}, "max_output_pixels must be at least 1"),
+        ({"max_connections": 0}, "max_connections must be at least 1"),
+        ({"pixel_budget": 0}, "--pixel-budget must be at least 1 pixel"),
+        ({"tile_pad": 2000}, "--tile-pad must be between 0 and 1024"),
     ],
 )
 def test_settings_are_validated_once(tmp_path: Path, changes: dict[str, Any], message: str) -> None:
@@ -130,3 +138,16 @@ def test_token_comes_from_the_file_before_the_environment(tmp_path: Path) -> Non
         read_token(tmp_path / "empty", {})
     with pytest.raises(TokenError, match="cannot read the token file"):
         read_token(tmp_path / "absent", {})
+
+
+@pytest.mark.parametrize(
+    ("text", "pixels"), [("8192x8192", 67_108_864), ("2048X1024", 2_097_152), ("500", 500)]
+)
+def test_pixel_flags_take_a_count_or_a_size(text: str, pixels: int) -> None:
+    assert pixel_count(text) == pixels
+
+
+@pytest.mark.parametrize("text", ["0", "12x", "big", "-4x4"])
+def test_pixel_flags_refuse_anything_else(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="pixel"):
+        pixel_count(text)

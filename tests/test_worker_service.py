@@ -8,7 +8,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -101,7 +100,8 @@ def test_health_reports_the_model_and_device(idle_worker: WorkerProcess, tiny_mo
     )
     assert health["pid"] == idle_worker.pid and health["uptime_s"] > 0 and health["version"]
     status = Status.from_json(idle_worker.get("/status").body)
-    assert status.state.value == "idle" and status.worker.pid == idle_worker.pid
+    # idle, or the end state of the last manifest an earlier test ran on this session worker
+    assert status.state.value != "processing" and status.worker.pid == idle_worker.pid
 
 
 # -- processing -----------------------------------------------------------------------------------
@@ -186,7 +186,11 @@ def test_a_corrupt_frame_is_named_with_its_reason(
     post_manifest(idle_worker, job.write_manifest(job.manifest("w0", tiny_model.stem, batches(job))))
     final = idle_worker.wait_final("w0", job.layout.job_id)
     assert final["state"] == "failed" and final["done_batches"] == []
-    assert final["errors"][0]["frame"] == 5 and "not a valid png image" in final["errors"][0]["reason"]
+    assert final["errors"][0]["frame"] == 5
+    assert final["errors"][0]["reason"] == (  # a sentence: no "<_io.BytesIO object at 0x...>"
+        "input frame input/00000005.png is not a valid png image: "
+        "it is not a PNG file (it does not start with the PNG signature)"
+    )
     assert job.outputs() == set()
 
 
@@ -243,14 +247,6 @@ def test_reset_cancels_then_idle_then_a_new_manifest_completes(
 
 
 # -- refusals -------------------------------------------------------------------------------------
-
-
-@pytest.fixture()
-def outside(shared_root: Path) -> Iterator[Path]:
-    """A directory beside the shared root holding a valid job, to escape to."""
-    directory = shared_root.parent / f"outside-{next(_job_counter)}"
-    directory.mkdir()
-    yield directory
 
 
 def test_manifest_paths_outside_the_shared_root_are_forbidden(
@@ -315,14 +311,14 @@ def test_symlinks_leading_out_are_forbidden(
     )
     assert response.status == 403 and "outside the shared root" in response.json()["error"]
 
-    # an input frame that is a symlink leading out: that batch fails, naming the frame
+    # an input frame that is a symlink (leading out, or anywhere): that batch fails, naming the frame
     (outside / "secret.png").write_bytes(encode_frame(job.frames[3], FrameFormat.PNG))
     job.input_path(3).unlink()
     job.input_path(3).symlink_to(outside / "secret.png")
     post_manifest(idle_worker, job.write_manifest(job.manifest("w2", tiny_model.stem, batches(job))))
     final = idle_worker.wait_final("w2", job.layout.job_id)
     assert final["state"] == "failed" and final["errors"][0]["frame"] == 3
-    assert "outside the shared root" in final["errors"][0]["reason"]
+    assert "input/00000003.png is a symbolic link" in final["errors"][0]["reason"]
     assert job.outputs() == set()
 
 

@@ -138,8 +138,11 @@ def start_worker(
     env: dict[str, str] | None = None,
     token: str | None = None,
     wait_healthy: bool = True,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> WorkerProcess:
-    """Start ``python -m worker`` on a free port (``--port 0``) and wait until ``/health`` is 200."""
+    """Start ``python -m worker`` on a free port (``--port 0``) and wait until ``/health`` is 200.
+
+    ``preexec_fn`` runs in the child before it starts (e.g. to lower a resource limit)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     port_file = log_dir / f"port-{time.monotonic_ns()}.json"
     log_path = port_file.with_suffix(".log")
@@ -148,7 +151,9 @@ def start_worker(
         "--port", "0", "--warmup-size", "16", *args,
     ]  # fmt: skip
     environ = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    process = spawn_worker(worker_args, port_file=port_file, log_file=log_path, env=environ, cwd=REPO)
+    process = spawn_worker(
+        worker_args, port_file=port_file, log_file=log_path, env=environ, cwd=REPO, also_in_child=preexec_fn
+    )
     worker = WorkerProcess(process, "", log_path, token)
     deadline = time.monotonic() + START_TIMEOUT_S
     try:

@@ -12,7 +12,14 @@ from pathlib import Path
 
 from manifests.tokens import TOKEN_ENV, TokenError, read_token
 from worker.models import DEFAULT_MODEL
-from worker.settings import DEFAULT_HOST, DEFAULT_PORT, SettingsError, WorkerSettings
+from worker.settings import (
+    DEFAULT_HOST,
+    DEFAULT_MAX_OUTPUT_PIXELS,
+    DEFAULT_PORT,
+    PART_FRAMES_OF_LARGEST,
+    SettingsError,
+    WorkerSettings,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +107,61 @@ def build_parser() -> argparse.ArgumentParser:
         default=90.0,
         help="seconds the batch in flight may take after SIGTERM",
     )
-    parser.add_argument(
+    limits = parser.add_argument_group(
+        "limits",
+        "What one manifest, frame or client may take. A frame above --max-output-pixels fails its batch "
+        "with a message; a batch whose output would exceed "
+        f"{PART_FRAMES_OF_LARGEST} x --max-output-pixels is read, upscaled and written in parts.",
+    )
+    limits.add_argument(
+        "--max-output-pixels",
+        type=pixel_count,
+        default=DEFAULT_MAX_OUTPUT_PIXELS,
+        metavar="N|WxH",
+        help="largest upscaled frame, in pixels (default 8192x8192 = 67 Mpx, ~200 MB as raw RGB); "
+        "larger input frames are refused, before they are decoded",
+    )
+    limits.add_argument(
+        "--pixel-budget",
+        type=pixel_count,
+        metavar="N|WxH",
+        help="most input pixels one forward pass takes: batches are split and larger frames tiled "
+        "to fit, so memory follows it (default 2048x1024 on the CPU; none on CUDA, where running out of "
+        "memory shrinks batches, then tiles)",
+    )
+    limits.add_argument(
+        "--max-manifest-bytes",
+        type=int,
+        default=8 << 20,
+        metavar="N",
+        help="largest manifest file read (default %(default)s); manifests are read only if they are "
+        "regular files",
+    )
+    limits.add_argument(
         "--max-request-bytes", type=int, default=64 * 1024, help="largest request body accepted"
+    )
+    limits.add_argument(
+        "--max-connections",
+        type=int,
+        default=256,
+        metavar="N",
+        help="open connections at most (default %(default)s, lowered to fit the descriptor limit); a "
+        "new one beyond closes the oldest with no request in progress",
+    )
+    limits.add_argument(
+        "--header-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="seconds a connection has to send whole request headers, from connecting or from its "
+        "previous answer (also the keep-alive idle time; default %(default)s)",
+    )
+    limits.add_argument(
+        "--body-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds a request body may take to arrive (default %(default)s)",
     )
     parser.add_argument(
         "--simulate-latency-ms",
@@ -114,6 +174,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default=env.get("ESRFARM_LOG_LEVEL", "INFO"), help="default %(default)s"
     )
     return parser
+
+
+def pixel_count(text: str) -> int:
+    """``67108864`` or ``8192x8192``: a number of pixels."""
+    try:
+        if "x" in text.lower():
+            width, height = text.lower().split("x")
+            pixels = int(width) * int(height)
+        else:
+            pixels = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a pixel count (N) or a size (WxH), not {text!r}"
+        ) from None
+    if pixels < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1 pixel, not {text!r}")
+    return pixels
 
 
 def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
@@ -138,6 +215,12 @@ def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
         warmup_size=args.warmup_size,
         simulate_latency_ms=args.simulate_latency_ms,
         max_request_bytes=args.max_request_bytes,
+        max_manifest_bytes=args.max_manifest_bytes,
+        max_output_pixels=args.max_output_pixels,
+        pixel_budget=args.pixel_budget,
+        max_connections=args.max_connections,
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
         io_threads=args.io_threads,
         fsync_frames=not args.no_fsync,
         shutdown_timeout_s=args.shutdown_timeout,

@@ -3,23 +3,42 @@
 The frame file codec itself (PNG or raw ``.npy``, atomic writes) is the protocol's,
 :mod:`manifests.frames`; this module reads and writes whole batches with it, on several threads,
 with errors that name the frame and say what is wrong with it.
+
+Frames are read and written by name in directories opened once per manifest
+(:class:`manifests.atomic.Directory`): never through a symbolic link, never blocking on a device;
+a named pipe is read to its end, but a stop request abandons the read within 100 ms. What one
+read may hold is bounded: each frame by :class:`FrameLimits` (pixels of its upscaled output, file
+size), and one call by a budget of output pixels: :func:`read_batch` reads as many of the batch's
+frames as fit in it (at least one), and the caller reads the rest in further parts.
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
 
-from manifests import FrameFormat, PathOutsideRootError, frame_filename, resolve_within
+from manifests import FrameFormat, frame_filename
+from manifests.atomic import Directory
+from manifests.errors import (
+    FileTooLargeError,
+    FrameFileError,
+    FrameTooLargeError,
+    SymlinkRefusedError,
+    UnsafeFileError,
+)
 from manifests.frames import decode_frame, write_frame
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+#: Bytes a frame file may hold per pixel of the frame it is checked against (raw 16-bit RGB is 6;
+#: PNG stays under raw size plus its headers).
+FILE_BYTES_PER_PIXEL = 8
+FILE_BYTES_SLACK = 1 << 20
 
 
 class FrameError(Exception):
@@ -31,52 +50,129 @@ class FrameError(Exception):
         super().__init__(f"frame {frame}: {reason}")
 
 
+class ReadCancelled(Exception):
+    """A read abandoned because the manifest is being stopped."""
+
+
+@dataclass(frozen=True)
+class FrameLimits:
+    """What one input frame may be: its output at ``scale`` at most ``max_output_pixels``."""
+
+    scale: float
+    max_output_pixels: int
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        return round(height * self.scale), round(width * self.scale)
+
+    @property
+    def max_input_pixels(self) -> int:
+        """Checked from the header, before decoding: no frame above the output bound, nor one that
+        could not upscale within it (the exact output check follows the decoding)."""
+        limit = self.max_output_pixels
+        return min(limit, int(limit / self.scale**2) + 2 * int(limit**0.5 / self.scale) + 1)
+
+    @property
+    def max_file_bytes(self) -> int:
+        return self.max_input_pixels * FILE_BYTES_PER_PIXEL + FILE_BYTES_SLACK
+
+    def check(self, shown: str, width: int, height: int) -> None:
+        """Raise a :class:`FrameError`-ready reason (ValueError) for a frame whose output is out of bounds."""
+        out_h, out_w = self.output_size(height, width)
+        if width * height > self.max_output_pixels:
+            raise ValueError(
+                f"input frame {shown} is {width}x{height} ({_megapixels(width * height)}), more than this "
+                f"worker's limit of {_megapixels(self.max_output_pixels)} per frame (--max-output-pixels)"
+            )
+        if out_h < 1 or out_w < 1:
+            raise ValueError(
+                f"input frame {shown} is {width}x{height}: at x{self.scale:g} its output would be empty"
+            )
+        if out_h * out_w > self.max_output_pixels:
+            raise ValueError(
+                f"input frame {shown} is {width}x{height}: upscaled x{self.scale:g} it would be "
+                f"{out_w}x{out_h} ({_megapixels(out_w * out_h)}), more than this worker's limit of "
+                f"{_megapixels(self.max_output_pixels)} per output frame (--max-output-pixels)"
+            )
+
+
 def read_batch(
-    shared_root: Path,
-    input_dir: Path,
+    input_dir: Directory,
     frames: Sequence[int],
     frame_format: FrameFormat,
     *,
     threads: int,
     label: str,
+    limits: FrameLimits,
+    budget_pixels: int | None = None,
+    cancel: threading.Event | None = None,
 ) -> np.ndarray:
-    """Read ``frames`` into one (N, H, W, 3) array; raises :class:`FrameError` for the first bad frame."""
+    """Read the first frames of ``frames`` into one (N, H, W, 3) array: all of them, or as many as
+    fit in ``budget_pixels`` output pixels (at least one). Raises :class:`FrameError` for the first
+    bad frame (reading stops there) and :class:`ReadCancelled` once ``cancel`` is set."""
 
     def read_one(index: int) -> np.ndarray:
         name = frame_filename(index, frame_format)
         shown = f"{label}/{name}"
         try:
-            path = resolve_within(shared_root, input_dir / name)
-        except PathOutsideRootError as exc:
-            reason = f"input frame {shown} resolves to {exc.resolved}, outside the shared root"
-            raise FrameError(index, reason) from None
-        try:
-            data = path.read_bytes()  # one sequential read; also works on pipes and slow network storage
+            data = input_dir.read_bytes(
+                name,
+                max_bytes=limits.max_file_bytes,
+                pipes=True,
+                cancelled=cancel.is_set if cancel is not None else None,
+            )
         except FileNotFoundError:
             raise FrameError(index, f"input frame {shown} is missing") from None
+        except InterruptedError:
+            raise ReadCancelled(f"reading {shown} was abandoned") from None
+        except FileTooLargeError as exc:
+            reason = f"input frame {shown} holds {exc.size} bytes, more than a frame may ({exc.limit})"
+            raise FrameError(index, reason) from None
+        except SymlinkRefusedError:
+            reason = (
+                f"input frame {shown} is a symbolic link; frames are read only from regular files, never "
+                "through a link (one could lead outside the shared root)"
+            )
+            raise FrameError(index, reason) from None
+        except UnsafeFileError as exc:
+            raise FrameError(index, f"input frame {shown} {exc.problem}") from None
         except OSError as exc:
             raise FrameError(index, f"input frame {shown} cannot be read: {exc.strerror or exc}") from None
         try:
-            return decode_frame(data, frame_format)
-        except Exception as exc:
-            raise FrameError(
-                index, f"input frame {shown} is not a valid {frame_format.value} image: {exc}"
-            ) from None
+            array = decode_frame(data, frame_format, name=shown, max_pixels=limits.max_input_pixels)
+            limits.check(shown, array.shape[1], array.shape[0])
+        except FrameTooLargeError as exc:
+            try:
+                limits.check(shown, exc.width, exc.height)
+            except ValueError as too_large:
+                raise FrameError(index, str(too_large)) from None
+            raise FrameError(index, f"input {exc}") from None
+        except FrameFileError as exc:
+            raise FrameError(index, f"input {exc}") from None
+        except ValueError as exc:
+            raise FrameError(index, str(exc)) from None
+        return array
 
-    arrays = map_threads(read_one, frames, threads)
-    first = arrays[0].shape
-    for index, array in zip(frames, arrays, strict=True):
-        if array.shape != first:
+    if cancel is not None and cancel.is_set():
+        raise ReadCancelled("the manifest is being stopped")
+    first = read_one(frames[0])
+    count = len(frames)
+    if budget_pixels is not None:
+        out_h, out_w = limits.output_size(first.shape[0], first.shape[1])
+        count = max(1, min(count, budget_pixels // (out_h * out_w)))
+    arrays = [first, *map_threads(read_one, frames[1:count], threads, stop=cancel)]
+    for index, array in zip(frames, arrays, strict=False):
+        if array.shape != first.shape:
+            name = f"{label}/{frame_filename(index, frame_format)}"
             raise FrameError(
                 index,
-                f"input frame {label}/{frame_filename(index, frame_format)} is {array.shape[1]}x"
-                f"{array.shape[0]}, but frame {frames[0]} of the same batch is {first[1]}x{first[0]}",
+                f"input frame {name} is {array.shape[1]}x{array.shape[0]}, but frame {frames[0]} of "
+                f"the same batch is {first.shape[1]}x{first.shape[0]}",
             )
     return np.stack(arrays)
 
 
 def write_batch(
-    output_dir: Path,
+    output_dir: Directory,
     frames: Sequence[int],
     upscaled: np.ndarray,
     frame_format: FrameFormat,
@@ -86,18 +182,29 @@ def write_batch(
     fsync: bool,
     label: str,
 ) -> None:
-    """Write every frame of a batch; on any failure remove the frames of this batch already written."""
+    """Write every frame of a batch; on any failure remove the frames of this batch already written.
+
+    Refuses to write into ``output_dir`` once its path names another directory than the one opened
+    (it was renamed, removed or replaced by a symlink after the manifest was accepted).
+    """
+    if output_dir.replaced():
+        raise FrameError(
+            frames[0],
+            f"the output directory {label} was replaced (renamed, removed or made a symlink) after the "
+            "manifest was accepted; nothing is written for it any more",
+        )
 
     def write_one(position: int) -> None:
         index = frames[position]
         name = frame_filename(index, frame_format)
         try:
             write_frame(
-                output_dir / name,
+                name,
                 upscaled[position],
                 frame_format,
                 png_compression=png_compression,
                 fsync=fsync,
+                directory=output_dir,
             )
         except OSError as exc:
             raise FrameError(
@@ -111,31 +218,32 @@ def write_batch(
         raise
 
 
-def remove_frames(directory: Path, frames: Sequence[int], frame_format: FrameFormat) -> None:
+def remove_frames(directory: Directory, frames: Sequence[int], frame_format: FrameFormat) -> None:
     for index in frames:
-        with contextlib.suppress(FileNotFoundError):
-            (directory / frame_filename(index, frame_format)).unlink()
+        directory.unlink(frame_filename(index, frame_format))
 
 
-def map_threads(fn: Callable[[T], R], items: Sequence[T], threads: int) -> list[R]:
+def map_threads(
+    fn: Callable[[T], R], items: Sequence[T], threads: int, *, stop: threading.Event | None = None
+) -> list[R]:
     """``[fn(item) for item in items]`` on up to ``threads`` daemon threads.
 
-    Raises the exception of the earliest failing item. Daemon threads, so a read stuck on dead
-    network storage never keeps the process from exiting.
+    No item is started once one has failed or ``stop`` is set; raises the exception of the earliest
+    failing item, else :class:`ReadCancelled` when ``stop`` left items undone. Daemon threads, so a
+    read stuck on dead network storage never keeps the process from exiting.
     """
     items = list(items)
-    if threads <= 1 or len(items) <= 1:
-        return [fn(item) for item in items]
     results: list[R | None] = [None] * len(items)
     errors: list[BaseException | None] = [None] * len(items)
     lock = threading.Lock()
     position = 0
+    failed = False
 
     def work() -> None:
-        nonlocal position
+        nonlocal position, failed
         while True:
             with lock:
-                if position >= len(items):
+                if position >= len(items) or failed or (stop is not None and stop.is_set()):
                     return
                 mine = position
                 position += 1
@@ -143,13 +251,26 @@ def map_threads(fn: Callable[[T], R], items: Sequence[T], threads: int) -> list[
                 results[mine] = fn(items[mine])
             except BaseException as exc:
                 errors[mine] = exc
+                failed = True
 
-    workers = [threading.Thread(target=work, daemon=True) for _ in range(min(threads, len(items)))]
-    for thread in workers:
-        thread.start()
-    for thread in workers:
-        thread.join()
+    if threads <= 1 or len(items) <= 1:
+        work()
+    else:
+        workers = [
+            threading.Thread(target=work, daemon=True, name="io-frames")
+            for _ in range(min(threads, len(items)))
+        ]
+        for thread in workers:
+            thread.start()
+        for thread in workers:
+            thread.join()
     for error in errors:
         if error is not None:
             raise error
+    if position < len(items):
+        raise ReadCancelled("stopped before every frame was read")
     return results  # type: ignore[return-value]
+
+
+def _megapixels(pixels: int) -> str:
+    return f"{pixels / 1e6:.1f} Mpx"

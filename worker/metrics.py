@@ -19,7 +19,7 @@ class WorkerMetrics:
         self.manifests = Counter("esrfarm_worker_manifests", "Manifests finished", ["state"], registry=r)
         self.batch_seconds = Histogram(
             "esrfarm_worker_batch_seconds",
-            "Time per batch and stage (read, compute, write: each runs overlapped with the others)",
+            "Time per batch (or part of a large batch) and stage (read, compute, write: run overlapped)",
             ["stage"],
             buckets=LATENCY_BUCKETS,
             registry=r,

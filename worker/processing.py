@@ -4,10 +4,19 @@ While batch ``i`` is being upscaled, batch ``i + 1`` is read (a reader thread) a
 ``i - 1`` is written (a writer task), so the device never waits on the disk. The status file is
 replaced after every batch, and a batch is listed as done only once all its frames are on disk.
 
+What is held at once is bounded by frame size, not by what a manifest asks: a batch whose upscaled
+frames would exceed ``part_pixels`` output pixels is read, upscaled and written in parts of as many
+frames as fit (at least one), and the batch is claimed once its last part is on disk.
+
 A batch with a missing or unreadable frame is recorded as failed (batch id, frame, reason) and the
 run goes on with the others; the run then ends ``failed``, never ``completed``. A stop request
-(``/reset``, SIGTERM) takes effect at the next batch boundary: the batch being upscaled is
-finished and written, nothing further is started, and the run ends ``cancelled``.
+(``/reset``, SIGTERM) takes effect at the next batch boundary: the part being upscaled is finished
+and written (the batch is claimed if that was its last part), the read in progress is abandoned
+within 100 ms (its threads stop taking frames), nothing further is started, and the run ends
+``cancelled``. Frames written for a batch that is not claimed are removed.
+
+Everything is read and written through the manifest's directories opened once at submit
+(:class:`RunDirs`), so a directory replaced by a symlink afterwards is never followed.
 """
 
 from __future__ import annotations
@@ -20,15 +29,16 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from manifests import BatchError, Manifest, Status, WorkerIdentity, WorkerState, write_json_atomic
+from manifests import BatchError, Manifest, Status, WorkerIdentity, WorkerState
+from manifests.atomic import Directory
 from manifests.manifest import Batch
-from worker.frames import FrameError, read_batch, write_batch
+from worker.frames import FrameError, FrameLimits, ReadCancelled, read_batch, remove_frames, write_batch
+from worker.logsafe import loggable
 from worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
@@ -53,15 +63,40 @@ class Upscaler(Protocol):
     def memory_info(self) -> dict[str, int] | None: ...
 
 
-@dataclass(frozen=True)
-class RunPaths:
-    """The resolved (symlink-free, checked to be under the shared root) paths of one manifest."""
+class RunDirs:
+    """The directories of one manifest, opened at submit by walking from the shared root without
+    following a symlink (:meth:`manifests.atomic.Directory.open_below`).
 
-    shared_root: Path
-    job_dir: Path
-    input_dir: Path
-    output_dir: Path
-    status_file: Path
+    Counted references: the run holds one, and so does every I/O thread while it runs, so the
+    descriptors are closed only once nothing can use them any more (an abandoned read on stuck
+    storage keeps them, never a reused descriptor number).
+    """
+
+    def __init__(self, input: Directory, output: Directory, status: Directory, status_name: str) -> None:
+        self.input = input
+        self.output = output
+        self.status = status
+        self.status_name = status_name
+        self._users = 1
+        self._lock = threading.Lock()
+
+    @property
+    def status_file(self) -> Path:
+        return self.status.path / self.status_name
+
+    def acquire(self) -> None:
+        with self._lock:
+            if self._users <= 0:
+                raise RuntimeError("the directories of this manifest are closed")
+            self._users += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users:
+                return
+        for directory in (self.input, self.output, self.status):
+            directory.close()
 
 
 def in_daemon_thread(fn: Callable[..., R], *args: Any) -> asyncio.Future[R]:
@@ -99,18 +134,22 @@ class ManifestRun:
     def __init__(
         self,
         manifest: Manifest,
-        paths: RunPaths,
+        dirs: RunDirs,
         upscaler: Upscaler,
         identity: WorkerIdentity,
         compute: Executor,
         metrics: WorkerMetrics,
         *,
+        limits: FrameLimits,
+        part_pixels: int,
         io_threads: int = 4,
         fsync_frames: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.manifest = manifest
-        self.paths = paths
+        self.dirs = dirs
+        self._limits = limits
+        self._part_pixels = part_pixels
         self._upscaler = upscaler
         self._compute = compute
         self._metrics = metrics
@@ -118,9 +157,13 @@ class ManifestRun:
         self._fsync = fsync_frames
         self._clock = clock
         self._stop = asyncio.Event()
+        self._cancel_reads = threading.Event()  # seen by the reader threads, between frames and in pipes
         self._stop_reason = ""
         self._lock = asyncio.Lock()
         self._done: list[int] = []
+        self._failed: set[int] = set()
+        self._partial: dict[int, list[int]] = {}  # frames written of batches not claimed (yet)
+        self._status_replaced_logged = False
         self._errors: list[BatchError] = []
         self._frames_done = 0
         self._computing: int | None = None
@@ -145,11 +188,26 @@ class ManifestRun:
         if not self._stop.is_set():
             self._stop_reason = reason
             self._stop.set()
+            self._cancel_reads.set()
             log.info("%s: stop requested (%s)", self._name, reason)
 
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
+
+    def _io(self, fn: Callable[..., R], *args: Any) -> asyncio.Future[R]:
+        """``fn(*args)`` on a daemon thread that holds the manifest's directories while it runs."""
+        dirs = self.dirs
+        dirs.acquire()
+
+        def holding() -> R:
+            try:
+                return fn(*args)
+            finally:
+                dirs.release()
+
+        holding.__name__ = getattr(fn, "__name__", "job")
+        return in_daemon_thread(holding)
 
     @property
     def _name(self) -> str:
@@ -159,7 +217,7 @@ class ManifestRun:
 
     async def start(self) -> None:
         """Write the initial ``processing`` status. Raises OSError if the status file cannot be written."""
-        await in_daemon_thread(write_json_atomic, self.paths.status_file, self.status_bytes)
+        await self._io(self.dirs.status.write_bytes_atomic, self.dirs.status_name, self.status_bytes)
         log.info(
             "%s: started, %d batch(es), %d frame(s)",
             self._name,
@@ -171,34 +229,43 @@ class ManifestRun:
         """Process every batch (or until stopped) and write the final status. Never raises on batch errors."""
         batches = self.manifest.batches
         write_task: asyncio.Task[None] | None = None
-        reading: asyncio.Future[np.ndarray] | None = self._read(batches[0])
+        reading = self._read_at(0, 0)
         try:
-            for position, batch in enumerate(batches):
-                assert reading is not None
-                if not await self._ready_or_stopped(reading):
-                    _discard(reading)
+            while reading is not None:
+                position, offset, future = reading
+                batch = batches[position]
+                if not await self._ready_or_stopped(future):
+                    _discard(future)
                     break
-                current = reading
-                reading = self._read(batches[position + 1]) if position + 1 < len(batches) else None
                 try:
-                    frames = current.result()
+                    frames = future.result()
+                except ReadCancelled:
+                    break
                 except FrameError as exc:
                     await self._fail(batch, exc.frame, exc.reason, "read")
+                    reading = self._read_at(position + 1, 0)
                     continue
                 except Exception as exc:
                     await self._fail(batch, None, f"reading failed: {exc}", "read")
+                    reading = self._read_at(position + 1, 0)
                     continue
+                end = offset + len(frames)
+                last = end >= len(batch)
+                reading = self._read_at(position + 1, 0) if last else self._read_at(position, end)
                 upscaled = await self._upscale(batch, frames)
                 del frames
                 if upscaled is None:
+                    if not last and reading is not None:  # the rest of a failed batch is not read
+                        _discard(reading[2])
+                        reading = self._read_at(position + 1, 0)
                     continue
                 if write_task is not None:
-                    await write_task  # at most one batch in the writer: bounds memory
-                write_task = asyncio.create_task(self._write_and_claim(batch, upscaled))
-                if self._stop.is_set():
-                    if reading is not None:
-                        _discard(reading)
-                    break
+                    await write_task  # at most one part in the writer: bounds memory
+                part = batch.frames[offset:end]
+                write_task = asyncio.create_task(self._write_and_claim(batch, part, upscaled, last))
+                if self._stop.is_set() and reading is not None:
+                    _discard(reading[2])
+                    reading = None
             if write_task is not None:
                 await write_task
         except asyncio.CancelledError:
@@ -206,28 +273,36 @@ class ManifestRun:
             log.error("%s: cancelled while a batch was in flight; it is not claimed", self._name)
             self._stop_reason = self._stop_reason or "cancelled"
             self._stop.set()
+            self._cancel_reads.set()
             await self._finish(cancelled=True)
             raise
         handled = len(self._done) + len(self.status.failed_batches)
         await self._finish(cancelled=handled < len(batches))
         return self.status
 
-    def _read(self, batch: Batch) -> asyncio.Future[np.ndarray]:
+    def _read_at(self, position: int, offset: int) -> tuple[int, int, asyncio.Future[np.ndarray]] | None:
+        """Start reading batch ``position`` from its frame ``offset`` (one part); None past the end."""
+        batches = self.manifest.batches
+        if position >= len(batches) or self._stop.is_set():
+            return None
         started = time.perf_counter()
+        frames = batches[position].frames[offset:]
 
         def read() -> np.ndarray:
-            frames = read_batch(
-                self.paths.shared_root,
-                self.paths.input_dir,
-                batch.frames,
+            array = read_batch(
+                self.dirs.input,
+                frames,
                 self.manifest.frame_format,
                 threads=self._io_threads,
                 label=self._label_in,
+                limits=self._limits,
+                budget_pixels=self._part_pixels,
+                cancel=self._cancel_reads,
             )
             self._metrics.batch_seconds.labels(stage="read").observe(time.perf_counter() - started)
-            return frames
+            return array
 
-        return in_daemon_thread(read)
+        return position, offset, self._io(read)
 
     async def _ready_or_stopped(self, reading: asyncio.Future[np.ndarray]) -> bool:
         """Wait for the next batch's frames; False if a stop came first (the boundary is here)."""
@@ -256,14 +331,17 @@ class ManifestRun:
         self._metrics.batch_seconds.labels(stage="compute").observe(time.perf_counter() - started)
         return upscaled
 
-    async def _write_and_claim(self, batch: Batch, upscaled: np.ndarray) -> None:
+    async def _write_and_claim(
+        self, batch: Batch, part: tuple[int, ...], upscaled: np.ndarray, last: bool
+    ) -> None:
+        """Write one part of a batch; claim the batch once its last part is written and none failed."""
         started = time.perf_counter()
         try:
-            await in_daemon_thread(
+            await self._io(
                 functools.partial(
                     write_batch,
-                    self.paths.output_dir,
-                    batch.frames,
+                    self.dirs.output,
+                    part,
                     upscaled,
                     self.manifest.frame_format,
                     self.manifest.png_compression,
@@ -279,7 +357,12 @@ class ManifestRun:
             await self._fail(batch, None, f"writing failed: {exc}", "write")
             return
         self._metrics.batch_seconds.labels(stage="write").observe(time.perf_counter() - started)
-        self._metrics.frames.inc(len(batch))
+        self._metrics.frames.inc(len(part))
+        written = self._partial.setdefault(batch.id, [])
+        written.extend(part)
+        if not last or batch.id in self._failed:
+            return
+        del self._partial[batch.id]
         self._metrics.batches.inc()
         self._done.append(batch.id)
         self._frames_done += len(batch)
@@ -296,7 +379,8 @@ class ManifestRun:
 
     async def _fail(self, batch: Batch, frame: int | None, reason: str, stage: str) -> None:
         error = BatchError(batch.id, frame, reason)
-        log.warning("%s: batch %d failed: %s", self._name, batch.id, error)
+        log.warning("%s: batch %d failed: %s", self._name, batch.id, loggable(error))
+        self._failed.add(batch.id)
         self._metrics.batch_failures.labels(stage=stage).inc()
         self._errors.append(error)
         await self._publish()
@@ -313,13 +397,30 @@ class ManifestRun:
                 **final,
             )
             data = status.to_json()
+            directory = self.dirs.status
             try:
-                await asyncio.shield(in_daemon_thread(write_json_atomic, self.paths.status_file, data))
+                await asyncio.shield(self._io(directory.write_bytes_atomic, self.dirs.status_name, data))
             except OSError as exc:
-                log.error("%s: cannot write status file %s: %s", self._name, self.paths.status_file, exc)
+                log.error(
+                    "%s: cannot write status file %s: %s", self._name, loggable(self.dirs.status_file), exc
+                )
+            if not self._status_replaced_logged and directory.replaced():
+                self._status_replaced_logged = True
+                log.error(
+                    "%s: the status directory %s was replaced after the manifest was accepted; the status "
+                    "is still written into the directory opened then, never through what replaced it",
+                    self._name,
+                    loggable(directory.path),
+                )
             self.status, self.status_bytes = status, data
 
     async def _finish(self, *, cancelled: bool) -> None:
+        if self._partial:  # parts of batches that were never claimed: no half batch stays on disk
+            partial, self._partial = self._partial, {}
+            for frames in partial.values():
+                await asyncio.shield(
+                    self._io(remove_frames, self.dirs.output, frames, self.manifest.frame_format)
+                )
         if cancelled:
             state, message = WorkerState.CANCELLED, self._stop_reason or "cancelled"
         elif self._errors:
@@ -336,7 +437,7 @@ class ManifestRun:
             state.value,
             len(self._done),
             len(self.manifest.batches),
-            f" ({message})" if message else "",
+            f" ({loggable(message)})" if message else "",
         )
 
 

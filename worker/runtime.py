@@ -13,6 +13,11 @@ Failure handling, none of which ever drops a frame:
 
 - out of GPU memory: the micro-batch is halved down to 1, then the frame is tiled with ever
   smaller tiles; each fallback is logged and kept for later batches;
+- memory bounded by a pixel budget (``max_pass_pixels``, by default 2 Mi px on the CPU, none on
+  CUDA where the fallback above applies): a forward pass takes at most that many input pixels, so
+  batches are split into smaller passes and a larger frame is tiled. Tiles are finished to uint8
+  one by one (resized, when the output scale is not the model's, with the very weights of the
+  whole-frame resize), so no float copy of the whole output ever exists;
 - a half-precision output with NaN or inf (the cause of Real-ESRGAN's black frames) is
   recomputed in fp32 from the original fp32 weights, and that is logged.
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import re
 import threading
 from dataclasses import dataclass
@@ -38,6 +44,7 @@ log = logging.getLogger(__name__)
 PRECISIONS: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 MIN_TILE = 32
 MAX_SCALE = 16.0
+DEFAULT_CPU_PASS_PIXELS = 2 << 20  # 2 Mi px: a 1080p frame (2.07 Mpx) in one pass, a 4K frame in tiles
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 __all__ = [
@@ -66,6 +73,8 @@ class RuntimeSettings:
     max_batch: int | None = None  # frames per forward pass; default 1 on the CPU, the whole batch on CUDA
     cpu_threads: int | None = None  # torch intra-op threads on the CPU; default torch's own
     channels_last: bool | None = None  # default on for CUDA, off for the CPU (measured slower there)
+    max_pass_pixels: int | None = None  # input pixels per forward pass; default DEFAULT_CPU_PASS_PIXELS
+    # on the CPU, no bound on CUDA (the out-of-memory fallback applies there)
 
     def __post_init__(self) -> None:
         if not _DEVICE_RE.match(self.device):
@@ -82,6 +91,8 @@ class RuntimeSettings:
             raise ValueError(f"max_batch must be at least 1, not {self.max_batch}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"cpu_threads must be at least 1, not {self.cpu_threads}")
+        if self.max_pass_pixels is not None and self.max_pass_pixels < 1:
+            raise ValueError(f"max_pass_pixels must be at least 1, not {self.max_pass_pixels}")
 
 
 def select_device(spec: str) -> torch.device:
@@ -155,6 +166,8 @@ class Upscaler:
 
         self._micro_batch = settings.max_batch or (1 if not on_cuda else 0)  # 0: the whole batch
         self._tile = settings.tile
+        default_budget = 0 if on_cuda else DEFAULT_CPU_PASS_PIXELS
+        self._pass_pixels = settings.max_pass_pixels or default_budget  # 0: no bound
         self._lock = threading.Lock()
 
     # -- public ---------------------------------------------------------------------------------
@@ -193,7 +206,7 @@ class Upscaler:
             result = torch.empty((count, out_h, out_w, 3), dtype=torch.uint8, pin_memory=on_cuda)
             start = 0
             while start < count:
-                size = self._micro_batch or count
+                size = min(self._micro_batch or count, self._frames_per_pass(height, width))
                 chunk = batch[start : start + size]
                 try:
                     out: torch.Tensor | None = self._upscale_chunk(chunk, (out_h, out_w))
@@ -240,6 +253,16 @@ class Upscaler:
 
     def _upscale_chunk(self, chunk: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
         """uint8 NHWC on the device -> upscaled uint8 NHWC of ``out_size`` (h, w) on the device."""
+        tile = self._tile_edge(*chunk.shape[1:3])
+        if tile:
+            return self._upscale_tiled(chunk, out_size, tile)
+        out = self._native_output(chunk)
+        if out_size != tuple(out.shape[2:]):
+            out = F.interpolate(out, size=out_size, mode="bicubic", antialias=True, align_corners=False)
+        return self._finish(out)
+
+    def _native_output(self, chunk: torch.Tensor) -> torch.Tensor:
+        """uint8 NHWC on the device -> the model's float NCHW output at its native scale (NaN guarded)."""
         height, width = chunk.shape[1:3]
         out = self._forward(self._normalise(chunk, self._dtype), self._model)
         if self._fp32_source is not None and not bool(torch.isfinite(out).all()):
@@ -249,9 +272,11 @@ class Upscaler:
                 len(chunk),
             )
             out = self._forward(self._normalise(chunk, torch.float32), self._fp32_network())
-        out = out[:, :, : height * self.native_scale, : width * self.native_scale].float()
-        if out_size != tuple(out.shape[2:]):
-            out = F.interpolate(out, size=out_size, mode="bicubic", antialias=True, align_corners=False)
+        return out[:, :, : height * self.native_scale, : width * self.native_scale].float()
+
+    @staticmethod
+    def _finish(out: torch.Tensor) -> torch.Tensor:
+        """float NCHW in [0, 1] -> uint8 NHWC."""
         out = out.clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
         return out.permute(0, 2, 3, 1).contiguous()
 
@@ -274,40 +299,63 @@ class Upscaler:
     def _forward(self, x: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
         if self._channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        height, width = x.shape[2:]
-        if not self._tile or (self._tile >= height and self._tile >= width):
-            return model(x)
-        return self._forward_tiled(x, model)
+        return model(x)
 
-    def _forward_tiled(self, x: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
-        """Tiles carry ``tile_pad`` pixels of real context on each side; only their centres are kept.
+    # -- the pixel budget and tiling ------------------------------------------------------------
 
-        Tile edges and pads are multiples of the network's size multiple, so each tile is a valid
-        input and, with ``tile_pad`` at least the receptive field, equals the untiled result.
+    def _frames_per_pass(self, height: int, width: int) -> int:
+        """Whole frames one forward pass may take under the pixel budget (at least one)."""
+        if not self._pass_pixels:
+            return 1 << 30
+        return max(1, self._pass_pixels // (height * width))
+
+    def _tile_edge(self, height: int, width: int) -> int:
+        """The tile edge (input pixels) a frame of that size is upscaled with; 0 for the whole frame.
+
+        The configured or out-of-memory tile; else, for a frame above the pixel budget, the largest
+        tile whose padded piece fits in the budget.
         """
-        scale = self.native_scale
-        count, _, height, width = x.shape
-        tile = max(_round_up(self._tile, self._multiple), self._minimum)
+        if self._tile:
+            return 0 if self._tile >= height and self._tile >= width else self._tile
+        if not self._pass_pixels or height * width <= self._pass_pixels:
+            return 0
         pad = _round_up(self.settings.tile_pad, self._multiple)
-        out: torch.Tensor | None = None
-        for top in range(0, height, tile):
-            for left in range(0, width, tile):
-                bottom, right = min(top + tile, height), min(left + tile, width)
-                in_top, in_left = max(top - pad, 0), max(left - pad, 0)
-                piece = x[:, :, in_top : min(bottom + pad, height), in_left : min(right + pad, width)]
-                piece_out = model(self._pad(piece))
-                if out is None:
-                    out = torch.empty(
-                        (count, piece_out.shape[1], height * scale, width * scale),
-                        dtype=piece_out.dtype,
-                        device=piece_out.device,
-                    )
-                oy, ox = (top - in_top) * scale, (left - in_left) * scale
-                out[:, :, top * scale : bottom * scale, left * scale : right * scale] = piece_out[
-                    :, :, oy : oy + (bottom - top) * scale, ox : ox + (right - left) * scale
+        edge = math.isqrt(self._pass_pixels) - 2 * pad
+        return max(MIN_TILE, edge // self._multiple * self._multiple)
+
+    def _upscale_tiled(self, chunk: torch.Tensor, out_size: tuple[int, int], tile: int) -> torch.Tensor:
+        """Upscale tile by tile, each finished to uint8 at once: memory follows the tile, not the frame.
+
+        Output tiles cover ``tile`` input pixels each. A tile's model input carries ``tile_pad``
+        pixels of real context on each side beyond the native pixels its output needs (with
+        ``tile_pad`` at least the network's receptive field it equals the untiled result). Tile
+        edges and pads are multiples of the network's size multiple, so each piece is a valid input.
+        At another scale than the native one, each tile is resized from the native pixels it
+        needs with the whole-frame resize's own weights (antialiased bicubic), so the seams match.
+        """
+        count, height, width = chunk.shape[:3]
+        scale = self.native_scale
+        tile = max(_round_up(tile, self._multiple), self._minimum)
+        pad = _round_up(self.settings.tile_pad, self._multiple)
+        out_h, out_w = out_size
+        result = torch.empty((count, out_h, out_w, 3), dtype=torch.uint8, device=chunk.device)
+        rows = _tile_spans(height * scale, out_h, tile * scale, chunk.device)
+        cols = _tile_spans(width * scale, out_w, tile * scale, chunk.device)
+        for oy0, oy1, ny0, ny1, y_taps in rows:
+            iy0, iy1 = max(ny0 // scale - pad, 0), min(-(-ny1 // scale) + pad, height)
+            for ox0, ox1, nx0, nx1, x_taps in cols:
+                ix0, ix1 = max(nx0 // scale - pad, 0), min(-(-nx1 // scale) + pad, width)
+                native = self._native_output(chunk[:, iy0:iy1, ix0:ix1])
+                native = native[
+                    :, :, ny0 - iy0 * scale : ny1 - iy0 * scale, nx0 - ix0 * scale : nx1 - ix0 * scale
                 ]
-        assert out is not None
-        return out
+                if y_taps is not None:
+                    native = _resize_along(native, 2, *y_taps)
+                if x_taps is not None:
+                    native = _resize_along(native, 3, *x_taps)
+                result[:, oy0:oy1, ox0:ox1] = self._finish(native)
+                del native
+        return result
 
     def _fp32_network(self) -> torch.nn.Module:
         if self._fp32_model is None:
@@ -326,7 +374,7 @@ class Upscaler:
                 "out of memory at %d frame(s) per pass; retrying with %d", effective, self._micro_batch
             )
             return
-        current = self._tile or max(height, width)
+        current = self._tile_edge(height, width) or max(height, width)
         smaller = max(MIN_TILE, _round_up(current // 2, self._multiple))
         if smaller >= current:
             raise InferenceError(
@@ -355,3 +403,69 @@ def load_upscaler(
         upscaler.precision,
     )
     return upscaler
+
+
+# -- tiles and their resize (module level: pure index and weight arithmetic) -----------------------
+
+_Taps = tuple[torch.Tensor, torch.Tensor]  # (output positions, taps) local source indices and weights
+
+
+def _tile_spans(
+    native: int, out: int, native_tile: int, device: torch.device
+) -> list[tuple[int, int, int, int, _Taps | None]]:
+    """Cut one axis into tiles: ``(out_start, out_end, native_start, native_end, taps)`` each, where
+    the native span holds every native pixel the tile's output is computed from, and ``taps`` the
+    resize from it (None when the output is at native scale: then the two spans are the same)."""
+    if out == native:
+        return [(start, min(start + native_tile, native), start, min(start + native_tile, native), None)
+                for start in range(0, native, native_tile)]  # fmt: skip
+    step = max(1, round(native_tile * out / native))
+    spans: list[tuple[int, int, int, int, _Taps | None]] = []
+    for start in range(0, out, step):
+        end = min(start + step, out)
+        first, weights = resize_taps(native, out, start, end)
+        low = int(first.min())
+        high = int(min(native, (first + weights.shape[1]).max()))
+        index = torch.from_numpy(np.minimum(first[:, None] + np.arange(weights.shape[1]), native - 1) - low)
+        taps = (index.to(device), torch.from_numpy(weights).float().to(device))
+        spans.append((start, end, low, high, taps))
+    return spans
+
+
+def resize_taps(native: int, out: int, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+    """The antialiased bicubic resize of one axis from ``native`` to ``out`` pixels, as
+    ``F.interpolate(mode="bicubic", antialias=True)`` computes it, for output pixels ``start`` to
+    ``end - 1``: each one's first source pixel, and the weights of its taps ``(end - start, taps)``
+    (Keys' cubic, a = -0.5, its support widened by the scale when shrinking; zero past the edge)."""
+    scale = native / out
+    support = 2.0 * scale if scale >= 1.0 else 2.0
+    inverse = 1.0 / scale if scale >= 1.0 else 1.0
+    centre = scale * (np.arange(start, end, dtype=np.float64) + 0.5)
+    first = np.maximum((centre - support + 0.5).astype(np.int64), 0)
+    last = np.minimum((centre + support + 0.5).astype(np.int64), native)
+    source = first[:, None] + np.arange(int((last - first).max()))[None, :]
+    x = np.abs((source - centre[:, None] + 0.5) * inverse)
+    a = -0.5
+    weights = np.where(
+        x < 1.0,
+        ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0,
+        np.where(x < 2.0, (((x - 5.0) * x + 8.0) * x - 4.0) * a, 0.0),
+    )
+    weights = np.where(source < last[:, None], weights, 0.0)
+    return first, weights / weights.sum(axis=1, keepdims=True)
+
+
+def _resize_along(x: torch.Tensor, dim: int, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Resize NCHW ``x`` along ``dim`` (2 or 3): output ``o`` is ``sum_k weights[o, k] * x[index[o, k]]``.
+
+    Rows are gathered whole (fast); for columns ``x`` is transposed once so that they are rows too.
+    """
+    if dim == 3:
+        return _resize_along(x.transpose(2, 3).contiguous(), 2, index, weights).transpose(2, 3)
+    column = weights.view(1, 1, -1, 1, weights.shape[1])
+    out: torch.Tensor | None = None
+    for k in range(index.shape[1]):
+        term = x.index_select(2, index[:, k]).mul_(column[..., k])
+        out = term if out is None else out.add_(term)
+    assert out is not None
+    return out

@@ -10,6 +10,23 @@ Endpoints (all JSON except /metrics)::
     GET  /metrics           Prometheus text
 
 Bound to a non-loopback address, every endpoint but /health wants ``Authorization: Bearer <token>``.
+The two POST endpoints change state, so a web page in the operator's browser must not be able to
+reach them: they want ``Content-Type: application/json`` (415 otherwise, which a browser cannot send
+cross-site without a preflight the worker never grants), refuse any ``Origin`` but the worker's own
+and, on a worker without a token, any ``Host`` that is not a loopback name or the bound address
+(403: DNS rebinding).
+
+The worker is not held by its clients: a connection must complete its request headers within
+``header_timeout_s`` of opening or of its previous answer (aiohttp's keep-alive timer, which runs
+from the connection's start), a body must arrive within ``body_timeout_s``, and at most
+``max_connections`` are open (fewer when the descriptor limit is lower): a new one beyond that
+closes the oldest connection with no request in progress (:class:`ConnectionGuard`), so
+``/health`` stays answerable under any number of slow clients.
+
+Every file is opened safely (:mod:`manifests.atomic`): the manifest is read only if it is a regular
+file no larger than ``max_manifest_bytes``, without blocking and without following a symlink; the
+manifest's directories are opened once at submit, walking from the shared root without following
+a symlink, and every frame and status file is written relative to them.
 """
 
 from __future__ import annotations
@@ -17,12 +34,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import logging
 import os
+import resource
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
@@ -31,6 +50,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Middleware
+from aiohttp.web_protocol import RequestHandler
 
 from manifests import (
     DocumentError,
@@ -40,13 +60,17 @@ from manifests import (
     Status,
     WorkerIdentity,
     WorkerState,
-    read_manifest,
     resolve_within,
     write_json_atomic,
 )
+from manifests.atomic import Directory
+from manifests.errors import FileTooLargeError, SymlinkRefusedError, UnsafeFileError
+from manifests.manifest import check_frames_within_job, job_frame_count
+from worker.frames import FrameLimits
 from worker.gpuinfo import GpuMemoryProbe
+from worker.logsafe import loggable
 from worker.metrics import WorkerMetrics
-from worker.processing import ManifestRun, RunPaths, Upscaler, in_daemon_thread
+from worker.processing import ManifestRun, RunDirs, Upscaler, in_daemon_thread
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -87,6 +111,7 @@ def load_runtime_model(settings: WorkerSettings) -> Upscaler:
         tile_pad=settings.tile_pad,
         max_batch=settings.max_batch,
         cpu_threads=settings.cpu_threads,
+        max_pass_pixels=settings.pixel_budget,
     )
     return load_upscaler(settings.model, runtime, allow_download=settings.allow_download)
 
@@ -112,6 +137,7 @@ class Worker:
         )
         self.run: ManifestRun | None = None
         self.task: asyncio.Task[Status] | None = None
+        self._submitting = False  # a manifest is being read and checked: at most one at a time
         self.fatal = asyncio.Event()  # set when the model cannot be loaded: the process should exit
 
     def set_worker_id(self, worker_id: str) -> None:
@@ -156,57 +182,104 @@ class Worker:
     def busy(self) -> bool:
         return self.task is not None and not self.task.done()
 
-    def _resolve(self, path: str | Path) -> Path:
+    def _resolve(self, path: str | Path, field: str | None = None) -> Path:
+        """``path`` (relative to the shared root) resolved, symlinks followed; 403 unless under the root."""
         if "\x00" in str(path):
             raise RequestError(400, "the manifest path must not contain a NUL character")
         try:
             return resolve_within(self.shared_root, self.shared_root / path)
         except PathOutsideRootError as exc:
-            raise RequestError(403, str(exc)) from None
+            raise RequestError(403, f"manifest field '{field}': {exc}" if field else str(exc)) from None
 
     async def submit(self, manifest_path: str) -> ManifestRun:
         if self.upscaler is None:
             raise RequestError(503, f"the model is not ready (state {self.state})")
         if self.busy:
             raise RequestError(409, self._busy_message())
-        path = self._resolve(manifest_path)
+        if self._submitting:
+            raise RequestError(409, "another manifest is being submitted right now; try again")
+        self._submitting = True
         try:
-            manifest = await in_daemon_thread(read_manifest, path)
-        except FileNotFoundError:
-            raise RequestError(400, f"manifest {manifest_path} does not exist") from None
-        except IsADirectoryError:
-            raise RequestError(400, f"manifest {manifest_path} is a directory, not a file") from None
-        except OSError as exc:
-            raise RequestError(
-                400, f"manifest {manifest_path} cannot be read: {exc.strerror or exc}"
-            ) from None
-        except DocumentError as exc:
-            raise RequestError(400, str(exc)) from None
-        paths = self._paths(manifest)
-        self._check_compatible(manifest)
-        if not paths.input_dir.is_dir():
-            raise RequestError(
-                400, f"input directory {manifest.input_dir} of job {manifest.job_id} does not exist"
-            )
-        try:
-            paths.output_dir.mkdir(parents=True, exist_ok=True)
-            paths.status_file.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise RequestError(400, f"cannot create the output or status directory: {exc}") from None
-        if self.busy:  # another request got in while the manifest was being read
-            raise RequestError(409, self._busy_message())
+            # All file system work in one thread, and one submit at a time: requests never pile up threads.
+            manifest, dirs = await in_daemon_thread(self._prepare, manifest_path)
+        finally:
+            self._submitting = False
+        settings = self.settings
+        scale = manifest.scale if manifest.scale is not None else self.upscaler.scale
         run = ManifestRun(
             manifest,
-            paths,
+            dirs,
             self.upscaler,
             self.identity,
             self.compute,
             self.metrics,
-            io_threads=self.settings.io_threads,
-            fsync_frames=self.settings.fsync_frames,
+            limits=FrameLimits(scale, settings.max_output_pixels),
+            part_pixels=settings.part_pixels,
+            io_threads=settings.io_threads,
+            fsync_frames=settings.fsync_frames,
         )
         self.run, self.task = run, asyncio.create_task(self._process(run))
         return run
+
+    def _prepare(self, manifest_path: str) -> tuple[Manifest, RunDirs]:
+        """Read and check the manifest, open its directories; raises :class:`RequestError`. Blocking."""
+        path = self._resolve(manifest_path)
+        with Directory.open(self.shared_root) as root:
+            manifest = self._read_manifest(root, path, manifest_path)
+            self._check_compatible(manifest)
+            with contextlib.ExitStack() as opened:
+                job = JobLayout(self.shared_root, manifest.job_id)
+                job_dir = opened.enter_context(self._open(root, self._resolve(job.job_dir), "job_id"))
+                frames = self._job_frames(job_dir)
+                if frames is not None:
+                    try:
+                        check_frames_within_job(manifest, frames, source=loggable(manifest_path))
+                    except DocumentError as exc:
+                        raise RequestError(400, str(exc)) from None
+                status_file = self._resolve(job.job_dir / manifest.status_file, "status_file")
+                input_dir, output_dir, status_dir = (
+                    opened.enter_context(
+                        self._open(root, self._resolve(job.job_dir / relative, field), field, create)
+                    )
+                    for field, relative, create in (
+                        ("input_dir", manifest.input_dir, False),
+                        ("output_dir", manifest.output_dir, True),
+                        ("status_file", status_file.parent, True),
+                    )
+                )
+                opened.pop_all()
+        job_dir.close()
+        return manifest, RunDirs(input_dir, output_dir, status_dir, status_file.name)
+
+    def _read_manifest(self, root: Directory, path: Path, given: str) -> Manifest:
+        shown = loggable(given)
+        limit = self.settings.max_manifest_bytes
+        try:
+            with root.open_below(path.relative_to(self.shared_root).parent) as parent:
+                data = parent.read_bytes(path.name, max_bytes=limit)
+        except (OSError, UnsafeFileError) as exc:
+            raise _refusal(f"manifest {shown}", exc) from None
+        try:
+            return Manifest.from_json(data, source=shown)
+        except DocumentError as exc:
+            raise RequestError(400, str(exc)) from None
+
+    def _open(self, root: Directory, path: Path, field: str, create: bool = False) -> Directory:
+        """The resolved directory ``path`` opened from the root without following a symlink."""
+        relative = path.relative_to(self.shared_root)
+        shown = loggable(relative)
+        try:
+            return root.open_below(relative, create=create)
+        except (OSError, UnsafeFileError) as exc:
+            raise _refusal(f"manifest field '{field}': directory {shown}", exc) from None
+
+    @staticmethod
+    def _job_frames(job_dir: Directory) -> int | None:
+        """The job's frame count from its job.json; None (static bounds only) when it gives none."""
+        try:
+            return job_frame_count(job_dir.read_bytes("job.json", max_bytes=1 << 20))
+        except (OSError, UnsafeFileError):
+            return None
 
     async def _process(self, run: ManifestRun) -> Status:
         self.state = "processing"
@@ -215,6 +288,7 @@ class Worker:
             await run.start()
             return await run.run()
         finally:
+            run.dirs.release()
             self.state = "idle"
             self.metrics.busy.set(0)
 
@@ -223,23 +297,6 @@ class Worker:
         return (
             f"already processing manifest {self.run.manifest.manifest_id} of job {self.run.manifest.job_id}; "
             "POST /reset first to cancel it"
-        )
-
-    def _paths(self, manifest: Manifest) -> RunPaths:
-        job_dir = self._resolve(JobLayout(self.shared_root, manifest.job_id).job_dir)
-
-        def inside_job(field: str, relative: str) -> Path:
-            try:
-                return resolve_within(self.shared_root, job_dir / relative)
-            except PathOutsideRootError as exc:
-                raise RequestError(403, f"manifest field '{field}': {exc}") from None
-
-        return RunPaths(
-            shared_root=self.shared_root,
-            job_dir=job_dir,
-            input_dir=inside_job("input_dir", manifest.input_dir),
-            output_dir=inside_job("output_dir", manifest.output_dir),
-            status_file=inside_job("status_file", manifest.status_file),
         )
 
     def _check_compatible(self, manifest: Manifest) -> None:
@@ -320,7 +377,26 @@ class Worker:
         }
 
 
+def _refusal(what: str, exc: OSError | UnsafeFileError) -> RequestError:
+    """The answer for a manifest file or directory that cannot be opened as asked (``what`` names it)."""
+    if isinstance(exc, SymlinkRefusedError):
+        return RequestError(403, f"{what}: {exc} (it was replaced while being opened)")
+    if isinstance(exc, FileTooLargeError):
+        return RequestError(400, f"{what} is too large: it {exc.problem} (--max-manifest-bytes)")
+    if isinstance(exc, UnsafeFileError):
+        return RequestError(400, f"{what} {exc.problem}")
+    if isinstance(exc, FileNotFoundError):
+        return RequestError(400, f"{what} does not exist")
+    if isinstance(exc, NotADirectoryError):
+        return RequestError(400, f"{what} does not exist: part of its path is not a directory")
+    return RequestError(400, f"{what} cannot be opened: {exc.strerror or exc}")
+
+
 SETTINGS = web.AppKey("settings", WorkerSettings)
+
+MAX_HEADERS = 32  # request headers; a client of the worker sends about 6
+MAX_LINE_BYTES = 8190  # request line and each header (aiohttp's default)
+BACKLOG = 32  # pending connections; also the most the event loop accepts at once
 
 WORKER = web.AppKey("worker", Worker)
 
@@ -346,8 +422,14 @@ async def status(request: web.Request) -> web.Response:
 
 async def process_manifest(request: web.Request) -> web.Response:
     worker = request.app[WORKER]
+    timeout = worker.settings.body_timeout_s
     try:
-        body = orjson.loads(await request.read())
+        async with asyncio.timeout(timeout):
+            raw = await request.read()
+    except TimeoutError:
+        return _error(408, f"the request body did not arrive within {timeout:g}s")
+    try:
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         return _error(400, f"the request body is not valid JSON: {exc}")
     if (
@@ -361,7 +443,9 @@ async def process_manifest(request: web.Request) -> web.Response:
     try:
         run = await worker.submit(body["manifest_path"])
     except RequestError as exc:
-        log.info("refused manifest %s: %s %s", body["manifest_path"], exc.status, exc.message)
+        log.info(
+            "refused manifest %s: %s %s", loggable(body["manifest_path"]), exc.status, loggable(exc.message)
+        )
         return _error(exc.status, exc.message)
     manifest = run.manifest
     return _json(
@@ -424,7 +508,8 @@ def _auth_middleware(token: str) -> Middleware:
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         if request.path != "/health":
-            given = request.headers.get("Authorization", "").encode()
+            # Header bytes that are not UTF-8 arrive as surrogate escapes: compare those bytes, never fail.
+            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
             if not hmac.compare_digest(given, expected):
                 return _error(
                     401, "missing or wrong bearer token", **{"WWW-Authenticate": 'Bearer realm="esrfarm"'}
@@ -434,13 +519,126 @@ def _auth_middleware(token: str) -> Middleware:
     return require_token
 
 
+def _is_local_host(host: str, settings: WorkerSettings) -> bool:
+    """``host`` (a Host header's name, port and brackets removed) names this worker on a loopback bind."""
+    if host == "localhost" or host.endswith(".localhost") or host == settings.host:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_name(host: str) -> str:
+    """The name part of a Host header value: ``[::1]:8090`` -> ``::1``, ``a.b:8090`` -> ``a.b``."""
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+@web.middleware
+async def _state_changing_guard(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """POST endpoints: JSON only (415), no foreign Origin or (without a token) Host (403)."""
+    if request.method != "POST":
+        return await handler(request)
+    settings = request.app[SETTINGS]
+    host = request.headers.get("Host", "")
+    origin = request.headers.get("Origin")
+    if settings.token is None and not _is_local_host(_host_name(host).lower(), settings):
+        return _error(
+            403, f"Host {loggable(host)!r} is not this worker's; state-changing requests are refused"
+        )
+    if origin is not None and origin.lower() not in {f"http://{host}".lower(), f"https://{host}".lower()}:
+        return _error(403, f"requests from Origin {loggable(origin)!r} are refused (cross-site)")
+    if request.content_type != "application/json":
+        return _error(
+            415,
+            f"POST {request.path} takes Content-Type: application/json, not {loggable(request.content_type)}",
+        )
+    return await handler(request)
+
+
+def _connection_tracker(guard: ConnectionGuard) -> Middleware:
+    @web.middleware
+    async def track(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        with guard.active(request.protocol):
+            return await handler(request)
+
+    return track
+
+
+class ConnectionGuard:
+    """The protocol factory of the worker's listening socket: keeps at most ``limit`` connections.
+
+    A connection beyond the limit closes the oldest one that has no request in progress (a slow or
+    idle client: one that has not sent whole headers, or is between requests); if every one is busy,
+    the new connection is closed instead. The worker's own descriptors are kept clear of the limit,
+    so accepting never fails for want of one and ``/health`` stays answerable.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.server: web.Server | None = None
+        self._busy: dict[RequestHandler, int] = {}
+
+    def __call__(self) -> asyncio.BaseProtocol:
+        assert self.server is not None, "attach the runner's server first"
+        open_now = [h for h in self.server.connections if h.transport is not None]
+        if len(open_now) >= self.limit:
+            idle = next((h for h in open_now if h not in self._busy), None)
+            if idle is None:
+                log.warning("%d connections, every one busy: refusing a new one", len(open_now))
+                return _Refused()
+            idle.force_close()
+        return self.server()
+
+    @contextlib.contextmanager
+    def active(self, handler: RequestHandler) -> Iterator[None]:
+        self._busy[handler] = self._busy.get(handler, 0) + 1
+        try:
+            yield
+        finally:
+            self._busy[handler] -= 1
+            if not self._busy[handler]:
+                del self._busy[handler]
+
+
+class _Refused(asyncio.Protocol):
+    """A connection closed as soon as it is made."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+
+def connection_limit(settings: WorkerSettings) -> int:
+    """``max_connections``, lowered to fit the descriptor limit: below it stay the worker's own
+    descriptors (files, pipes, the model) and one accept burst (the event loop accepts up to
+    ``BACKLOG`` connections before the guard sees any of them)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return settings.max_connections
+    return max(4, min(settings.max_connections, soft - FD_RESERVE - BACKLOG))
+
+
+FD_RESERVE = 64  # descriptors kept for the worker's own use below the connection limit
+
+CONNECTIONS = web.AppKey("connections", ConnectionGuard)
+
+
 def create_app(settings: WorkerSettings, *, load_model: ModelLoader = load_runtime_model) -> web.Application:
     """The worker app. The model loads in the background once the app starts (/health is 503 until then)."""
-    middlewares: list[Middleware] = [_errors_as_json]
+    guard = ConnectionGuard(connection_limit(settings))
+    middlewares: list[Middleware] = [_connection_tracker(guard), _errors_as_json]
     if settings.token is not None:
-        middlewares.insert(0, _auth_middleware(settings.token))
+        middlewares.append(_auth_middleware(settings.token))
+    middlewares.append(_state_changing_guard)
     app = web.Application(client_max_size=settings.max_request_bytes, middlewares=middlewares)
     app[SETTINGS] = settings
+    app[CONNECTIONS] = guard
     app[WORKER] = Worker(settings, load_model)
     app.router.add_get("/health", health)
     app.router.add_get("/status", status)
@@ -465,17 +663,29 @@ async def _worker_lifetime(app: web.Application) -> AsyncIterator[None]:
 async def serve(settings: WorkerSettings, *, on_listening: Callable[[str], None] | None = None) -> int:
     """Run the worker until SIGTERM/SIGINT (exit code 0) or a model that cannot load (exit code 3)."""
     app = create_app(settings)
-    worker = app[WORKER]
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    worker, guard = app[WORKER], app[CONNECTIONS]
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=5.0,
+        handler_cancellation=True,  # a client gone mid-request frees its handler at once
+        keepalive_timeout=settings.header_timeout_s,  # runs from the connection's start: a header deadline
+        max_headers=MAX_HEADERS,
+        max_line_size=MAX_LINE_BYTES,
+        max_field_size=MAX_LINE_BYTES,
+    )
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, shutdown_timeout=5.0)
+    assert runner.server is not None
+    guard.server = runner.server
+    loop = asyncio.get_running_loop()
     try:
-        await site.start()
+        listener = await loop.create_server(guard, settings.host, settings.port, backlog=BACKLOG)
     except OSError as exc:
         await runner.cleanup()
         log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc.strerror or exc)
         return 2
-    port = _bound_port(runner, settings.port)
+    port = int(listener.sockets[0].getsockname()[1]) if listener.sockets else settings.port
     if settings.worker_id is None:
         worker.set_worker_id(f"{socket.gethostname()}:{port}")
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
@@ -484,9 +694,10 @@ async def serve(settings: WorkerSettings, *, on_listening: Callable[[str], None]
         write_json_atomic(settings.port_file, orjson.dumps({"port": port, "url": url, "pid": os.getpid()}))
     if on_listening is not None:
         on_listening(url)
-    log.info("listening on %s (worker %s)", url, worker.identity.worker_id)
+    log.info(
+        "listening on %s (worker %s, at most %d connections)", url, worker.identity.worker_id, guard.limit
+    )
 
-    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     received: list[str] = []
 
@@ -508,15 +719,9 @@ async def serve(settings: WorkerSettings, *, on_listening: Callable[[str], None]
     if worker.busy:
         assert worker.run is not None
         worker.run.request_stop(reason)
+    listener.close()
     await runner.cleanup()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(sig)
     log.info("stopped")
     return code
-
-
-def _bound_port(runner: web.AppRunner, fallback: int) -> int:
-    for address in runner.addresses:
-        if isinstance(address, tuple) and len(address) >= 2:
-            return int(address[1])
-    return fallback

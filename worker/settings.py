@@ -7,10 +7,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from manifests.manifest import MAX_TILE, MAX_TILE_PAD
 from manifests.tokens import TOKEN_ENV
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8090
+DEFAULT_MAX_OUTPUT_PIXELS = 8192 * 8192  # 67 Mpx: 8K output of 2K input at x4, or of 4K input at x2
+PART_FRAMES_OF_LARGEST = 4  # a batch is handled in parts of at most 4 frames of the largest size
 
 
 class SettingsError(ValueError):
@@ -38,6 +41,12 @@ class WorkerSettings:
     warmup: bool = True
     warmup_size: int = 64  # edge of the square warm-up frame, in pixels
     max_request_bytes: int = 64 * 1024  # request bodies larger than this get 413
+    max_manifest_bytes: int = 8 << 20  # a larger manifest file is refused (400) without being read
+    max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS  # per upscaled frame; a larger one fails its batch
+    pixel_budget: int | None = None  # input pixels per forward pass; None: the runtime's device default
+    max_connections: int = 256  # open connections at most (fewer if the descriptor limit is lower)
+    header_timeout_s: float = 30.0  # to send whole request headers, from connecting or the last answer
+    body_timeout_s: float = 10.0  # to send a request body once its headers are in
     io_threads: int = 4  # threads reading or writing the frames of one batch
     fsync_frames: bool = True  # fsync each output frame before its batch is claimed as done
     shutdown_timeout_s: float = 90.0  # on SIGTERM, how long the current batch may take to finish
@@ -60,14 +69,28 @@ class WorkerSettings:
                 f"binding {self.host} exposes the worker beyond this machine, so it needs a bearer token: "
                 f"pass --token-file PATH or set {TOKEN_ENV} (or bind 127.0.0.1)"
             )
-        for name in ("warmup_size", "max_request_bytes", "io_threads"):
+        for name in (
+            "warmup_size", "max_request_bytes", "io_threads", "max_manifest_bytes", "max_output_pixels",
+            "max_connections",
+        ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.pixel_budget is not None and self.pixel_budget < 1:
+            raise SettingsError(f"--pixel-budget must be at least 1 pixel, not {self.pixel_budget}")
+        if not 0 <= self.tile <= MAX_TILE:
+            raise SettingsError(f"--tile must be between 0 and {MAX_TILE}, not {self.tile}")
+        if not 0 <= self.tile_pad <= MAX_TILE_PAD:
+            raise SettingsError(f"--tile-pad must be between 0 and {MAX_TILE_PAD}, not {self.tile_pad}")
         if self.simulate_latency_ms is not None and self.simulate_latency_ms < 0:
             raise SettingsError(f"--simulate-latency-ms must be 0 or more, not {self.simulate_latency_ms}")
-        for name in ("shutdown_timeout_s", "reset_timeout_s"):
+        for name in ("shutdown_timeout_s", "reset_timeout_s", "header_timeout_s", "body_timeout_s"):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be above 0, not {getattr(self, name)}")
+
+    @property
+    def part_pixels(self) -> int:
+        """Output pixels of one batch held at once: a larger batch is read, upscaled and written in parts."""
+        return PART_FRAMES_OF_LARGEST * self.max_output_pixels
 
     @property
     def device_spec(self) -> str:
