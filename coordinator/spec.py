@@ -64,7 +64,8 @@ class JobSpec:
             raise SpecError("frame_format", f"must be one of {choices}, not {self.frame_format!r}") from None
         if not self.model:
             raise SpecError("model", "must name a model or a model file")
-        if self.scale is not None and not (math.isfinite(self.scale) and MIN_SCALE <= self.scale <= MAX_SCALE):
+        scale = self.scale
+        if scale is not None and not (math.isfinite(scale) and MIN_SCALE <= scale <= MAX_SCALE):
             raise SpecError("scale", f"must be {MIN_SCALE:g} to {MAX_SCALE:g}, not {self.scale:g}")
         if self.tile is not None and not 0 <= self.tile <= MAX_TILE:
             raise SpecError("tile", f"must be 0 to {MAX_TILE}, not {self.tile}")
