@@ -116,7 +116,7 @@ def load_runtime_model(settings: WorkerSettings) -> Upscaler:
     return load_upscaler(settings.model, runtime, allow_download=settings.allow_download)
 
 
-class Worker:
+class WorkerService:
     """The state behind the endpoints."""
 
     def __init__(self, settings: WorkerSettings, load_model: ModelLoader) -> None:
@@ -398,7 +398,7 @@ MAX_HEADERS = 32  # request headers; a client of the worker sends about 6
 MAX_LINE_BYTES = 8190  # request line and each header (aiohttp's default)
 BACKLOG = 32  # pending connections; also the most the event loop accepts at once
 
-WORKER = web.AppKey("worker", Worker)
+WORKER = web.AppKey("worker", WorkerService)
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -639,7 +639,7 @@ def create_app(settings: WorkerSettings, *, load_model: ModelLoader = load_runti
     app = web.Application(client_max_size=settings.max_request_bytes, middlewares=middlewares)
     app[SETTINGS] = settings
     app[CONNECTIONS] = guard
-    app[WORKER] = Worker(settings, load_model)
+    app[WORKER] = WorkerService(settings, load_model)
     app.router.add_get("/health", health)
     app.router.add_get("/status", status)
     app.router.add_post("/process_manifest", process_manifest)
