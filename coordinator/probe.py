@@ -251,6 +251,7 @@ def probe(path: str | Path, *, full_decode: bool = False, head_frames: int = HEA
         raise InputError(source, f"is corrupt: {errors[0]}")
     with container:
         video_stream = _pick_video_stream(container, source)
+        _check_is_video(container, video_stream, source)
         packets = _read_video_packets(container, video_stream, source)
         if not packets:
             raise InputError(source, "has a video stream with no frames")
@@ -313,6 +314,33 @@ def _pick_video_stream(container: Any, source: Path) -> Any:
         found = f" (it has only {' and '.join(kinds)} streams)" if kinds else ""
         raise InputError(source, f"has no video stream{found}")
     return streams[0]
+
+
+#: FFmpeg's demuxers of single still images (``<codec>_pipe``) and of numbered image files.
+_IMAGE_DEMUXERS = ("image2", "image2pipe")
+
+
+def is_still_image_format(format_name: str) -> bool:
+    """Whether an FFmpeg demuxer name (``png_pipe``, ``jpeg_pipe``, ``image2``...) reads still images."""
+    return any(name.endswith("_pipe") or name in _IMAGE_DEMUXERS for name in format_name.split(","))
+
+
+def _check_is_video(container: Any, stream: Any, source: Path) -> None:
+    """A still image is not a video (whatever its file name says); a stream without a frame size
+    cannot be decoded into frames."""
+    if is_still_image_format(container.format.name):
+        raise InputError(
+            source,
+            f"is a still image ({stream.codec_context.name}), not a video; to upscale it as an image, "
+            "give an image output (.png, .jpg, .webp)",
+        )
+    ctx = stream.codec_context
+    if not ctx.width or not ctx.height:
+        raise InputError(
+            source,
+            f"has a video stream of {ctx.width}x{ctx.height} pixels: its header gives no frame size, "
+            "so it cannot be decoded (the file is damaged)",
+        )
 
 
 def _read_video_packets(container: Any, stream: Any, source: Path) -> list[_Packet]:

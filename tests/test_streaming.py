@@ -106,8 +106,11 @@ def test_a_budget_below_one_batch_is_refused(clip: Path, tiny_model: Path, tmp_p
     output = tmp_path / "out.mkv"
     result = run(command(clip, output, tmp_path / "root", tiny_model, "--scale", "2", "--max-disk", "100K"))
     assert result.returncode == 1
-    assert "does not hold even one batch of 4 frames" in result.stderr.strip().splitlines()[-1]
+    last = result.stderr.strip().splitlines()[-1]
+    assert "does not hold even one batch of 4 frames" in last
+    assert "resumes" not in last and "kept" not in last, "nothing is kept, so nothing can resume"
     assert not output.exists()
+    assert not list((tmp_path / "root" / "jobs").glob("*")), "no empty job directory is left"
 
 
 def _job_dir(root: Path) -> Path | None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
+from PIL import Image
 
 from coordinator.extract import decode_frames
 from coordinator.probe import probe
@@ -227,15 +228,18 @@ def bad_input_cases(clip_dir: Path, tmp_path: Path, good: Path) -> dict[str, tup
     readonly.chmod(0o500)
     existing = tmp_path / "existing.mp4"
     existing.write_bytes(b"precious")
+    png = tmp_path / "photo.mp4"
+    Image.new("RGB", (20, 10), (200, 10, 10)).save(png, format="PNG")
     return {
         "missing input": (tmp_path / "nope.mp4", tmp_path / "o1.mp4", "does not exist"),
-        "not a video": (text, tmp_path / "o2.mp4", ""),
-        "no video stream": (audio, tmp_path / "o3.mp4", "no video stream"),
-        "zero frames": (clips.zero_frame_video(tmp_path / "zero.mkv"), tmp_path / "o4.mp4", ""),
-        "corrupt": (clips.corrupt_copy(good, tmp_path / "corrupt.mp4"), tmp_path / "o5.mp4", ""),
-        "unwritable output": (good, readonly / "o6.mp4", ""),
-        "output is the input": (good, good, ""),
-        "existing output": (good, existing, "--overwrite"),
+        "not a video": (text, tmp_path / "o2.mp4", "is not a media file FFmpeg can read"),
+        "no video stream": (audio, tmp_path / "o3.mp4", "has no video stream (it has only audio streams)"),
+        "zero frames": (clips.zero_frame_video(tmp_path / "zero.mkv"), tmp_path / "o4.mp4", "no frames"),
+        "corrupt": (clips.corrupt_copy(good, tmp_path / "corrupt.mp4"), tmp_path / "o5.mp4", "Invalid data found"),
+        "unwritable output": (good, readonly / "o6.mp4", "cannot be written"),
+        "output is the input": (good, good, "is the input file"),
+        "existing output": (good, existing, "already exists (pass --overwrite to replace it)"),
+        "a still image named .mp4": (png, tmp_path / "o7.mp4", "is a still image (png), not a video"),
     }
 
 
