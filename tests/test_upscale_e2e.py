@@ -235,7 +235,11 @@ def bad_input_cases(clip_dir: Path, tmp_path: Path, good: Path) -> dict[str, tup
         "not a video": (text, tmp_path / "o2.mp4", "is not a media file FFmpeg can read"),
         "no video stream": (audio, tmp_path / "o3.mp4", "has no video stream (it has only audio streams)"),
         "zero frames": (clips.zero_frame_video(tmp_path / "zero.mkv"), tmp_path / "o4.mp4", "no frames"),
-        "corrupt": (clips.corrupt_copy(good, tmp_path / "corrupt.mp4"), tmp_path / "o5.mp4", "Invalid data found"),
+        "corrupt": (
+            clips.corrupt_copy(good, tmp_path / "corrupt.mp4"),
+            tmp_path / "o5.mp4",
+            "Invalid data found",
+        ),
         "unwritable output": (good, readonly / "o6.mp4", "cannot be written"),
         "output is the input": (good, good, "is the input file"),
         "existing output": (good, existing, "already exists (pass --overwrite to replace it)"),
