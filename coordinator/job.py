@@ -354,6 +354,9 @@ class Job:
                 if not layout.job_dir.is_dir():
                     raise
                 raise JobError(str(exc), layout.job_dir) from exc
+            except OSError as exc:  # the shared root or the output's disk: full, gone read-only...
+                where = exc.filename or f"the shared root {layout.shared_root} or beside {spec.output}"
+                raise JobError(f"cannot write to {where}: {exc.strerror or exc}", layout.job_dir) from exc
             if not spec.keep_frames:
                 await self._in_thread(shutil.rmtree, layout.job_dir, True)
             else:
