@@ -232,7 +232,7 @@ class ProgressDisplay:
             unit = "segment" if p.stage == "joining" else "frame"
             bar = tqdm(
                 total=p.total or None, desc=f"{p.stage:13s}", unit=unit, file=self.stream,
-                dynamic_ncols=True, leave=p.stage in {"encoding", "joining"},
+                dynamic_ncols=self._sized(), ncols=None if self._sized() else 100, leave=False,
                 bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}",
             )  # fmt: skip
             self._bar, self._stage, self._drawn = bar, p.stage, False
@@ -241,8 +241,16 @@ class ProgressDisplay:
         self._drawn = True
         bar.n = p.done
         eta = f"{p.eta_s:.0f}s" if p.eta_s is not None else "?"
-        bar.set_postfix_str(f"{p.fps:.2f} fps, ETA {eta}" if p.total else "", refresh=False)
+        rate = f"{p.fps:.2f} fps, ETA {eta}" if p.fps > 0 else (f"ETA {eta}" if p.eta_s is not None else "")
+        bar.set_postfix_str(rate, refresh=False)
         bar.refresh()
+
+    def _sized(self) -> bool:
+        """Whether the terminal tells its width (a pseudo-terminal may say 0 columns)."""
+        try:
+            return os.get_terminal_size(self.stream.fileno()).columns > 0
+        except (OSError, ValueError, AttributeError):
+            return False
 
     def close(self) -> None:
         bar, self._bar = self._bar, None

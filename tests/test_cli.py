@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import subprocess
 import sys
 from importlib import metadata
@@ -64,13 +65,12 @@ def test_the_progress_bar_is_one_line_that_updates_in_place() -> None:
     show.close()
     text = stream.getvalue()
     upscaling = [part for part in text.split("\r") if part.startswith("upscaling")]
-    assert upscaling and upscaling[-1].startswith("upscaling     100%|##########| 32/32, 4.00 fps, ETA 0s"), (
-        upscaling[-1:]
+    assert upscaling and re.match(r"upscaling     100%\|#+\| 32/32, 4\.00 fps, ETA 0s", upscaling[-1]), (
+        upscaling
     )
     assert len(upscaling) < 40, "a report that says nothing new does not redraw the bar"
-    lines = text.split("\n")
-    assert len(lines) <= 3, f"one line per stage that stays, not one per report: {lines!r}"
-    assert lines[0].split("\r")[-1].startswith("encoding      100%")
+    assert "\n" not in text, "one line that updates in place, whatever the stage"
+    assert any(part.startswith("encoding      100%") for part in text.split("\r"))
 
 
 def test_progress_lines_in_a_log(caplog: pytest.LogCaptureFixture) -> None:
