@@ -75,8 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
             "Interrupted (Ctrl-C, SIGTERM, a crash), the same command resumes the job."
         ),
     )
-    up.add_argument("input", type=Path, help="the video to upscale")
-    up.add_argument("output", type=Path, help="the file to write (its extension picks the container)")
+    up.add_argument("input", type=Path, help="the video to upscale (or an image, or a folder of images)")
+    up.add_argument(
+        "output",
+        type=Path,
+        help="the file to write: its extension picks the container (.mp4, .mkv, ...) or, for images, the "
+        "image format (.png, .jpg, .webp, ...); for a folder of images, a folder",
+    )
     up.add_argument("--scale", type=float, help="output scale, e.g. 2, 3 or 4 (default: the model's own, 4)")
     up.add_argument(
         "--model",

@@ -52,7 +52,7 @@ from typing import IO, Any, TypeVar
 
 import orjson
 
-from coordinator.encode import PART_SUFFIX, check_encode
+from coordinator.encode import PART_SUFFIX
 from coordinator.errors import (
     CoordinatorError,
     JobCancelledError,
@@ -71,16 +71,16 @@ from coordinator.events import (
     Started,
     WorkerLost,
 )
-from coordinator.extract import extract_frames
 from coordinator.ffmpeg import ProcessGroup, process_group
 from coordinator.fleet import Dispatch, LocalWorkerConfig, WorkerFleet, WorkerHandle
+from coordinator.images import is_image_job, probe_images
+from coordinator.media import ImageMedia, JobMedia, VideoMedia, file_sha256
 from coordinator.memory import release_free_memory
-from coordinator.probe import MediaInfo, check_output_path, probe
-from coordinator.segments import SEGMENT_SUFFIX, encode_segment, join_segments, segment_is_complete
+from coordinator.probe import check_output_path, probe
+from coordinator.segments import SEGMENT_SUFFIX
 from coordinator.spec import FarmSettings, JobSpec
-from manifests.atomic import leftover_temp_files
 from manifests.chunkbook import Admission, ChunkBook, ChunkStage
-from manifests.chunks import Chunk, ChunkPlan, format_size, frame_file_bytes, plan_chunks
+from manifests.chunks import Chunk, ChunkPlan, format_size, plan_chunks
 from manifests.errors import DocumentError, FormatVersionError, PlanningError
 from manifests.frames import frame_file_is_sound
 from manifests.jobrecord import JobRecord, SegmentsRecord
@@ -100,20 +100,12 @@ T = TypeVar("T")
 # -- what names a job ------------------------------------------------------------------------------
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def job_identity(spec: JobSpec) -> dict[str, object]:
-    """What determines the upscaled frames: a changed value means another job."""
+def job_identity(spec: JobSpec, media: JobMedia) -> dict[str, object]:
+    """What determines the upscaled frames: a changed value means another job. Reads the input."""
     model_path = Path(spec.model)
     model = {"file_sha256": file_sha256(model_path)} if model_path.is_file() else {"name": spec.model}
     return {
-        "input_sha256": file_sha256(spec.input),
+        **media.content_identity(),
         "model": model,
         "scale": spec.scale,
         "tile": spec.tile,
@@ -128,13 +120,6 @@ def job_id_for(input_path: Path, identity: dict[str, object]) -> str:
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", folded).strip("._-")[:40].rstrip("._-") or "job"
     digest = hashlib.sha256(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS)).hexdigest()
     return f"{stem}-{digest[:16]}"
-
-
-def output_size(info: MediaInfo, scale: float | None) -> tuple[int, int] | None:
-    """(width, height) of the upscaled frames, or None while the scale is not known."""
-    if scale is None:
-        return None
-    return round(info.video.width * scale), round(info.video.height * scale)
 
 
 class JobLock:
@@ -169,7 +154,7 @@ class JobLock:
             self._handle = None
 
 
-def open_job_dir(layout: JobLayout, identity: dict[str, object], spec: JobSpec, info: MediaInfo) -> int:
+def open_job_dir(layout: JobLayout, identity: dict[str, object], spec: JobSpec, frames: int) -> int:
     """Create the job directory, or take up the one a stopped run left. Returns this run's number."""
     runs = 0
     if layout.job_file.is_file():
@@ -188,7 +173,7 @@ def open_job_dir(layout: JobLayout, identity: dict[str, object], spec: JobSpec, 
         identity=identity,
         input=str(spec.input.resolve()),
         output=str(spec.output.resolve()),
-        frames=info.frame_count,
+        frames=frames,
         runs=runs + 1,
         updated_at=time.time(),
     )
@@ -219,7 +204,7 @@ class Job:
         self.fleet = fleet
         self.farm: FarmSettings = fleet.farm
         self.layout: JobLayout | None = None
-        self.info: MediaInfo | None = None
+        self.media: JobMedia | None = None
         self.run_number = 0
         self.stats: dict[str, float] = {"segment_encode_s": 0.0, "worker_idle_s": 0.0}
         self._events: asyncio.Queue[JobEvent] = asyncio.Queue()
@@ -235,6 +220,7 @@ class Job:
         self._scale: float | None = spec.scale
         self._ledger = JobLedger.for_batches([])
         self._to_extract: frozenset[int] = frozenset()
+        self._batch_size = spec.batch_size
         self._admissions: dict[int, asyncio.Future[Admission | None]] = {}
         self._extraction: asyncio.Future[None] | None = None
         self._encoding: dict[int, asyncio.Future[None]] = {}
@@ -333,16 +319,16 @@ class Job:
     async def _upscale(self) -> JobResult:
         spec = self.spec
         self._report(Stage.PROBING, 0, 0)
-        info = await self._in_thread(self._probe)
+        media = await self._in_thread(self._probe)
         started = time.monotonic()
-        identity = await self._in_thread(job_identity, spec)
+        identity = await self._in_thread(job_identity, spec, media)
         log.info("hashed the input in %.1f s", time.monotonic() - started)
-        layout = JobLayout(self.farm.root, job_id_for(spec.input, identity))
+        layout = JobLayout(self.farm.root, job_id_for(media.name, identity))
         lock = await self._in_thread(JobLock(layout).acquire)
         try:
-            self.run_number = await self._in_thread(open_job_dir, layout, identity, spec, info)
-            self.layout, self.info = layout, info
-            self._emit(Started(layout.job_id, layout.job_dir, info.frame_count, self.run_number))
+            self.run_number = await self._in_thread(open_job_dir, layout, identity, spec, media.frame_count)
+            self.layout, self.media = layout, media
+            self._emit(Started(layout.job_id, layout.job_dir, media.frame_count, self.run_number))
             try:
                 await self._upscale_frames()
                 await self._join()
@@ -366,20 +352,23 @@ class Job:
             await asyncio.to_thread(lock.release)
         self.stats["total_s"] = time.monotonic() - self._begun
         stats = {key: round(value, 3) for key, value in self.stats.items()}
-        return JobResult(layout.job_id, spec.output, info.frame_count, self.run_number > 1, stats)
+        return JobResult(layout.job_id, spec.output, media.frame_count, self.run_number > 1, stats)
 
-    def _probe(self) -> MediaInfo:
+    def _probe(self) -> JobMedia:
+        """What the input is (a video, an image, a folder of images), checked with the output."""
         spec = self.spec
-        check_output_path(spec.input, spec.output, spec.overwrite)
-        info = probe(spec.input)
-        check_encode(
-            info, spec.output, spec.encode, overwrite=spec.overwrite, size=output_size(info, spec.scale)
-        )
+        media: JobMedia
+        if is_image_job(spec.input, spec.output):
+            media = ImageMedia(
+                probe_images(spec.input, spec.output, overwrite=spec.overwrite), spec.overwrite
+            )
+        else:
+            check_output_path(spec.input, spec.output, spec.overwrite)
+            media = VideoMedia(probe(spec.input), spec.output, spec.encode, spec.overwrite)
+            media.check_output(spec.scale)
         self.farm.root.mkdir(parents=True, exist_ok=True)
-        for leftover in leftover_temp_files(spec.output, PART_SUFFIX, dead_writers_only=True):
-            log.info("removing %s, left by an earlier run that was killed", leftover)
-            leftover.unlink(missing_ok=True)
-        return info
+        media.remove_leftovers()
+        return media
 
     async def _upscale_frames(self) -> None:
         """Plan, extract, upscale and encode every chunk; the segments are on disk afterwards."""
@@ -396,7 +385,8 @@ class Job:
             self.stats["workers_ready_s"] = time.monotonic() - self._begun
             if self._book is None:
                 self._scale = handles[0].scale
-                await self._in_thread(self._check_encode_size)
+                assert self.media is not None
+                await self._in_thread(self.media.check_output, self._scale)
                 await self._start_pipeline()
             self._started_at = asyncio.get_running_loop().time()
             await self._loop()
@@ -448,23 +438,18 @@ class Job:
 
     # -- planning ---------------------------------------------------------------------------------
 
-    def _check_encode_size(self) -> None:
-        assert self.info is not None
-        size = output_size(self.info, self._scale)
-        check_encode(self.info, self.spec.output, self.spec.encode, overwrite=self.spec.overwrite, size=size)
-
     async def _start_pipeline(self) -> None:
         """Plan the chunks, take in what earlier runs left, and start extracting."""
-        spec, info, layout = self.spec, self.info, self.layout
-        assert info is not None and layout is not None and self._scale is not None
-        width, height = info.video.width, info.video.height
-        out_w, out_h = round(width * self._scale), round(height * self._scale)
+        spec, media, layout = self.spec, self.media, self.layout
+        assert media is not None and layout is not None and self._scale is not None
+        input_bytes, output_bytes = media.frame_bytes(self._scale, spec.frame_format)
+        self._batch_size = batch_size = media.batch_size(spec.batch_size)
         try:
             plan = plan_chunks(
-                info.frame_count,
-                batch_size=spec.batch_size,
-                input_frame_bytes=frame_file_bytes(width, height, spec.frame_format),
-                output_frame_bytes=frame_file_bytes(out_w, out_h, spec.frame_format),
+                media.frame_count,
+                batch_size=batch_size,
+                input_frame_bytes=input_bytes,
+                output_frame_bytes=output_bytes,
                 max_disk=spec.max_disk,
                 max_chunk_frames=spec.max_chunk_frames,
             )
@@ -472,8 +457,8 @@ class Job:
             if self.run_number == 1:  # nothing of this job is on disk: leave nothing behind
                 await self._in_thread(shutil.rmtree, layout.job_dir, True)
             raise JobError(f"cannot start: {exc}", resumable=False) from exc
-        batches = plan_batches(info.frame_count, spec.batch_size, ["all"]).batches
-        encoded, on_disk = await self._in_thread(self._scan_disk, plan, batches, (out_w, out_h))
+        batches = plan_batches(media.frame_count, batch_size, ["all"]).batches
+        encoded, on_disk = await self._in_thread(self._scan_disk, plan, batches)
         # Kept output frames stay on disk: the budget then cannot hold, and is not enforced.
         budget = None if spec.keep_frames else spec.max_disk
         self._plan = plan
@@ -490,24 +475,22 @@ class Job:
             )
         log.info(
             "%d frames in %d chunk(s) of up to %d frames; frame data kept under %s",
-            info.frame_count,
+            media.frame_count,
             len(plan.chunks),
             plan.chunk_frames,
             format_size(spec.max_disk),
         )
         self._extraction = asyncio.ensure_future(self._in_thread(self._extract))
 
-    def _scan_disk(
-        self, plan: ChunkPlan, batches: Iterable[Batch], size: tuple[int, int]
-    ) -> tuple[set[int], dict[int, set[int]]]:
+    def _scan_disk(self, plan: ChunkPlan, batches: Iterable[Batch]) -> tuple[set[int], dict[int, set[int]]]:
         """What earlier runs left that can be trusted: complete segments, and batches whose output
         frames are all whole and of the right size (a damaged frame is deleted and redone)."""
-        layout, spec = self.layout, self.spec
-        assert layout is not None
+        layout, spec, media, scale = self.layout, self.spec, self.media, self._scale
+        assert layout is not None and media is not None and scale is not None
         self._check_segments_record(plan)
         for leftover in layout.segments_dir.glob(f".*{PART_SUFFIX}"):
             leftover.unlink(missing_ok=True)  # a killed encoder's; this coordinator holds the job lock
-        encoded = {c.index for c in plan.chunks if segment_is_complete(self._segment_path(c), c.count)}
+        encoded = {c.index for c in plan.chunks if media.part_done(layout, c)}
         on_disk: dict[int, set[int]] = {}
         for batch in batches:
             chunk = plan.chunk_of(batch.frames[0])
@@ -516,7 +499,11 @@ class Job:
             paths = [layout.output_dir / frame_filename(f, spec.frame_format) for f in batch.frames]
             if not all(path.is_file() for path in paths):
                 continue
-            damaged = [p for p in paths if not frame_file_is_sound(p, spec.frame_format, *size)]
+            damaged = [
+                path
+                for frame, path in zip(batch.frames, paths, strict=True)
+                if not frame_file_is_sound(path, spec.frame_format, *media.output_size(frame, scale))
+            ]
             for path in damaged:
                 log.warning("output frame %s of an earlier run is damaged; its batch is upscaled again", path)
                 path.unlink(missing_ok=True)
@@ -546,10 +533,6 @@ class Job:
                 segment.unlink()
         write_json_atomic(record_file, record.to_json())
 
-    def _segment_path(self, chunk: Chunk) -> Path:
-        assert self.layout is not None
-        return self.layout.segments_dir / f"{chunk.index:06d}{SEGMENT_SUFFIX}"
-
     def _remove_frames(self, chunk: Chunk, directory: Path) -> None:
         for frame in chunk.frames:
             (directory / frame_filename(frame, self.spec.frame_format)).unlink(missing_ok=True)
@@ -558,12 +541,12 @@ class Job:
 
     def _extract(self) -> None:
         """Decodes the input once, writing the frames of the chunks the book admits."""
-        plan, info, layout = self._plan, self.info, self.layout
-        assert plan is not None and info is not None and layout is not None
+        plan, media, layout = self._plan, self.media, self.layout
+        assert plan is not None and media is not None and layout is not None
         if not self._to_extract:
             return
         loop = self._loop_ref()
-        batch_size = self.spec.batch_size
+        batch_size = self._batch_size
         skip: frozenset[int] = frozenset()
 
         def gate(index: int) -> bool:
@@ -585,14 +568,7 @@ class Job:
 
         started = time.monotonic()
         try:
-            extract_frames(
-                info,
-                layout.input_dir,
-                frame_format=self.spec.frame_format,
-                png_compression=self.spec.png_compression,
-                gate=gate,
-                on_frame=on_frame,
-            )
+            media.extract(layout.input_dir, self.spec.frame_format, self.spec.png_compression, gate, on_frame)
         except _Stopped:
             return
         except CoordinatorError:
@@ -600,7 +576,7 @@ class Job:
                 return  # killed on purpose: the job is ending for another reason
             raise
         self.stats["extract_s"] = time.monotonic() - started
-        log.info("extracted %d frames in %.1f s", info.frame_count, time.monotonic() - started)
+        log.info("extracted %d frames in %.1f s", media.frame_count, time.monotonic() - started)
 
     def _loop_ref(self) -> asyncio.AbstractEventLoop:
         assert self._task is not None
@@ -750,22 +726,14 @@ class Job:
             self._book.encoding_started(chunk.index)
             context = contextvars.copy_context()  # the encoder's ffmpeg joins this job's process group
             self._encoding[chunk.index] = loop.run_in_executor(
-                self._encode_pool, context.run, self._encode_segment, chunk
+                self._encode_pool, context.run, self._make_part, chunk
             )
 
-    def _encode_segment(self, chunk: Chunk) -> None:
-        assert self.info is not None and self.layout is not None
+    def _make_part(self, chunk: Chunk) -> None:
+        assert self.media is not None and self.layout is not None
         started = time.monotonic()
         try:
-            encode_segment(
-                self.info,
-                self.layout.output_dir,
-                chunk.first,
-                chunk.count,
-                self._segment_path(chunk),
-                settings=self.spec.encode,
-                frame_format=self.spec.frame_format,
-            )
+            self.media.make_part(self.layout, chunk, self.spec.frame_format)
         finally:
             # The segment's frame arrays and buffers are freed: hand the pages back, so that heap
             # fragmentation cannot raise the RSS step by step over a long job (coordinator.memory).
@@ -898,13 +866,13 @@ class Job:
             self._emit(Progress(report.stage, report.done, report.total, report.fps, report.eta_s))
 
     def _report_progress(self) -> None:
-        assert self._book is not None and self.info is not None
+        assert self._book is not None and self.media is not None
         now = asyncio.get_running_loop().time()
         elapsed = now - self._started_at
         idle = sum(1 for h in self.fleet.serving(self.spec.model) if h.holding is None)
         self.stats["worker_idle_s"] += idle * (now - (self._last_tick or now))
         self._last_tick = now
-        total = self.info.frame_count
+        total = self.media.frame_count
         ledger = self._ledger
         if not self._book.all_upscaled:
             if not ledger.batches and not ledger.frames_forgotten and not self._frames_found:
@@ -920,23 +888,19 @@ class Job:
             )
 
     async def _join(self) -> None:
-        assert self._plan is not None and self.info is not None
+        assert self._plan is not None and self.media is not None and self.layout is not None
         started = time.monotonic()
         self.stats["pipeline_done_s"] = started - self._begun
         self._report(Stage.JOINING, 0, 1)
-        segments = [self._segment_path(chunk) for chunk in self._plan.chunks]
-        await self._in_thread(self._join_segments, segments)
+        await self._in_thread(self.media.finish, self.layout, self._plan.chunks)
         self.stats["join_s"] = time.monotonic() - started
         log.info(
-            "joined %d segment(s) into %s in %.1f s", len(segments), self.spec.output, self.stats["join_s"]
+            "joined %d part(s) into %s in %.1f s",
+            len(self._plan.chunks),
+            self.spec.output,
+            self.stats["join_s"],
         )
         self._report(Stage.JOINING, 1, 1)
-
-    def _join_segments(self, segments: list[Path]) -> None:
-        assert self.info is not None
-        join_segments(
-            self.info, segments, self.spec.output, settings=self.spec.encode, overwrite=self.spec.overwrite
-        )
 
 
 async def upscale(

@@ -1,0 +1,244 @@
+"""What a job does that depends on what it upscales: a video, or still images.
+
+The job engine (:mod:`coordinator.job`) is the same for both: frames go to shared storage, are
+upscaled by the workers chunk by chunk, and each upscaled chunk is turned into its output part;
+the parts are put together at the end. A :class:`JobMedia` says, for one kind of input, how frames
+are extracted, what one chunk's output part is and whether it is already done, and how the parts
+become the output:
+
+=================  =====================================  ==========================================
+step               :class:`VideoMedia`                    :class:`ImageMedia`
+=================  =====================================  ==========================================
+extract            decode the video once (ffmpeg)         read each image (Pillow), one frame each
+a chunk's part     a video-only segment (``segments/``)   its images, written in the output's format
+                                                          under ``segments/<chunk>/``
+finish             join the segments, mux audio etc.      move the images into place
+=================  =====================================  ==========================================
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from coordinator.encode import PART_SUFFIX, EncodeSettings, check_encode
+from coordinator.errors import OutputPathError
+from coordinator.extract import FrameDone, FrameGate, extract_frames
+from coordinator.images import ImageSet, read_rgb, write_image
+from coordinator.probe import MediaInfo
+from coordinator.segments import SEGMENT_SUFFIX, encode_segment, join_segments, segment_is_complete
+from manifests.atomic import atomic_write, leftover_temp_files
+from manifests.chunks import Chunk, frame_file_bytes
+from manifests.frames import read_frame, write_frame
+from manifests.layout import FrameFormat, JobLayout, frame_filename
+
+log = logging.getLogger(__name__)
+
+
+class JobMedia(Protocol):
+    @property
+    def frame_count(self) -> int: ...
+
+    @property
+    def name(self) -> Path:
+        """The input, as the job id's readable part names it."""
+
+    def content_identity(self) -> dict[str, object]:
+        """What of the input decides the upscaled frames (hashes its content: call it in a thread)."""
+
+    def batch_size(self, asked: int) -> int:
+        """Frames per batch, given what the job asks for."""
+
+    def frame_bytes(self, scale: float, frame_format: FrameFormat) -> tuple[int, int]:
+        """Upper bounds of one input and one output frame file, for the disk budget."""
+
+    def output_size(self, frame: int, scale: float) -> tuple[int, int]:
+        """(width, height) of upscaled frame ``frame``."""
+
+    def check_output(self, scale: float | None) -> None:
+        """Refuse up front what the output cannot take (an encoder, a size); None: not known yet."""
+
+    def remove_leftovers(self) -> None:
+        """Temporary files an earlier, killed run left beside the output."""
+
+    def extract(
+        self,
+        input_dir: Path,
+        frame_format: FrameFormat,
+        png_compression: int,
+        gate: FrameGate,
+        on_frame: FrameDone,
+    ) -> None:
+        """Write every frame the gate lets through to ``input_dir``."""
+
+    def part_done(self, layout: JobLayout, chunk: Chunk) -> bool:
+        """Whether chunk ``chunk``'s output part is on disk, whole (an earlier run's)."""
+
+    def make_part(self, layout: JobLayout, chunk: Chunk, frame_format: FrameFormat) -> None:
+        """Turn the chunk's upscaled frames into its output part."""
+
+    def finish(self, layout: JobLayout, chunks: tuple[Chunk, ...]) -> None:
+        """Put the parts together into the output (nothing under the output's name before)."""
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def segment_path(layout: JobLayout, chunk: Chunk) -> Path:
+    return layout.segments_dir / f"{chunk.index:06d}{SEGMENT_SUFFIX}"
+
+
+@dataclass
+class VideoMedia:
+    info: MediaInfo
+    output: Path
+    encode: EncodeSettings
+    overwrite: bool
+
+    @property
+    def frame_count(self) -> int:
+        return self.info.frame_count
+
+    @property
+    def name(self) -> Path:
+        return self.info.path
+
+    def content_identity(self) -> dict[str, object]:
+        return {"input_sha256": file_sha256(self.info.path)}
+
+    def batch_size(self, asked: int) -> int:
+        return asked
+
+    def frame_bytes(self, scale: float, frame_format: FrameFormat) -> tuple[int, int]:
+        width, height = self.info.video.width, self.info.video.height
+        out_w, out_h = self.output_size(1, scale)
+        return frame_file_bytes(width, height, frame_format), frame_file_bytes(out_w, out_h, frame_format)
+
+    def output_size(self, frame: int, scale: float) -> tuple[int, int]:
+        return round(self.info.video.width * scale), round(self.info.video.height * scale)
+
+    def check_output(self, scale: float | None) -> None:
+        size = self.output_size(1, scale) if scale is not None else None
+        check_encode(self.info, self.output, self.encode, overwrite=self.overwrite, size=size)
+
+    def remove_leftovers(self) -> None:
+        for leftover in leftover_temp_files(self.output, PART_SUFFIX, dead_writers_only=True):
+            log.info("removing %s, left by an earlier run that was killed", leftover)
+            leftover.unlink(missing_ok=True)
+
+    def extract(
+        self,
+        input_dir: Path,
+        frame_format: FrameFormat,
+        png_compression: int,
+        gate: FrameGate,
+        on_frame: FrameDone,
+    ) -> None:
+        extract_frames(
+            self.info, input_dir, frame_format=frame_format, png_compression=png_compression, gate=gate,
+            on_frame=on_frame,
+        )  # fmt: skip
+
+    def part_done(self, layout: JobLayout, chunk: Chunk) -> bool:
+        return segment_is_complete(segment_path(layout, chunk), chunk.count)
+
+    def make_part(self, layout: JobLayout, chunk: Chunk, frame_format: FrameFormat) -> None:
+        encode_segment(
+            self.info, layout.output_dir, chunk.first, chunk.count, segment_path(layout, chunk),
+            settings=self.encode, frame_format=frame_format,
+        )  # fmt: skip
+
+    def finish(self, layout: JobLayout, chunks: tuple[Chunk, ...]) -> None:
+        segments = [segment_path(layout, chunk) for chunk in chunks]
+        join_segments(self.info, segments, self.output, settings=self.encode, overwrite=self.overwrite)
+
+
+@dataclass
+class ImageMedia:
+    images: ImageSet
+    overwrite: bool
+
+    @property
+    def frame_count(self) -> int:
+        return self.images.frame_count
+
+    @property
+    def name(self) -> Path:
+        return self.images.source
+
+    def content_identity(self) -> dict[str, object]:
+        return {"images_sha256": self.images.content_sha256()}
+
+    def batch_size(self, asked: int) -> int:
+        return 1  # images of different sizes cannot share a batch
+
+    def frame_bytes(self, scale: float, frame_format: FrameFormat) -> tuple[int, int]:
+        width, height = self.images.max_size()
+        out_w, out_h = round(width * scale), round(height * scale)
+        return frame_file_bytes(width, height, frame_format), frame_file_bytes(out_w, out_h, frame_format)
+
+    def output_size(self, frame: int, scale: float) -> tuple[int, int]:
+        image = self.images.images[frame - 1]
+        return round(image.width * scale), round(image.height * scale)
+
+    def check_output(self, scale: float | None) -> None:
+        pass  # checked by probe_images; any size can be written
+
+    def remove_leftovers(self) -> None:
+        for frame in range(1, self.frame_count + 1):
+            for leftover in leftover_temp_files(self.images.target(frame), dead_writers_only=True):
+                leftover.unlink(missing_ok=True)
+
+    def extract(
+        self,
+        input_dir: Path,
+        frame_format: FrameFormat,
+        png_compression: int,
+        gate: FrameGate,
+        on_frame: FrameDone,
+    ) -> None:
+        for frame, image in enumerate(self.images.images, start=1):
+            if gate(frame):
+                path = input_dir / frame_filename(frame, frame_format)
+                write_frame(path, read_rgb(image), frame_format, png_compression=png_compression)
+            on_frame(frame)
+
+    def _part_file(self, layout: JobLayout, frame: int) -> Path:
+        """The staged output image of ``frame``: its number (names may repeat across chunks) and suffix."""
+        return layout.segments_dir / "images" / f"{frame:08d}{self.images.target(frame).suffix.lower()}"
+
+    def part_done(self, layout: JobLayout, chunk: Chunk) -> bool:
+        return all(self._part_file(layout, frame).is_file() for frame in chunk.frames)
+
+    def make_part(self, layout: JobLayout, chunk: Chunk, frame_format: FrameFormat) -> None:
+        (layout.segments_dir / "images").mkdir(exist_ok=True)
+        for frame in chunk.frames:
+            upscaled = read_frame(layout.output_dir / frame_filename(frame, frame_format), frame_format)
+            write_image(self.images.images[frame - 1], upscaled, self._part_file(layout, frame))
+
+    def finish(self, layout: JobLayout, chunks: tuple[Chunk, ...]) -> None:
+        if self.images.folder:
+            self.images.output.mkdir(exist_ok=True)
+        for frame in range(1, self.frame_count + 1):
+            target = self.images.target(frame)
+            if target.exists() and not self.overwrite:
+                raise OutputPathError(target, "appeared while the job ran; it is left as it is")
+            staged = self._part_file(layout, frame)
+            try:
+                os.replace(staged, target)  # the same file system: atomic, and the image is whole already
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                with open(staged, "rb") as source, atomic_write(target) as copy:
+                    shutil.copyfileobj(source, copy)
