@@ -574,8 +574,9 @@ def _connection_tracker(guard: ConnectionGuard) -> Middleware:
 class ConnectionGuard:
     """The protocol factory of the worker's listening socket: keeps at most ``limit`` connections.
 
-    A connection beyond the limit closes the oldest one that has no request in progress (a slow or
-    idle client: one that has not sent whole headers, or is between requests); if every one is busy,
+    A connection beyond the limit closes the oldest one that has no request in progress: first one
+    that has never sent whole headers (a slow client), then one idle between requests; if every one
+    is busy (a request in progress, or parsed and waiting for its handler),
     the new connection is closed instead. The worker's own descriptors are kept clear of the limit,
     so accepting never fails for want of one and ``/health`` stays answerable.
     """
@@ -589,7 +590,12 @@ class ConnectionGuard:
         assert self.server is not None, "attach the runner's server first"
         open_now = [h for h in self.server.connections if h.transport is not None]
         if len(open_now) >= self.limit:
-            idle = next((h for h in open_now if h not in self._busy), None)
+            # A connection that has never sent whole headers goes first (a slow client), then one idle
+            # between requests; a connection whose request has arrived (a /health probe waiting for
+            # its handler to run) counts as busy.
+            idle = next((h for h in open_now if h not in self._busy and not _requests_seen(h)), None)
+            if idle is None:
+                idle = next((h for h in open_now if h not in self._busy and not _request_waiting(h)), None)
             if idle is None:
                 log.warning("%d connections, every one busy: refusing a new one", len(open_now))
                 return _Refused()
@@ -605,6 +611,16 @@ class ConnectionGuard:
             self._busy[handler] -= 1
             if not self._busy[handler]:
                 del self._busy[handler]
+
+
+def _requests_seen(handler: RequestHandler) -> int:
+    """How many requests' headers the connection has delivered (aiohttp counts them as it parses)."""
+    return int(getattr(handler, "_request_count", 0))
+
+
+def _request_waiting(handler: RequestHandler) -> bool:
+    """Whether a parsed request waits on the connection for its handler to start."""
+    return bool(getattr(handler, "_messages", ()))
 
 
 class _Refused(asyncio.Protocol):
