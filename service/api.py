@@ -76,7 +76,7 @@ def _confined(path: Path, roots: tuple[Path, ...]) -> bool:
 
 
 def _list_of(body: dict[str, Any], name: str, kind: type | tuple[type, ...], default: list[Any]) -> list[Any]:
-    value = body.get(name, default)
+    value = body.get(name)
     if value is None:
         return default
     if not isinstance(value, list) or not value:

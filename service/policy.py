@@ -1,6 +1,8 @@
 """Which queued jobs start now: the scheduler's decision as a pure function (tested with a table).
 
-Jobs are taken by priority (highest first), then age. Up to ``slots`` start at once.
+Jobs are taken by priority (highest first), then age. Up to ``slots`` start at once. Two jobs of
+the same ``key`` (input, model, scale: the same coordinator job, one job directory) never run at
+once: the later one waits.
 
 - **One model at a time** (local workers: the fleet runs one model, and switching it costs a model
   load): a job of the fleet's model may start while no queued job of another model has a higher
@@ -12,7 +14,7 @@ Jobs are taken by priority (highest first), then age. Up to ``slots`` start at o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 
@@ -23,6 +25,7 @@ class Queued:
     id: str
     model: str
     priority: int
+    key: tuple[object, ...] = ()  # jobs with equal keys are the same coordinator job
 
 
 @dataclass(frozen=True)
@@ -34,9 +37,28 @@ class Plan:
 
 
 def plan_starts(
-    queued: Sequence[Queued], *, slots: int, running: int, fleet_model: str | None, one_model: bool
+    queued: Sequence[Queued],
+    *,
+    slots: int,
+    running: int,
+    fleet_model: str | None,
+    one_model: bool,
+    running_keys: Collection[tuple[object, ...]] = (),
 ) -> Plan:
     """The jobs to start now; ``queued`` is in line order (priority, then age)."""
+    taken = set(running_keys)
+    free = []
+    for job in queued:
+        if not job.key or job.key not in taken:
+            free.append(job)
+            if job.key:
+                taken.add(job.key)
+    return _plan(free, slots=slots, running=running, fleet_model=fleet_model, one_model=one_model)
+
+
+def _plan(
+    queued: Sequence[Queued], *, slots: int, running: int, fleet_model: str | None, one_model: bool
+) -> Plan:
     if slots <= 0 or not queued:
         return Plan()
     if not one_model:
@@ -52,5 +74,5 @@ def plan_starts(
     if running:
         return Plan()  # the fleet's model is still in use: switch once its jobs are done
     model = queued[0].model  # the first in line has the top priority: some of its jobs start
-    first = plan_starts(queued, slots=slots, running=0, fleet_model=model, one_model=True)
+    first = _plan(queued, slots=slots, running=0, fleet_model=model, one_model=True)
     return Plan(first.start, switch_to=model)

@@ -62,10 +62,16 @@ class SchedulerSettings:
             raise ValueError(f"max_attempts must be at least 1, not {self.max_attempts}")
 
 
+def _same_job(row: JobRow) -> tuple[object, ...]:
+    """What makes two queued jobs the same coordinator job (one job directory, one lock)."""
+    return (row.input, row.model, row.scale)
+
+
 @dataclass(eq=False)
 class _Running:
     job: Job
     fleet: WorkerFleet
+    key: tuple[object, ...]
     task: asyncio.Task[None] | None = None
     cancel_requested: bool = False  # by a user: cancelled; otherwise (shutdown) queued again
     last_write: float = 0.0
@@ -134,11 +140,12 @@ class Scheduler:
             log.warning("the local workers of model %s failed; starting them afresh", self.fleet_model)
             await self._close_fleet()
         plan = plan_starts(
-            [Queued(j.id, j.model, j.priority) for j in queued],
+            [Queued(j.id, j.model, j.priority, _same_job(j)) for j in queued],
             slots=slots,
             running=len(self._running),
             fleet_model=self.fleet_model if self.fleet is not None else None,
             one_model=self.local,
+            running_keys={run.key for run in self._running.values()},
         )
         if plan.switch_to is not None:
             await self._close_fleet()
@@ -240,7 +247,7 @@ class Scheduler:
         if started is None:  # cancelled or deleted meanwhile
             return
         job = Job(spec, self.fleet, progress_interval_s=self.settings.progress_interval_s)
-        run = _Running(job, self.fleet)
+        run = _Running(job, self.fleet, _same_job(row))
         self._running[row.id] = run
         run.task = asyncio.create_task(self._drive(started, run), name=f"esrfarm-job-{row.id}")
         log.info("started job %s (%s, model %s)", row.id, row.input, row.model)
