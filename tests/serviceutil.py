@@ -3,39 +3,25 @@ worker processes; helpers to submit jobs and wait for their states over HTTP."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.workerutil import REPO, Response, request
+from tests.workerutil import REPO, Response, WorkerProcess, request
 
 START_TIMEOUT_S = 60.0
 FAST = {"preset": "ultrafast"}
 
 
-@dataclass
-class ServiceProcess:
-    process: subprocess.Popen[bytes]
-    url: str
-    log_path: Path
-    token: str | None = None
-
-    def get(self, path: str, token: str | None = None) -> Response:
-        return request(self.url + path, token=token or self.token)
-
-    def post(
-        self, path: str, body: dict[str, Any] | bytes | None = None, token: str | None = None
-    ) -> Response:
-        return request(self.url + path, "POST", body if body is not None else {}, token=token or self.token)
+class ServiceProcess(WorkerProcess):
+    """A service process: a child process with a URL, like a worker (get, post, log and stop are
+    the worker's), plus the job API."""
 
     def delete(self, path: str) -> Response:
         return request(self.url + path, "DELETE", token=self.token)
@@ -68,21 +54,6 @@ class ServiceProcess:
 
     def wait_state(self, job_id: str, *states: str, timeout: float = 120.0) -> dict[str, Any]:
         return self.wait_job(job_id, lambda j: j["state"] in states, timeout)
-
-    def log(self) -> str:
-        with contextlib.suppress(OSError):
-            return self.log_path.read_text(errors="replace")[-8000:]
-        return ""
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            raise AssertionError(f"the service did not stop within {timeout}s:\n{self.log()}") from None
 
 
 def service_command(shared_root: Path, args: Sequence[str | Path]) -> list[str]:
