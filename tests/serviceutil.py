@@ -3,6 +3,7 @@ worker processes; helpers to submit jobs and wait for their states over HTTP."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from tests.workerutil import REPO, Response, WorkerProcess, request
+from tests.workerutil import REPO, Response, WorkerProcess, request, start_worker
 
 START_TIMEOUT_S = 60.0
 FAST = {"preset": "ultrafast"}
@@ -54,6 +55,21 @@ class ServiceProcess(WorkerProcess):
 
     def wait_state(self, job_id: str, *states: str, timeout: float = 120.0) -> dict[str, Any]:
         return self.wait_job(job_id, lambda j: j["state"] in states, timeout)
+
+
+@contextlib.contextmanager
+def cpu_workers(
+    shared_root: Path, model: Path, log_dir: Path, count: int = 2
+) -> Iterator[list[WorkerProcess]]:
+    """``count`` real CPU worker processes on ``shared_root``, stopped on the way out."""
+    started: list[WorkerProcess] = []
+    try:
+        for _ in range(count):
+            started.append(start_worker(shared_root, model, log_dir))
+        yield started
+    finally:
+        for worker in started:
+            worker.stop()
 
 
 def service_command(shared_root: Path, args: Sequence[str | Path]) -> list[str]:
