@@ -7,7 +7,8 @@
   and restarted with another once the jobs of its model are done (grouped, so it switches rarely).
   A fleet that lost a worker, or could not start, is started afresh before the next job.
 - **Remote workers** keep their models: a job goes only to workers running its model
-  (:meth:`Scheduler.check_model` refuses, at submit, a model no worker runs).
+  (:meth:`Scheduler.check_model` refuses, at submit, a model no worker runs). A worker the fleet
+  lost is looked at again once no job runs (it may have been restarted).
 - **Restart**: jobs a killed service left ``running`` are queued again and resume (the same spec
   finds the same job directory).
 - **Cancel**: :meth:`coordinator.job.Job.cancel` (no new batches, workers reset, ffmpeg killed, the
@@ -136,9 +137,12 @@ class Scheduler:
         queued = await self.store.jobs(JobState.QUEUED)
         if not queued:
             return
-        if self.local and not self._running and self.fleet is not None and self._fleet_broken():
-            log.warning("the local workers of model %s failed; starting them afresh", self.fleet_model)
-            await self._close_fleet()
+        if not self._running and self.fleet is not None and self._fleet_broken():
+            if self.local:
+                log.warning("the local workers of model %s failed; starting them afresh", self.fleet_model)
+                await self._close_fleet()
+            else:  # a lost remote worker may be back (restarted by systemd, say)
+                await self.fleet.revive_lost()
         plan = plan_starts(
             [Queued(j.id, j.model, j.priority, _same_job(j)) for j in queued],
             slots=slots,
@@ -317,7 +321,10 @@ class Scheduler:
             )
             if row is not None:
                 self.metrics.jobs_ended.labels(JobState.CANCELLED.value).inc()
-            return row
+                return row
+            run = self._running.get(job_id)  # it may have started meanwhile
+            if run is None:
+                return None
         run.cancel_requested = True
         await run.job.cancel()
         if run.task is not None:

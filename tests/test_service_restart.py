@@ -5,6 +5,7 @@ run's frame for frame (lossless FFV1)."""
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -72,3 +73,60 @@ def test_killed_service_resumes_its_jobs(
     assert len(frames) == len(expected) == 90
     for index, (got, want) in enumerate(zip(frames, expected, strict=True)):
         assert np.array_equal(got, want), f"frame {index + 1} differs from the uninterrupted run's"
+
+
+def test_sigterm_leaves_the_running_job_queued(
+    farm: tuple[Path, list[WorkerProcess]], tiny_model: Path, tmp_path: Path
+) -> None:
+    root, workers = farm
+    long = clips.video(tmp_path / "long.mp4", size="320x180", frames=90)
+    args = [
+        "--workers",
+        ",".join(w.url for w in workers),
+        "--input-root",
+        tmp_path,
+        "--db",
+        tmp_path / "j.db",
+    ]
+    service = start_service(root, tmp_path / "logs", args)
+    job = service.submit(inputs=[str(long)], models=[str(tiny_model)], scales=[2])["jobs"][0]
+    service.wait_job(job["id"], lambda j: j["stage"] == "upscaling" and j["frames_done"] > 0)
+    started = time.monotonic()
+    assert service.stop(signal.SIGTERM, timeout=30) == 0
+    assert time.monotonic() - started < 15
+    assert not Path(job["output"]).exists()
+    for worker in workers:  # their manifests were reset: nothing holds them
+        worker.wait_status(lambda s: s["state"] != "processing", timeout=30)
+    service = start_service(root, tmp_path / "logs", args)
+    try:
+        assert service.wait_state(job["id"], "done", "failed")["state"] == "done"
+    finally:
+        service.stop()
+
+
+def test_a_dying_worker_costs_its_batches_not_the_job(
+    farm: tuple[Path, list[WorkerProcess]], tiny_model: Path, tmp_path: Path
+) -> None:
+    root, workers = farm
+    long = clips.video(tmp_path / "long.mp4", size="320x180", frames=90)
+    args = [
+        "--workers", ",".join(w.url for w in workers), "--input-root", tmp_path, "--db", tmp_path / "j.db",
+        "--unreachable-timeout", "1",
+    ]  # fmt: skip
+    service = start_service(root, tmp_path / "logs", args)
+    try:
+        job = service.submit(inputs=[str(long)], models=[str(tiny_model)], scales=[2])["jobs"][0]
+        service.wait_job(job["id"], lambda j: j["stage"] == "upscaling" and j["frames_done"] >= 8)
+        dying = workers[1]
+        dying.stop(signal.SIGKILL)
+        done = service.wait_state(job["id"], "done", "failed")
+        assert done["state"] == "done", done
+        assert [w["state"] for w in service.get("/api/workers").json()][1] == "lost"
+        port = dying.url.rsplit(":", 1)[1]
+        workers[1] = start_worker(root, tiny_model, tmp_path / "logs", args=["--port", port])
+        nxt = service.submit(inputs=[str(long)], models=[str(tiny_model)], scales=[3])["jobs"][0]
+        assert service.wait_state(nxt["id"], "done", "failed")["state"] == "done"
+        assert "409" not in workers[1].log()
+        assert " done (frames " in workers[1].log(), "the restarted worker is used again"
+    finally:
+        service.stop()
