@@ -1,6 +1,7 @@
 """The job service's web page in headless Chromium, against a real service process over two real CPU
 workers and the tiny seeded model: a job submitted through the form shows a moving progress bar,
-reaches done, and its download link gives the upscaled video; with a token the page asks for it once.
+reaches done, and its download link gives the upscaled video; with a token the page asks for it once,
+and a file uploaded through the form becomes a job.
 
 ``ESRFARM_SCREENSHOT=docs/service-page.png python -m pytest tests/test_service_page.py`` also saves
 the README's screenshot (a second job running beside the finished one).
@@ -107,16 +108,21 @@ def finished_row(browser: webdriver.Chrome, job_id: str) -> WebElement | None:
     return rows[0] if rows else None
 
 
-def submit_through_the_form(browser: webdriver.Chrome, path: Path, model: Path, scale: str) -> None:
-    for field, value in (("input-path", str(path)), ("models", str(model)), ("scales", scale)):
+def submit_through_the_form(
+    browser: webdriver.Chrome, path: Path, model: Path, scale: str, *, upload: bool = False
+) -> None:
+    """Fill the form and submit: ``path`` as the input path, or (``upload``) as the file to upload."""
+    fields = (("input-path", "" if upload else str(path)), ("models", str(model)), ("scales", scale))
+    for field, value in fields:
         element = browser.find_element(By.ID, field)
         element.clear()
         element.send_keys(value)
-    browser.find_element(By.ID, "submit-button").click()
+    if upload:
+        browser.find_element(By.ID, "upload-file").send_keys(str(path))
+    button = browser.find_element(By.ID, "submit-button")
+    button.click()
     status = browser.find_element(By.ID, "submit-status")
-    wait_for(
-        "the submit answer", lambda: status.text.startswith(("Submitted", "inputs", "models")) and status
-    )
+    wait_for("the submit answer", lambda: button.is_enabled() and status.text)
     assert status.text == "Submitted 1 job.", status.text
 
 
@@ -231,9 +237,11 @@ def test_with_a_token_the_page_asks_for_it_once(
         assert not form.is_displayed()
         assert browser.execute_script("return sessionStorage.getItem('esrfarm-token')") == "page-secret"
 
-        # Live updates arrive over the token-authorised event stream; the form's POST carries the header.
-        submit_through_the_form(browser, inputs / "clip.mp4", tiny_model, "2")
+        # The form uploads the file and submits it with the header; live updates arrive over the
+        # token-authorised event stream. The upload is stored under a generated name.
+        submit_through_the_form(browser, inputs / "clip.mp4", tiny_model, "2", upload=True)
         [job] = service.get("/api/jobs").json()
+        assert Path(job["input"]).parent == root / "service" / "uploads" and "clip" not in job["input"]
         row = wait_for("the finished row", lambda: finished_row(browser, job["id"]))
         preview = row.find_element(By.CSS_SELECTOR, "img.preview")
         wait_for("the preview", lambda: browser.execute_script("return arguments[0].naturalWidth", preview))
