@@ -32,6 +32,7 @@ def main() -> int:
             work / "esrfarm-worker@0.service",
             work / "esrfarm-worker@3.service",
             work / "esrfarm-workers.target",
+            work / "esrfarm-service.service",
         ]
         result = subprocess.run(
             [analyze, "verify", *map(str, targets)], capture_output=True, text=True, timeout=120

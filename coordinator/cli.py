@@ -3,7 +3,8 @@
 ``esrfarm upscale`` is the coordinator. The other commands belong to other packages and run as
 ``python -m <package> ...`` in this same process image (``exec``), so the coordinator never imports
 them: ``esrfarm worker`` and ``esrfarm models`` are the worker side (the two sides meet only in
-``manifests`` and on disk/HTTP), ``esrfarm compare`` sits above both.
+``manifests`` and on disk/HTTP), ``esrfarm compare`` sits above both, and so does the job service
+(``esrfarm serve`` and its clients ``submit``, ``jobs``, ``show``, ``cancel``, ``retry``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ EXEC_COMMANDS = {
     "worker": ["worker"],
     "models": ["worker", "models"],
     "compare": ["compare"],
+    "serve": ["service", "serve"],
+    **{name: ["service", name] for name in ("submit", "jobs", "show", "cancel", "retry")},
 }
 
 #: The flag behind each JobSpec / FarmSettings field, for error messages.
@@ -197,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "compare", help="compare models on your video (see: esrfarm compare --help)", add_help=False
     )
+    sub.add_parser("serve", help="run the job service (see: esrfarm serve --help)", add_help=False)
+    for name, text in (
+        ("submit", "queue jobs on a running service"), ("jobs", "list the service's jobs"),
+        ("show", "one job of the service"), ("cancel", "cancel a job"), ("retry", "queue a job again"),
+    ):  # fmt: skip
+        sub.add_parser(name, help=f"{text} (see: esrfarm {name} --help)", add_help=False)
     return parser
 
 
@@ -298,17 +307,22 @@ def settings_from_args(args: argparse.Namespace) -> tuple[JobSpec, FarmSettings]
         overwrite=args.overwrite,
         keep_frames=args.keep_frames,
     )
-    farm = FarmSettings(
+    return spec, farm_settings_from_args(args, read_token(args.token_file))
+
+
+def farm_settings_from_args(args: argparse.Namespace, token: str | None) -> FarmSettings:
+    """The farm flags (--workers, --local-workers, --worker-arg, --shared-root, --unreachable-timeout,
+    --stale-timeout) as settings; ``esrfarm serve`` takes the same flags."""
+    return FarmSettings(
         workers=tuple((args.workers or "").split(",")),
         local_workers=args.local_workers,
         local_worker_args=tuple(args.worker_arg),
         shared_root=args.shared_root,
-        token=read_token(args.token_file),
+        token=token,
         unreachable_after_s=args.unreachable_timeout,
         health_interval_s=min(2.0, args.unreachable_timeout / 4),
         stale_after_s=args.stale_timeout,
     )
-    return spec, farm
 
 
 def upscale_main(args: argparse.Namespace) -> int:

@@ -313,6 +313,24 @@ class WorkerFleet:
         if self.pool is not None:
             self.pool.kill(handle.url)
 
+    async def revive_lost(self) -> list[WorkerHandle]:
+        """Remote workers that were lost but answer ``/health`` again (restarted, say) are taken up
+        again; returns them. For a fleet that outlives its jobs (the job service), called while no
+        job runs. Local workers are never revived (a lost one was killed)."""
+        if self.pool is not None:
+            return []
+        lost = [h for h in self.handles.values() if not h.alive]
+        answers = await asyncio.gather(*(h.client.health() for h in lost), return_exceptions=True)
+        revived = []
+        for handle, answer in zip(lost, answers, strict=True):
+            if isinstance(answer, dict):
+                handle.alive, handle.lost_reason, handle.unreachable_since = True, None, None
+                handle.health, handle.holding, handle.busy_until = answer, None, 0.0
+                handle.changes += 1
+                log.info("worker %s answers again; it is used again", handle.worker_id)
+                revived.append(handle)
+        return revived
+
     # -- health -----------------------------------------------------------------------------------
 
     def _exit_reason(self, url: str) -> str | None:

@@ -822,6 +822,9 @@ class Job:
             await self._in_thread(
                 write_json_atomic, self.layout.manifest_path(manifest_id), manifest.to_json()
             )
+        if handle.holding is not None:  # another job on the fleet dealt to it while the file was written
+            self._parked[handle.url] = _Parked(manifest_id, batches)
+            return
         self._ledger.assign(manifest_id, handle.url, batches)
         self._holders[manifest_id] = handle
         path = self.layout.manifest_path(manifest_id).relative_to(self.layout.shared_root)

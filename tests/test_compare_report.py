@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,18 +14,16 @@ from typing import Any
 import orjson
 import pytest
 from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
 from compare.cli import main
 from compare.run import default_models, run_comparison
 from compare.spec import CompareSpec
 from tests import clips
+from tests.browser import chromium
 from tests.model_factory import write_tiny_compact
 from tests.workerutil import REPO
 
-CHROMIUM = os.environ.get("ESRFARM_CHROMIUM", "/usr/bin/chromium")
-CHROMEDRIVER = os.environ.get("ESRFARM_CHROMEDRIVER", "/usr/bin/chromedriver")
 SCORES = ("psnr", "ssim", "vmaf", "vmaf_neg", "flicker", "fps", "projected_s")
 
 
@@ -88,19 +85,8 @@ def test_the_same_inputs_give_the_same_numbers(report: tuple[Path, Path, str], c
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[webdriver.Chrome]:
-    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not shutil.which(p)]
-    assert not missing, (
-        f"{missing} not found: install Debian's chromium and chromium-driver (as .ci/run does)"
-    )
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1280,2400", "--disable-extensions"):  # fmt: skip
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    yield driver
-    driver.quit()
+    with chromium() as driver:
+        yield driver
 
 
 def test_the_report_opens_offline_in_chromium(

@@ -1,0 +1,5 @@
+"""``python -m service``: ``esrfarm serve``, ``submit``, ``jobs``, ``show``, ``cancel``, ``retry``."""
+
+from service.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,546 @@
+"""The job service's HTTP API (aiohttp): jobs, uploads, live events (SSE), workers, health, metrics,
+and the static page. :func:`create_app` builds it; :func:`serve` runs it until SIGTERM/SIGINT.
+
+Security: without a token the service must be bound to a loopback address (``ServiceSettings``
+refuses anything else) and refuses ``/api`` requests whose ``Host`` is not a loopback name (a web
+page cannot reach it by DNS rebinding). With a token every ``/api`` route wants ``Authorization:
+Bearer <token>`` (``/api/events`` also takes ``?token=``: EventSource cannot send headers).
+Requests that change something refuse a foreign ``Origin``; POSTs other than uploads must be
+``application/json`` (which a cross-site form cannot send). Every input path is confined to the
+input roots and every output directory to the output directory, after resolving symlinks; an upload
+is stored under a generated name, never the client's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import BodyPartReader, web
+from aiohttp.typedefs import Middleware
+
+from coordinator.encode import EncodeSettings
+from coordinator.errors import CoordinatorError, SpecError
+from coordinator.spec import DEFAULT_MODEL, FarmSettings, JobSpec
+from service.preview import PreviewError, render_preview
+from service.scheduler import ModelUnavailableError, Scheduler, SchedulerSettings
+from service.settings import ServiceSettings, is_loopback
+from service.store import JobRow, JobState, Store, new_job, now
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+SETTINGS = web.AppKey("settings", ServiceSettings)
+STORE = web.AppKey("store", Store)
+SCHEDULER = web.AppKey("scheduler", Scheduler)
+CLOSING = web.AppKey("closing", asyncio.Event)
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
+CHUNK = 1 << 20
+
+
+class BadRequest(Exception):
+    """A request field that cannot work: ``field`` names it, the message says why."""
+
+    def __init__(self, field: str, problem: str, status: int = 400) -> None:
+        self.field, self.problem, self.status = field, problem, status
+        super().__init__(f"{field}: {problem}")
+
+
+def _error(status: int, message: str) -> web.Response:
+    return _json({"error": message}, status)
+
+
+def _json(value: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(value), status=status, content_type="application/json")
+
+
+# -- jobs --------------------------------------------------------------------------------------------
+
+
+def _confined(path: Path, roots: tuple[Path, ...]) -> bool:
+    return any(path == root or path.is_relative_to(root) for root in roots)
+
+
+def _list_of(body: dict[str, Any], name: str, kind: type | tuple[type, ...], default: list[Any]) -> list[Any]:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, list) or not value:
+        raise BadRequest(name, f"must be a non-empty list, not {value!r}")
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, kind):
+            raise BadRequest(name, f"must hold only {_kind_name(kind)}, not {item!r}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    return "strings" if kind is str else "numbers"
+
+
+def _optional_int(body: dict[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequest(name, f"must be a whole number, not {value!r}")
+    return value
+
+
+def _inputs(body: dict[str, Any], settings: ServiceSettings) -> list[Path]:
+    """The inputs asked for, resolved (symlinks followed) and confined to the input roots."""
+    if ("inputs" in body) == ("upload" in body):
+        raise BadRequest("inputs", 'give either "inputs" (paths) or "upload" (an upload id)')
+    if "upload" in body:
+        upload = body["upload"]
+        if not isinstance(upload, str) or not UPLOAD_ID.match(upload):
+            raise BadRequest("upload", f"is not an upload id: {upload!r}")
+        path = settings.uploads_dir / upload
+        if not path.is_file():
+            raise BadRequest("upload", f"there is no upload {upload}")
+        return [path]
+    paths = []
+    for raw in _list_of(body, "inputs", str, []):
+        if not raw or "\x00" in raw:
+            raise BadRequest("inputs", f"is not a path: {raw!r}")
+        resolved = Path(raw).expanduser().resolve()
+        if not Path(raw).is_absolute() or not _confined(resolved, settings.input_roots):
+            roots = ", ".join(map(str, settings.input_roots)) or "none configured (--input-root)"
+            raise BadRequest("inputs", f"{raw} is outside every input root ({roots})", 403)
+        paths.append(resolved)
+    return paths
+
+
+def _output_dir(body: dict[str, Any], settings: ServiceSettings) -> Path:
+    raw = body.get("output_dir")
+    if raw is None:
+        return settings.outputs
+    if not isinstance(raw, str) or not raw or "\x00" in raw:
+        raise BadRequest("output_dir", f"is not a path: {raw!r}")
+    candidate = Path(raw).expanduser()
+    resolved = (candidate if candidate.is_absolute() else settings.outputs / candidate).resolve()
+    if not _confined(resolved, (settings.outputs,)):
+        raise BadRequest("output_dir", f"{raw} is outside the output directory {settings.outputs}", 403)
+    return resolved
+
+
+def _encode(body: dict[str, Any]) -> EncodeSettings:
+    codec = body.get("codec", "libx264")
+    if not isinstance(codec, str):
+        raise BadRequest("codec", f"must be a codec name, not {codec!r}")
+    crf = _optional_int(body, "crf")
+    preset = body.get("preset")
+    if preset is not None and not isinstance(preset, str):
+        raise BadRequest("preset", f"must be a string, not {preset!r}")
+    for name, settings in (("codec", {}), ("crf", {"crf": crf}), ("preset", {"crf": crf, "preset": preset})):
+        try:
+            encode = EncodeSettings.for_codec(codec, **settings)
+        except CoordinatorError as exc:
+            raise BadRequest(name, str(exc)) from None
+    return encode
+
+
+def _output_name(source: Path, model: str, scale: float | None, job_id: str, codec: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", source.stem).strip("._-")[:60] or "video"
+    model_name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(model).stem)[:40]
+    scale_part = f"-x{scale:g}" if scale is not None else ""
+    suffix = ".mkv" if codec == "ffv1" else ".mp4"
+    return f"{stem}-{model_name}{scale_part}-{job_id[:8]}{suffix}"
+
+
+async def submit(request: web.Request) -> web.Response:
+    settings, store, scheduler = request.app[SETTINGS], request.app[STORE], request.app[SCHEDULER]
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError as exc:
+        return _error(400, f"the request body is not valid JSON: {exc}")
+    if not isinstance(body, dict):
+        return _error(400, "the request body must be a JSON object")
+    try:
+        known = {"inputs", "upload", "models", "scales", "codec", "crf", "preset", "priority", "output_dir"}
+        unknown = sorted(set(body) - known)
+        if unknown:
+            raise BadRequest(unknown[0], "is not a job field")
+        inputs = await asyncio.to_thread(_inputs, body, settings)
+        models = _list_of(body, "models", str, [DEFAULT_MODEL])
+        scales = _list_of(body, "scales", (int, float), [None])
+        encode = _encode(body)
+        priority = _optional_int(body, "priority") or 0
+        output_dir = await asyncio.to_thread(_output_dir, body, settings)
+        count = len(inputs) * len(models) * len(scales)
+        if count > settings.max_jobs_per_submit:
+            raise BadRequest("inputs", f"make {count} jobs; at most {settings.max_jobs_per_submit} at once")
+        for model in dict.fromkeys(models):
+            try:
+                await scheduler.check_model(model)
+            except ModelUnavailableError as exc:
+                raise BadRequest("models", str(exc)) from None
+        batch_id = secrets.token_hex(8)
+        rows = []
+        for source in inputs:
+            for model in models:
+                for scale in scales:
+                    job_id = secrets.token_hex(8)
+                    output = output_dir / _output_name(source, model, scale, job_id, encode.codec)
+                    try:
+                        spec = JobSpec(
+                            input=source, output=output, model=model,
+                            scale=float(scale) if scale is not None else None, encode=encode,
+                        )  # fmt: skip
+                    except SpecError as exc:
+                        field = {"scale": "scales", "model": "models"}.get(exc.field, exc.field)
+                        raise BadRequest(field, exc.problem) from None
+                    rows.append(
+                        new_job(
+                            job_id=job_id, batch_id=batch_id, input=str(source), output=str(output),
+                            spec=spec.to_dict(), model=model, scale=spec.scale, codec=encode.codec,
+                            priority=priority, now=now(),
+                        )
+                    )  # fmt: skip
+    except BadRequest as exc:
+        return _error(exc.status, str(exc))
+    try:
+        await asyncio.to_thread(output_dir.mkdir, parents=True, exist_ok=True)
+    except OSError as exc:
+        return _error(400, f"output_dir: cannot create {output_dir}: {exc.strerror or exc}")
+    await store.add_jobs(rows)
+    scheduler.wake()
+    log.info("batch %s: %d job(s) queued", batch_id, len(rows))
+    return _json({"batch_id": batch_id, "jobs": [row.to_json() for row in rows]}, 201)
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    state = request.query.get("state")
+    if state is not None and state not in set(JobState):
+        return _error(400, f"state: must be one of {', '.join(JobState)}, not {state!r}")
+    rows = await request.app[STORE].jobs(state)
+    return _json([row.to_json() for row in rows])
+
+
+async def _job(request: web.Request) -> JobRow:
+    row = await request.app[STORE].get(request.match_info["id"])
+    if row is None:
+        message = orjson.dumps({"error": f"no job {request.match_info['id']}"})
+        raise web.HTTPNotFound(body=message, content_type="application/json")
+    return row
+
+
+async def get_job(request: web.Request) -> web.Response:
+    return _json((await _job(request)).to_json())
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    row = await _job(request)
+    if row.job_state.finished:
+        return _error(409, f"job {row.id} is {row.state}: only a queued or running job can be cancelled")
+    cancelled = await request.app[SCHEDULER].cancel(row.id)
+    current = cancelled or await _job(request)
+    return _json(current.to_json())
+
+
+async def retry_job(request: web.Request) -> web.Response:
+    row = await _job(request)
+    queued = await request.app[SCHEDULER].retry(row.id)
+    if queued is None:
+        return _error(409, f"job {row.id} is {row.state}: only a failed or cancelled job can be retried")
+    return _json(queued.to_json())
+
+
+async def delete_job(request: web.Request) -> web.Response:
+    """Forget a finished job (its output file stays; a failed or cancelled job's kept frames go)."""
+    settings, store = request.app[SETTINGS], request.app[STORE]
+    row = await _job(request)
+    if not row.job_state.finished or request.app[SCHEDULER].is_running(row.id):
+        return _error(409, f"job {row.id} is {row.state}: only a finished job can be deleted")
+    await store.delete(row.id)
+    if row.job_dir and row.state != JobState.DONE:
+        job_dir = Path(row.job_dir).resolve()
+        if job_dir.is_relative_to(settings.shared_root / "jobs") and not any(
+            other.job_dir == row.job_dir for other in await store.jobs() if not other.job_state.finished
+        ):
+            await asyncio.to_thread(shutil.rmtree, job_dir, True)
+    return _json({"deleted": row.id})
+
+
+async def job_output(request: web.Request) -> web.StreamResponse:
+    row = await _job(request)
+    path = Path(row.output)
+    if row.state != JobState.DONE or not await asyncio.to_thread(path.is_file):
+        return _error(404, f"job {row.id} has no output ({row.state})")
+    return web.FileResponse(path, headers={"Content-Disposition": f'attachment; filename="{path.name}"'})
+
+
+async def job_preview(request: web.Request) -> web.Response:
+    row = await _job(request)
+    if row.state != JobState.DONE:
+        return _error(409, f"job {row.id} is {row.state}: a preview needs its output")
+    raw = request.query.get("frame", "1")
+    try:
+        frame = int(raw)
+    except ValueError:
+        return _error(400, f"frame: must be a frame number, not {raw!r}")
+    if not 1 <= frame <= max(row.frames_total, 1):
+        return _error(400, f"frame: must be 1 to {row.frames_total}, not {frame}")
+    try:
+        png = await asyncio.to_thread(render_preview, Path(row.input), Path(row.output), frame)
+    except PreviewError as exc:
+        return _error(404, str(exc))
+    return web.Response(body=png, content_type="image/png", headers={"Cache-Control": "max-age=3600"})
+
+
+# -- uploads -----------------------------------------------------------------------------------------
+
+
+async def upload(request: web.Request) -> web.Response:
+    """The body (raw, or the first file of a multipart form) streamed to a generated name."""
+    settings = request.app[SETTINGS]
+    limit = settings.max_upload_bytes
+    too_large = _error(413, f"the upload is too large: at most {limit} bytes (--max-upload)")
+    if request.content_length is not None and request.content_length > limit:
+        return too_large
+    upload_id = secrets.token_hex(16)
+    directory = settings.uploads_dir
+    await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
+    part = directory / f".{upload_id}.part"
+    written = 0
+    try:
+        if request.content_type.startswith("multipart/"):
+            reader = await request.multipart()
+            field = await reader.next()
+            while field is not None and (not isinstance(field, BodyPartReader) or not field.filename):
+                field = await reader.next()
+            if field is None:
+                return _error(400, "file: the form holds no file")
+            read: Callable[[], Awaitable[bytes]] = lambda: field.read_chunk(CHUNK)  # noqa: E731
+        else:
+            read = lambda: request.content.read(CHUNK)  # noqa: E731
+        handle = await asyncio.to_thread(part.open, "wb")
+        try:
+            while chunk := await read():
+                written += len(chunk)
+                if written > limit:
+                    return too_large
+                await asyncio.to_thread(handle.write, chunk)
+        finally:
+            await asyncio.to_thread(handle.close)
+        if not written:
+            return _error(400, "file: the upload is empty")
+        await asyncio.to_thread(os.replace, part, directory / upload_id)
+    except OSError as exc:
+        return _error(507, f"cannot store the upload: {exc.strerror or exc}")
+    finally:
+        await asyncio.to_thread(part.unlink, True)
+    log.info("upload %s: %d bytes", upload_id, written)
+    return _json({"upload": upload_id, "bytes": written}, 201)
+
+
+# -- events ------------------------------------------------------------------------------------------
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: ``id:`` the store's event id, ``event: job``, ``data:`` the job's JSON.
+    ``Last-Event-ID`` (or ``?since=ID``) replays what is still stored after that id; without either
+    the stream starts with what happens next."""
+    store, settings, closing = request.app[STORE], request.app[SETTINGS], request.app[CLOSING]
+    raw = request.headers.get("Last-Event-ID") or request.query.get("since")
+    if raw is not None:
+        try:
+            last = int(raw)
+        except ValueError:
+            return _error(400, f"Last-Event-ID / since: must be an event id, not {raw!r}")
+    else:
+        last = await store.last_event_id()
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+    await response.prepare(request)
+    await response.write(b"retry: 2000\n\n")
+    try:
+        while not closing.is_set():
+            new = store.next_event()
+            batch = await store.events_after(last)
+            for event_id, data in batch:
+                await response.write(b"id: %d\nevent: job\ndata: %s\n\n" % (event_id, data))
+                last = event_id
+            if batch:
+                continue
+            wait_new = asyncio.ensure_future(new.wait())
+            wait_closing = asyncio.ensure_future(closing.wait())
+            done, pending = await asyncio.wait(
+                {wait_new, wait_closing},
+                timeout=settings.sse_keepalive_s,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            for task in pending:
+                task.cancel()
+            if not done:
+                await response.write(b": keep-alive\n\n")
+    except (ConnectionResetError, ConnectionError):
+        pass
+    return response
+
+
+# -- the farm and the service ------------------------------------------------------------------------
+
+
+async def workers(request: web.Request) -> web.Response:
+    return _json(await request.app[SCHEDULER].workers())
+
+
+async def healthz(request: web.Request) -> web.Response:
+    store = request.app[STORE]
+    return _json({"ok": True, "jobs": await store.counts(), "last_event_id": await store.last_event_id()})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    scheduler = request.app[SCHEDULER]
+    scheduler.metrics.set_counts(await request.app[STORE].counts())
+    return web.Response(
+        body=scheduler.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+    )
+
+
+async def index(request: web.Request) -> web.StreamResponse:
+    page = STATIC_DIR / "index.html"
+    if not page.is_file():
+        return _error(404, "the page is not installed (service/static/index.html)")
+    return web.FileResponse(page, headers={"Cache-Control": "no-cache"})
+
+
+# -- middlewares -------------------------------------------------------------------------------------
+
+
+@web.middleware
+async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPRequestEntityTooLarge:
+        return _error(413, "the request body is too large")
+
+
+def _host_name(host: str) -> str:
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    name, _, port = host.rpartition(":")
+    return name if name and port.isdigit() else host
+
+
+def _guard(settings: ServiceSettings) -> Middleware:
+    expected = f"Bearer {settings.token}".encode() if settings.token is not None else None
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not request.path.startswith("/api/"):
+            return await handler(request)
+        host = request.headers.get("Host", "")
+        if expected is None and not is_loopback(_host_name(host)):
+            return _error(403, f"Host {host!r} is not this service's loopback address")
+        if expected is not None:
+            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            if request.path == "/api/events" and "token" in request.query:
+                given = f"Bearer {request.query['token']}".encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(given, expected):
+                response = _error(401, "missing or wrong bearer token")
+                response.headers["WWW-Authenticate"] = 'Bearer realm="esrfarm"'
+                return response
+        if request.method in {"POST", "DELETE", "PUT", "PATCH"}:
+            origin = request.headers.get("Origin")
+            if origin is not None and origin.lower() not in {
+                f"http://{host}".lower(),
+                f"https://{host}".lower(),
+            }:
+                return _error(403, f"requests from Origin {origin!r} are refused (cross-site)")
+            json_only = request.method == "POST" and request.path != "/api/uploads"
+            if json_only and request.content_type != "application/json":
+                return _error(415, f"POST {request.path} takes Content-Type: application/json")
+        return await handler(request)
+
+    return guard
+
+
+# -- the app -----------------------------------------------------------------------------------------
+
+
+def create_app(
+    settings: ServiceSettings, farm: FarmSettings, scheduling: SchedulerSettings | None = None
+) -> web.Application:
+    app = web.Application(middlewares=[_errors_as_json, _guard(settings)], client_max_size=1 << 20)
+    app[SETTINGS] = settings
+    store = Store(settings.db_path)
+    app[STORE] = store
+    app[SCHEDULER] = Scheduler(store, farm, scheduling or SchedulerSettings())
+    app[CLOSING] = asyncio.Event()
+    r = app.router
+    r.add_post("/api/jobs", submit)
+    r.add_get("/api/jobs", list_jobs)
+    r.add_get("/api/jobs/{id}", get_job)
+    r.add_post("/api/jobs/{id}/cancel", cancel_job)
+    r.add_post("/api/jobs/{id}/retry", retry_job)
+    r.add_delete("/api/jobs/{id}", delete_job)
+    r.add_get("/api/jobs/{id}/output", job_output)
+    r.add_get("/api/jobs/{id}/preview", job_preview)
+    r.add_post("/api/uploads", upload)
+    r.add_get("/api/events", events)
+    r.add_get("/api/workers", workers)
+    r.add_get("/healthz", healthz)
+    r.add_get("/metrics", metrics)
+    r.add_get("/", index)
+    STATIC_DIR.mkdir(exist_ok=True)
+    r.add_static("/static/", STATIC_DIR)
+    app.cleanup_ctx.append(_lifetime)
+    app.on_shutdown.append(_stop_streams)
+    return app
+
+
+async def _lifetime(app: web.Application) -> AsyncIterator[None]:
+    await app[STORE].open()
+    await app[SCHEDULER].start()
+    try:
+        yield
+    finally:
+        await app[SCHEDULER].close()
+        await app[STORE].close()
+
+
+async def _stop_streams(app: web.Application) -> None:
+    app[CLOSING].set()
+
+
+async def serve(settings: ServiceSettings, farm: FarmSettings, scheduling: SchedulerSettings) -> None:
+    """Run the service until SIGTERM or SIGINT; running jobs are then cancelled and stay queued."""
+    app = create_app(settings, farm, scheduling)
+    runner = web.AppRunner(app, shutdown_timeout=5.0)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port)
+    await site.start()
+    server = site._server
+    sockets = getattr(server, "sockets", None) or []
+    port = sockets[0].getsockname()[1] if sockets else settings.port
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    url = f"http://{host}:{port}"
+    log.info("esrfarm service on %s (shared root %s)", url, settings.shared_root)
+    if settings.port_file is not None:
+        settings.port_file.write_bytes(orjson.dumps({"url": url, "pid": os.getpid()}))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("stopping: running jobs are cancelled and stay queued")
+        with contextlib.suppress(Exception):
+            await runner.cleanup()

@@ -1,0 +1,54 @@
+"""Before/after previews: frame N of a job's input and of its output side by side, as one PNG.
+
+Frames are decoded by the coordinator's media edge (:func:`coordinator.extract.decode_frames`, the
+exact pixels the workers were given); the input sits at its own size on the left, top-aligned,
+the output on the right.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from coordinator.errors import CoordinatorError
+from coordinator.extract import decode_frames
+
+
+class PreviewError(Exception):
+    """No preview can be made (a file gone, a frame beyond the end); the message says which."""
+
+
+def decoded_frame(path: Path, frame: int) -> np.ndarray:
+    """Frame ``frame`` (1 = the first) of ``path``, RGB."""
+    try:
+        frames = decode_frames(path)
+        try:
+            found = next(itertools.islice(frames, frame - 1, None), None)
+        finally:
+            frames.close()  # type: ignore[attr-defined]
+    except CoordinatorError as exc:
+        raise PreviewError(str(exc)) from None
+    if found is None:
+        raise PreviewError(f"{path} has fewer than {frame} frames")
+    return found
+
+
+def side_by_side(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+    """``before`` and ``after`` in one image of width both widths, height the taller one's."""
+    height = max(before.shape[0], after.shape[0])
+    canvas = np.zeros((height, before.shape[1] + after.shape[1], 3), dtype=np.uint8)
+    canvas[: before.shape[0], : before.shape[1]] = before
+    canvas[: after.shape[0], before.shape[1] :] = after
+    return canvas
+
+
+def render_preview(source: Path, output: Path, frame: int) -> bytes:
+    """The PNG of frame ``frame`` of ``source`` beside the same frame of ``output``."""
+    image = side_by_side(decoded_frame(source, frame), decoded_frame(output, frame))
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=3)
+    return buffer.getvalue()

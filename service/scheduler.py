@@ -1,0 +1,369 @@
+"""The scheduler: queued jobs from the store, run by the coordinator's job engine on one shared fleet.
+
+- Up to ``max_running`` jobs run at once on one :class:`coordinator.fleet.WorkerFleet` (the fleet
+  gives each worker at most one manifest, so jobs never collide on a worker); which ones start is
+  :func:`service.policy.plan_starts`.
+- **Local workers** run one model: the fleet is started with the model of the job first in line,
+  and restarted with another once the jobs of its model are done (grouped, so it switches rarely).
+  A fleet that lost a worker, or could not start, is started afresh before the next job.
+- **Remote workers** keep their models: a job goes only to workers running its model
+  (:meth:`Scheduler.check_model` refuses, at submit, a model no worker runs). A worker the fleet
+  lost is looked at again once no job runs (it may have been restarted).
+- **Restart**: jobs a killed service left ``running`` are queued again and resume (the same spec
+  finds the same job directory).
+- **Cancel**: :meth:`coordinator.job.Job.cancel` (no new batches, workers reset, ffmpeg killed, the
+  output never written); the job is ``cancelled`` and ``retry`` resumes it.
+- A job that fails because its workers did (lost, could not start) is queued again, up to
+  ``max_attempts`` runs; any other failure is final, with the coordinator's one-line reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coordinator.errors import CoordinatorError, FleetError, JobCancelledError
+from coordinator.events import Finished, JobEvent, Progress, Stage, Started
+from coordinator.fleet import LocalWorkerConfig, WorkerFleet, WorkerHandle
+from coordinator.job import Job
+from coordinator.spec import FarmSettings, JobSpec
+from manifests.layout import JobLayout
+from manifests.status import Status
+from service.metrics import ServiceMetrics
+from service.policy import Queued, plan_starts
+from service.store import JobRow, JobState, Store, now
+
+log = logging.getLogger(__name__)
+
+#: Stages whose counts are frames (joining counts segments; probing and loading count nothing).
+FRAME_STAGES = {Stage.EXTRACTING.value, Stage.UPSCALING.value, Stage.ENCODING.value}
+
+
+class ModelUnavailableError(Exception):
+    """No worker runs the model a job asks for (remote workers)."""
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    max_running: int = 2
+    max_attempts: int = 2  # runs of a job whose workers failed it
+    progress_interval_s: float = 0.5  # most one progress update per job this often (SSE, store)
+    idle_poll_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_running < 1:
+            raise ValueError(f"max_running must be at least 1, not {self.max_running}")
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, not {self.max_attempts}")
+
+
+def _same_job(row: JobRow) -> tuple[object, ...]:
+    """What makes two queued jobs the same coordinator job (one job directory, one lock)."""
+    return (row.input, row.model, row.scale)
+
+
+@dataclass(eq=False)
+class _Running:
+    job: Job
+    fleet: WorkerFleet
+    key: tuple[object, ...]
+    task: asyncio.Task[None] | None = None
+    cancel_requested: bool = False  # by a user: cancelled; otherwise (shutdown) queued again
+    last_write: float = 0.0
+    last_stage: str | None = None
+
+
+@dataclass
+class Scheduler:
+    store: Store
+    farm: FarmSettings
+    settings: SchedulerSettings = field(default_factory=SchedulerSettings)
+    metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
+
+    def __post_init__(self) -> None:
+        self.local = not self.farm.workers
+        self.fleet: WorkerFleet | None = None
+        self.fleet_model: str | None = None
+        self._fleet_start: asyncio.Future[None] | None = None
+        self._running: dict[str, _Running] = {}
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # -- life -------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        requeued = await self.store.requeue_running()
+        if requeued:
+            log.info("queued again the job(s) a stopped service left running: %s", ", ".join(requeued))
+        if not self.local:
+            self._use_fleet(WorkerFleet(self.farm), None)
+        self._loop_task = asyncio.create_task(self._loop(), name="esrfarm-scheduler")
+
+    async def close(self) -> None:
+        """Stop: running jobs are cancelled and queued again (the next start resumes them)."""
+        self._closing = True
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        runs = list(self._running.values())
+        await asyncio.gather(*(run.job.cancel() for run in runs), return_exceptions=True)
+        await asyncio.gather(*(run.task for run in runs if run.task is not None), return_exceptions=True)
+        await self._close_fleet()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _loop(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                await self._schedule()
+            except Exception:  # the queue must go on
+                log.exception("scheduling failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.settings.idle_poll_s)
+
+    async def _schedule(self) -> None:
+        slots = self.settings.max_running - len(self._running)
+        if slots <= 0:
+            return
+        queued = await self.store.jobs(JobState.QUEUED)
+        if not queued:
+            return
+        if not self._running and self.fleet is not None and self._fleet_broken():
+            if self.local:
+                log.warning("the local workers of model %s failed; starting them afresh", self.fleet_model)
+                await self._close_fleet()
+            else:  # a lost remote worker may be back (restarted by systemd, say)
+                await self.fleet.revive_lost()
+        plan = plan_starts(
+            [Queued(j.id, j.model, j.priority, _same_job(j)) for j in queued],
+            slots=slots,
+            running=len(self._running),
+            fleet_model=self.fleet_model if self.fleet is not None else None,
+            one_model=self.local,
+            running_keys={run.key for run in self._running.values()},
+        )
+        if plan.switch_to is not None:
+            await self._close_fleet()
+            log.info("starting local workers with model %s", plan.switch_to)
+            run_dir = self.farm.root / "workers" / f"service-{os.getpid()}"
+            self._use_fleet(
+                WorkerFleet(self.farm, local=LocalWorkerConfig(plan.switch_to), run_dir=run_dir),
+                plan.switch_to,
+            )
+        by_id = {j.id: j for j in queued}
+        for job_id in plan.start:
+            await self._start_job(by_id[job_id])
+
+    # -- the fleet --------------------------------------------------------------------------------
+
+    def _use_fleet(self, fleet: WorkerFleet, model: str | None) -> None:
+        self.fleet, self.fleet_model = fleet, model
+        self._fleet_start = asyncio.ensure_future(fleet.start())  # models load while jobs probe
+        self._fleet_start.add_done_callback(_retrieve)
+
+    def _fleet_broken(self) -> bool:
+        assert self.fleet is not None
+        start = self._fleet_start
+        if start is not None and start.done() and (start.cancelled() or start.exception() is not None):
+            return True
+        return any(not h.alive for h in self.fleet.handles.values())
+
+    async def _close_fleet(self) -> None:
+        fleet, self.fleet, self.fleet_model = self.fleet, None, None
+        if self._fleet_start is not None:
+            self._fleet_start.cancel()
+            await asyncio.gather(self._fleet_start, return_exceptions=True)
+            self._fleet_start = None
+        if fleet is not None:
+            await fleet.close()
+
+    async def check_model(self, model: str) -> None:
+        """Remote workers: raise :class:`ModelUnavailableError` unless some worker runs ``model``.
+        (Local workers are started with whatever model a job needs.)"""
+        if self.local:
+            return
+        fleet = self.fleet
+        assert fleet is not None
+        if self._fleet_start is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._fleet_start)
+        unknown = [h for h in fleet.handles.values() if h.alive and not h.health]
+        answers = await asyncio.gather(*(h.client.health() for h in unknown), return_exceptions=True)
+        for handle, answer in zip(unknown, answers, strict=True):
+            if isinstance(answer, dict) and handle.changes == 0:
+                handle.health = answer
+        if any(h.ready and h.serves(model) for h in fleet.handles.values()):
+            return
+        served = sorted({h.model for h in fleet.handles.values() if h.ready and h.model})
+        runs = f"the workers run {', '.join(served)}" if served else "no worker answers"
+        raise ModelUnavailableError(f"no worker runs model {model!r} ({runs})")
+
+    async def workers(self) -> list[dict[str, Any]]:
+        """Each worker of the fleet: state, model, GPU memory and the batch it is on."""
+        fleet = self.fleet
+        if fleet is None:
+            return []
+        handles = list(fleet.handles.values())
+        batches = await asyncio.to_thread(lambda: [_current_batch(fleet.farm.root, h) for h in handles])
+        result = []
+        for handle, batch in zip(handles, batches, strict=True):
+            health = handle.health
+            memory = health.get("gpu_memory") if isinstance(health.get("gpu_memory"), dict) else None
+            state = str(health.get("state") or "starting") if handle.alive else "lost"
+            result.append(
+                {
+                    "url": handle.url, "state": state, "model": handle.model,
+                    "gpu_memory_used": memory.get("used") if memory else None,
+                    "gpu_memory_total": memory.get("total") if memory else None,
+                    "batch": batch,
+                }
+            )  # fmt: skip
+        return result
+
+    # -- jobs -------------------------------------------------------------------------------------
+
+    async def _start_job(self, row: JobRow) -> None:
+        assert self.fleet is not None
+        try:
+            spec = JobSpec.from_dict(row.spec_dict)
+        except CoordinatorError as exc:  # a stored spec this version cannot read
+            await self._end(row.id, JobState.FAILED, error=str(exc))
+            return
+        started = await self.store.update(
+            row.id,
+            only_if=[JobState.QUEUED],
+            state=JobState.RUNNING,
+            started_at=row.started_at or now(),
+            attempts=row.attempts + 1,
+            stage=None,
+            fps=None,
+            eta_s=None,
+        )
+        if started is None:  # cancelled or deleted meanwhile
+            return
+        job = Job(spec, self.fleet, progress_interval_s=self.settings.progress_interval_s)
+        run = _Running(job, self.fleet, _same_job(row))
+        self._running[row.id] = run
+        run.task = asyncio.create_task(self._drive(started, run), name=f"esrfarm-job-{row.id}")
+        log.info("started job %s (%s, model %s)", row.id, row.input, row.model)
+
+    async def _drive(self, row: JobRow, run: _Running) -> None:
+        try:
+            try:
+                async for event in run.job.events():
+                    await self._take_event(row.id, run, event)
+                await run.job.wait()
+            except JobCancelledError:
+                if run.cancel_requested:
+                    await self._end(row.id, JobState.CANCELLED)
+                else:  # the service is stopping: the job waits for the next start, and resumes
+                    await self.store.update(row.id, state=JobState.QUEUED, fps=None, eta_s=None)
+            except CoordinatorError as exc:
+                workers_failed = isinstance(exc, FleetError) or isinstance(exc.__cause__, FleetError)
+                if workers_failed and row.attempts < self.settings.max_attempts and not self._closing:
+                    log.warning("job %s: %s; queued again", row.id, exc)
+                    await self.store.update(row.id, state=JobState.QUEUED, error=str(exc))
+                else:
+                    await self._end(row.id, JobState.FAILED, error=str(exc))
+            except Exception as exc:
+                log.exception("job %s failed unexpectedly", row.id)
+                await self._end(row.id, JobState.FAILED, error=f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            self._running.pop(row.id, None)
+            self.wake()
+
+    async def _take_event(self, job_id: str, run: _Running, event: JobEvent) -> None:
+        if isinstance(event, Started):
+            await self.store.update(job_id, frames_total=event.frames, job_dir=str(event.job_dir), error=None)
+        elif isinstance(event, Progress):
+            moment = time.monotonic()
+            last_of_stage = event.total > 0 and event.done >= event.total
+            if (
+                event.stage == run.last_stage
+                and not last_of_stage
+                and moment - run.last_write < self.settings.progress_interval_s
+            ):
+                return
+            run.last_write, run.last_stage = moment, event.stage
+            values: dict[str, Any] = {"stage": event.stage, "fps": event.fps or None, "eta_s": event.eta_s}
+            if event.stage in FRAME_STAGES:
+                values.update(frames_done=event.done, frames_total=event.total)
+            await self.store.update(job_id, **values)
+        elif isinstance(event, Finished):
+            row = await self._end(job_id, JobState.DONE, frames_done=event.result.frames)
+            if row is not None:
+                self.metrics.frames.inc(event.result.frames)
+                if row.duration_s is not None:
+                    self.metrics.job_duration.observe(row.duration_s)
+
+    async def _end(self, job_id: str, state: JobState, **values: Any) -> JobRow | None:
+        row = await self.store.update(
+            job_id, state=state, finished_at=now(), fps=None, eta_s=None, stage=None, **values
+        )
+        self.metrics.jobs_ended.labels(state.value).inc()
+        return row
+
+    async def cancel(self, job_id: str) -> JobRow | None:
+        """Cancel a queued or running job; returns its row (None if it is neither)."""
+        run = self._running.get(job_id)
+        if run is None:
+            row = await self.store.update(
+                job_id, only_if=[JobState.QUEUED], state=JobState.CANCELLED, finished_at=now()
+            )
+            if row is not None:
+                self.metrics.jobs_ended.labels(JobState.CANCELLED.value).inc()
+                return row
+            run = self._running.get(job_id)  # it may have started meanwhile
+            if run is None:
+                return None
+        run.cancel_requested = True
+        await run.job.cancel()
+        if run.task is not None:
+            await asyncio.gather(run.task, return_exceptions=True)
+        return await self.store.get(job_id)
+
+    async def retry(self, job_id: str) -> JobRow | None:
+        """Queue a failed or cancelled job again (it resumes from its job directory)."""
+        row = await self.store.update(
+            job_id,
+            only_if=[JobState.FAILED, JobState.CANCELLED],
+            state=JobState.QUEUED,
+            error=None,
+            stage=None,
+            attempts=0,
+            started_at=None,
+            finished_at=None,
+        )
+        if row is not None:
+            self.wake()
+        return row
+
+    def is_running(self, job_id: str) -> bool:
+        return job_id in self._running
+
+
+def _current_batch(root: Path, handle: WorkerHandle) -> int | None:
+    """The batch the worker's status file says it is on, if it holds a manifest now."""
+    job_id, manifest_id = handle.health.get("job_id"), handle.health.get("manifest_id")
+    if not isinstance(job_id, str) or not isinstance(manifest_id, str) or not handle.alive:
+        return None
+    try:
+        path = JobLayout(root, job_id).status_path(manifest_id)
+        return Status.from_json(path.read_bytes(), source=path).current_batch
+    except Exception:  # a status being replaced, a job gone: no batch to show
+        return None
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    """A fleet that cannot start fails its jobs (each says why); the future's error is read here."""
+    if not future.cancelled():
+        future.exception()
