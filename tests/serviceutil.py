@@ -100,14 +100,19 @@ def start_service(
 
 
 def sse_events(
-    url: str, headers: dict[str, str], stop: Callable[[list[dict[str, Any]]], bool]
+    url: str, headers: dict[str, str], stop: Callable[[list[dict[str, Any]]], bool], timeout: float = 90.0
 ) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Read ``event: job`` events from an SSE stream until ``stop(jobs so far)``: (id, job JSON)."""
+    """Read ``event: job`` events from an SSE stream until ``stop(jobs so far)``: (id, job JSON).
+    Fails if ``stop`` is not reached within ``timeout`` seconds (the service sends a comment line
+    every 15 s, so a quiet stream is noticed)."""
     req = urllib.request.Request(url, headers=headers)
     seen: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
     with urllib.request.urlopen(req, timeout=60) as stream:
         event_id, kind, data = None, None, None
         for raw in stream:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the stream did not reach its end within {timeout}s; got {seen}")
             line = raw.decode().rstrip("\n")
             if line.startswith("id: "):
                 event_id = int(line[4:])
