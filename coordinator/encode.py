@@ -21,6 +21,14 @@ one extraction used) and the output is tagged with them plus the source's primar
 RGB pixel formats (``gbrp``, ``bgr0``, ``rgb24``) skip the conversion: with ``ffv1`` + ``gbrp``
 (:meth:`EncodeSettings.lossless`) decoded output frames equal the frames given, bit for bit.
 
+Depth: a source of more than 8 bits per sample has uint16 frames, fed as ``rgb48le``; the output
+keeps the source's depth unless ``--pix-fmt`` says otherwise (:func:`settings_for_depth`: libx265
+``yuv420p10le`` / ``yuv420p12le``, libx264 and libsvtav1 ``yuv420p10le``, NVENC ``p010le``, ffv1
+``gbrp16le``), and an encoder that cannot hold the depth is refused before any frame is upscaled.
+HDR10 static metadata (mastering display, content light level) goes into the bitstream (x265's
+``master-display`` / ``max-cll``, SVT-AV1's ``mastering-display`` / ``content-light``); no tone
+mapping is done anywhere.
+
 Carried over from the source: audio (copied), subtitles (copied or converted), attachments,
 chapters, metadata, rotation and SAR.
 
@@ -38,7 +46,7 @@ import subprocess
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from types import MappingProxyType
@@ -48,11 +56,18 @@ import av
 import numpy as np
 
 from coordinator.errors import EncodeSettingsError, FFmpegError, FramesError, MediaError
-from coordinator.ffmpeg import FFmpegProcess, available_encoders
-from coordinator.probe import CONTAINER_FORMATS, MediaInfo, SubtitleInfo, check_output_path
+from coordinator.ffmpeg import FFmpegProcess, available_encoders, encoder_pix_fmts
+from coordinator.probe import (
+    CONTAINER_FORMATS,
+    HdrInfo,
+    MediaInfo,
+    SubtitleInfo,
+    check_output_path,
+    pix_fmt_bit_depth,
+)
 from manifests.atomic import atomic_path
 from manifests.frames import read_frame
-from manifests.layout import FrameFormat, frame_filename
+from manifests.layout import HIGH_BIT_DEPTH, FrameFormat, frame_filename
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +124,21 @@ CODECS: Mapping[str, CodecSpec] = MappingProxyType(
                 "av1_nvenc", "av1", "-cq", 30, 51, NVENC_PRESETS, "p5", "yuv420p", _MP4ISH | {"webm"}, True
             ),
         )
+    }
+)
+
+#: The output pixel format for a source of more than 8 bits, per codec: (most bits held, pix_fmt),
+#: the first that holds the source's depth is the default. A codec without one that does is refused.
+HIGH_DEPTH_PIX_FMTS: Mapping[str, tuple[tuple[int, str], ...]] = MappingProxyType(
+    {
+        "libx264": ((10, "yuv420p10le"),),
+        "libx264rgb": (),
+        "libx265": ((10, "yuv420p10le"), (12, "yuv420p12le")),
+        "libsvtav1": ((10, "yuv420p10le"),),
+        "ffv1": ((16, "gbrp16le"),),
+        "h264_nvenc": ((10, "p010le"),),
+        "hevc_nvenc": ((10, "p010le"),),
+        "av1_nvenc": ((10, "p010le"),),
     }
 )
 
@@ -205,8 +235,9 @@ class EncodeSettings:
     def is_lossless(self) -> bool:
         return self.codec == "ffv1" or (self.codec in {"libx264", "libx264rgb"} and self.effective_crf == 0)
 
-    def codec_args(self) -> list[str]:
-        """The ffmpeg output options for the video encoder (codec, quality, preset, pix_fmt, extra)."""
+    def codec_args(self, hdr: HdrInfo | None = None) -> list[str]:
+        """The ffmpeg output options for the video encoder (codec, quality, preset, pix_fmt, HDR10
+        static metadata from ``hdr`` where the encoder takes it, extra)."""
         spec = self.spec
         args = ["-c:v", self.codec]
         if spec.family == "ffv1":
@@ -217,9 +248,30 @@ class EncodeSettings:
         else:
             args += [str(spec.quality_option), str(self.effective_crf), "-preset", str(self.effective_preset)]
             if self.codec == "libx265":
-                args += ["-x265-params", "log-level=error"]
+                args += ["-x265-params", ":".join(["log-level=error", *_x265_hdr_params(hdr)])]
+            elif self.codec == "libsvtav1" and (params := _svtav1_hdr_params(hdr)):
+                args += ["-svtav1-params", ":".join(params)]
         args += ["-pix_fmt", self.effective_pix_fmt, *self.extra_args]
         return args
+
+    @property
+    def carries_hdr10(self) -> bool:
+        """Whether this encoder writes HDR10 static metadata into the video (x265, SVT-AV1)."""
+        return self.codec in {"libx265", "libsvtav1"}
+
+    def check_depth(self, bit_depth: int) -> None:
+        """Raise :class:`EncodeSettingsError` if this ffmpeg's encoder cannot take the pixel format
+        chosen for a source of ``bit_depth`` bits (say, a libx264 built without high bit depth)."""
+        if bit_depth <= 8:
+            return
+        pix_fmt = self.effective_pix_fmt
+        supported = encoder_pix_fmts(self.codec)
+        if supported and pix_fmt not in supported:
+            raise EncodeSettingsError(
+                f"this ffmpeg's {self.codec} cannot write {pix_fmt} "
+                f"(it takes {' '.join(sorted(supported))}); "
+                f"for the {bit_depth}-bit source use {_codecs_holding(bit_depth, self.codec)}"
+            )
 
     def check_container(self, container: str) -> None:
         """Raise :class:`EncodeSettingsError` if this codec can't go into ``container``."""
@@ -244,6 +296,61 @@ class EncodeSettings:
                 f"{pix_fmt} needs even dimensions but the frames are {width}x{height}; "
                 "use pix_fmt yuv444p (or a scale that gives even sizes)"
             )
+
+
+def _codecs_holding(bit_depth: int, but: str) -> str:
+    """The CPU codecs other than ``but`` that keep ``bit_depth`` bits, as a phrase for a refusal."""
+    names = []
+    for codec, choices in HIGH_DEPTH_PIX_FMTS.items():
+        fit = next((pix_fmt for bits, pix_fmt in choices if bits >= bit_depth), None)
+        if fit is not None and codec != but and not CODECS[codec].needs_gpu:
+            names.append(f"--codec {codec} ({fit})")
+    return " or ".join(names)
+
+
+def settings_for_depth(settings: EncodeSettings, bit_depth: int) -> EncodeSettings:
+    """The settings a source of ``bit_depth`` bits per sample is encoded with: unchanged for 8 bits
+    or a ``pix_fmt`` given; else the codec's first pixel format that holds the depth
+    (:data:`HIGH_DEPTH_PIX_FMTS`). Raises :class:`EncodeSettingsError` for a codec without one,
+    naming the codecs that keep the depth."""
+    if bit_depth <= 8:
+        return settings
+    if settings.pix_fmt is not None:
+        kept = pix_fmt_bit_depth(settings.pix_fmt)
+        if kept < bit_depth:
+            log.warning(
+                "the source has %d bits per sample; --pix-fmt %s keeps %d", bit_depth, settings.pix_fmt, kept
+            )
+        return settings
+    for bits, pix_fmt in HIGH_DEPTH_PIX_FMTS.get(settings.codec, ()):
+        if bits >= bit_depth:
+            return replace(settings, pix_fmt=pix_fmt)
+    held = max((bits for bits, _ in HIGH_DEPTH_PIX_FMTS.get(settings.codec, ())), default=8)
+    raise EncodeSettingsError(
+        f"{settings.codec} writes at most {held} bits per sample, and the source has {bit_depth}; "
+        f"use {_codecs_holding(bit_depth, settings.codec)} to keep them, "
+        "or give an 8-bit --pix-fmt to drop them"
+    )
+
+
+def _x265_hdr_params(hdr: HdrInfo | None) -> list[str]:
+    if hdr is None or (hdr.mastering is None and hdr.content_light is None):
+        return []
+    params = ["hdr10=1"]
+    if hdr.mastering is not None:
+        params.append(f"master-display={hdr.mastering.x265_value()}")
+    if hdr.content_light is not None:
+        params.append(f"max-cll={hdr.content_light[0]},{hdr.content_light[1]}")
+    return params
+
+
+def _svtav1_hdr_params(hdr: HdrInfo | None) -> list[str]:
+    params = []
+    if hdr is not None and hdr.mastering is not None:
+        params.append(f"mastering-display={hdr.mastering.svtav1_value()}")
+    if hdr is not None and hdr.content_light is not None:
+        params.append(f"content-light={hdr.content_light[0]},{hdr.content_light[1]}")
+    return params
 
 
 @dataclass(frozen=True)
@@ -374,7 +481,7 @@ def _carry_over_args(info: MediaInfo, container: str) -> list[str]:
 def _video_encode_args(info: MediaInfo, settings: EncodeSettings, timing: _Timing) -> list[str]:
     """Filters, encoder options and colour tags of the video encode; timestamps passed through."""
     vf, tag_args = _color_args(info, settings)
-    args = ["-vf", vf, *settings.codec_args(), *tag_args]
+    args = ["-vf", vf, *settings.codec_args(info.video.hdr), *tag_args]
     return [*args, "-fps_mode", "passthrough", "-enc_time_base:v", _ratio(timing.time_base)]
 
 
@@ -419,6 +526,7 @@ def check_encode(
     """
     container = output_container(info, output, settings, overwrite=overwrite)
     settings.check_available()
+    settings.check_depth(info.video.bit_depth)
     if size is not None:
         settings.check_frame_size(*size)
     return container
@@ -442,6 +550,7 @@ class FrameFeed:
     timing: _Timing
     first_frame: int = 1
     threads: int | None = None
+    bit_depth: int = 8
 
 
 def run_frame_encoder(args: Sequence[str], action: str, feed: FrameFeed) -> None:
@@ -480,9 +589,11 @@ def frame_paths(directory: Path, first: int, count: int, frame_format: FrameForm
     return paths
 
 
-def _read(path: Path, index: int, frame_format: FrameFormat, directory: Path) -> np.ndarray:
+def _read(
+    path: Path, index: int, frame_format: FrameFormat, directory: Path, bit_depth: int = 8
+) -> np.ndarray:
     try:
-        return read_frame(path, frame_format)
+        return read_frame(path, frame_format, bit_depth=bit_depth)
     except FileNotFoundError as exc:
         raise FramesError(directory, f"{path.name} is missing", frame=index) from exc
     except (OSError, ValueError, SyntaxError) as exc:  # PIL raises SyntaxError on some broken PNGs
@@ -490,7 +601,12 @@ def _read(path: Path, index: int, frame_format: FrameFormat, directory: Path) ->
 
 
 def _read_ahead(
-    paths: Sequence[Path], frame_format: FrameFormat, directory: Path, threads: int, first_frame: int
+    paths: Sequence[Path],
+    frame_format: FrameFormat,
+    directory: Path,
+    threads: int,
+    first_frame: int,
+    bit_depth: int,
 ) -> Iterator[np.ndarray]:
     """The frames in order, read by ``threads`` threads up to ``2 * threads`` frames ahead."""
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="encode-read") as pool:
@@ -501,7 +617,12 @@ def _read_ahead(
                 while next_index < len(paths) and len(pending) < 2 * threads:
                     pending.append(
                         pool.submit(
-                            _read, paths[next_index], first_frame + next_index, frame_format, directory
+                            _read,
+                            paths[next_index],
+                            first_frame + next_index,
+                            frame_format,
+                            directory,
+                            bit_depth,
                         )
                     )
                     next_index += 1
@@ -512,19 +633,23 @@ def _read_ahead(
 
 
 def _feed(ffmpeg: FFmpegProcess, feed: FrameFeed) -> None:
-    """Mux every frame, with its pts, as rawvideo rgb24 into NUT on ffmpeg's stdin."""
+    """Mux every frame, with its pts, as rawvideo rgb24 (rgb48le for 16-bit frames) into NUT on
+    ffmpeg's stdin."""
     width, height = feed.size
     timing = feed.timing
+    pix_fmt = "rgb48le" if feed.bit_depth == HIGH_BIT_DEPTH else "rgb24"
     muxer: Any = av.open(ffmpeg.stdin, mode="w", format="nut")
     try:
         stream = muxer.add_stream("rawvideo", rate=timing.rate)
         stream.width = width
         stream.height = height
-        stream.pix_fmt = "rgb24"
+        stream.pix_fmt = pix_fmt
         stream.time_base = timing.time_base
         stream.codec_context.time_base = timing.time_base
         workers = feed.threads or min(4, os.cpu_count() or 1)
-        frames = _read_ahead(feed.paths, feed.frame_format, feed.directory, workers, feed.first_frame)
+        frames = _read_ahead(
+            feed.paths, feed.frame_format, feed.directory, workers, feed.first_frame, feed.bit_depth
+        )
         for index, array in enumerate(frames, start=1):
             if array.shape != (height, width, 3):
                 raise FramesError(
@@ -533,7 +658,7 @@ def _feed(ffmpeg: FFmpegProcess, feed: FrameFeed) -> None:
                     f"but frame {feed.first_frame} is {width}x{height}",
                     frame=feed.first_frame + index - 1,
                 )
-            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            frame = av.VideoFrame.from_ndarray(array, format=pix_fmt)
             frame.pts = timing.pts[index - 1]
             frame.time_base = timing.time_base
             for packet in stream.encode(frame):
@@ -567,7 +692,9 @@ def check_packet_count(tmp: Path, target: Path, expected: int) -> None:
 
 __all__ = [
     "CODECS",
+    "HIGH_DEPTH_PIX_FMTS",
     "CodecSpec",
     "EncodeSettings",
+    "settings_for_depth",
     "subtitle_codec_for",
 ]

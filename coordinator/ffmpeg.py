@@ -284,6 +284,24 @@ def _version(ffmpeg: str) -> str:
     return match.group(1) if match else first
 
 
+@functools.cache
+def _encoder_pix_fmts(ffmpeg: str, encoder: str) -> frozenset[str]:
+    out = subprocess.run(
+        [ffmpeg, "-hide_banner", "-h", f"encoder={encoder}"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        check=False,
+    ).stdout.decode("utf-8", errors="replace")
+    match = re.search(r"Supported pixel formats:([^\n]*)", out)
+    return frozenset(match.group(1).split()) if match else frozenset()
+
+
+def encoder_pix_fmts(encoder: str, ffmpeg: str | None = None) -> frozenset[str]:
+    """The pixel formats ``encoder`` of this ffmpeg binary takes (``yuv420p yuv420p10le ...``, as
+    ``ffmpeg -h encoder=NAME`` lists them); empty when it lists none. Cached per binary."""
+    return _encoder_pix_fmts(ffmpeg or find_ffmpeg(), encoder)
+
+
 def ffmpeg_version(ffmpeg: str | None = None) -> str:
     """The version string of the ffmpeg binary (``n9.0.2-17-g...``, ``7.1.1``)."""
     return _version(ffmpeg or find_ffmpeg())

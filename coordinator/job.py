@@ -46,7 +46,7 @@ import socket
 import time
 import unicodedata
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -85,7 +85,7 @@ from manifests.errors import DocumentError, FormatVersionError, PlanningError
 from manifests.frames import frame_file_is_sound
 from manifests.jobrecord import JobRecord, SegmentsRecord
 from manifests.jsonio import write_json_atomic
-from manifests.layout import JobLayout, frame_filename
+from manifests.layout import FrameFormat, JobLayout, frame_filename, frame_formats_for_depth
 from manifests.ledger import JobLedger
 from manifests.manifest import Batch, Manifest
 from manifests.planner import plan_batches
@@ -320,6 +320,12 @@ class Job:
         spec = self.spec
         self._report(Stage.PROBING, 0, 0)
         media = await self._in_thread(self._probe)
+        if spec.frame_format not in frame_formats_for_depth(media.bit_depth):
+            log.info(
+                "the source has more than 8 bits per sample: its frames are stored as 16-bit npy "
+                "(Pillow cannot write 16-bit RGB PNG)"
+            )
+            spec = self.spec = replace(spec, frame_format=FrameFormat.NPY)
         started = time.monotonic()
         identity = await self._in_thread(job_identity, spec, media)
         log.info("hashed the input in %.1f s", time.monotonic() - started)
@@ -364,7 +370,9 @@ class Job:
             )
         else:
             check_output_path(spec.input, spec.output, spec.overwrite)
-            media = VideoMedia(probe(spec.input), spec.output, spec.encode, spec.overwrite)
+            media = VideoMedia(
+                probe(spec.input), spec.output, spec.encode, spec.overwrite, precision=spec.precision
+            )
             media.check_output(spec.scale)
         self.farm.root.mkdir(parents=True, exist_ok=True)
         media.remove_leftovers()
@@ -502,7 +510,9 @@ class Job:
             damaged = [
                 path
                 for frame, path in zip(batch.frames, paths, strict=True)
-                if not frame_file_is_sound(path, spec.frame_format, *media.output_size(frame, scale))
+                if not frame_file_is_sound(
+                    path, spec.frame_format, *media.output_size(frame, scale), bit_depth=media.bit_depth
+                )
             ]
             for path in damaged:
                 log.warning("output frame %s of an earlier run is damaged; its batch is upscaled again", path)
@@ -844,7 +854,7 @@ class Job:
         )
 
     def _manifest(self, manifest_id: str, handle: WorkerHandle, batches: tuple[Batch, ...]) -> Manifest:
-        assert self.layout is not None
+        assert self.layout is not None and self.media is not None
         return Manifest(
             job_id=self.layout.job_id,
             manifest_id=manifest_id,
@@ -855,6 +865,7 @@ class Job:
             tile=self.spec.tile,
             frame_format=self.spec.frame_format,
             png_compression=self.spec.png_compression,
+            bit_depth=self.media.bit_depth,
         )
 
     # -- progress and the end ---------------------------------------------------------------------

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from coordinator.encode import PART_SUFFIX, EncodeSettings, check_encode
+from coordinator.encode import PART_SUFFIX, EncodeSettings, check_encode, settings_for_depth
 from coordinator.errors import OutputPathError
 from coordinator.extract import FrameDone, FrameGate, extract_frames
 from coordinator.images import ImageSet, read_rgb, write_image
@@ -48,6 +48,10 @@ class JobMedia(Protocol):
     @property
     def name(self) -> Path:
         """The input, as the job id's readable part names it."""
+
+    @property
+    def bit_depth(self) -> int:
+        """Bits per sample of its frames on shared storage: 8, or 16 (uint16 ``.npy``)."""
 
     def content_identity(self) -> dict[str, object]:
         """What of the input decides the upscaled frames (hashes its content: call it in a thread)."""
@@ -101,10 +105,47 @@ def segment_path(layout: JobLayout, chunk: Chunk) -> Path:
 
 @dataclass
 class VideoMedia:
+    """A video. A source of more than 8 bits per sample has 16-bit frames and is encoded at its own
+    depth unless the settings name a pixel format (:func:`~coordinator.encode.settings_for_depth`,
+    which refuses a codec that cannot hold it)."""
+
     info: MediaInfo
     output: Path
     encode: EncodeSettings
     overwrite: bool
+    precision: str | None = None  # the job's --precision, None: the workers' default
+
+    def __post_init__(self) -> None:
+        video = self.info.video
+        self.encode = settings_for_depth(self.encode, video.bit_depth)
+        if video.high_depth and self.precision == "bf16":
+            log.warning(
+                "bf16 keeps 8 significant bits: the %d-bit samples are rounded to about 8 bits inside "
+                "the model; --precision fp16 keeps 10 bits exactly, fp32 every bit",
+                video.bit_depth,
+            )
+        elif video.bit_depth > 10 and self.precision in {None, "fp16"}:
+            log.warning(
+                "fp16 (the default on a GPU) keeps 11 significant bits: %d-bit codes in the upper half "
+                "of the range may move by one step inside the model; --precision fp32 keeps every code",
+                video.bit_depth,
+            )
+        hdr = video.hdr
+        if hdr.dynamic:
+            log.warning(
+                "%s carries %s dynamic HDR metadata; it is dropped: it describes the source's frames "
+                "scene by scene and would be wrong for the upscaled ones (the HDR10 base layer, its "
+                "colour tags and static metadata are kept)",
+                self.info.path,
+                " and ".join(hdr.dynamic),
+            )
+        if (hdr.mastering or hdr.content_light) and not self.encode.carries_hdr10:
+            log.warning(
+                "%s has HDR10 mastering display / content light metadata, which %s cannot write; the "
+                "output carries only the colour tags (use --codec libx265 or libsvtav1 to keep it)",
+                self.info.path,
+                self.encode.codec,
+            )
 
     @property
     def frame_count(self) -> int:
@@ -114,8 +155,16 @@ class VideoMedia:
     def name(self) -> Path:
         return self.info.path
 
+    @property
+    def bit_depth(self) -> int:
+        return self.info.video.frame_bit_depth
+
     def content_identity(self) -> dict[str, object]:
-        return {"input_sha256": file_sha256(self.info.path)}
+        # The depth only when 16: an 8-bit job's identity (and so its job id) is what it always was,
+        # and a job directory of 8-bit frames made before 16-bit frames existed is never resumed
+        # as this one.
+        depth = {"frame_bit_depth": 16} if self.bit_depth == 16 else {}
+        return {"input_sha256": file_sha256(self.info.path), **depth}
 
     def batch_size(self, asked: int) -> int:
         return asked
@@ -123,7 +172,11 @@ class VideoMedia:
     def frame_bytes(self, scale: float, frame_format: FrameFormat) -> tuple[int, int]:
         width, height = self.info.video.width, self.info.video.height
         out_w, out_h = self.output_size(1, scale)
-        return frame_file_bytes(width, height, frame_format), frame_file_bytes(out_w, out_h, frame_format)
+        depth = self.bit_depth
+        return (
+            frame_file_bytes(width, height, frame_format, depth),
+            frame_file_bytes(out_w, out_h, frame_format, depth),
+        )
 
     def output_size(self, frame: int, scale: float) -> tuple[int, int]:
         return round(self.info.video.width * scale), round(self.info.video.height * scale)
@@ -176,6 +229,10 @@ class ImageMedia:
     @property
     def name(self) -> Path:
         return self.images.source
+
+    @property
+    def bit_depth(self) -> int:
+        return 8  # images are read as 8-bit RGB
 
     def content_identity(self) -> dict[str, object]:
         return {"images_sha256": self.images.content_sha256()}

@@ -13,6 +13,11 @@ the file leaves them unspecified. :attr:`VideoInfo.conversion` is the YUV<->RGB 
 step uses (extraction, encoding); for an untagged matrix it is BT.709 when the height is >= 720
 and BT.601 (``smpte170m``) below, and for an untagged range it is limited (``tv``) unless the
 pixel format is a full-range ``yuvj*`` one -- the same guess players make.
+
+Depth and HDR: :attr:`VideoInfo.bit_depth` is the source's bits per sample (8, 10, 12...), from its
+pixel format; :attr:`VideoInfo.hdr` the HDR10 static metadata of its first frame (mastering display
+colour volume, content light level) and the dynamic HDR metadata found in the decoded frames
+(HDR10+, Dolby Vision), which cannot survive an upscale and is dropped with a warning.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import itertools
 import logging
 import os
 import re
+import struct
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -81,6 +87,93 @@ class ColorInfo:
 
 
 @dataclass(frozen=True)
+class MasteringDisplay:
+    """SMPTE ST 2086 mastering display colour volume: CIE 1931 xy chromaticities of the red, green
+    and blue primaries and the white point, and the luminance range in cd/m2 (exact fractions)."""
+
+    red: tuple[Fraction, Fraction]
+    green: tuple[Fraction, Fraction]
+    blue: tuple[Fraction, Fraction]
+    white_point: tuple[Fraction, Fraction]
+    max_luminance: Fraction
+    min_luminance: Fraction
+
+    def x265_value(self) -> str:
+        """As x265's ``master-display`` takes it: ``G(x,y)B(x,y)R(x,y)WP(x,y)L(max,min)``, in units of
+        0.00002 (chromaticity) and 0.0001 cd/m2 (luminance)."""
+
+        def xy(point: tuple[Fraction, Fraction]) -> str:
+            return f"{round(point[0] * 50000)},{round(point[1] * 50000)}"
+
+        luminance = f"{round(self.max_luminance * 10000)},{round(self.min_luminance * 10000)}"
+        return (
+            f"G({xy(self.green)})B({xy(self.blue)})R({xy(self.red)})WP({xy(self.white_point)})L({luminance})"
+        )
+
+    def svtav1_value(self) -> str:
+        """As SVT-AV1's ``mastering-display`` takes it: ``G(x,y)B(x,y)R(x,y)WP(x,y)L(max,min)`` in
+        decimal chromaticities and cd/m2."""
+
+        def xy(point: tuple[Fraction, Fraction]) -> str:
+            return f"{float(point[0]):.5f},{float(point[1]):.5f}"
+
+        luminance = f"{float(self.max_luminance):.4f},{float(self.min_luminance):.4f}"
+        return (
+            f"G({xy(self.green)})B({xy(self.blue)})R({xy(self.red)})WP({xy(self.white_point)})L({luminance})"
+        )
+
+
+@dataclass(frozen=True)
+class HdrInfo:
+    """HDR metadata beyond the colour tags. ``mastering`` and ``content_light`` (MaxCLL, MaxFALL in
+    cd/m2) are HDR10 static metadata, carried into the output; ``dynamic`` names the dynamic metadata
+    found (``HDR10+``, ``Dolby Vision``), which is dropped."""
+
+    mastering: MasteringDisplay | None = None
+    content_light: tuple[int, int] | None = None
+    dynamic: tuple[str, ...] = ()
+
+
+def parse_mastering_display(data: bytes) -> MasteringDisplay | None:
+    """FFmpeg's ``AVMasteringDisplayMetadata`` (frame side data): 10 rationals (R, G, B primaries and
+    the white point as x, y; then min and max luminance) and two flags; None unless both are set."""
+    if len(data) < 88:
+        return None
+    values = struct.unpack_from("<20i2i", data)
+    has_primaries, has_luminance = values[20], values[21]
+    if not has_primaries or not has_luminance or any(values[i] == 0 for i in range(1, 20, 2)):
+        return None
+    rationals = [Fraction(values[i], values[i + 1]) for i in range(0, 20, 2)]
+
+    def point(i: int) -> tuple[Fraction, Fraction]:
+        return rationals[i], rationals[i + 1]
+
+    return MasteringDisplay(
+        red=point(0), green=point(2), blue=point(4), white_point=point(6),
+        min_luminance=rationals[8], max_luminance=rationals[9],
+    )  # fmt: skip
+
+
+def parse_content_light(data: bytes) -> tuple[int, int] | None:
+    """FFmpeg's ``AVContentLightMetadata``: (MaxCLL, MaxFALL), None when absent or both zero."""
+    if len(data) < 8:
+        return None
+    max_cll, max_fall = struct.unpack_from("<2I", data)
+    return (max_cll, max_fall) if max_cll or max_fall else None
+
+
+def pix_fmt_bit_depth(pix_fmt: str | None) -> int:
+    """Bits per sample of a pixel format (``yuv420p10le``: 10, ``p010le``: 10); 8 when unknown."""
+    if not pix_fmt:
+        return 8
+    try:
+        components = av.VideoFormat(pix_fmt).components
+    except (ValueError, av.error.FFmpegError):
+        return 8
+    return max((c.bits for c in components), default=8)
+
+
+@dataclass(frozen=True)
 class RgbConversion:
     """The YUV<->RGB conversion used for a video: a matrix and a range, each tagged or guessed.
 
@@ -124,6 +217,18 @@ class VideoInfo:
     rotation: int
     color: ColorInfo
     metadata: Mapping[str, str] = field(default_factory=dict)
+    bit_depth: int = 8
+    hdr: HdrInfo = field(default_factory=HdrInfo)
+
+    @property
+    def high_depth(self) -> bool:
+        """More than 8 bits per sample: frames go through 16-bit RGB, end to end."""
+        return self.bit_depth > 8
+
+    @property
+    def frame_bit_depth(self) -> int:
+        """Bits per sample of its frames on shared storage: 8, or 16 for a high-depth source."""
+        return 16 if self.high_depth else 8
 
     @property
     def frame_rate_str(self) -> str:
@@ -281,6 +386,28 @@ class _Decoded:
     count: int
     pts: list[int | None]
     rotation: int
+    mastering: MasteringDisplay | None = None
+    content_light: tuple[int, int] | None = None
+    dynamic: set[str] = field(default_factory=set)
+
+
+_DYNAMIC_HDR = {
+    "DYNAMIC_HDR_PLUS": "HDR10+",
+    "DOVI_METADATA": "Dolby Vision",
+    "DOVI_RPU_BUFFER": "Dolby Vision",
+}
+
+
+def _read_side_data(decoded: _Decoded, frame: Any) -> None:
+    """HDR10 static metadata from the first frame; dynamic HDR metadata from any decoded frame."""
+    for side_data in frame.side_data:
+        name = getattr(side_data.type, "name", str(side_data.type))
+        if name in _DYNAMIC_HDR:
+            decoded.dynamic.add(_DYNAMIC_HDR[name])
+        elif decoded.count == 0 and name == "MASTERING_DISPLAY_METADATA":
+            decoded.mastering = parse_mastering_display(bytes(side_data))
+        elif decoded.count == 0 and name == "CONTENT_LIGHT_LEVEL":
+            decoded.content_light = parse_content_light(bytes(side_data))
 
 
 def _check_readable(source: Path) -> None:
@@ -386,6 +513,7 @@ def _decode_check(source: Path, stream_index: int, limit: int | None) -> _Decode
                 for frame in container.decode(stream):
                     if decoded.count == 0:
                         decoded.rotation = round(frame.rotation or 0)
+                    _read_side_data(decoded, frame)
                     decoded.count += 1
                     decoded.pts.append(frame.pts)
                     if limit is not None and decoded.count >= limit:
@@ -464,6 +592,8 @@ def _media_info(
             range=_RANGES.get(ctx.color_range),
         ),
         metadata=MappingProxyType(dict(stream.metadata)),
+        bit_depth=pix_fmt_bit_depth(ctx.pix_fmt),
+        hdr=HdrInfo(decoded.mastering, decoded.content_light, tuple(sorted(decoded.dynamic))),
     )
     audio = tuple(
         AudioInfo(

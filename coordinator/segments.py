@@ -115,7 +115,8 @@ def encode_segment(
         raise OutputPathError(target, f"cannot be written: directory {target.parent} does not exist")
     settings.check_available()
     paths = frame_paths(directory, first_frame, count, frame_format)
-    height, width = _read(paths[0], first_frame, frame_format, directory).shape[:2]
+    bit_depth = info.video.frame_bit_depth
+    height, width = _read(paths[0], first_frame, frame_format, directory, bit_depth).shape[:2]
     settings.check_frame_size(width, height)
     timing = segment_timing(info, first_frame, count)
     action = f"encoding frames {first_frame}-{first_frame + count - 1} into segment {target}"
@@ -130,7 +131,9 @@ def encode_segment(
         scale = str(timing.time_base.denominator)
         args += ["-video_track_timescale", scale, "-movie_timescale", scale, "-map_metadata", "-1"]
         args += ["-f", SEGMENT_FORMAT, str(tmp)]
-        feed = FrameFeed(paths, frame_format, directory, (width, height), timing, first_frame, threads)
+        feed = FrameFeed(
+            paths, frame_format, directory, (width, height), timing, first_frame, threads, bit_depth
+        )
         run_frame_encoder(args, action, feed)
         check_packet_count(tmp, target, count)
     return target

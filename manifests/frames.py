@@ -1,9 +1,13 @@
 """The frame file codec: frame files are part of the protocol, read and written by both sides.
 
 A frame is an RGB image, a ``(H, W, 3)`` uint8 array, stored as PNG (compact, slow) or as a raw
-``.npy`` array (fast, large). The coordinator writes input frames and reads output frames; workers
-read input frames and write output frames; both use these functions, so the two sides can never
-disagree on what a frame file holds.
+``.npy`` array (fast, large). A frame of a source with more than 8 bits per sample is a ``(H, W, 3)``
+uint16 array (:data:`HIGH_BIT_DEPTH`), stored as ``.npy`` only: Pillow cannot write 16-bit RGB PNG,
+and a raw array is what the 8-bit ``.npy`` path already reads and checks, with twice the bytes.
+
+The coordinator writes input frames and reads output frames; workers read input frames and write
+output frames; both use these functions, so the two sides can never disagree on what a frame file
+holds.
 
 Every frame is written under a temporary name and renamed (:mod:`manifests.atomic`), so a
 half-written frame never has its final name.
@@ -28,9 +32,20 @@ from PIL import Image, UnidentifiedImageError
 
 from manifests.atomic import Directory, atomic_write
 from manifests.errors import FrameFileError, FrameTooLargeError
-from manifests.layout import FrameFormat
+from manifests.layout import BIT_DEPTHS, HIGH_BIT_DEPTH, FrameFormat, frame_formats_for_depth
 
-__all__ = ["decode_frame", "encode_frame_into", "frame_file_is_sound", "read_frame", "write_frame"]
+__all__ = [
+    "BIT_DEPTHS",
+    "HIGH_BIT_DEPTH",
+    "decode_frame",
+    "encode_frame_into",
+    "frame_file_is_sound",
+    "frame_formats_for_depth",
+    "read_frame",
+    "write_frame",
+]
+
+_DTYPES: dict[int, np.dtype[np.unsignedinteger]] = {8: np.dtype(np.uint8), 16: np.dtype("<u2")}
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -38,17 +53,24 @@ _OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 def decode_frame(
-    data: bytes, frame_format: FrameFormat, *, name: str = "(unnamed)", max_pixels: int | None = None
+    data: bytes,
+    frame_format: FrameFormat,
+    *,
+    name: str = "(unnamed)",
+    max_pixels: int | None = None,
+    bit_depth: int = 8,
 ) -> np.ndarray:
-    """Decode a frame file's bytes into an (H, W, 3) uint8 RGB array.
+    """Decode a frame file's bytes into an (H, W, 3) RGB array: uint8, or uint16 for ``bit_depth`` 16.
 
     ``name`` is how messages call the frame. Raises :class:`FrameFileError` (a ``ValueError``) for
-    bytes that are not a frame, and :class:`FrameTooLargeError` for a frame of more than
-    ``max_pixels`` pixels, found from its header before any pixel is decoded.
+    bytes that are not a frame of that depth, and :class:`FrameTooLargeError` for a frame of more
+    than ``max_pixels`` pixels, found from its header before any pixel is decoded.
     """
+    if frame_format not in frame_formats_for_depth(bit_depth):
+        raise FrameFileError(name, frame_format.value, f"{bit_depth}-bit frames are stored as npy, not PNG")
     try:
         if frame_format is FrameFormat.NPY:
-            return _decode_npy(data, name, max_pixels)
+            return _decode_npy(data, name, max_pixels, _DTYPES[bit_depth])
         return _decode_png(data, name, max_pixels)
     except (FrameFileError, MemoryError):
         raise
@@ -74,7 +96,7 @@ def _decode_png(data: bytes, name: str, max_pixels: int | None) -> np.ndarray:
         return np.asarray(rgb, dtype=np.uint8)
 
 
-def _decode_npy(data: bytes, name: str, max_pixels: int | None) -> np.ndarray:
+def _decode_npy(data: bytes, name: str, max_pixels: int | None, want: np.dtype) -> np.ndarray:
     header = io.BytesIO(data)
     version = np.lib.format.read_magic(header)
     if version == (1, 0):
@@ -90,9 +112,10 @@ def _decode_npy(data: bytes, name: str, max_pixels: int | None) -> np.ndarray:
         )
     if len(shape) >= 2:
         _check_pixels(name, FrameFormat.NPY, shape[1], shape[0], max_pixels)
+    if dtype != want or len(shape) != 3 or shape[2] != 3:
+        shown = "uint16" if want.itemsize == 2 else "uint8"
+        raise ValueError(f"it holds a {dtype} array of shape {shape}, not (H, W, 3) {shown}")
     array = np.load(io.BytesIO(data), allow_pickle=False)
-    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-        raise ValueError(f"it holds a {array.dtype} array of shape {array.shape}, not (H, W, 3) uint8")
     return np.ascontiguousarray(array)
 
 
@@ -107,17 +130,21 @@ def _reason(exc: Exception) -> str:
     return text or type(exc).__name__
 
 
-def read_frame(path: str | Path, frame_format: FrameFormat) -> np.ndarray:
+def read_frame(path: str | Path, frame_format: FrameFormat, *, bit_depth: int = 8) -> np.ndarray:
     """Read one frame file (one sequential read, which also suits slow network storage)."""
     path = Path(path)
-    return decode_frame(path.read_bytes(), frame_format, name=path.name)
+    return decode_frame(path.read_bytes(), frame_format, name=path.name, bit_depth=bit_depth)
 
 
 def encode_frame_into(
     handle: BinaryIO, frame: np.ndarray, frame_format: FrameFormat, png_compression: int
 ) -> None:
-    """Write ``frame`` in ``frame_format`` to an open binary file."""
-    if frame_format is FrameFormat.NPY:
+    """Write ``frame`` (uint8, or uint16: ``.npy`` only) in ``frame_format`` to an open binary file."""
+    if frame.dtype == np.uint16:
+        if frame_format is not FrameFormat.NPY:
+            raise ValueError("16-bit frames are stored as npy; Pillow cannot write 16-bit RGB PNG")
+        np.save(handle, frame.astype(_DTYPES[HIGH_BIT_DEPTH], copy=False), allow_pickle=False)
+    elif frame_format is FrameFormat.NPY:
         np.save(handle, frame, allow_pickle=False)
     else:
         Image.fromarray(frame, mode="RGB").save(handle, format="PNG", compress_level=png_compression)
@@ -148,10 +175,14 @@ def write_frame(
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 
-def frame_file_is_sound(path: str | Path, frame_format: FrameFormat, width: int, height: int) -> bool:
-    """Whether the frame file at ``path`` is whole and of the given size, judged by its header and
-    its end (two small reads, no decode): a truncated file, garbage, or a frame of another size is
-    not. What a resumed job checks before it trusts a frame an earlier run left."""
+def frame_file_is_sound(
+    path: str | Path, frame_format: FrameFormat, width: int, height: int, *, bit_depth: int = 8
+) -> bool:
+    """Whether the frame file at ``path`` is whole, of the given size and depth, judged by its header
+    and its end (two small reads, no decode): a truncated file, garbage, or a frame of another size
+    or depth is not. What a resumed job checks before it trusts a frame an earlier run left."""
+    if frame_format not in frame_formats_for_depth(bit_depth):
+        return False
     try:
         with open(path, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
@@ -163,8 +194,9 @@ def frame_file_is_sound(path: str | Path, frame_format: FrameFormat, width: int,
                     else np.lib.format.read_array_header_2_0
                 )
                 shape, _, dtype = read_header(handle)
-                expected = handle.tell() + height * width * 3
-                return bool(shape == (height, width, 3) and dtype == np.uint8 and size == expected)
+                want = _DTYPES[bit_depth]
+                expected = handle.tell() + height * width * 3 * want.itemsize
+                return bool(shape == (height, width, 3) and dtype == want and size == expected)
             head = handle.read(24)
             handle.seek(max(0, size - len(_PNG_END)))
             tail = handle.read()

@@ -31,7 +31,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class FrameFormat(enum.StrEnum):
-    """How frames are stored: PNG (compact, slow) or raw ``.npy`` uint8 (H, W, 3) arrays (fast)."""
+    """How frames are stored: PNG (compact, slow) or raw ``.npy`` (H, W, 3) arrays (fast)."""
 
     PNG = "png"
     NPY = "npy"
@@ -39,6 +39,18 @@ class FrameFormat(enum.StrEnum):
     @property
     def suffix(self) -> str:
         return f".{self.value}"
+
+
+#: The sample depths a frame file holds: 8 (uint8) or 16 (uint16, for sources above 8 bits).
+BIT_DEPTHS = (8, 16)
+HIGH_BIT_DEPTH = 16
+
+
+def frame_formats_for_depth(bit_depth: int) -> tuple[FrameFormat, ...]:
+    """The frame formats that can hold samples of ``bit_depth`` bits (16: ``.npy`` only)."""
+    if bit_depth not in BIT_DEPTHS:
+        raise ValueError(f"frames hold 8 or 16 bits per sample, not {bit_depth}")
+    return (FrameFormat.NPY,) if bit_depth == HIGH_BIT_DEPTH else tuple(FrameFormat)
 
 
 def is_safe_name(name: str) -> bool:

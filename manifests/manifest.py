@@ -11,9 +11,13 @@ Example (``format`` is checked first; unknown fields are refused)::
       "scale": 2.0,                     # null: the model's native scale
       "tile": null, "tile_pad": null,   # null: whatever the worker was started with
       "frame_format": "png", "png_compression": 1,
+      "bit_depth": 16,                  # only for 16-bit frames (sources above 8 bits); absent: 8
       "input_dir": "input", "output_dir": "output", "status_file": "status/w0.json",
       "batches": [{"id": 0, "start": 1, "end": 9}, {"id": 3, "frames": [25, 26, 30]}]
     }
+
+``bit_depth`` is written only when it is 16 (frames are then uint16 ``.npy``, see
+:mod:`manifests.frames`), so an 8-bit job's manifest is byte for byte what it was before it existed.
 
 A batch is a contiguous range ``[start, end)`` of frame indices, or an explicit list. Frame ``i``
 is read from ``<input_dir>/<frame_filename(i)>`` and written to ``<output_dir>/`` under the same name.
@@ -40,7 +44,14 @@ import orjson
 from manifests._fields import Fields, check_format, decode
 from manifests.errors import DocumentError
 from manifests.jsonio import dumps
-from manifests.layout import DEFAULT_FIRST_FRAME, FRAME_DIGITS, FrameFormat, is_safe_name
+from manifests.layout import (
+    BIT_DEPTHS,
+    DEFAULT_FIRST_FRAME,
+    FRAME_DIGITS,
+    FrameFormat,
+    frame_formats_for_depth,
+    is_safe_name,
+)
 
 MANIFEST_FORMAT = "esrfarm.manifest/1"
 DEFAULT_PNG_COMPRESSION = 1
@@ -132,6 +143,7 @@ class Manifest:
     tile_pad: int | None = None
     frame_format: FrameFormat = FrameFormat.PNG
     png_compression: int = DEFAULT_PNG_COMPRESSION
+    bit_depth: int = 8
     input_dir: str = "input"
     output_dir: str = "output"
     status_file: str = field(default="")
@@ -149,6 +161,7 @@ class Manifest:
         return sum(len(batch) for batch in self.batches)
 
     def to_dict(self) -> dict[str, Any]:
+        depth = {} if self.bit_depth == 8 else {"bit_depth": self.bit_depth}
         return {
             "format": MANIFEST_FORMAT,
             "job_id": self.job_id,
@@ -160,6 +173,7 @@ class Manifest:
             "tile_pad": self.tile_pad,
             "frame_format": self.frame_format.value,
             "png_compression": self.png_compression,
+            **depth,
             "input_dir": self.input_dir,
             "output_dir": self.output_dir,
             "status_file": self.status_file,
@@ -181,7 +195,8 @@ class Manifest:
         f.reject_unknown(
             {
                 "format", "job_id", "manifest_id", "worker_id", "model", "scale", "tile", "tile_pad",
-                "frame_format", "png_compression", "input_dir", "output_dir", "status_file", "batches",
+                "frame_format", "png_compression", "bit_depth", "input_dir", "output_dir", "status_file",
+                "batches",
             }
         )  # fmt: skip
         frame_format = f.data.get("frame_format", FrameFormat.PNG.value)
@@ -191,6 +206,7 @@ class Manifest:
                 f"must be one of {', '.join(m.value for m in FrameFormat)}, not {frame_format!r}",
             )
         png_compression = f.opt_integer("png_compression", minimum=0, maximum=9)
+        bit_depth = f.opt_integer("bit_depth", minimum=8, maximum=16)
         scale = f.opt_number("scale", positive=True)
         if scale is not None and not MIN_SCALE <= scale <= MAX_SCALE:
             f.fail("scale", f"must be between {MIN_SCALE:g} and {MAX_SCALE:g}, not {scale:g}")
@@ -205,6 +221,7 @@ class Manifest:
             "tile_pad": f.opt_integer("tile_pad", minimum=0, maximum=MAX_TILE_PAD),
             "frame_format": FrameFormat(frame_format),
             "png_compression": DEFAULT_PNG_COMPRESSION if png_compression is None else png_compression,
+            "bit_depth": 8 if bit_depth is None else bit_depth,
             "input_dir": f.string("input_dir"),
             "output_dir": f.string("output_dir"),
             "status_file": f.opt_string("status_file") or "",
@@ -301,6 +318,10 @@ def _validate(manifest: Manifest, *, source: str | Path | None) -> None:
             fail(name, f"must be an integer from 0 to {most} or null, not {value!r}")
     if not 0 <= manifest.png_compression <= 9:
         fail("png_compression", f"must be between 0 and 9, not {manifest.png_compression}")
+    if manifest.bit_depth not in BIT_DEPTHS:
+        fail("bit_depth", f"must be 8 or 16, not {manifest.bit_depth!r}")
+    if manifest.frame_format not in frame_formats_for_depth(manifest.bit_depth):
+        fail("frame_format", f"must be npy for 16-bit frames, not {manifest.frame_format.value}")
     if not manifest.batches:
         fail("batches", "must hold at least one batch")
     if len(manifest.batches) > MAX_MANIFEST_BATCHES:

@@ -219,3 +219,44 @@ def truncated_copy(source: Path, target: Path, *, keep: float = 0.5) -> Path:
 def upscale_nearest(frame: np.ndarray, scale: int) -> np.ndarray:
     """Deterministic stand-in for the model: each pixel repeated ``scale`` x ``scale`` times."""
     return np.repeat(np.repeat(frame, scale, axis=0), scale, axis=1)
+
+
+def ramp_10bit(path: Path, *, width: int = 1024, height: int = 16, frames: int = 3) -> Path:
+    """A slow horizontal luma ramp in ``yuv420p10le`` (FFV1, lossless): codes 64 to 940 (10-bit
+    limited range) across ``width`` pixels, one new code every ~1.2 pixels, grey chroma."""
+    luma = np.tile(np.round(np.linspace(64, 940, width)).astype("<u2"), (height, 1))
+    chroma = np.full((height // 2, width // 2), 512, dtype="<u2")
+    frame = luma.tobytes() + chroma.tobytes() + chroma.tobytes()
+    raw = path.with_suffix(".yuv")
+    raw.write_bytes(frame * frames)
+    ffmpeg(
+        [
+            "-f", "rawvideo", "-pix_fmt", "yuv420p10le", "-s", f"{width}x{height}", "-r", "25",
+            "-i", str(raw), "-c:v", "ffv1", "-pix_fmt", "yuv420p10le", str(path),
+        ]
+    )  # fmt: skip
+    raw.unlink()
+    return path
+
+
+#: The HDR10 static metadata :func:`hdr10_video` writes (x265's units: 0.00002 and 0.0001 cd/m2).
+HDR10_MASTER_DISPLAY = "G(13250,34500)B(7500,3000)R(34000,16000)WP(15635,16450)L(10000000,1)"
+HDR10_MAX_CLL = (1000, 400)
+
+
+def hdr10_video(path: Path, *, size: str = "64x48", frames: int = 4) -> Path:
+    """An HDR10 clip made with x265: 10-bit, PQ, BT.2020 primaries and matrix, mastering display
+    :data:`HDR10_MASTER_DISPLAY` and content light level :data:`HDR10_MAX_CLL`."""
+    params = (
+        "log-level=error:hdr10=1:colorprim=bt2020:transfer=smpte2084:colormatrix=bt2020nc"
+        f":master-display={HDR10_MASTER_DISPLAY}:max-cll={HDR10_MAX_CLL[0]},{HDR10_MAX_CLL[1]}"
+    )
+    ffmpeg(
+        [
+            "-f", "lavfi", "-i", f"testsrc2=size={size}:rate=25", "-frames:v", str(frames),
+            "-c:v", "libx265", "-preset", "ultrafast", "-x265-params", params, "-pix_fmt", "yuv420p10le",
+            "-color_primaries", "bt2020", "-color_trc", "smpte2084", "-colorspace", "bt2020nc",
+            "-color_range", "tv", str(path),
+        ]
+    )  # fmt: skip
+    return path

@@ -105,10 +105,12 @@ def read_batch(
     limits: FrameLimits,
     budget_pixels: int | None = None,
     cancel: threading.Event | None = None,
+    bit_depth: int = 8,
 ) -> np.ndarray:
-    """Read the first frames of ``frames`` into one (N, H, W, 3) array: all of them, or as many as
-    fit in ``budget_pixels`` output pixels (at least one). Raises :class:`FrameError` for the first
-    bad frame (reading stops there) and :class:`ReadCancelled` once ``cancel`` is set."""
+    """Read the first frames of ``frames`` into one (N, H, W, 3) array (uint8, or uint16 for
+    ``bit_depth`` 16): all of them, or as many as fit in ``budget_pixels`` output pixels (at least
+    one). Raises :class:`FrameError` for the first bad frame (reading stops there) and
+    :class:`ReadCancelled` once ``cancel`` is set."""
 
     def read_one(index: int) -> np.ndarray:
         name = frame_filename(index, frame_format)
@@ -138,7 +140,9 @@ def read_batch(
         except OSError as exc:
             raise FrameError(index, f"input frame {shown} cannot be read: {exc.strerror or exc}") from None
         try:
-            array = decode_frame(data, frame_format, name=shown, max_pixels=limits.max_input_pixels)
+            array = decode_frame(
+                data, frame_format, name=shown, max_pixels=limits.max_input_pixels, bit_depth=bit_depth
+            )
             limits.check(shown, array.shape[1], array.shape[0])
         except FrameTooLargeError as exc:
             try:

@@ -36,6 +36,7 @@ import numpy as np
 
 from manifests import BatchError, Manifest, Status, WorkerIdentity, WorkerState
 from manifests.atomic import Directory
+from manifests.layout import HIGH_BIT_DEPTH
 from manifests.manifest import Batch
 from worker.frames import FrameError, FrameLimits, ReadCancelled, read_batch, remove_frames, write_batch
 from worker.logsafe import loggable
@@ -296,8 +297,10 @@ class ManifestRun:
                 threads=self._io_threads,
                 label=self._label_in,
                 limits=self._limits,
-                budget_pixels=self._part_pixels,
+                # 16-bit frames hold 2 bytes per sample: half as many pixels in the same memory.
+                budget_pixels=self._part_pixels // (2 if self.manifest.bit_depth == HIGH_BIT_DEPTH else 1),
                 cancel=self._cancel_reads,
+                bit_depth=self.manifest.bit_depth,
             )
             self._metrics.batch_seconds.labels(stage="read").observe(time.perf_counter() - started)
             return array

@@ -1,4 +1,5 @@
-"""Batched, tiled Real-ESRGAN inference: N uint8 RGB frames in, N upscaled uint8 frames out.
+"""Batched, tiled Real-ESRGAN inference: N uint8 RGB frames in, N upscaled uint8 frames out (or
+uint16 in, uint16 out, for sources of more than 8 bits per sample).
 
 This module owns torch. One :class:`Upscaler` holds one model on one device, loaded once.
 
@@ -20,6 +21,11 @@ Failure handling, none of which ever drops a frame:
   whole-frame resize), so no float copy of the whole output ever exists;
 - a half-precision output with NaN or inf (the cause of Real-ESRGAN's black frames) is
   recomputed in fp32 from the original fp32 weights, and that is logged.
+
+16-bit frames (:func:`to_unit_range`): uint16 samples become ``x / 65535`` in fp32 and then the
+model's precision, the output is rounded to uint16, never to 8 bits. fp16 has 11 significant bits,
+so every 10-bit code value survives the conversion exactly; 12-bit codes above 2048 may move by one
+step (bf16, 8 significant bits, keeps neither: run such sources in fp32 for every code exact).
 """
 
 from __future__ import annotations
@@ -48,13 +54,38 @@ DEFAULT_CPU_PASS_PIXELS = 2 << 20  # 2 Mi px: a 1080p frame (2.07 Mpx) in one pa
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 __all__ = [
+    "SAMPLE_PEAKS",
     "InferenceError",
     "ModelLoadError",
     "RuntimeSettings",
     "Upscaler",
+    "from_unit_range",
     "load_upscaler",
     "select_device",
+    "to_unit_range",
 ]
+
+
+#: The largest sample of each frame dtype the runtime takes: uint8 and uint16.
+SAMPLE_PEAKS: dict[torch.dtype, float] = {torch.uint8: 255.0, torch.uint16: 65535.0}
+
+
+def to_unit_range(frames: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 or uint16 NHWC frames -> NCHW floats of ``dtype`` in [0, 1], on the frames' device.
+
+    uint8 divides in ``dtype`` itself (as it always did); uint16 goes through fp32 first, since
+    65535 is beyond fp16's largest finite value (65504).
+    """
+    nchw = frames.permute(0, 3, 1, 2)
+    if frames.dtype == torch.uint8:
+        return nchw.to(dtype).div_(255.0)
+    return nchw.to(torch.float32).div_(SAMPLE_PEAKS[frames.dtype]).to(dtype)
+
+
+def from_unit_range(out: torch.Tensor, frame_dtype: torch.dtype) -> torch.Tensor:
+    """float NCHW in [0, 1] -> NHWC samples of ``frame_dtype`` (uint8 or uint16), rounded."""
+    peak = SAMPLE_PEAKS[frame_dtype]
+    return out.clamp_(0.0, 1.0).mul_(peak).round_().to(frame_dtype).permute(0, 2, 3, 1).contiguous()
 
 
 class InferenceError(RuntimeError):
@@ -188,12 +219,13 @@ class Upscaler:
         return round(height * factor), round(width * factor)
 
     def upscale(self, frames: np.ndarray, scale: float | None = None) -> np.ndarray:
-        """Upscale ``(N, H, W, 3)`` uint8 RGB frames to ``(N, H*scale, W*scale, 3)`` uint8.
+        """Upscale ``(N, H, W, 3)`` uint8 RGB frames to ``(N, H*scale, W*scale, 3)`` uint8, or uint16
+        frames to uint16 (16-bit samples all the way).
 
         ``scale`` overrides the output scale for this call (the model's own output is resized).
         """
-        if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8:
-            raise TypeError("frames must be a uint8 numpy array")
+        if not isinstance(frames, np.ndarray) or frames.dtype not in (np.uint8, np.uint16):
+            raise TypeError("frames must be a uint8 or uint16 numpy array")
         if frames.ndim != 4 or frames.shape[3] != 3 or 0 in frames.shape:
             raise ValueError(f"frames must have shape (N, H, W, 3) with N, H, W >= 1, not {frames.shape}")
         if scale is not None and not 0 < scale <= MAX_SCALE:
@@ -203,7 +235,7 @@ class Upscaler:
         with self._lock, torch.inference_mode():
             batch = self._to_device(frames)
             on_cuda = self.device.type == "cuda"
-            result = torch.empty((count, out_h, out_w, 3), dtype=torch.uint8, pin_memory=on_cuda)
+            result = torch.empty((count, out_h, out_w, 3), dtype=batch.dtype, pin_memory=on_cuda)
             start = 0
             while start < count:
                 size = min(self._micro_batch or count, self._frames_per_pass(height, width))
@@ -247,22 +279,23 @@ class Upscaler:
         host = torch.from_numpy(np.ascontiguousarray(frames))
         if self.device.type != "cuda":
             return host
-        staging = torch.empty(host.shape, dtype=torch.uint8, pin_memory=True)
+        staging = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
         staging.copy_(host)
         return staging.to(self.device, non_blocking=True)
 
     def _upscale_chunk(self, chunk: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
-        """uint8 NHWC on the device -> upscaled uint8 NHWC of ``out_size`` (h, w) on the device."""
+        """uint8 (uint16) NHWC on the device -> upscaled uint8 (uint16) NHWC of ``out_size`` (h, w)."""
         tile = self._tile_edge(*chunk.shape[1:3])
         if tile:
             return self._upscale_tiled(chunk, out_size, tile)
         out = self._native_output(chunk)
         if out_size != tuple(out.shape[2:]):
             out = F.interpolate(out, size=out_size, mode="bicubic", antialias=True, align_corners=False)
-        return self._finish(out)
+        return from_unit_range(out, chunk.dtype)
 
     def _native_output(self, chunk: torch.Tensor) -> torch.Tensor:
-        """uint8 NHWC on the device -> the model's float NCHW output at its native scale (NaN guarded)."""
+        """uint8/uint16 NHWC on the device -> the model's float NCHW output at its native scale (NaN
+        guarded)."""
         height, width = chunk.shape[1:3]
         out = self._forward(self._normalise(chunk, self._dtype), self._model)
         if self._fp32_source is not None and not bool(torch.isfinite(out).all()):
@@ -274,15 +307,9 @@ class Upscaler:
             out = self._forward(self._normalise(chunk, torch.float32), self._fp32_network())
         return out[:, :, : height * self.native_scale, : width * self.native_scale].float()
 
-    @staticmethod
-    def _finish(out: torch.Tensor) -> torch.Tensor:
-        """float NCHW in [0, 1] -> uint8 NHWC."""
-        out = out.clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
-        return out.permute(0, 2, 3, 1).contiguous()
-
     def _normalise(self, chunk: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """uint8 NHWC -> padded NCHW in [0, 1], converted on the chunk's device."""
-        return self._pad(chunk.permute(0, 3, 1, 2).to(dtype).div_(255.0))
+        """uint8/uint16 NHWC -> padded NCHW in [0, 1], converted on the chunk's device."""
+        return self._pad(to_unit_range(chunk, dtype))
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[2:]
@@ -324,7 +351,7 @@ class Upscaler:
         return max(MIN_TILE, edge // self._multiple * self._multiple)
 
     def _upscale_tiled(self, chunk: torch.Tensor, out_size: tuple[int, int], tile: int) -> torch.Tensor:
-        """Upscale tile by tile, each finished to uint8 at once: memory follows the tile, not the frame.
+        """Upscale tile by tile, each finished to samples at once: memory follows the tile, not the frame.
 
         Output tiles cover ``tile`` input pixels each. A tile's model input carries ``tile_pad``
         pixels of real context on each side beyond the native pixels its output needs (with
@@ -338,7 +365,7 @@ class Upscaler:
         tile = max(_round_up(tile, self._multiple), self._minimum)
         pad = _round_up(self.settings.tile_pad, self._multiple)
         out_h, out_w = out_size
-        result = torch.empty((count, out_h, out_w, 3), dtype=torch.uint8, device=chunk.device)
+        result = torch.empty((count, out_h, out_w, 3), dtype=chunk.dtype, device=chunk.device)
         rows = _tile_spans(height * scale, out_h, tile * scale, chunk.device)
         cols = _tile_spans(width * scale, out_w, tile * scale, chunk.device)
         for oy0, oy1, ny0, ny1, y_taps in rows:
@@ -353,7 +380,7 @@ class Upscaler:
                     native = _resize_along(native, 2, *y_taps)
                 if x_taps is not None:
                     native = _resize_along(native, 3, *x_taps)
-                result[:, oy0:oy1, ox0:ox1] = self._finish(native)
+                result[:, oy0:oy1, ox0:ox1] = from_unit_range(native, chunk.dtype)
                 del native
         return result
 
