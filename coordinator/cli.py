@@ -46,7 +46,8 @@ FLAGS = {
     "model": "--model", "scale": "--scale", "tile": "--tile", "precision": "--precision",
     "batch_size": "--batch-size", "frame_format": "--frame-format", "max_disk": "--max-disk",
     "max_chunk_frames": "--chunk-frames", "encoders": "--encoders", "workers": "--workers",
-    "local_workers": "--local-workers", "shared_root": "--shared-root",
+    "local_workers": "--local-workers", "shared_root": "--shared-root", "ray_address": "--ray",
+    "ray_workers": "--ray-workers",
     "unreachable_after_s": "--unreachable-timeout", "stale_after_s": "--stale-timeout",
 }  # fmt: skip
 
@@ -100,6 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--local-workers", type=int, metavar="N", help="start N local workers (default: one per GPU)"
     )
     where.add_argument(
+        "--ray",
+        metavar="auto|ADDRESS",
+        help="start the workers as actors on a Ray cluster (auto: the one this host belongs to; or its "
+        "address, host:port); every node must mount the shared root at the same path and have esrfarm "
+        "installed with the [ray] extra",
+    )
+    where.add_argument(
+        "--ray-workers",
+        type=int,
+        metavar="N",
+        help="how many worker actors (default: one per GPU of the cluster; on a CPU-only cluster one per "
+        "esrfarm_worker resource, else 1)",
+    )
+    where.add_argument(
         "--shared-root",
         type=Path,
         default=os.environ.get("ESRFARM_SHARED_ROOT"),
@@ -116,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="ARG",
-        help="extra flag for local workers, repeatable (e.g. --worker-arg=--cpu-threads=1)",
+        help="extra flag for local (or Ray) workers, repeatable (e.g. --worker-arg=--cpu-threads=1)",
     )
     up.add_argument(
         "--tile", type=int, help="tile edge in pixels for frames too large for GPU memory (default off)"
@@ -317,6 +332,8 @@ def farm_settings_from_args(args: argparse.Namespace, token: str | None) -> Farm
         workers=tuple((args.workers or "").split(",")),
         local_workers=args.local_workers,
         local_worker_args=tuple(args.worker_arg),
+        ray_address=args.ray,
+        ray_workers=args.ray_workers,
         shared_root=args.shared_root,
         token=token,
         unreachable_after_s=args.unreachable_timeout,

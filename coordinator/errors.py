@@ -5,7 +5,8 @@ worker or command at fault; the data behind it is kept in attributes for logs an
   CoordinatorError
   ├── SpecError                 a JobSpec / FarmSettings field that cannot work (names the field)
   ├── FleetError                the workers cannot be used
-  │   ├── WorkerStartError      a local worker exited or never listened (carries its log's tail)
+  │   ├── WorkerStartError      a local worker (or Ray actor) exited or never listened (its log's tail)
+  │   ├── RayClusterError       the Ray cluster of --ray cannot be reached or used
   │   └── NoWorkerError         no worker answers /health with the job's model (each one's reason)
   ├── JobError                  the job could not be done (names the batch and frames; job_dir kept)
   │   └── JobCancelledError     the job was cancelled; its directory is kept, a rerun resumes it
@@ -182,15 +183,27 @@ class FleetError(CoordinatorError):
 
 
 class WorkerStartError(FleetError):
-    """A local worker exited or did not get ready; carries the tail of its log."""
+    """A local worker (or a Ray worker actor: ``what``) exited or did not get ready; carries the tail
+    of its log."""
 
-    def __init__(self, index: int, reason: str, log_tail: str) -> None:
-        self.index, self.reason, self.log_tail = index, reason, log_tail
+    def __init__(self, index: int, reason: str, log_tail: str, what: str = "local worker") -> None:
+        self.index, self.reason, self.log_tail, self.what = index, reason, log_tail, what
         super().__init__(str(self))
 
     def __str__(self) -> str:
         tail = f"; its log ends: {self.log_tail}" if self.log_tail else ""
-        return f"local worker {self.index} {self.reason}{tail}"
+        return f"{self.what} {self.index} {self.reason}{tail}"
+
+
+class RayClusterError(FleetError):
+    """``--ray ADDRESS`` names no Ray cluster this coordinator can use."""
+
+    def __init__(self, address: str, reason: str) -> None:
+        self.address, self.reason = address, reason
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return f"cannot use the Ray cluster at {self.address!r}: {self.reason}"
 
 
 class NoWorkerError(FleetError):

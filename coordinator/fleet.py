@@ -3,11 +3,14 @@
 A :class:`WorkerFleet` outlives one job and may serve several at once (the job service runs many
 jobs on one fleet). It owns:
 
-- **starting** local workers (:class:`coordinator.local_workers.LocalWorkerPool`) or taking the
-  URLs of workers already running;
+- **starting** local workers (:class:`coordinator.local_workers.LocalWorkerPool`), or worker actors
+  on a Ray cluster (``farm.ray_address``: :class:`coordinator.ray_fleet.RayWorkerPool`, imported
+  only then), or taking the URLs of workers already running;
 - **health**: a background round of ``GET /health`` every ``health_interval_s``; a worker that does
-  not answer for ``unreachable_after_s``, or whose local process exited, is **lost** (a lost local
-  worker is killed: a stopped or hung process cannot act on SIGTERM);
+  not answer for ``unreachable_after_s``, or whose process (or Ray actor) exited, is **lost** (a lost
+  worker the fleet started is killed: a stopped or hung process cannot act on SIGTERM). A pool's
+  worker that comes back on a new URL (a restarted Ray actor) **joins**: it is dealt to once it
+  answers /health;
 - **dispatch**: a worker holds at most one manifest at a time. :meth:`idle` names the workers a job
   may deal to now (alive, running the job's model, holding nothing, not busy with another
   coordinator's manifest as far as its last ``/health`` says, not backing off after a 409);
@@ -25,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +54,26 @@ class WorkerClient(Protocol):
     async def process_manifest(self, manifest_path: str) -> None: ...
 
     async def reset(self) -> None: ...
+
+
+class WorkerPool(Protocol):
+    """Worker processes the fleet started (:class:`LocalWorkerPool`, or Ray actors), by URL."""
+
+    def exited(self) -> dict[str, str]:
+        """URL -> why, for every worker whose process (or actor) is gone."""
+        ...
+
+    def joined(self) -> list[str]:
+        """URLs of workers that came up since the last call (a restarted actor's new URL)."""
+        ...
+
+    def replacing(self) -> list[str]:
+        """Names of lost workers being restarted: the job may wait for them."""
+        ...
+
+    def kill(self, url: str) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -137,9 +161,11 @@ class WorkerFleet:
         self.local = local
         self.run_dir = run_dir
         self.handles: dict[str, WorkerHandle] = {}
-        self.pool: LocalWorkerPool | None = None
+        self.pool: WorkerPool | None = None
         self._given_clients = list(clients) if clients is not None else None
         self._session: aiohttp.ClientSession | None = None
+        self._token: str | None = farm.token
+        self._joining: set[str] = set()  # URLs that joined after start and have not answered /health yet
         self._health_task: asyncio.Task[None] | None = None
         self._started: asyncio.Future[None] | None = None
 
@@ -176,16 +202,43 @@ class WorkerFleet:
             return self._given_clients
         farm = self.farm
         self._session = aiohttp.ClientSession()
+        self._token = farm.token
         urls = list(farm.workers)
         if not urls:
             assert self.local is not None
-            gpus = visible_gpu_count()
-            count = farm.local_workers or max(gpus, 1)
             run_dir = self.run_dir or farm.root / "workers"
             args = [*self.local.worker_args(farm.root), *farm.local_worker_args]
-            self.pool = LocalWorkerPool(run_dir, args)
-            urls = await self.pool.start(count, gpus, farm.startup_timeout_s)
-        return [HttpWorkerClient(u, self._session, farm.token, farm.request_timeout_s) for u in urls]
+            if farm.ray_address is not None:
+                urls = await self._start_ray_pool(run_dir, args)
+            else:
+                gpus = visible_gpu_count()
+                count = farm.local_workers or max(gpus, 1)
+                pool = LocalWorkerPool(run_dir, args)
+                self.pool = pool
+                urls = await pool.start(count, gpus, farm.startup_timeout_s)
+        return [self._client(u) for u in urls]
+
+    async def _start_ray_pool(self, run_dir: Path, args: list[str]) -> list[str]:
+        """Worker actors on the Ray cluster of ``farm.ray_address``. Their workers bind their node's
+        address, so they need a token: without one, this run makes its own."""
+        from coordinator.ray_fleet import RayWorkerPool  # ray is imported only for --ray
+
+        farm = self.farm
+        assert farm.ray_address is not None
+        self._token = self._token or secrets.token_urlsafe(32)
+        pool = RayWorkerPool(
+            farm.ray_address, farm.ray_workers, args, run_dir, self._token, farm.startup_timeout_s
+        )
+        self.pool = pool
+        return await pool.start()
+
+    def _client(self, url: str) -> HttpWorkerClient:
+        assert self._session is not None
+        return HttpWorkerClient(url, self._session, self._token, self.farm.request_timeout_s)
+
+    def replacing(self) -> list[str]:
+        """Names of lost workers the pool is bringing back (restarting Ray actors): not gone yet."""
+        return self.pool.replacing() if self.pool is not None else []
 
     async def close(self) -> None:
         """Stop the health round and the local workers; close the HTTP session."""
@@ -333,6 +386,19 @@ class WorkerFleet:
 
     # -- health -----------------------------------------------------------------------------------
 
+    async def _greet_joining(self) -> None:
+        """A worker that joined is dealt to once it answers /health (it may still load its model);
+        until then it is not lost for not answering: its pool reports it if its process dies."""
+        joining = [self.handles[url] for url in sorted(self._joining)]
+        results = await asyncio.gather(*(h.client.health() for h in joining), return_exceptions=True)
+        for handle, result in zip(joining, results, strict=True):
+            if not handle.alive:
+                self._joining.discard(handle.url)
+            elif isinstance(result, dict):
+                handle.health = result
+                self._joining.discard(handle.url)
+                log.info("worker %s is ready", handle.worker_id)
+
     def _exit_reason(self, url: str) -> str | None:
         if self.pool is None:
             return None
@@ -347,10 +413,18 @@ class WorkerFleet:
                 log.exception("health round failed")
 
     async def health_round(self) -> None:
-        """One round: exited local workers and workers unreachable for too long are lost."""
+        """One round: exited workers and workers unreachable for too long are lost, workers that came
+        back on a new URL join."""
         loop = asyncio.get_running_loop()
-        for url, reason in (self.pool.exited() if self.pool is not None else {}).items():
-            self.lose(self.handles[url], reason)
+        if self.pool is not None:
+            for url, reason in self.pool.exited().items():
+                if url in self.handles:
+                    self.lose(self.handles[url], reason)
+            for url in self.pool.joined():
+                log.info("worker %s joined", url)
+                self.handles[url] = WorkerHandle(url, self._client(url))
+                self._joining.add(url)
+        await self._greet_joining()
         handles = [h for h in self.handles.values() if h.ready]  # wait_ready() watches the others
         changes = [h.changes for h in handles]
         results = await asyncio.gather(*(h.client.health() for h in handles), return_exceptions=True)

@@ -767,7 +767,9 @@ class Job:
             self._emit(SegmentDone(chunk.index, chunk.first, chunk.last))
 
     def _raise_if_stuck(self) -> None:
-        failure = self._ledger.failure([h.url for h in self.fleet.serving(self.spec.model)])
+        # A worker being restarted (a Ray actor) counts: it comes back as a new worker.
+        alive = [h.url for h in self.fleet.serving(self.spec.model)] + self.fleet.replacing()
+        failure = self._ledger.failure(alive)
         if failure is not None:
             batch = failure.batch
             raise JobError(

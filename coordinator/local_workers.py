@@ -205,6 +205,13 @@ class LocalWorkerPool:
         """URL -> why, for every worker whose process has exited."""
         return {w.url: w.exit_reason() for w in self.workers if w.url and not w.alive}
 
+    def joined(self) -> list[str]:
+        """A local worker that exited is not restarted: none ever joins later."""
+        return []
+
+    def replacing(self) -> list[str]:
+        return []
+
     def kill(self, url: str) -> None:
         """SIGKILL a worker the fleet gave up on: a stopped or hung process cannot act on SIGTERM."""
         worker = self.worker_at(url)

@@ -3,8 +3,8 @@
 - :class:`JobSpec`: one video (input, output, model, scale, encoder, ...). It serialises to JSON
   (:meth:`JobSpec.to_dict` / :meth:`JobSpec.from_dict`), so a queue can store it; its errors
   (:class:`SpecError`) name fields, not CLI flags.
-- :class:`FarmSettings`: the workers (URLs, or how many to start here), the shared root, the token,
-  and every timeout and poll interval, so tests can shrink them.
+- :class:`FarmSettings`: the workers (URLs, how many to start here, or a Ray cluster to start them
+  on), the shared root, the token, and every timeout and poll interval, so tests can shrink them.
 """
 
 from __future__ import annotations
@@ -150,7 +150,9 @@ class FarmSettings:
 
     workers: tuple[str, ...] = ()  # worker URLs; empty: start local workers
     local_workers: int | None = None  # None: one per visible GPU, or one on the CPU
-    local_worker_args: tuple[str, ...] = ()  # extra flags for local workers (e.g. --cpu-threads 1)
+    local_worker_args: tuple[str, ...] = ()  # extra flags for started workers (e.g. --cpu-threads 1)
+    ray_address: str | None = None  # start the workers as actors on this Ray cluster ("auto" or host:port)
+    ray_workers: int | None = None  # how many actors; None: one per GPU of the cluster (see ray_fleet)
     shared_root: Path | None = None  # None: default_shared_root()
     token: str | None = field(default=None, repr=False)
     poll_interval_s: float = 0.02
@@ -167,6 +169,17 @@ class FarmSettings:
             raise SpecError("local_workers", f"must be at least 1, not {self.local_workers}")
         if self.workers and self.local_workers is not None:
             raise SpecError("workers", "and local_workers cannot both be given")
+        if self.ray_address is not None:
+            if not self.ray_address.strip():
+                raise SpecError("ray_address", "must be auto or the Ray cluster's address")
+            if self.workers or self.local_workers is not None:
+                field_name = "workers" if self.workers else "local_workers"
+                raise SpecError(field_name, "cannot be given with ray_address: Ray starts the workers")
+        if self.ray_workers is not None:
+            if self.ray_address is None:
+                raise SpecError("ray_workers", "needs ray_address")
+            if self.ray_workers < 1:
+                raise SpecError("ray_workers", f"must be at least 1, not {self.ray_workers}")
         if self.workers and self.shared_root is None:
             raise SpecError(
                 "shared_root",

@@ -1,0 +1,263 @@
+"""The farm's workers as Ray actors (``esrfarm upscale --ray``), on a real local multi-node cluster.
+
+One ``ray.cluster_utils.Cluster`` for the module: a head node that takes no worker and three CPU-only
+nodes, each with one unit of ``esrfarm_worker`` (the custom resource standing in for a GPU), so every
+actor gets a node of its own. Real coordinator processes (killed for real), real worker processes
+inside the actors, real ffmpeg, lossless outputs. Skipped only where ray is not installed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+
+ray = pytest.importorskip("ray", reason="ray is not installed (pip install -e '.[ray]' installs it)")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from coordinator.extract import decode_frames  # noqa: E402
+from tests import clips  # noqa: E402
+from tests.workerutil import REPO  # noqa: E402
+
+LOSSLESS = ["--codec", "ffv1", "--pix-fmt", "gbrp"]
+NAMESPACE = "esrfarm"
+#: The fault tests' worker: a fixed latency per frame, so that a job lasts long enough to be hit.
+SLOW = ["--worker-arg=--simulate-latency-ms=150"]
+FAST_HEALTH = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    head = {"num_cpus": 1, "include_dashboard": False, "_system_config": FAST_HEALTH}
+    cluster = Cluster(initialize_head=True, head_node_args=head)
+    for _ in range(3):
+        cluster.add_node(num_cpus=1, resources={"esrfarm_worker": 1})
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("ray")
+
+
+@pytest.fixture(scope="module")
+def slow_source(work: Path) -> Path:
+    return clips.video(work / "slow.mp4", size="32x18", frames=48)
+
+
+@pytest.fixture(scope="module")
+def slow_reference(work: Path, slow_source: Path, tiny_model: Path) -> list[np.ndarray]:
+    """The fault tests' job on one local worker."""
+    output = work / "slow-local.mkv"
+    done = run(upscale_args(slow_source, output, work / "local-root", tiny_model, "--local-workers", "1",
+                            "--worker-arg=--simulate-latency-ms=1"))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return list(decode_frames(output))
+
+
+def upscale_args(source: Path, output: Path, root: Path, model: Path, *args: str) -> list[str]:
+    return [
+        sys.executable, "-m", "coordinator.cli", "upscale", str(source), str(output), "--model", str(model),
+        "--scale", "2", "--batch-size", "4", "--shared-root", str(root), "--overwrite",
+        "--unreachable-timeout", "3", "--worker-arg=--cpu-threads=1", "-v", *LOSSLESS, *args,
+    ]  # fmt: skip
+
+
+def on_ray(cluster: Cluster, source: Path, output: Path, root: Path, model: Path, *args: str) -> list[str]:
+    return upscale_args(source, output, root, model, "--ray", cluster.address, "--events", "jsonl", *args)
+
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def run(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=REPO)
+
+
+def start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as handle:
+        return subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=ENV, cwd=REPO)
+
+
+def events(stdout: str) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def statuses(root: Path) -> list[dict[str, Any]]:
+    found = []
+    for path in root.glob("jobs/*/status/*.json"):
+        try:
+            found.append(orjson.loads(path.read_bytes()))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def wait_mid_manifest(root: Path, process: subprocess.Popen[bytes] | None = None) -> dict[str, Any]:
+    """A status file of a manifest under way: at least one batch done, more to go."""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        for status in statuses(root):
+            if status["state"] == "processing" and 0 < status["batches_done"] < status["batches_total"]:
+                return status
+        assert process is None or process.poll() is None, "the coordinator ended before its manifests began"
+        time.sleep(0.05)
+    raise AssertionError("no manifest got under way")
+
+
+def actor_of(status: dict[str, Any]) -> Any:
+    name = status["worker"]["worker_id"].split("@")[0]
+    return ray.get_actor(name, namespace=NAMESPACE)
+
+
+def run_actors(coordinator_pid: int) -> list[str]:
+    prefix = f"esrfarm-{socket.gethostname()}-{coordinator_pid}-"
+    return sorted(
+        a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)
+    )
+
+
+def pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+def assert_same_frames(output: Path, reference: list[np.ndarray]) -> None:
+    got = list(decode_frames(output))
+    assert len(got) == len(reference)
+    assert all(np.array_equal(a, b) for a, b in zip(got, reference, strict=True))
+
+
+@dataclass
+class SlowJob:
+    """A fault test's job: the slow workers' job on Ray, its files named ``name`` in the work folder."""
+
+    root: Path
+    output: Path
+    args: list[str]
+    log: Path
+    process: subprocess.Popen[bytes]
+
+    @classmethod
+    def start(
+        cls, cluster: Cluster, work: Path, name: str, model: Path, source: Path, actors: int
+    ) -> SlowJob:
+        root, output, log = work / f"{name}-root", work / f"{name}.mkv", work / f"{name}.log"
+        args = on_ray(
+            cluster, source, output, root, model, "--ray-workers", str(actors), "--keep-frames", *SLOW
+        )
+        return cls(root, output, args, log, start(args, log))
+
+    def rerun(self) -> SlowJob:
+        """The same command again."""
+        log = self.log.with_suffix(".rerun.log")
+        return SlowJob(self.root, self.output, self.args, log, start(self.args, log))
+
+    def wait(self) -> list[dict[str, Any]]:
+        """Its exit (which must be 0) and its events."""
+        assert self.process.wait(timeout=240) == 0, self.log.read_text()
+        return events(self.log.read_text())
+
+
+SERVES = re.compile(r"Ray actor (\S+) on node (\w+) \(\S+\) serves at (\S+)")
+
+
+def test_a_job_on_actors_over_two_nodes_is_frame_identical_to_local_workers(
+    cluster: Cluster, work: Path, tiny_model: Path
+) -> None:
+    source = clips.video(work / "real.mp4", size="32x18", frames=24)
+    local = run(upscale_args(source, work / "real-local.mkv", work / "local-root", tiny_model,
+                             "--local-workers", "1"))  # fmt: skip
+    assert local.returncode == 0, local.stderr
+    root = work / "real-root"
+    done = run(on_ray(cluster, source, work / "real-ray.mkv", root, tiny_model, "--ray-workers", "2",
+                      "--keep-frames"))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert events(done.stdout)[-1]["event"] == "finished"
+    actors = {m.group(1): m.group(2) for m in SERVES.finditer(done.stderr)}
+    assert len(actors) == 2 and len(set(actors.values())) == 2, f"two actors on two nodes: {actors}"
+    workers = {s["worker"]["worker_id"].split("@")[0] for s in statuses(root) if s["state"] == "completed"}
+    assert workers == set(actors), "both actors upscaled batches"
+    assert_same_frames(work / "real-ray.mkv", list(decode_frames(work / "real-local.mkv")))
+    assert run_actors(0) == [] and not [
+        a for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE
+    ], "every actor is gone after the job"
+
+
+def test_the_only_actor_killed_mid_manifest_is_restarted_and_the_job_ends_right(
+    cluster: Cluster, work: Path, tiny_model: Path, slow_source: Path, slow_reference: list[np.ndarray]
+) -> None:
+    job = SlowJob.start(cluster, work, "kill", tiny_model, slow_source, actors=1)
+    status = wait_mid_manifest(job.root, job.process)
+    ray.kill(actor_of(status), no_restart=False)  # as if its process had crashed: Ray restarts it
+    lost = [e for e in job.wait() if e["event"] == "worker_lost"]
+    assert len(lost) == 1 and "died" in lost[0]["reason"], lost
+    after = {s["worker"]["pid"] for s in statuses(job.root) if s["state"] == "completed"}
+    assert after - {status["worker"]["pid"]}, "the restarted actor's new worker did the rest"
+    assert not pid_exists(status["worker"]["pid"]), "the killed actor's worker died with it"
+    assert_same_frames(job.output, slow_reference)
+
+
+def test_a_node_removed_mid_job_costs_a_retry_not_the_job(
+    cluster: Cluster, work: Path, tiny_model: Path, slow_source: Path, slow_reference: list[np.ndarray]
+) -> None:
+    job = SlowJob.start(cluster, work, "node", tiny_model, slow_source, actors=2)
+    status = wait_mid_manifest(job.root, job.process)
+    node_id = ray.get(actor_of(status).where.remote(), timeout=30)["node_id"]
+    node = next(n for n in cluster.worker_nodes if n.node_id == node_id)
+    try:
+        cluster.remove_node(node, allow_graceful=False)
+        lost = [e for e in job.wait() if e["event"] == "worker_lost"]
+    finally:
+        cluster.add_node(num_cpus=1, resources={"esrfarm_worker": 1})  # three nodes for the next test
+    assert lost and lost[0]["worker"] == status["worker"]["worker_id"], lost
+    assert_same_frames(job.output, slow_reference)
+
+
+def test_a_coordinator_killed_mid_job_leaves_no_actor_and_its_rerun_resumes(
+    cluster: Cluster, work: Path, tiny_model: Path, slow_source: Path, slow_reference: list[np.ndarray]
+) -> None:
+    job = SlowJob.start(cluster, work, "sigkill", tiny_model, slow_source, actors=2)
+    wait_mid_manifest(job.root, job.process)
+    assert len(run_actors(job.process.pid)) == 2
+    job.process.send_signal(signal.SIGKILL)
+    job.process.wait()
+    killed_at = time.monotonic()
+    worker_pids = {s["worker"]["pid"] for s in statuses(job.root)}
+    done_before = {b for s in statuses(job.root) for b in s["done_batches"]}
+    while (
+        run_actors(job.process.pid) or any(map(pid_exists, worker_pids))
+    ) and time.monotonic() - killed_at < 60:
+        time.sleep(0.2)
+    assert run_actors(job.process.pid) == [], "Ray destroyed the dead coordinator's actors"
+    assert not any(map(pid_exists, worker_pids)), "and their workers: no orphan holds a GPU"
+    again = job.rerun()
+    started = next(e for e in again.wait() if e["event"] == "started")
+    assert started["run"] == 2, started
+    redone = {
+        b["id"]
+        for m in job.root.glob("jobs/*/manifests/r02-*.json")
+        for b in orjson.loads(m.read_bytes())["batches"]
+    }
+    assert done_before and not done_before & redone, "the rerun upscaled only what the first left undone"
+    assert run_actors(again.process.pid) == []
+    assert_same_frames(job.output, slow_reference)
