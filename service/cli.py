@@ -50,6 +50,16 @@ def serve_parser() -> argparse.ArgumentParser:
     where.add_argument(
         "--local-workers", type=int, metavar="N", help="start N local workers (default: one per GPU)"
     )
+    where.add_argument(
+        "--ray", metavar="auto|ADDRESS",
+        help="run the workers as actors on a Ray cluster (auto: the one this host belongs to; or host:port); "
+        "every node mounts the shared root at the same path and has esrfarm with the [ray] extra",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ray-workers", type=int, metavar="N",
+        help="how many worker actors with --ray (default: one per GPU of the cluster; on a CPU-only "
+        "cluster one per esrfarm_worker resource, else 1)",
+    )  # fmt: skip
     parser.add_argument(
         "--worker-arg", action="append", default=[], metavar="ARG",
         help="extra flag for local workers, repeatable (e.g. --worker-arg=--device=cpu)",

@@ -261,3 +261,35 @@ def test_a_coordinator_killed_mid_job_leaves_no_actor_and_its_rerun_resumes(
     assert done_before and not done_before & redone, "the rerun upscaled only what the first left undone"
     assert run_actors(again.process.pid) == []
     assert_same_frames(job.output, slow_reference)
+
+
+def test_the_service_runs_its_jobs_on_ray_actors_and_leaves_none_when_it_stops(
+    cluster: Cluster, work: Path, tiny_model: Path
+) -> None:
+    from tests.serviceutil import start_service
+
+    inputs = work / "service-inputs"
+    inputs.mkdir()
+    source = clips.video(inputs / "clip.mp4", size="32x18", frames=16)
+    root = work / "service-root"
+    args = ["--ray", cluster.address, "--ray-workers", "2", "--worker-arg=--cpu-threads=1",
+            "--input-root", inputs]  # fmt: skip
+    service = start_service(root, work / "service-logs", args)
+    served: set[str] = set()
+    try:
+        job = service.submit(inputs=[str(source)], models=[str(tiny_model)], scales=[2])
+        done = service.wait_state(job["jobs"][0]["id"], "done", "failed", timeout=240)
+        assert done["state"] == "done", done
+        log = service.log_path.read_text()
+        actors = {m.group(1): m.group(3) for m in SERVES.finditer(log)}
+        served |= set(actors)
+        assert len(actors) == 2, f"two worker actors: {log}"
+        assert {w["url"] for w in service.get("/api/workers").json()} == set(actors.values())
+        assert re.search(r"upscaling with 2 worker\(s\): esrfarm-", log), "the job ran on the actors"
+        frames = list(decode_frames(done["output"]))
+        assert len(frames) == 16 and frames[0].shape == (36, 64, 3)
+    finally:
+        assert service.stop() == 0, service.log()
+    assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"] in served], (
+        "the service's actors are gone once it stops"
+    )

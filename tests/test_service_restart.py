@@ -117,6 +117,10 @@ def test_a_dying_worker_costs_its_batches_not_the_job(
     try:
         job = service.submit(inputs=[str(long)], models=[str(tiny_model)], scales=[2])["jobs"][0]
         service.wait_job(job["id"], lambda j: j["stage"] == "upscaling" and j["frames_done"] >= 8)
+        on_batch: list[dict[str, object]] = []
+        while not on_batch and service.job(job["id"])["state"] == "running":
+            on_batch = [w for w in service.get("/api/workers").json() if isinstance(w["batch"], int)]
+        assert on_batch, "/api/workers shows the batch a worker is on while the job upscales"
         dying = workers[1]
         dying.stop(signal.SIGKILL)
         done = service.wait_state(job["id"], "done", "failed")
