@@ -29,6 +29,7 @@ import asyncio
 import enum
 import logging
 import secrets
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,7 +166,8 @@ class WorkerFleet:
         self._given_clients = list(clients) if clients is not None else None
         self._session: aiohttp.ClientSession | None = None
         self._token: str | None = farm.token
-        self._joining: set[str] = set()  # URLs that joined after start and have not answered /health yet
+        # URLs that joined after start and have not answered /health yet -> when they joined (monotonic)
+        self._joining: dict[str, float] = {}
         self._health_task: asyncio.Task[None] | None = None
         self._started: asyncio.Future[None] | None = None
 
@@ -237,8 +239,12 @@ class WorkerFleet:
         return HttpWorkerClient(url, self._session, self._token, self.farm.request_timeout_s)
 
     def replacing(self) -> list[str]:
-        """Names of lost workers the pool is bringing back (restarting Ray actors): not gone yet."""
-        return self.pool.replacing() if self.pool is not None else []
+        """Workers to wait for, not gone yet: lost ones the pool is bringing back (restarting Ray
+        actors), and ones that joined (a restarted actor's new URL) but have not answered /health yet,
+        for at most ``startup_timeout_s`` from their joining."""
+        now = time.monotonic()
+        coming = [u for u, t in self._joining.items() if now - t < self.farm.startup_timeout_s]
+        return (self.pool.replacing() if self.pool is not None else []) + coming
 
     async def close(self) -> None:
         """Stop the health round and the local workers; close the HTTP session."""
@@ -393,10 +399,10 @@ class WorkerFleet:
         results = await asyncio.gather(*(h.client.health() for h in joining), return_exceptions=True)
         for handle, result in zip(joining, results, strict=True):
             if not handle.alive:
-                self._joining.discard(handle.url)
+                self._joining.pop(handle.url, None)
             elif isinstance(result, dict):
                 handle.health = result
-                self._joining.discard(handle.url)
+                self._joining.pop(handle.url, None)
                 log.info("worker %s is ready", handle.worker_id)
 
     def _exit_reason(self, url: str) -> str | None:
@@ -423,7 +429,7 @@ class WorkerFleet:
             for url in self.pool.joined():
                 log.info("worker %s joined", url)
                 self.handles[url] = WorkerHandle(url, self._client(url))
-                self._joining.add(url)
+                self._joining[url] = time.monotonic()
         await self._greet_joining()
         handles = [h for h in self.handles.values() if h.ready]  # wait_ready() watches the others
         changes = [h.changes for h in handles]
