@@ -266,8 +266,9 @@ def test_a_large_frame_is_upscaled_in_memory_bounded_by_the_pixel_budget(
         assert final["state"] == "completed", final
         assert read_frame(job.output_path(1)).shape == (3072, 3072, 3)
         grown = (proc_status(worker.pid, "VmHWM") - before) / 1024
-        # input 7 MB + output 28 MB (twice, for the write) + tiles of 384x384 pixels: well under 250 MB
-        assert grown < 250, f"peak memory grew by {grown:.0f} MB"
+        # input 7 MB + output 28 MB (twice, for the write) + tiles of 384x384 pixels, plus what glibc's
+        # per-thread arenas keep (178-350 MB measured, more on a busy CPU); untiled it grows ~905 MB
+        assert grown < 450, f"peak memory grew by {grown:.0f} MB"
     finally:
         assert worker.stop() == 0
 
