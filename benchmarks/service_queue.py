@@ -8,7 +8,7 @@ command's start to the last one's end) and the workers' idle fraction: 1 - (seco
 spent computing, from their Prometheus sums) / (workers x total time). One JSON line per run, then
 the ratios against the sequential run and against K=1.
 
-    python benchmarks/service_queue.py --clips 8 --frames 64 --size 320x180 --latency-ms 50 \
+    python benchmarks/service_queue.py --clips 8 --frames 64 --size 320x180 --latency-ms 50 \\
         --max-running 1 2 3
 """
 
