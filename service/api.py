@@ -1,5 +1,6 @@
-"""The job service's HTTP API (aiohttp): jobs, uploads, live events (SSE), workers, health, metrics,
-and the static page. :func:`create_app` builds it; :func:`serve` runs it until SIGTERM/SIGINT.
+"""The job service's HTTP API (aiohttp): jobs (upscaling and comparison jobs), a comparison batch's
+page, uploads, live events (SSE), workers, health, metrics, and the static page. :func:`create_app`
+builds it; :func:`serve` runs it until SIGTERM/SIGINT.
 
 Security: without a token the service must be bound to a loopback address (``ServiceSettings``
 refuses anything else) and refuses ``/api`` requests whose ``Host`` is not a loopback name (a web
@@ -33,6 +34,7 @@ from aiohttp.typedefs import Middleware
 from coordinator.encode import EncodeSettings
 from coordinator.errors import CoordinatorError, SpecError
 from coordinator.spec import DEFAULT_MODEL, FarmSettings, JobSpec
+from service.comparisons import KIND, CompareJobError, batch_page, compare_spec, is_compare
 from service.preview import PreviewError, render_preview
 from service.scheduler import ModelUnavailableError, Scheduler, SchedulerSettings
 from service.settings import ServiceSettings, is_loopback
@@ -161,6 +163,11 @@ def _output_name(source: Path, model: str, scale: float | None, job_id: str, cod
     return f"{stem}-{model_name}{scale_part}-{job_id[:8]}{suffix}"
 
 
+COMMON_FIELDS = {"type", "inputs", "upload", "models", "scales", "priority", "output_dir"}
+UPSCALE_FIELDS = COMMON_FIELDS | {"codec", "crf", "preset"}
+COMPARE_FIELDS = COMMON_FIELDS | {"frames"}
+
+
 async def submit(request: web.Request) -> web.Response:
     settings, store, scheduler = request.app[SETTINGS], request.app[STORE], request.app[SCHEDULER]
     try:
@@ -170,46 +177,20 @@ async def submit(request: web.Request) -> web.Response:
     if not isinstance(body, dict):
         return _error(400, "the request body must be a JSON object")
     try:
-        known = {"inputs", "upload", "models", "scales", "codec", "crf", "preset", "priority", "output_dir"}
-        unknown = sorted(set(body) - known)
+        kind = body.get("type", "upscale")
+        if kind not in ("upscale", KIND):
+            raise BadRequest("type", f'must be "upscale" (the default) or "compare", not {kind!r}')
+        unknown = sorted(set(body) - (COMPARE_FIELDS if kind == KIND else UPSCALE_FIELDS))
         if unknown:
-            raise BadRequest(unknown[0], "is not a job field")
+            raise BadRequest(unknown[0], f"is not a field of a{'' if kind == KIND else 'n'} {kind} job")
         inputs = await asyncio.to_thread(_inputs, body, settings)
-        models = _list_of(body, "models", str, [DEFAULT_MODEL])
-        scales = _list_of(body, "scales", (int, float), [None])
-        encode = _encode(body)
         priority = _optional_int(body, "priority") or 0
         output_dir = await asyncio.to_thread(_output_dir, body, settings)
-        count = len(inputs) * len(models) * len(scales)
-        if count > settings.max_jobs_per_submit:
-            raise BadRequest("inputs", f"make {count} jobs; at most {settings.max_jobs_per_submit} at once")
-        for model in dict.fromkeys(models):
-            try:
-                await scheduler.check_model(model)
-            except ModelUnavailableError as exc:
-                raise BadRequest("models", str(exc)) from None
         batch_id = secrets.token_hex(8)
-        rows = []
-        for source in inputs:
-            for model in models:
-                for scale in scales:
-                    job_id = secrets.token_hex(8)
-                    output = output_dir / _output_name(source, model, scale, job_id, encode.codec)
-                    try:
-                        spec = JobSpec(
-                            input=source, output=output, model=model,
-                            scale=float(scale) if scale is not None else None, encode=encode,
-                        )  # fmt: skip
-                    except SpecError as exc:
-                        field = {"scale": "scales", "model": "models"}.get(exc.field, exc.field)
-                        raise BadRequest(field, exc.problem) from None
-                    rows.append(
-                        new_job(
-                            job_id=job_id, batch_id=batch_id, input=str(source), output=str(output),
-                            spec=spec.to_dict(), model=model, scale=spec.scale, codec=encode.codec,
-                            priority=priority, now=now(),
-                        )
-                    )  # fmt: skip
+        if kind == KIND:
+            rows = _compare_rows(body, inputs, output_dir, batch_id, priority, settings)
+        else:
+            rows = await _upscale_rows(body, inputs, output_dir, batch_id, priority, settings, scheduler)
     except BadRequest as exc:
         return _error(exc.status, str(exc))
     try:
@@ -218,8 +199,93 @@ async def submit(request: web.Request) -> web.Response:
         return _error(400, f"output_dir: cannot create {output_dir}: {exc.strerror or exc}")
     await store.add_jobs(rows)
     scheduler.wake()
-    log.info("batch %s: %d job(s) queued", batch_id, len(rows))
-    return _json({"batch_id": batch_id, "jobs": [row.to_json() for row in rows]}, 201)
+    log.info("batch %s: %d %s job(s) queued", batch_id, len(rows), kind)
+    answer: dict[str, Any] = {"batch_id": batch_id, "jobs": [row.to_json() for row in rows]}
+    if kind == KIND:
+        answer["batch_url"] = f"/api/batches/{batch_id}/compare"
+    return _json(answer, 201)
+
+
+def _check_count(count: int, settings: ServiceSettings) -> None:
+    if count > settings.max_jobs_per_submit:
+        raise BadRequest("inputs", f"make {count} jobs; at most {settings.max_jobs_per_submit} at once")
+
+
+async def _upscale_rows(
+    body: dict[str, Any], inputs: list[Path], output_dir: Path, batch_id: str, priority: int,
+    settings: ServiceSettings, scheduler: Scheduler,
+) -> list[JobRow]:  # fmt: skip
+    """One upscaling job per input x model x scale."""
+    models = _list_of(body, "models", str, [DEFAULT_MODEL])
+    scales = _list_of(body, "scales", (int, float), [None])
+    encode = _encode(body)
+    _check_count(len(inputs) * len(models) * len(scales), settings)
+    for model in dict.fromkeys(models):
+        try:
+            await scheduler.check_model(model)
+        except ModelUnavailableError as exc:
+            raise BadRequest("models", str(exc)) from None
+    rows = []
+    for source in inputs:
+        for model in models:
+            for scale in scales:
+                job_id = secrets.token_hex(8)
+                output = output_dir / _output_name(source, model, scale, job_id, encode.codec)
+                try:
+                    spec = JobSpec(
+                        input=source, output=output, model=model,
+                        scale=float(scale) if scale is not None else None, encode=encode,
+                    )  # fmt: skip
+                except SpecError as exc:
+                    field = {"scale": "scales", "model": "models"}.get(exc.field, exc.field)
+                    raise BadRequest(field, exc.problem) from None
+                rows.append(
+                    new_job(
+                        job_id=job_id, batch_id=batch_id, input=str(source), output=str(output),
+                        spec=spec.to_dict(), model=model, scale=spec.scale, codec=encode.codec,
+                        priority=priority, now=now(),
+                    )
+                )  # fmt: skip
+    return rows
+
+
+def _compare_rows(
+    body: dict[str, Any], inputs: list[Path], output_dir: Path, batch_id: str, priority: int,
+    settings: ServiceSettings,
+) -> list[JobRow]:  # fmt: skip
+    """One comparison job per input x scale, each over all the models (none: compare's defaults)."""
+    models = _list_of(body, "models", str, [])
+    scales = _list_of(body, "scales", (int, float), [2])
+    _check_count(len(inputs) * len(scales), settings)
+    rows = []
+    for source in inputs:
+        for scale in scales:
+            job_id = secrets.token_hex(8)
+            try:
+                spec = compare_spec(source, models, scale, body.get("frames"))
+            except CompareJobError as exc:
+                raise BadRequest(exc.field, exc.problem) from None
+            stem = re.sub(r"[^A-Za-z0-9._-]+", "_", source.stem).strip("._-")[:60] or "video"
+            output = output_dir / f"{stem}-compare-x{spec['scale']}-{job_id[:8]}.html"
+            rows.append(
+                new_job(
+                    job_id=job_id, batch_id=batch_id, input=str(source), output=str(output), spec=spec,
+                    model=",".join(models) or "default models", scale=float(spec["scale"]), codec="report",
+                    priority=priority, now=now(),
+                )
+            )  # fmt: skip
+    return rows
+
+
+async def batch_compare(request: web.Request) -> web.Response:
+    """The comparison page of a batch of comparison jobs (HTML)."""
+    batch_id = request.match_info["batch_id"]
+    rows = [r for r in await request.app[STORE].jobs() if r.batch_id == batch_id and is_compare(r)]
+    if not rows:
+        return _error(404, f"no comparison batch {batch_id}")
+    rows.sort(key=lambda r: (r.created_at, r.input, r.scale or 0))
+    page = await asyncio.to_thread(batch_page, batch_id, rows, lambda r: f"/api/jobs/{r.id}/output")
+    return web.Response(text=page, content_type="text/html")
 
 
 async def list_jobs(request: web.Request) -> web.Response:
@@ -280,11 +346,14 @@ async def job_output(request: web.Request) -> web.StreamResponse:
     path = Path(row.output)
     if row.state != JobState.DONE or not await asyncio.to_thread(path.is_file):
         return _error(404, f"job {row.id} has no output ({row.state})")
-    return web.FileResponse(path, headers={"Content-Disposition": f'attachment; filename="{path.name}"'})
+    disposition = "inline" if is_compare(row) else "attachment"  # a report opens in the browser
+    return web.FileResponse(path, headers={"Content-Disposition": f'{disposition}; filename="{path.name}"'})
 
 
 async def job_preview(request: web.Request) -> web.Response:
     row = await _job(request)
+    if is_compare(row):
+        return _error(404, f"job {row.id} is a comparison: its report is its preview")
     if row.state != JobState.DONE:
         return _error(409, f"job {row.id} is {row.state}: a preview needs its output")
     raw = request.query.get("frame", "1")
@@ -492,6 +561,7 @@ def create_app(
     r.add_delete("/api/jobs/{id}", delete_job)
     r.add_get("/api/jobs/{id}/output", job_output)
     r.add_get("/api/jobs/{id}/preview", job_preview)
+    r.add_get("/api/batches/{batch_id}/compare", batch_compare)
     r.add_post("/api/uploads", upload)
     r.add_get("/api/events", events)
     r.add_get("/api/workers", workers)

@@ -96,6 +96,15 @@ def serve_parser() -> argparse.ArgumentParser:
         help="seconds a worker's status may stand still before its batches go elsewhere "
         "(default %(default)s)",
     )  # fmt: skip
+    parser.add_argument(
+        "--compare-device", default="auto",
+        help="device of comparison jobs (auto: first GPU, else CPU; cpu; cuda:N; default %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--compare-arg", action="append", default=[], metavar="ARG",
+        help="extra flag for esrfarm compare in comparison jobs, repeatable "
+        "(e.g. --compare-arg=--cpu-threads=2)",
+    )  # fmt: skip
     parser.add_argument("--port-file", type=Path, help='write {"url", "pid"} here once listening')
     parser.add_argument("-v", "--verbose", action="count", default=0, help="-v: info, -vv: debug")
     return parser
@@ -116,7 +125,10 @@ def serve_main(argv: list[str]) -> int:
             max_upload_bytes=parse_size(args.max_upload), port_file=args.port_file,
         )  # fmt: skip
         farm = farm_settings_from_args(args, read_token(args.worker_token_file))
-        scheduling = SchedulerSettings(max_running=args.max_running)
+        scheduling = SchedulerSettings(
+            max_running=args.max_running, compare_device=args.compare_device,
+            compare_args=tuple(args.compare_arg),
+        )  # fmt: skip
     except SpecError as exc:
         sys.stderr.write(f"esrfarm serve: error: {exc.field} {exc.problem}\n")
         return 2
@@ -232,10 +244,21 @@ def client_parser() -> argparse.ArgumentParser:
         "submit", parents=[common], prog="esrfarm submit",
         help="queue one job per input x model x scale (one batch)",
         description="Queue one job per INPUT x model x scale (one batch) and print the job ids. Paths "
-        "must be under one of the service's --input-root directories.",
+        "must be under one of the service's --input-root directories. With --compare, one comparison "
+        "job per INPUT x scale over all the models (esrfarm compare's report), and the batch's "
+        "comparison page.",
     )  # fmt: skip
     submit.add_argument("inputs", nargs="+", help="videos (absolute paths, as the service sees them)")
-    submit.add_argument("--model", default=DEFAULT_MODEL, help="model name(s), comma-separated")
+    submit.add_argument(
+        "--model", help=f"model name(s), comma-separated (default {DEFAULT_MODEL}; with --compare, "
+        "every catalog model available offline plus bicubic and lanczos)",
+    )  # fmt: skip
+    submit.add_argument(
+        "--compare", action="store_true",
+        help="compare the models instead of upscaling: quality, flicker and speed on each input, one "
+        "report per input and one comparison page for the batch (see esrfarm compare --help)",
+    )  # fmt: skip
+    submit.add_argument("--frames", type=int, help="with --compare: contiguous frames compared (default 12)")
     submit.add_argument("--scale", help="scale(s), comma-separated (default: the model's own)")
     submit.add_argument("--codec", help="libx264 (default), libx265, libsvtav1, ffv1, ...")
     submit.add_argument("--crf", type=int, help="quality (default: per codec)")
@@ -276,11 +299,20 @@ def client_main(argv: list[str]) -> int:
 
 
 def _submit(client: Client, args: argparse.Namespace) -> int:
-    body: dict[str, Any] = {
-        "inputs": [str(Path(p).absolute()) for p in args.inputs],
-        "models": [m for m in args.model.split(",") if m],
-        "priority": args.priority,
-    }
+    inputs = [str(Path(p).absolute()) for p in args.inputs]
+    body: dict[str, Any] = {"inputs": inputs, "priority": args.priority}
+    models = [m for m in (args.model or ("" if args.compare else DEFAULT_MODEL)).split(",") if m]
+    if models:
+        body["models"] = models
+    if args.compare:
+        body["type"] = "compare"
+        for name in ("codec", "crf", "preset"):
+            if getattr(args, name) is not None:
+                raise ServiceError(f"--{name} is for upscaling jobs; a comparison writes a report")
+        if args.frames is not None:
+            body["frames"] = args.frames
+    elif args.frames is not None:
+        raise ServiceError("--frames is for --compare")
     if args.scale:
         try:
             body["scales"] = [float(s) for s in args.scale.split(",") if s]
@@ -294,6 +326,8 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
     for job in batch["jobs"]:
         print(job["id"])
     sys.stdout.flush()
+    if batch.get("batch_url"):
+        sys.stderr.write(f"comparison page: {client.url}{batch['batch_url']}\n")
     if not args.wait:
         return 0
     return _wait(client, batch["jobs"], since)

@@ -15,6 +15,9 @@
   output never written); the job is ``cancelled`` and ``retry`` resumes it.
 - A job that fails because its workers did (lost, could not start) is queued again, up to
   ``max_attempts`` runs; any other failure is final, with the coordinator's one-line reason.
+- **Comparison jobs** (:mod:`service.comparisons`) do not use the fleet: one at a time, beside the
+  upscaling jobs, each ``esrfarm compare`` in a child process; cancel kills it, a stopping service
+  kills it and queues it again.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from coordinator.job import Job
 from coordinator.spec import FarmSettings, JobSpec
 from manifests.layout import JobLayout
 from manifests.status import Status
+from service.comparisons import CompareKilled, CompareProcess, CompareProgress, is_compare
 from service.metrics import ServiceMetrics
 from service.policy import Queued, plan_starts
 from service.store import JobRow, JobState, Store, now
@@ -55,6 +59,8 @@ class SchedulerSettings:
     max_attempts: int = 2  # runs of a job whose workers failed it
     progress_interval_s: float = 0.5  # most one progress update per job this often (SSE, store)
     idle_poll_s: float = 1.0
+    compare_device: str = "auto"  # --device of comparison jobs
+    compare_args: tuple[str, ...] = ()  # more flags for them (e.g. --cpu-threads=2)
 
     def __post_init__(self) -> None:
         if self.max_running < 1:
@@ -79,6 +85,14 @@ class _Running:
     last_stage: str | None = None
 
 
+@dataclass(eq=False)
+class _Comparing:
+    job_id: str
+    process: CompareProcess
+    task: asyncio.Task[None] | None = None
+    cancel_requested: bool = False
+
+
 @dataclass
 class Scheduler:
     store: Store
@@ -92,6 +106,7 @@ class Scheduler:
         self.fleet_model: str | None = None
         self._fleet_start: asyncio.Future[None] | None = None
         self._running: dict[str, _Running] = {}
+        self._comparing: _Comparing | None = None
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._closing = False
@@ -115,6 +130,11 @@ class Scheduler:
         runs = list(self._running.values())
         await asyncio.gather(*(run.job.cancel() for run in runs), return_exceptions=True)
         await asyncio.gather(*(run.task for run in runs if run.task is not None), return_exceptions=True)
+        comparing = self._comparing
+        if comparing is not None:
+            await comparing.process.kill()
+            if comparing.task is not None:
+                await asyncio.gather(comparing.task, return_exceptions=True)
         await self._close_fleet()
 
     def wake(self) -> None:
@@ -131,11 +151,13 @@ class Scheduler:
                 await asyncio.wait_for(self._wake.wait(), self.settings.idle_poll_s)
 
     async def _schedule(self) -> None:
-        slots = self.settings.max_running - len(self._running)
-        if slots <= 0:
-            return
         queued = await self.store.jobs(JobState.QUEUED)
-        if not queued:
+        comparisons = [j for j in queued if is_compare(j)]
+        if comparisons and self._comparing is None and not self._closing:
+            await self._start_comparison(comparisons[0])
+        queued = [j for j in queued if not is_compare(j)]
+        slots = self.settings.max_running - len(self._running)
+        if slots <= 0 or not queued:
             return
         if not self._running and self.fleet is not None and self._fleet_broken():
             if self.local:
@@ -314,6 +336,13 @@ class Scheduler:
 
     async def cancel(self, job_id: str) -> JobRow | None:
         """Cancel a queued or running job; returns its row (None if it is neither)."""
+        comparing = self._comparing
+        if comparing is not None and comparing.job_id == job_id:
+            comparing.cancel_requested = True
+            await comparing.process.kill()
+            if comparing.task is not None:
+                await asyncio.gather(comparing.task, return_exceptions=True)
+            return await self.store.get(job_id)
         run = self._running.get(job_id)
         if run is None:
             row = await self.store.update(
@@ -348,7 +377,54 @@ class Scheduler:
         return row
 
     def is_running(self, job_id: str) -> bool:
-        return job_id in self._running
+        return job_id in self._running or (self._comparing is not None and self._comparing.job_id == job_id)
+
+    # -- comparison jobs --------------------------------------------------------------------------
+
+    async def _start_comparison(self, row: JobRow) -> None:
+        started = await self.store.update(
+            row.id, only_if=[JobState.QUEUED], state=JobState.RUNNING, started_at=row.started_at or now(),
+            attempts=row.attempts + 1, stage="comparing", frames_done=0, frames_total=0, error=None,
+        )  # fmt: skip
+        if started is None:
+            return
+        process = CompareProcess(started, self.settings.compare_device, self.settings.compare_args)
+        comparing = _Comparing(row.id, process)
+        self._comparing = comparing
+        task = asyncio.create_task(self._drive_comparison(comparing), name=f"esrfarm-compare-{row.id}")
+        comparing.task = task
+        log.info("started comparison %s (%s, models %s)", row.id, row.input, row.model)
+
+    async def _drive_comparison(self, comparing: _Comparing) -> None:
+        job_id = comparing.job_id
+
+        async def progress(at: CompareProgress) -> None:
+            await self.store.update(
+                job_id, stage=f"comparing {at.label}", frames_done=at.model - 1, frames_total=at.models
+            )
+
+        try:
+            try:
+                await comparing.process.run(progress)
+            except CompareKilled:
+                if comparing.cancel_requested:
+                    await self._end(job_id, JobState.CANCELLED)
+                else:  # the service is stopping: it runs again at the next start
+                    await self.store.update(job_id, state=JobState.QUEUED, stage=None)
+            except (RuntimeError, OSError) as exc:
+                await self._end(job_id, JobState.FAILED, error=str(exc))
+            else:
+                current = await self.store.get(job_id)
+                models = current.frames_total if current is not None else 0
+                row = await self._end(job_id, JobState.DONE, frames_done=models)
+                if row is not None and row.duration_s is not None:
+                    self.metrics.job_duration.observe(row.duration_s)
+        except Exception:
+            log.exception("comparison %s failed unexpectedly", job_id)
+        finally:
+            if self._comparing is comparing:
+                self._comparing = None
+            self.wake()
 
 
 def _current_batch(root: Path, handle: WorkerHandle) -> int | None:

@@ -87,7 +87,7 @@ class JobRow:
     batch_id: str
     input: str
     output: str
-    spec: str  # the coordinator's JobSpec.to_dict(), as JSON
+    spec: str  # the coordinator's JobSpec.to_dict(), or a comparison's spec (its "kind"), as JSON
     model: str
     scale: float | None
     codec: str
@@ -115,6 +115,11 @@ class JobRow:
         return value
 
     @property
+    def kind(self) -> str:
+        """``upscale`` (the spec is a coordinator JobSpec) or ``compare`` (:mod:`service.comparisons`)."""
+        return str(self.spec_dict.get("kind", "upscale"))
+
+    @property
     def duration_s(self) -> float | None:
         if self.started_at is None or self.finished_at is None:
             return None
@@ -124,15 +129,18 @@ class JobRow:
         """The job as the API shows it (``/api/jobs``, SSE ``data:``)."""
         done = self.state == JobState.DONE
         base = f"/api/jobs/{self.id}"
+        kind = self.kind
         return {
-            "id": self.id, "batch_id": self.batch_id, "input": self.input, "output": self.output,
-            "model": self.model, "scale": self.scale, "codec": self.codec, "priority": self.priority,
+            "id": self.id, "kind": kind, "batch_id": self.batch_id, "input": self.input,
+            "output": self.output, "model": self.model, "scale": self.scale, "codec": self.codec,
+            "priority": self.priority,
             "state": self.state, "stage": self.stage, "frames_done": self.frames_done,
             "frames_total": self.frames_total, "fps": self.fps, "eta_s": self.eta_s, "error": self.error,
             "created_at": self.created_at, "started_at": self.started_at, "finished_at": self.finished_at,
             "duration_s": self.duration_s,
             "output_url": f"{base}/output" if done else None,
-            "preview_url": f"{base}/preview" if done else None,
+            "preview_url": f"{base}/preview" if done and kind == "upscale" else None,
+            "batch_url": f"/api/batches/{self.batch_id}/compare" if kind == "compare" else None,
         }  # fmt: skip
 
 

@@ -134,7 +134,11 @@
 
   // A catalog name as it is; a weights file by its name without the extension.
   function modelName(model) {
-    return basename(model).replace(/\.(pth|safetensors|pt|ckpt)$/, "");
+    // A comparison's models are comma-separated.
+    return String(model || "")
+      .split(",")
+      .map((one) => basename(one).replace(/\.(pth|safetensors|pt|ckpt)$/, ""))
+      .join(", ");
   }
 
   function percent(job) {
@@ -216,6 +220,17 @@
     return link;
   }
 
+  // A comparison's report and its batch's page open in a new tab (with a token: as a blob URL).
+  function pageLink(label, className, url) {
+    const link = el("a", { class: className, href: url, target: "_blank", rel: "noopener" }, label);
+    link.addEventListener("click", async (event) => {
+      if (!token) return;
+      event.preventDefault();
+      window.open(await authorizedUrl(url), "_blank", "noopener");
+    });
+    return link;
+  }
+
   // ---- rendering --------------------------------------------------------------------------
 
   function tableFor(state) {
@@ -276,7 +291,8 @@
       progress.firstChild.style.width = pct.toFixed(1) + "%";
       progress.setAttribute("aria-valuenow", pct.toFixed(0));
       setText(progress.lastChild, pct.toFixed(0) + "%");
-      setText(c.frames, job.frames_total ? (job.frames_done || 0) + " / " + job.frames_total : "");
+      const unit = job.kind === "compare" ? " models" : "";
+      setText(c.frames, job.frames_total ? (job.frames_done || 0) + " / " + job.frames_total + unit : "");
       setText(c.fps, job.fps ? Number(job.fps).toFixed(1) : "");
       setText(c.eta, duration(job.eta_s));
     } else if (row.table === "queue") {
@@ -289,7 +305,11 @@
       c.result.replaceChildren();
       c.preview.replaceChildren();
       c.actions.replaceChildren();
-      if (job.state === "done" && job.output_url) {
+      if (job.state === "done" && job.output_url && job.kind === "compare") {
+        c.result.appendChild(pageLink("report", "report", job.output_url));
+        c.result.appendChild(document.createTextNode(" · "));
+        c.result.appendChild(pageLink("batch", "batch", job.batch_url));
+      } else if (job.state === "done" && job.output_url) {
         c.result.appendChild(downloadLink(job));
       } else {
         c.result.appendChild(el("span", { class: "state " + job.state }, job.state));
@@ -469,7 +489,8 @@
       return;
     }
     if (scales.length) body.scales = scales;
-    if ($("#codec").value) body.codec = $("#codec").value;
+    if ($("#job-type").value === "compare") body.type = "compare";
+    else if ($("#codec").value) body.codec = $("#codec").value;
     const priority = parseInt($("#priority").value, 10);
     if (Number.isFinite(priority)) body.priority = priority;
     $("#submit-button").disabled = true;

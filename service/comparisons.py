@@ -1,0 +1,241 @@
+"""Comparison jobs: ``esrfarm compare`` as a job type of the service, and a batch's comparison page.
+
+A comparison job (``POST /api/jobs`` with ``"type": "compare"``) is one input compared over all the
+batch's models at one scale; its output is the report (HTML, with its JSON beside it) that
+``esrfarm compare`` writes. The service runs it as that command, in a child process of its own
+(:class:`CompareProcess`): the model runtime and its memory live and die with the comparison, and a
+cancel is a kill. At most one runs at a time, beside the upscaling jobs (it loads every model in
+turn on its ``--compare-device``).
+
+:func:`batch_page` renders the batch's one comparison page: for each input, the rows of its report
+(model, PSNR, SSIM, VMAF, VMAF NEG, flicker, fps, projected time), the best model by VMAF NEG and the
+fastest within a point of it, and a link to the full report (crops, chart, slider).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import logging
+import os
+import re
+import signal
+import sys
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from compare.spec import DEFAULT_FRAMES, SCALES, CompareSpec
+from service.store import JobRow
+
+log = logging.getLogger(__name__)
+
+KIND = "compare"
+#: ``compare.run`` says ``[i/n] model`` as it starts each model (its INFO log line).
+_MODEL_LINE = re.compile(r"INFO compare\.run: \[(\d+)/(\d+)\] (.+)$")
+_ERROR_PREFIX = "esrfarm compare: "
+_TAIL_LINES = 20
+
+
+class CompareKilled(Exception):
+    """The comparison was killed (a cancel, or the service stopping)."""
+
+
+class CompareJobError(ValueError):
+    """A comparison field that cannot work: ``field`` names it."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field, self.problem = field, problem
+        super().__init__(f"{field}: {problem}")
+
+
+def compare_spec(source: Path, models: Sequence[str], scale: Any, frames: Any) -> dict[str, Any]:
+    """The stored spec of one comparison job, checked as ``esrfarm compare`` would check it."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale not in SCALES:
+        raise CompareJobError("scales", f"a comparison runs at {', '.join(map(str, SCALES))}, not {scale!r}")
+    if frames is None:
+        frames = DEFAULT_FRAMES
+    if isinstance(frames, bool) or not isinstance(frames, int):
+        raise CompareJobError("frames", f"must be a whole number, not {frames!r}")
+    try:
+        CompareSpec(input=source, models=tuple(models), scale=int(scale), frames=frames)
+    except ValueError as exc:
+        field = "frames" if "frames" in str(exc) else "models"
+        raise CompareJobError(field, str(exc)) from None
+    return {"kind": KIND, "input": str(source), "models": list(models), "scale": int(scale), "frames": frames}
+
+
+def is_compare(row: JobRow) -> bool:
+    return row.kind == KIND
+
+
+def json_path(row: JobRow) -> Path:
+    """The report's JSON, beside its HTML (the job's output)."""
+    return Path(row.output).with_suffix(".json")
+
+
+@dataclass
+class CompareProgress:
+    """What the child said last: the model it is on (1-based) of how many."""
+
+    model: int = 0
+    models: int = 0
+    label: str = ""
+
+
+class CompareProcess:
+    """``python -m compare`` for one job: started, followed line by line, killed on cancel."""
+
+    def __init__(self, row: JobRow, device: str, extra_args: Sequence[str] = ()) -> None:
+        spec = row.spec_dict
+        self.row = row
+        self.argv = [
+            sys.executable, "-m", "compare", spec["input"], "--scale", str(spec["scale"]),
+            "--frames", str(spec["frames"]), "--report", row.output, "--json", str(json_path(row)),
+            "--overwrite", "--device", device, *extra_args,
+        ]  # fmt: skip
+        if spec["models"]:
+            self.argv[4:4] = ["--models", ",".join(spec["models"])]
+        self.process: asyncio.subprocess.Process | None = None
+        self.tail: deque[str] = deque(maxlen=_TAIL_LINES)
+        self.killed = False
+
+    async def run(self, on_progress: Callable[[CompareProgress], Awaitable[None]]) -> None:
+        """Run to the end; raise :class:`RuntimeError` with the command's own error if it fails,
+        :class:`CompareKilled` if :meth:`kill` ended it."""
+        if self.killed:
+            raise CompareKilled
+        self.process = await asyncio.create_subprocess_exec(
+            *self.argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,  # a cancel kills the comparison and whatever it started (VMAF)
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        if self.killed:  # kill() came while it started
+            await self.kill()
+        assert self.process.stderr is not None
+        async for raw in self.process.stderr:
+            line = raw.decode(errors="replace").rstrip()
+            if not line:
+                continue
+            self.tail.append(line)
+            match = _MODEL_LINE.search(line)
+            if match:
+                await on_progress(CompareProgress(int(match[1]), int(match[2]), match[3]))
+        code = await self.process.wait()
+        if self.killed:
+            raise CompareKilled
+        if code != 0:
+            raise RuntimeError(self._failure(code))
+
+    def _failure(self, code: int) -> str:
+        said = [line[len(_ERROR_PREFIX) :] for line in self.tail if line.startswith(_ERROR_PREFIX)]
+        if said:
+            return said[-1].removeprefix("error: ")
+        last = self.tail[-1] if self.tail else "no output"
+        return f"esrfarm compare exited with {code}: {last}"
+
+    async def kill(self) -> None:
+        """Kill the comparison (and its children); its report is never written (reports are renamed
+        into place whole)."""
+        self.killed = True
+        process = self.process
+        if process is None or process.returncode is not None:
+            return
+        log.info("killing the comparison of job %s (pid %d)", self.row.id, process.pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()
+
+
+# -- the batch page ----------------------------------------------------------------------------------
+
+
+def read_report(row: JobRow) -> dict[str, Any] | None:
+    """The JSON report of a finished comparison job, if it can be read."""
+    try:
+        data = orjson.loads(json_path(row).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _number(value: Any, digits: int) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "–"
+
+
+def _seconds(value: Any) -> str:
+    if not isinstance(value, (int, float)):
+        return "–"
+    minutes, seconds = divmod(round(value), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
+
+
+def _report_section(row: JobRow, report: dict[str, Any] | None, report_url: str) -> str:
+    name = html.escape(Path(row.input).name)
+    head = f"<h2>{name} <small>x{html.escape(str(row.spec_dict.get('scale')))}</small></h2>"
+    if row.state != "done" or report is None:
+        why = f": {html.escape(row.error)}" if row.error else ""
+        return f'{head}<p class="state">{html.escape(row.state)}{why}</p>'
+    best, fastest = report.get("best"), report.get("fastest_near_best")
+    lines = []
+    for model in report.get("rows", []):
+        label = html.escape(str(model.get("name")))
+        if model.get("status") != "ok":
+            reason = html.escape(str(model.get("reason") or "skipped"))
+            lines.append(f'<tr class="skipped"><th>{label}</th><td colspan="7">skipped: {reason}</td></tr>')
+            continue
+        name = model.get("name")
+        marks = [mark for mark, on in (("best", name == best), ("fastest", name == fastest)) if on]
+        badge = "".join(f' <span class="badge">{m}</span>' for m in marks)
+        cells = [
+            _number(model.get("psnr"), 2), _number(model.get("ssim"), 4), _number(model.get("vmaf"), 2),
+            _number(model.get("vmaf_neg"), 2), _number(model.get("flicker"), 2), _number(model.get("fps"), 2),
+            _seconds(model.get("projected_s")),
+        ]  # fmt: skip
+        lines.append(f"<tr><th>{label}{badge}</th>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    verdict = (
+        f"<p>Best by VMAF NEG: <b>{html.escape(str(best))}</b>; fastest within "
+        f"{html.escape(str(report.get('near_best_points', 1)))} point of it: "
+        f"<b>{html.escape(str(fastest))}</b>.</p>"
+        if best
+        else "<p>No model could be scored.</p>"
+    )
+    table = (
+        "<table><thead><tr><th>model</th><th>PSNR dB</th><th>SSIM</th><th>VMAF</th><th>VMAF NEG</th>"
+        "<th>flicker</th><th>fps</th><th>whole video</th></tr></thead><tbody>"
+        + "".join(lines)
+        + "</tbody></table>"
+    )
+    link = f'<p><a class="report" href="{html.escape(report_url)}">full report</a> (crops, chart, slider)</p>'
+    return head + verdict + table + link
+
+
+def batch_page(batch_id: str, rows: list[JobRow], report_url: Callable[[JobRow], str]) -> str:
+    """The batch's comparison page (self-contained HTML)."""
+    sections = "".join(_report_section(row, read_report(row), report_url(row)) for row in rows)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>esrfarm comparison {html.escape(batch_id)}</title>
+<style>
+body {{ font: 14px/1.4 system-ui, sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; margin: .5em 0 1em; }}
+th, td {{ border-bottom: 1px solid #ddd; padding: .3em .7em; text-align: right; }}
+th:first-child {{ text-align: left; }}
+.badge {{ background: #2a6; color: #fff; border-radius: 3px; padding: 0 .3em; font-size: 80%; }}
+.skipped td {{ color: #888; text-align: left; }}
+</style></head><body>
+<h1>Model comparison, batch {html.escape(batch_id)}</h1>
+<p>Fidelity (PSNR, SSIM on luma, VMAF and VMAF NEG) is measured by downscaling the input's frames and
+upscaling them back; flicker is the output's frame-to-frame change energy over a bicubic upscale's
+(1 = as steady as bicubic). Each input's full report explains the protocol and what it favours.</p>
+{sections}
+</body></html>
+"""
