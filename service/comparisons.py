@@ -223,7 +223,8 @@ def batch_page(batch_id: str, rows: list[JobRow], report_url: Callable[[JobRow],
     """The batch's comparison page (self-contained HTML)."""
     sections = "".join(_report_section(row, read_report(row), report_url(row)) for row in rows)
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>esrfarm comparison {html.escape(batch_id)}</title>
+<html lang="en"><head><meta charset="utf-8"><link rel="icon" href="data:,">
+<title>esrfarm comparison {html.escape(batch_id)}</title>
 <style>
 body {{ font: 14px/1.4 system-ui, sans-serif; margin: 2em; color: #222; }}
 table {{ border-collapse: collapse; margin: .5em 0 1em; }}

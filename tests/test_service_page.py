@@ -22,6 +22,7 @@ from PIL import Image
 from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support.ui import Select
 
 from coordinator.probe import probe
 from tests import clips
@@ -109,10 +110,13 @@ def finished_row(browser: webdriver.Chrome, job_id: str) -> WebElement | None:
 
 
 def submit_through_the_form(
-    browser: webdriver.Chrome, path: Path, model: Path, scale: str, *, upload: bool = False
-) -> None:
-    """Fill the form and submit: ``path`` as the input path, or (``upload``) as the file to upload."""
-    fields = (("input-path", "" if upload else str(path)), ("models", str(model)), ("scales", scale))
+    browser: webdriver.Chrome, path: Path, model: Path, scale: str, *, upload: bool = False,
+    models: str | None = None,
+) -> None:  # fmt: skip
+    """Fill the form and submit: ``path`` as the input path, or (``upload``) as the file to upload;
+    ``models`` (comma-separated) instead of ``model``."""
+    source = "" if upload else str(path)
+    fields = (("input-path", source), ("models", models or str(model)), ("scales", scale))
     for field, value in fields:
         element = browser.find_element(By.ID, field)
         element.clear()
@@ -255,3 +259,37 @@ def test_with_a_token_the_page_asks_for_it_once(
         assert all("401" in entry["message"] for entry in errors), errors
     finally:
         service.stop()
+
+
+def test_a_comparison_submitted_through_the_form_links_its_report_and_batch_page(
+    root: Path, inputs: Path, logs: Path, workers: list[WorkerProcess], tiny_model: Path,
+    browser: webdriver.Chrome, tmp_path: Path,
+) -> None:  # fmt: skip
+    service = start_page_service(
+        root, inputs, logs, workers, "--db", tmp_path / "jobs.db", "--compare-device", "cpu",
+        "--compare-arg=--cpu-threads=1",
+    )  # fmt: skip
+    try:
+        browser.get(service.url + "/")
+        Select(browser.find_element(By.ID, "job-type")).select_by_value("compare")
+        submit_through_the_form(browser, inputs / "clip.mp4", tiny_model, "2", models=f"{tiny_model},bicubic")
+        [job] = service.get("/api/jobs").json()
+        assert job["kind"] == "compare" and job["model"] == f"{tiny_model},bicubic", job
+        assert service.wait_state(job["id"], "done", "failed", timeout=240)["state"] == "done"
+        row = wait_for("the finished row", lambda: finished_row(browser, job["id"]))
+        report = row.find_element(By.CSS_SELECTOR, "a.report")
+        assert report.get_attribute("href") == service.url + job_output_url(service, job["id"])
+        batch = row.find_element(By.CSS_SELECTOR, "a.batch")
+        assert batch.get_attribute("href") == f"{service.url}/api/batches/{job['batch_id']}/compare"
+        assert row.find_element(By.CSS_SELECTOR, "td.model").text == "tiny-x4, bicubic"
+        assert not row.find_elements(By.CSS_SELECTOR, "img.preview"), "a comparison has no preview"
+        browser.get(batch.get_attribute("href"))
+        assert "Best by VMAF NEG" in browser.find_element(By.TAG_NAME, "body").text
+        assert severe_errors(browser) == []
+    finally:
+        service.stop()
+
+
+def job_output_url(service: ServiceProcess, job_id: str) -> str:
+    url: str = service.job(job_id)["output_url"]
+    return url
