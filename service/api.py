@@ -155,8 +155,13 @@ def _encode(body: dict[str, Any]) -> EncodeSettings:
     return encode
 
 
+def _safe_stem(source: Path) -> str:
+    """The input's name as the start of an output's: safe characters only, at most 60."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", source.stem).strip("._-")[:60] or "video"
+
+
 def _output_name(source: Path, model: str, scale: float | None, job_id: str, codec: str) -> str:
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", source.stem).strip("._-")[:60] or "video"
+    stem = _safe_stem(source)
     model_name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(model).stem)[:40]
     scale_part = f"-x{scale:g}" if scale is not None else ""
     suffix = ".mkv" if codec == "ffv1" else ".mp4"
@@ -188,7 +193,10 @@ async def submit(request: web.Request) -> web.Response:
         output_dir = await asyncio.to_thread(_output_dir, body, settings)
         batch_id = secrets.token_hex(8)
         if kind == KIND:
-            rows = _compare_rows(body, inputs, output_dir, batch_id, priority, settings)
+            # CompareSpec looks for model files on disk: off the event loop
+            rows = await asyncio.to_thread(
+                _compare_rows, body, inputs, output_dir, batch_id, priority, settings
+            )
         else:
             rows = await _upscale_rows(body, inputs, output_dir, batch_id, priority, settings, scheduler)
     except BadRequest as exc:
@@ -265,8 +273,7 @@ def _compare_rows(
                 spec = compare_spec(source, models, scale, body.get("frames"))
             except CompareJobError as exc:
                 raise BadRequest(exc.field, exc.problem) from None
-            stem = re.sub(r"[^A-Za-z0-9._-]+", "_", source.stem).strip("._-")[:60] or "video"
-            output = output_dir / f"{stem}-compare-x{spec['scale']}-{job_id[:8]}.html"
+            output = output_dir / f"{_safe_stem(source)}-compare-x{spec['scale']}-{job_id[:8]}.html"
             rows.append(
                 new_job(
                     job_id=job_id, batch_id=batch_id, input=str(source), output=str(output), spec=spec,

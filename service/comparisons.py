@@ -181,7 +181,7 @@ def _seconds(value: Any) -> str:
 
 def _report_section(row: JobRow, report: dict[str, Any] | None, report_url: str) -> str:
     name = html.escape(Path(row.input).name)
-    head = f"<h2>{name} <small>x{html.escape(str(row.spec_dict.get('scale')))}</small></h2>"
+    head = f"<h2>{name} <small>x{row.scale:g}</small></h2>"
     if row.state != "done" or report is None:
         why = f": {html.escape(row.error)}" if row.error else ""
         return f'{head}<p class="state">{html.escape(row.state)}{why}</p>'

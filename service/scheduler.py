@@ -130,11 +130,8 @@ class Scheduler:
         runs = list(self._running.values())
         await asyncio.gather(*(run.job.cancel() for run in runs), return_exceptions=True)
         await asyncio.gather(*(run.task for run in runs if run.task is not None), return_exceptions=True)
-        comparing = self._comparing
-        if comparing is not None:
-            await comparing.process.kill()
-            if comparing.task is not None:
-                await asyncio.gather(comparing.task, return_exceptions=True)
+        if self._comparing is not None:
+            await self._stop_comparison(self._comparing)
         await self._close_fleet()
 
     def wake(self) -> None:
@@ -339,9 +336,7 @@ class Scheduler:
         comparing = self._comparing
         if comparing is not None and comparing.job_id == job_id:
             comparing.cancel_requested = True
-            await comparing.process.kill()
-            if comparing.task is not None:
-                await asyncio.gather(comparing.task, return_exceptions=True)
+            await self._stop_comparison(comparing)
             return await self.store.get(job_id)
         run = self._running.get(job_id)
         if run is None:
@@ -394,6 +389,12 @@ class Scheduler:
         task = asyncio.create_task(self._drive_comparison(comparing), name=f"esrfarm-compare-{row.id}")
         comparing.task = task
         log.info("started comparison %s (%s, models %s)", row.id, row.input, row.model)
+
+    async def _stop_comparison(self, comparing: _Comparing) -> None:
+        """Kill it and wait until its task has recorded the end (cancelled, or queued again)."""
+        await comparing.process.kill()
+        if comparing.task is not None:
+            await asyncio.gather(comparing.task, return_exceptions=True)
 
     async def _drive_comparison(self, comparing: _Comparing) -> None:
         job_id = comparing.job_id

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import enum
+import functools
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
@@ -114,7 +115,7 @@ class JobRow:
         value: dict[str, Any] = orjson.loads(self.spec)
         return value
 
-    @property
+    @functools.cached_property
     def kind(self) -> str:
         """``upscale`` (the spec is a coordinator JobSpec) or ``compare`` (:mod:`service.comparisons`)."""
         return str(self.spec_dict.get("kind", "upscale"))
