@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from coordinator.cli import farm_settings_from_args
+from coordinator.cli import FLAGS, farm_settings_from_args
 from coordinator.errors import SpecError
 from coordinator.spec import DEFAULT_MODEL
 from manifests.chunks import parse_size
@@ -130,7 +130,7 @@ def serve_main(argv: list[str]) -> int:
             compare_args=tuple(args.compare_arg),
         )  # fmt: skip
     except SpecError as exc:
-        sys.stderr.write(f"esrfarm serve: error: {exc.field} {exc.problem}\n")
+        sys.stderr.write(f"esrfarm serve: error: {FLAGS.get(exc.field, exc.field)} {exc.problem}\n")
         return 2
     except (SettingsError, TokenError, ValueError) as exc:
         sys.stderr.write(f"esrfarm serve: error: {exc}\n")
