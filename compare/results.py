@@ -7,7 +7,7 @@ the HTML. Infinite values (PSNR of identical frames) are written as the string `
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from compare.metrics import Box
@@ -54,6 +54,16 @@ class ModelResult:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelResult:
+        """A row as :meth:`Report.to_json` wrote it (``"inf"`` strings and lists as they were)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: _infinite(v) for k, v in data.items() if k in known}
+        for name in ("shift", "psnr_frames", "ssim_frames", "vmaf_frames", "vmaf_neg_frames"):
+            if isinstance(values.get(name), list):
+                values[name] = tuple(values[name])
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -143,6 +153,15 @@ class Report:
         data["fastest_near_best"] = self.fastest_near_best.name if self.fastest_near_best else None
         data["near_best_points"] = NEAR_BEST_POINTS
         return _finite(data)
+
+
+def _infinite(value: Any) -> Any:
+    """The inverse of :func:`_finite`."""
+    if value in ("inf", "-inf"):
+        return float(value)
+    if isinstance(value, list):
+        return [_infinite(v) for v in value]
+    return value
 
 
 def _finite(value: Any) -> Any:

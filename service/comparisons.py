@@ -30,6 +30,7 @@ from typing import Any
 
 import orjson
 
+from compare.results import TABLE_COLUMNS, ModelResult, table_cells
 from compare.spec import DEFAULT_FRAMES, SCALES, CompareSpec
 from service.store import JobRow
 
@@ -167,18 +168,6 @@ def read_report(row: JobRow) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _number(value: Any, digits: int) -> str:
-    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "–"
-
-
-def _seconds(value: Any) -> str:
-    if not isinstance(value, (int, float)):
-        return "–"
-    minutes, seconds = divmod(round(value), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
-
-
 def _report_section(row: JobRow, report: dict[str, Any] | None, report_url: str) -> str:
     name = html.escape(Path(row.input).name)
     head = f"<h2>{name} <small>x{row.scale:g}</small></h2>"
@@ -187,34 +176,26 @@ def _report_section(row: JobRow, report: dict[str, Any] | None, report_url: str)
         return f'{head}<p class="state">{html.escape(row.state)}{why}</p>'
     best, fastest = report.get("best"), report.get("fastest_near_best")
     lines = []
-    for model in report.get("rows", []):
-        label = html.escape(str(model.get("name")))
-        if model.get("status") != "ok":
-            reason = html.escape(str(model.get("reason") or "skipped"))
-            lines.append(f'<tr class="skipped"><th>{label}</th><td colspan="7">skipped: {reason}</td></tr>')
+    for model in map(ModelResult.from_json, report.get("rows", [])):
+        label = html.escape(model.name)
+        if not model.ok:
+            reason = html.escape(model.reason or "skipped")
+            cell = f'<td colspan="{len(TABLE_COLUMNS) - 1}">skipped: {reason}</td>'
+            lines.append(f'<tr class="skipped"><th>{label}</th>{cell}</tr>')
             continue
-        name = model.get("name")
-        marks = [mark for mark, on in (("best", name == best), ("fastest", name == fastest)) if on]
+        marks = [mark for mark, named in (("best", best), ("fastest", fastest)) if model.name == named]
         badge = "".join(f' <span class="badge">{m}</span>' for m in marks)
-        cells = [
-            _number(model.get("psnr"), 2), _number(model.get("ssim"), 4), _number(model.get("vmaf"), 2),
-            _number(model.get("vmaf_neg"), 2), _number(model.get("flicker"), 2), _number(model.get("fps"), 2),
-            _seconds(model.get("projected_s")),
-        ]  # fmt: skip
-        lines.append(f"<tr><th>{label}{badge}</th>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        cells = "".join(f"<td>{html.escape(c)}</td>" for c in table_cells(model)[1:])
+        lines.append(f"<tr><th>{label}{badge}</th>{cells}</tr>")
     verdict = (
         f"<p>Best by VMAF NEG: <b>{html.escape(str(best))}</b>; fastest within "
-        f"{html.escape(str(report.get('near_best_points', 1)))} point of it: "
+        f"{report.get('near_best_points', 1.0):g} point of it: "
         f"<b>{html.escape(str(fastest))}</b>.</p>"
         if best
         else "<p>No model could be scored.</p>"
     )
-    table = (
-        "<table><thead><tr><th>model</th><th>PSNR dB</th><th>SSIM</th><th>VMAF</th><th>VMAF NEG</th>"
-        "<th>flicker</th><th>fps</th><th>whole video</th></tr></thead><tbody>"
-        + "".join(lines)
-        + "</tbody></table>"
-    )
+    columns = "".join(f"<th>{html.escape(column)}</th>" for column in TABLE_COLUMNS)
+    table = f"<table><thead><tr>{columns}</tr></thead><tbody>{''.join(lines)}</tbody></table>"
     link = f'<p><a class="report" href="{html.escape(report_url)}">full report</a> (crops, chart, slider)</p>'
     return head + verdict + table + link
 

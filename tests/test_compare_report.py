@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from selenium import webdriver
 from selenium.webdriver.common.by import By
 
 from compare.cli import main
+from compare.results import ModelResult, table_cells
 from compare.run import default_models, run_comparison
 from compare.spec import CompareSpec
 from tests import clips
@@ -71,6 +73,19 @@ def test_the_json_has_every_row_and_every_figure(report: tuple[Path, Path, str],
     assert bicubic["shift"] == [0.0, 0.0]  # Pillow's downscale and upscale are aligned
     assert data["best"] in ("tiny-x4", "bicubic") and data["fastest_near_best"] in ("tiny-x4", "bicubic")
     assert data["machine"]["device"] == "cpu" and data["machine"]["commit"] != ""
+
+
+def test_a_json_row_reads_back_as_the_row_that_wrote_it(report: tuple[Path, Path, str]) -> None:
+    """``ModelResult.from_json`` (the service's batch page reads reports with it) inverts the JSON,
+    infinities written as "inf" included, so the page shows the report's own cells."""
+    for data in read_json(report[1])["rows"]:
+        row = ModelResult.from_json(data)
+        assert orjson.loads(orjson.dumps(asdict(row))) == data
+    identical = {"name": "same", "kind": "model", "status": "ok", "psnr": "inf", "psnr_frames": ["inf", 40.0],
+                 "shift": [0.25, -0.5], "ssim": 1.0}  # fmt: skip
+    row = ModelResult.from_json(identical)
+    assert row.psnr == math.inf and row.psnr_frames == (math.inf, 40.0) and row.shift == (0.25, -0.5)
+    assert table_cells(row)[1:3] == ["inf", "1.0000"]
 
 
 def test_the_same_inputs_give_the_same_numbers(report: tuple[Path, Path, str], clip: Path) -> None:
