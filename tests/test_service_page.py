@@ -272,6 +272,7 @@ def test_a_comparison_submitted_through_the_form_links_its_report_and_batch_page
     try:
         browser.get(service.url + "/")
         Select(browser.find_element(By.ID, "job-type")).select_by_value("compare")
+        assert not browser.find_element(By.ID, "codec").is_enabled(), "a comparison has no codec"
         submit_through_the_form(browser, inputs / "clip.mp4", tiny_model, "2", models=f"{tiny_model},bicubic")
         [job] = service.get("/api/jobs").json()
         assert job["kind"] == "compare" and job["model"] == f"{tiny_model},bicubic", job

@@ -518,6 +518,8 @@
 
   document.addEventListener("DOMContentLoaded", () => {
     $("#submit-form").addEventListener("submit", submit);
+    // A comparison writes a report: the codec is for upscaling jobs only.
+    $("#job-type").addEventListener("change", (event) => ($("#codec").disabled = event.target.value === "compare"));
     render();
     start();
     pollWorkers();
