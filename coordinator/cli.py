@@ -158,9 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     work.add_argument(
         "--frame-format",
-        choices=[f.value for f in FrameFormat],
-        default=FrameFormat.PNG.value,
-        help="frame files on shared storage: png (compact) or npy (raw, fast) (default %(default)s)",
+        choices=["auto", *(f.value for f in FrameFormat)],
+        default="auto",
+        help="frame files on shared storage: yuv (the decoder's own 4:2:0 samples, converted on the "
+        "workers' device: fastest), npy (raw RGB), png (compact, slow; for slow network storage); "
+        "auto: yuv where the source and output allow it, else npy (default %(default)s)",
     )
     work.add_argument(
         "--keep-frames",
@@ -317,7 +319,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[JobSpec, FarmSettings]
         max_disk=parse_size(args.max_disk),
         max_chunk_frames=args.chunk_frames,
         encoders=args.encoders,
-        frame_format=FrameFormat(args.frame_format),
+        frame_format=None if args.frame_format == "auto" else FrameFormat(args.frame_format),
         encode=encode,
         overwrite=args.overwrite,
         keep_frames=args.keep_frames,

@@ -55,6 +55,7 @@ from typing import Any
 import av
 import numpy as np
 
+from coordinator.cputime import METER
 from coordinator.errors import EncodeSettingsError, FFmpegError, FramesError, MediaError
 from coordinator.ffmpeg import FFmpegProcess, available_encoders, encoder_pix_fmts
 from coordinator.probe import (
@@ -66,7 +67,7 @@ from coordinator.probe import (
     pix_fmt_bit_depth,
 )
 from manifests.atomic import atomic_path
-from manifests.frames import read_frame
+from manifests.frames import frame_size, read_frame
 from manifests.layout import HIGH_BIT_DEPTH, FrameFormat, frame_filename
 
 log = logging.getLogger(__name__)
@@ -385,8 +386,11 @@ def subtitle_codec_for(sub: SubtitleInfo, container: str) -> str | None:
     return None
 
 
-def _color_args(info: MediaInfo, settings: EncodeSettings) -> tuple[str, list[str]]:
-    """(video filter chain, colour tag options) converting RGB frames as the source was."""
+def _color_args(
+    info: MediaInfo, settings: EncodeSettings, frames_pix_fmt: str = "rgb24"
+) -> tuple[str, list[str]]:
+    """(video filter chain, colour tag options) converting RGB frames as the source was; frames
+    already in the output's pixel format (YUV frames) are only tagged."""
     video = info.video
     color = video.color
     tags: dict[str, str] = {}
@@ -399,6 +403,10 @@ def _color_args(info: MediaInfo, settings: EncodeSettings) -> tuple[str, list[st
         chain = [f"format={pix_fmt}"]
         tags["colorspace"] = "gbr"
         tags["range"] = "pc"
+    elif frames_pix_fmt == pix_fmt:  # the source's own YUV, converted back on the worker's device
+        chain = []
+        tags["colorspace"] = video.conversion.matrix
+        tags["range"] = video.conversion.range
     else:
         conversion = video.conversion
         chain = [
@@ -478,9 +486,11 @@ def _carry_over_args(info: MediaInfo, container: str) -> list[str]:
     return args
 
 
-def _video_encode_args(info: MediaInfo, settings: EncodeSettings, timing: _Timing) -> list[str]:
+def _video_encode_args(
+    info: MediaInfo, settings: EncodeSettings, timing: _Timing, frames_pix_fmt: str = "rgb24"
+) -> list[str]:
     """Filters, encoder options and colour tags of the video encode; timestamps passed through."""
-    vf, tag_args = _color_args(info, settings)
+    vf, tag_args = _color_args(info, settings, frames_pix_fmt)
     args = ["-vf", vf, *settings.codec_args(info.video.hdr), *tag_args]
     return [*args, "-fps_mode", "passthrough", "-enc_time_base:v", _ratio(timing.time_base)]
 
@@ -551,6 +561,7 @@ class FrameFeed:
     first_frame: int = 1
     threads: int | None = None
     bit_depth: int = 8
+    pix_fmt: str = "rgb24"  # what the frame files hold (:func:`frames_pix_fmt`)
 
 
 def run_frame_encoder(args: Sequence[str], action: str, feed: FrameFeed) -> None:
@@ -558,7 +569,7 @@ def run_frame_encoder(args: Sequence[str], action: str, feed: FrameFeed) -> None
 
     Raises :class:`FramesError` for a bad frame, :class:`FFmpegError` when ffmpeg fails.
     """
-    with FFmpegProcess(args, action=action, stdin=True) as ffmpeg:
+    with FFmpegProcess(args, action=action, stdin=True, stage="encode") as ffmpeg:
         try:
             _feed(ffmpeg, feed)
         except (OSError, av.error.FFmpegError) as exc:
@@ -593,7 +604,8 @@ def _read(
     path: Path, index: int, frame_format: FrameFormat, directory: Path, bit_depth: int = 8
 ) -> np.ndarray:
     try:
-        return read_frame(path, frame_format, bit_depth=bit_depth)
+        with METER.measure("encode_read"):
+            return read_frame(path, frame_format, bit_depth=bit_depth)
     except FileNotFoundError as exc:
         raise FramesError(directory, f"{path.name} is missing", frame=index) from exc
     except (OSError, ValueError, SyntaxError) as exc:  # PIL raises SyntaxError on some broken PNGs
@@ -632,18 +644,27 @@ def _read_ahead(
                 future.cancel()
 
 
+def frames_pix_fmt(frame_format: FrameFormat, source_pix_fmt: str | None, bit_depth: int) -> str:
+    """The raw pixel format frame files of a job hold: the source's own planar YUV for YUV frames,
+    else packed RGB (``rgb24``, or ``rgb48le`` for 16-bit frames)."""
+    if frame_format is FrameFormat.YUV:
+        if source_pix_fmt is None:
+            raise ValueError("YUV frames need the source's pixel format")
+        return source_pix_fmt
+    return "rgb48le" if bit_depth == HIGH_BIT_DEPTH else "rgb24"
+
+
 def _feed(ffmpeg: FFmpegProcess, feed: FrameFeed) -> None:
-    """Mux every frame, with its pts, as rawvideo rgb24 (rgb48le for 16-bit frames) into NUT on
-    ffmpeg's stdin."""
+    """Mux every frame's samples as they are, with its pts, as rawvideo packets (``feed.pix_fmt``)
+    into NUT on ffmpeg's stdin: no conversion and no copy beyond the packet's."""
     width, height = feed.size
     timing = feed.timing
-    pix_fmt = "rgb48le" if feed.bit_depth == HIGH_BIT_DEPTH else "rgb24"
     muxer: Any = av.open(ffmpeg.stdin, mode="w", format="nut")
     try:
         stream = muxer.add_stream("rawvideo", rate=timing.rate)
         stream.width = width
         stream.height = height
-        stream.pix_fmt = pix_fmt
+        stream.pix_fmt = feed.pix_fmt
         stream.time_base = timing.time_base
         stream.codec_context.time_base = timing.time_base
         workers = feed.threads or min(4, os.cpu_count() or 1)
@@ -651,20 +672,21 @@ def _feed(ffmpeg: FFmpegProcess, feed: FrameFeed) -> None:
             feed.paths, feed.frame_format, feed.directory, workers, feed.first_frame, feed.bit_depth
         )
         for index, array in enumerate(frames, start=1):
-            if array.shape != (height, width, 3):
-                raise FramesError(
-                    feed.directory,
-                    f"{feed.paths[index - 1].name} is {array.shape[1]}x{array.shape[0]}, "
-                    f"but frame {feed.first_frame} is {width}x{height}",
-                    frame=feed.first_frame + index - 1,
-                )
-            frame = av.VideoFrame.from_ndarray(array, format=pix_fmt)
-            frame.pts = timing.pts[index - 1]
-            frame.time_base = timing.time_base
-            for packet in stream.encode(frame):
+            with METER.measure("encode_feed"):
+                if frame_size(array, feed.frame_format) != (width, height):
+                    got_w, got_h = frame_size(array, feed.frame_format)
+                    raise FramesError(
+                        feed.directory,
+                        f"{feed.paths[index - 1].name} is {got_w}x{got_h}, "
+                        f"but frame {feed.first_frame} is {width}x{height}",
+                        frame=feed.first_frame + index - 1,
+                    )
+                packet = av.Packet(np.ascontiguousarray(array).data)  # type: ignore[arg-type]
+                packet.stream = stream
+                packet.pts = packet.dts = timing.pts[index - 1]
+                packet.time_base = timing.time_base
+                packet.is_keyframe = True
                 muxer.mux(packet)
-        for packet in stream.encode(None):
-            muxer.mux(packet)
     finally:
         with contextlib.suppress(Exception):
             muxer.close()

@@ -23,6 +23,7 @@ and renamed into place, so a crash never leaves a truncated frame under its fina
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -32,9 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
+from coordinator.cputime import METER
 from coordinator.errors import FFmpegError, InputError
 from coordinator.ffmpeg import FFmpegProcess
 from coordinator.probe import MediaInfo, VideoInfo, probe
+from manifests.colour import i420_shape
 from manifests.frames import write_frame
 from manifests.layout import FrameFormat, frame_filename
 
@@ -71,31 +74,47 @@ def rgb_filter(video: VideoInfo) -> str:
     )
 
 
-def decode_frames(source: MediaInfo | str | Path) -> Iterator[np.ndarray]:
+#: Source pixel formats whose frames can be stored as they are decoded (planar YUV 4:2:0, 8 to 12
+#: bits), with the bits each holds: a job of such a source may keep YUV frames (no conversion here).
+YUV_SOURCE_FORMATS = {"yuv420p": 8, "yuv420p10le": 10, "yuv420p12le": 12}
+
+
+def decode_frames(source: MediaInfo | str | Path, *, yuv: bool = False) -> Iterator[np.ndarray]:
     """Yield the input's frames as (H, W, 3) RGB arrays, frame 1 first: uint8, or uint16 for a
     source of more than 8 bits per sample.
 
     Exactly the pixels :func:`extract_frames` writes ("the decoded input frame i"). ``source`` is a
-    :class:`MediaInfo` from :func:`probe`, or a path (probed here). Raises :class:`InputError` if
-    ffmpeg reports a decoding error.
+    :class:`MediaInfo` from :func:`probe`, or a path (probed here). With ``yuv``, the frames are the
+    decoder's own planar 4:2:0 samples, unconverted, as ``(H * 3 / 2, W)`` arrays (the source's
+    pixel format must be one of :data:`YUV_SOURCE_FORMATS`). Raises :class:`InputError` if ffmpeg
+    reports a decoding error.
     """
     info = source if isinstance(source, MediaInfo) else probe(source)
     video = info.video
     dtype = np.dtype("<u2") if video.high_depth else np.dtype(np.uint8)
-    frame_bytes = video.width * video.height * 3 * dtype.itemsize
+    if yuv:
+        if video.pix_fmt not in YUV_SOURCE_FORMATS:
+            raise ValueError(f"{video.pix_fmt} frames are not planar YUV 4:2:0")
+        shape: tuple[int, ...] = i420_shape(video.height, video.width)
+        # The decoder's samples as they are: no filter, no conversion (the worker's device converts).
+        output = ["-f", "rawvideo", "-pix_fmt", video.pix_fmt, "pipe:1"]
+    else:
+        shape = (video.height, video.width, 3)
+        output = ["-vf", rgb_filter(video), "-f", "rawvideo", "-pix_fmt", rgb_pix_fmt(video), "pipe:1"]
+    frame_bytes = math.prod(shape) * dtype.itemsize
     args = [
         "-noautorotate", "-i", str(info.path), "-map", f"0:{video.index}", "-an", "-sn", "-dn",
-        "-fps_mode", "passthrough", "-enc_time_base:v", _ratio(video.time_base),
-        "-vf", rgb_filter(video), "-f", "rawvideo", "-pix_fmt", rgb_pix_fmt(video), "pipe:1",
+        "-fps_mode", "passthrough", "-enc_time_base:v", _ratio(video.time_base), *output,
     ]  # fmt: skip
-    with FFmpegProcess(args, action=f"decoding {info.path}", stdout=True) as ffmpeg:
+    with FFmpegProcess(args, action=f"decoding {info.path}", stdout=True, stage="decode") as ffmpeg:
         while True:
-            data = ffmpeg.stdout.read(frame_bytes)
+            with METER.measure("extract_read"):
+                data = ffmpeg.stdout.read(frame_bytes)
             if not data:
                 break
             if len(data) != frame_bytes:
                 raise InputError(info.path, "could not be decoded: ffmpeg stopped in the middle of a frame")
-            yield np.frombuffer(data, dtype=dtype).reshape(video.height, video.width, 3)
+            yield np.frombuffer(data, dtype=dtype).reshape(shape)
         try:
             stderr = ffmpeg.finish()
         except FFmpegError as exc:
@@ -143,7 +162,8 @@ def extract_frames(
     written = 0
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="extract") as pool:
         try:
-            for index, frame in enumerate(decode_frames(info), start=1):
+            frames = decode_frames(info, yuv=frame_format is FrameFormat.YUV)
+            for index, frame in enumerate(frames, start=1):
                 if gate is not None and not gate(index):
                     skipped: Future[None] = Future()
                     skipped.set_result(None)
@@ -188,7 +208,8 @@ def _write_and_report(
     index: int,
     on_frame: FrameDone | None,
 ) -> None:
-    write_frame(path, frame, frame_format, png_compression=png_compression, fsync=fsync)
+    with METER.measure("extract_write"):
+        write_frame(path, frame, frame_format, png_compression=png_compression, fsync=fsync)
     if on_frame is not None:
         on_frame(index)
 

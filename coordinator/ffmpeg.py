@@ -30,9 +30,11 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import IO
 
+from coordinator.cputime import METER, ended_process_cpu
 from coordinator.errors import FFmpegError, FFmpegNotFoundError, MediaError
 
 log = logging.getLogger(__name__)
@@ -181,9 +183,11 @@ class FFmpegProcess:
         ffmpeg: str | None = None,
         stdin: bool = False,
         stdout: bool = False,
+        stage: str | None = None,
     ) -> None:
         self.command = ffmpeg_command(args, ffmpeg=ffmpeg)
         self.action = action
+        self.stage = stage  # the CPU stage its CPU is counted in (coordinator.cputime), if any
         self._stderr: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 (closed in finish/kill)
         log.debug("starting %s", self.command)
         self._proc = subprocess.Popen(
@@ -233,6 +237,8 @@ class FFmpegProcess:
             if pipe is not None:
                 with contextlib.suppress(BrokenPipeError):
                     pipe.close()
+        if self.stage is not None:
+            self._count_cpu(timeout)
         self._proc.wait(timeout=timeout)
         if self._group is not None:
             self._group.discard(self)
@@ -242,6 +248,24 @@ class FFmpegProcess:
             return self.stderr_text()
         finally:
             self._stderr.close()
+
+    def _count_cpu(self, timeout: float | None) -> None:
+        """Wait for ffmpeg to end without reaping it, and add its CPU to its stage (Linux)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        flags = os.WEXITED | os.WNOWAIT
+        while True:
+            try:
+                ended = os.waitid(os.P_PID, self._proc.pid, flags | (0 if deadline is None else os.WNOHANG))
+            except (ChildProcessError, OSError, AttributeError):
+                return
+            if ended is not None:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                return  # Popen.wait raises the timeout
+            time.sleep(0.01)
+        seconds = ended_process_cpu(self._proc.pid)
+        if seconds is not None and self.stage is not None:
+            METER.add(self.stage, seconds)
 
     def kill(self) -> None:
         """Stop ffmpeg if it still runs (idempotent)."""

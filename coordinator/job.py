@@ -46,12 +46,13 @@ import socket
 import time
 import unicodedata
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
 import orjson
 
+from coordinator.cputime import METER, grown
 from coordinator.encode import PART_SUFFIX
 from coordinator.errors import (
     CoordinatorError,
@@ -81,11 +82,12 @@ from coordinator.segments import SEGMENT_SUFFIX
 from coordinator.spec import FarmSettings, JobSpec
 from manifests.chunkbook import Admission, ChunkBook, ChunkStage
 from manifests.chunks import Chunk, ChunkPlan, format_size, plan_chunks
+from manifests.colour import YuvSpec
 from manifests.errors import DocumentError, FormatVersionError, PlanningError
 from manifests.frames import frame_file_is_sound
 from manifests.jobrecord import JobRecord, SegmentsRecord
 from manifests.jsonio import write_json_atomic
-from manifests.layout import FrameFormat, JobLayout, frame_filename, frame_formats_for_depth
+from manifests.layout import FrameFormat, JobLayout, frame_filename
 from manifests.ledger import JobLedger
 from manifests.manifest import Batch, Manifest
 from manifests.planner import plan_batches
@@ -100,12 +102,17 @@ T = TypeVar("T")
 # -- what names a job ------------------------------------------------------------------------------
 
 
-def job_identity(spec: JobSpec, media: JobMedia) -> dict[str, object]:
-    """What determines the upscaled frames: a changed value means another job. Reads the input."""
+def job_identity(spec: JobSpec, media: JobMedia, yuv_frames: bool = False) -> dict[str, object]:
+    """What determines the upscaled frames: a changed value means another job. Reads the input.
+
+    YUV frames (converted on the workers' device) are named: their upscaled frames differ in the last
+    bits from RGB frames' (the ids of RGB jobs are what they were before YUV frames existed).
+    """
     model_path = Path(spec.model)
     model = {"file_sha256": file_sha256(model_path)} if model_path.is_file() else {"name": spec.model}
     return {
         **media.content_identity(),
+        **({"frames": "yuv"} if yuv_frames else {}),
         "model": model,
         "scale": spec.scale,
         "tile": spec.tile,
@@ -207,6 +214,7 @@ class Job:
         self.media: JobMedia | None = None
         self.run_number = 0
         self.stats: dict[str, float] = {"segment_encode_s": 0.0, "worker_idle_s": 0.0}
+        self._cpu_at_start = METER.snapshot()
         self._events: asyncio.Queue[JobEvent] = asyncio.Queue()
         self._throttle = ProgressThrottle(progress_interval_s)
         self._task: asyncio.Task[JobResult] | None = None
@@ -218,6 +226,8 @@ class Job:
         self._book: ChunkBook | None = None
         self._plan: ChunkPlan | None = None
         self._scale: float | None = spec.scale
+        self._frame_format: FrameFormat | None = None  # decided once the scale is known
+        self._yuv: YuvSpec | None = None
         self._ledger = JobLedger.for_batches([])
         self._to_extract: frozenset[int] = frozenset()
         self._batch_size = spec.batch_size
@@ -320,14 +330,15 @@ class Job:
         spec = self.spec
         self._report(Stage.PROBING, 0, 0)
         media = await self._in_thread(self._probe)
-        if spec.frame_format not in frame_formats_for_depth(media.bit_depth):
-            log.info(
-                "the source has more than 8 bits per sample: its frames are stored as 16-bit npy "
-                "(Pillow cannot write 16-bit RGB PNG)"
-            )
-            spec = self.spec = replace(spec, frame_format=FrameFormat.NPY)
+        # The frame files' format, decided once: every model's native scale is a whole number, which
+        # keeps the frame sides' parity, so the scale the workers will tell does not change it.
+        try:
+            self._frame_format, self._yuv = media.frame_layout(spec.frame_format, spec.scale or 1.0)
+        except ValueError as exc:
+            raise JobError(f"cannot start: {exc}", resumable=False) from exc
+        log.info("frames on shared storage: %s", self._yuv or self._frame_format.value)
         started = time.monotonic()
-        identity = await self._in_thread(job_identity, spec, media)
+        identity = await self._in_thread(job_identity, spec, media, self._yuv is not None)
         log.info("hashed the input in %.1f s", time.monotonic() - started)
         layout = JobLayout(self.farm.root, job_id_for(media.name, identity))
         lock = await self._in_thread(JobLock(layout).acquire)
@@ -357,6 +368,9 @@ class Job:
             await asyncio.gather(*self._threads, return_exceptions=True)
             await asyncio.to_thread(lock.release)
         self.stats["total_s"] = time.monotonic() - self._begun
+        # CPU seconds of this process by stage while the job ran (coordinator.cputime).
+        for stage, seconds in grown(self._cpu_at_start, METER.snapshot()).items():
+            self.stats[f"cpu_{stage}_s"] = seconds
         stats = {key: round(value, 3) for key, value in self.stats.items()}
         return JobResult(layout.job_id, spec.output, media.frame_count, self.run_number > 1, stats)
 
@@ -450,7 +464,7 @@ class Job:
         """Plan the chunks, take in what earlier runs left, and start extracting."""
         spec, media, layout = self.spec, self.media, self.layout
         assert media is not None and layout is not None and self._scale is not None
-        input_bytes, output_bytes = media.frame_bytes(self._scale, spec.frame_format)
+        input_bytes, output_bytes = media.frame_bytes(self._scale, self.frame_format)
         self._batch_size = batch_size = media.batch_size(spec.batch_size)
         try:
             plan = plan_chunks(
@@ -504,14 +518,14 @@ class Job:
             chunk = plan.chunk_of(batch.frames[0])
             if chunk.index in encoded:
                 continue
-            paths = [layout.output_dir / frame_filename(f, spec.frame_format) for f in batch.frames]
+            paths = [layout.output_dir / frame_filename(f, self.frame_format) for f in batch.frames]
             if not all(path.is_file() for path in paths):
                 continue
             damaged = [
                 path
                 for frame, path in zip(batch.frames, paths, strict=True)
                 if not frame_file_is_sound(
-                    path, spec.frame_format, *media.output_size(frame, scale), bit_depth=media.bit_depth
+                    path, self.frame_format, *media.output_size(frame, scale), bit_depth=media.bit_depth
                 )
             ]
             for path in damaged:
@@ -545,7 +559,7 @@ class Job:
 
     def _remove_frames(self, chunk: Chunk, directory: Path) -> None:
         for frame in chunk.frames:
-            (directory / frame_filename(frame, self.spec.frame_format)).unlink(missing_ok=True)
+            (directory / frame_filename(frame, self.frame_format)).unlink(missing_ok=True)
 
     # -- extraction (a thread) and admission (the loop) -------------------------------------------
 
@@ -578,7 +592,7 @@ class Job:
 
         started = time.monotonic()
         try:
-            media.extract(layout.input_dir, self.spec.frame_format, self.spec.png_compression, gate, on_frame)
+            media.extract(layout.input_dir, self.frame_format, self.spec.png_compression, gate, on_frame)
         except _Stopped:
             return
         except CoordinatorError:
@@ -726,7 +740,7 @@ class Job:
     def _missing_outputs(self, batches: Iterable[Batch]) -> list[Batch]:
         assert self.layout is not None
         out = self.layout.output_dir
-        fmt = self.spec.frame_format
+        fmt = self.frame_format
         return [b for b in batches if not all((out / frame_filename(f, fmt)).is_file() for f in b.frames)]
 
     def _start_encoders(self) -> None:
@@ -743,7 +757,7 @@ class Job:
         assert self.media is not None and self.layout is not None
         started = time.monotonic()
         try:
-            self.media.make_part(self.layout, chunk, self.spec.frame_format)
+            self.media.make_part(self.layout, chunk, self.frame_format)
         finally:
             # The segment's frame arrays and buffers are freed: hand the pages back, so that heap
             # fragmentation cannot raise the RSS step by step over a long job (coordinator.memory).
@@ -855,6 +869,12 @@ class Job:
             handle.worker_id,
         )
 
+    @property
+    def frame_format(self) -> FrameFormat:
+        """The format of the job's frame files, decided when the pipeline starts."""
+        assert self._frame_format is not None, "the frame format is decided when the pipeline starts"
+        return self._frame_format
+
     def _manifest(self, manifest_id: str, handle: WorkerHandle, batches: tuple[Batch, ...]) -> Manifest:
         assert self.layout is not None and self.media is not None
         return Manifest(
@@ -865,9 +885,10 @@ class Job:
             batches=batches,
             scale=self._scale,
             tile=self.spec.tile,
-            frame_format=self.spec.frame_format,
+            frame_format=self.frame_format,
             png_compression=self.spec.png_compression,
             bit_depth=self.media.bit_depth,
+            yuv=self._yuv,
         )
 
     # -- progress and the end ---------------------------------------------------------------------

@@ -29,14 +29,15 @@ from typing import Protocol
 
 from coordinator.encode import PART_SUFFIX, EncodeSettings, check_encode, settings_for_depth
 from coordinator.errors import OutputPathError
-from coordinator.extract import FrameDone, FrameGate, extract_frames
+from coordinator.extract import YUV_SOURCE_FORMATS, FrameDone, FrameGate, extract_frames
 from coordinator.images import ImageSet, read_rgb, write_image
 from coordinator.probe import MediaInfo
 from coordinator.segments import SEGMENT_SUFFIX, encode_segment, join_segments, segment_is_complete
 from manifests.atomic import atomic_write, leftover_temp_files
 from manifests.chunks import Chunk, frame_file_bytes
+from manifests.colour import YuvSpec
 from manifests.frames import read_frame, write_frame
-from manifests.layout import FrameFormat, JobLayout, frame_filename
+from manifests.layout import FrameFormat, JobLayout, frame_filename, frame_formats_for_depth
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,11 @@ class JobMedia(Protocol):
 
     def batch_size(self, asked: int) -> int:
         """Frames per batch, given what the job asks for."""
+
+    def frame_layout(self, asked: FrameFormat | None, scale: float) -> tuple[FrameFormat, YuvSpec | None]:
+        """The frame format of the job's files (``asked``, None: the fastest that holds the job's
+        frames) and, for YUV frames, the conversion the workers apply. Raises ValueError for a
+        format that cannot hold them."""
 
     def frame_bytes(self, scale: float, frame_format: FrameFormat) -> tuple[int, int]:
         """Upper bounds of one input and one output frame file, for the disk budget."""
@@ -169,6 +175,42 @@ class VideoMedia:
     def batch_size(self, asked: int) -> int:
         return asked
 
+    def frame_layout(self, asked: FrameFormat | None, scale: float) -> tuple[FrameFormat, YuvSpec | None]:
+        video = self.info.video
+        yuv = self._yuv_spec(scale)
+        if asked is None:
+            return (FrameFormat.YUV, yuv) if yuv is not None else (FrameFormat.NPY, None)
+        if asked is FrameFormat.YUV:
+            if yuv is None:
+                raise ValueError(
+                    f"--frame-format yuv needs a planar 4:2:0 source (yuv420p, 10 or 12 bits), even frame "
+                    f"sides and an output of the source's pixel format; this job has {video.pix_fmt} "
+                    f"{video.width}x{video.height} to {self.encode.effective_pix_fmt} "
+                    f"{'x'.join(map(str, self.output_size(1, scale)))} (use npy or png)"
+                )
+            return asked, yuv
+        if asked not in frame_formats_for_depth(self.bit_depth):
+            log.info(
+                "the source has more than 8 bits per sample: its frames are stored as 16-bit npy "
+                "(Pillow cannot write 16-bit RGB PNG)"
+            )
+            return FrameFormat.NPY, None
+        return asked, None
+
+    def _yuv_spec(self, scale: float) -> YuvSpec | None:
+        """The conversion for YUV frames, or None where the job cannot keep its frames in YUV: a
+        source that is not planar 4:2:0, an odd frame side (in or out), or an output that is not
+        in the source's own pixel format (an RGB codec, another chroma layout or depth)."""
+        video = self.info.video
+        bits = YUV_SOURCE_FORMATS.get(video.pix_fmt or "")
+        out_w, out_h = self.output_size(1, scale)
+        if bits is None or self.encode.is_rgb or self.encode.effective_pix_fmt != video.pix_fmt:
+            return None
+        if any(side % 2 for side in (video.width, video.height, out_w, out_h)):
+            return None
+        conversion = video.conversion
+        return YuvSpec(conversion.scale_matrix, conversion.range, bits)
+
     def frame_bytes(self, scale: float, frame_format: FrameFormat) -> tuple[int, int]:
         width, height = self.info.video.width, self.info.video.height
         out_w, out_h = self.output_size(1, scale)
@@ -239,6 +281,11 @@ class ImageMedia:
 
     def batch_size(self, asked: int) -> int:
         return 1  # images of different sizes cannot share a batch
+
+    def frame_layout(self, asked: FrameFormat | None, scale: float) -> tuple[FrameFormat, YuvSpec | None]:
+        if asked is FrameFormat.YUV:
+            raise ValueError("images are upscaled as RGB: --frame-format yuv is for videos (use png or npy)")
+        return asked or FrameFormat.PNG, None
 
     def frame_bytes(self, scale: float, frame_format: FrameFormat) -> tuple[int, int]:
         width, height = self.images.max_size()

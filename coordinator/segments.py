@@ -60,6 +60,7 @@ from coordinator.encode import (
     check_packet_count,
     count_video_packets,
     frame_paths,
+    frames_pix_fmt,
     output_container,
     run_frame_encoder,
 )
@@ -67,6 +68,7 @@ from coordinator.errors import MediaError, OutputPathError, SegmentError
 from coordinator.ffmpeg import FFmpegProcess
 from coordinator.probe import MediaInfo
 from manifests.atomic import temp_path
+from manifests.frames import frame_size
 from manifests.layout import FrameFormat
 
 log = logging.getLogger(__name__)
@@ -116,15 +118,16 @@ def encode_segment(
     settings.check_available()
     paths = frame_paths(directory, first_frame, count, frame_format)
     bit_depth = info.video.frame_bit_depth
-    height, width = _read(paths[0], first_frame, frame_format, directory, bit_depth).shape[:2]
+    width, height = frame_size(_read(paths[0], first_frame, frame_format, directory, bit_depth), frame_format)
     settings.check_frame_size(width, height)
+    pix_fmt = frames_pix_fmt(frame_format, info.video.pix_fmt, bit_depth)
     timing = segment_timing(info, first_frame, count)
     action = f"encoding frames {first_frame}-{first_frame + count - 1} into segment {target}"
     log.info("%s with %s", action, settings.codec)
     with atomic_output(target) as tmp:
         # -copyts: the frames keep their place in the source timeline (ffmpeg would restart at 0).
         args = ["-y", "-copyts", "-f", "nut", "-i", "pipe:0", "-map", "0:v:0"]
-        args += _video_encode_args(info, settings, timing)
+        args += _video_encode_args(info, settings, timing, pix_fmt)
         if encoder_threads:
             args += ["-threads:v", str(encoder_threads)]
         # One timescale for the track and the movie (its edit list): the source ticks, kept exact.
@@ -132,7 +135,7 @@ def encode_segment(
         args += ["-video_track_timescale", scale, "-movie_timescale", scale, "-map_metadata", "-1"]
         args += ["-f", SEGMENT_FORMAT, str(tmp)]
         feed = FrameFeed(
-            paths, frame_format, directory, (width, height), timing, first_frame, threads, bit_depth
+            paths, frame_format, directory, (width, height), timing, first_frame, threads, bit_depth, pix_fmt
         )
         run_frame_encoder(args, action, feed)
         check_packet_count(tmp, target, count)
@@ -326,7 +329,7 @@ def join_segments(
             raise MediaError(f"the segments could not be joined into {target}: {exc}") from exc
         with atomic_output(target) as tmp:
             args = _join_args(info, settings, container, timing, video_part, tmp)
-            with FFmpegProcess(args, action=f"joining segments into {target}") as ffmpeg:
+            with FFmpegProcess(args, action=f"joining segments into {target}", stage="join") as ffmpeg:
                 ffmpeg.finish()
             check_packet_count(tmp, target, total)
     finally:

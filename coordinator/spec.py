@@ -45,7 +45,7 @@ class JobSpec:
     tile: int | None = None  # None: whatever the workers run
     precision: str | None = None  # local workers only; None: the device's default
     batch_size: int = 8
-    frame_format: FrameFormat = FrameFormat.PNG
+    frame_format: FrameFormat | None = None  # None: the fastest that holds the job's frames
     png_compression: int = 1
     max_disk: int = DEFAULT_MAX_DISK  # bytes of input and output frames on disk at once
     max_chunk_frames: int = 256
@@ -58,7 +58,8 @@ class JobSpec:
         object.__setattr__(self, "input", Path(self.input))
         object.__setattr__(self, "output", Path(self.output))
         try:
-            object.__setattr__(self, "frame_format", FrameFormat(self.frame_format))
+            if self.frame_format is not None:
+                object.__setattr__(self, "frame_format", FrameFormat(self.frame_format))
         except ValueError:
             choices = ", ".join(f.value for f in FrameFormat)
             raise SpecError("frame_format", f"must be one of {choices}, not {self.frame_format!r}") from None
@@ -91,7 +92,7 @@ class JobSpec:
         """Plain JSON values (paths as strings); :meth:`from_dict` gives the same spec back."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         values["input"], values["output"] = str(self.input), str(self.output)
-        values["frame_format"] = self.frame_format.value
+        values["frame_format"] = None if self.frame_format is None else self.frame_format.value
         values["encode"] = {**dataclasses.asdict(self.encode), "extra_args": list(self.encode.extra_args)}
         return values
 

@@ -56,11 +56,13 @@ class ChunkPlan:
 def frame_file_bytes(width: int, height: int, frame_format: FrameFormat, bit_depth: int = 8) -> int:
     """An upper bound of the size of one (height, width, 3) frame file of ``bit_depth`` (8 or 16) bits.
 
-    ``.npy``: the raw bytes (2 per sample at 16 bits) and its header. PNG: the raw bytes, a filter
-    byte per row and zlib's worst-case growth (stored blocks: 5 bytes per 16 KiB) plus the PNG
-    chunks around them.
+    ``.npy``: the raw bytes (2 per sample at 16 bits) and its header; YUV: half the samples. PNG:
+    the raw bytes, a filter byte per row and zlib's worst-case growth (stored blocks: 5 bytes per
+    16 KiB) plus the PNG chunks around them.
     """
     raw = width * height * 3 * (2 if bit_depth > 8 else 1)
+    if frame_format is FrameFormat.YUV:  # 4:2:0: half the samples of RGB (an odd side rounds up)
+        return (width + 1) * (height + 1) * 3 // 2 * (2 if bit_depth > 8 else 1) + NPY_HEADER_BYTES
     if frame_format is FrameFormat.NPY:
         return raw + NPY_HEADER_BYTES
     filtered = raw + height

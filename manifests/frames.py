@@ -2,8 +2,14 @@
 
 A frame is an RGB image, a ``(H, W, 3)`` uint8 array, stored as PNG (compact, slow) or as a raw
 ``.npy`` array (fast, large). A frame of a source with more than 8 bits per sample is a ``(H, W, 3)``
-uint16 array (:data:`HIGH_BIT_DEPTH`), stored as ``.npy`` only: Pillow cannot write 16-bit RGB PNG,
-and a raw array is what the 8-bit ``.npy`` path already reads and checks, with twice the bytes.
+uint16 array (:data:`HIGH_BIT_DEPTH`), stored as ``.npy`` (or YUV): Pillow cannot write 16-bit RGB
+PNG, and a raw array is what the 8-bit ``.npy`` path already reads and checks, with twice the bytes.
+
+A YUV frame (:attr:`FrameFormat.YUV`) is planar 4:2:0 as a decoder gives it: one ``(H * 3 / 2, W)``
+array (Y, then U, then V; :func:`manifests.colour.i420_shape`) of uint8, or uint16 holding 9 to 16
+significant bits. Its file is a 32-byte header (:data:`YUV_MAGIC`, the version, bytes per sample,
+width, height) and the planes, raw: one read, one write, no conversion on the host. A file of
+another version or layout is refused, never read as a frame.
 
 The coordinator writes input frames and reads output frames; workers read input frames and write
 output frames; both use these functions, so the two sides can never disagree on what a frame file
@@ -31,6 +37,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from manifests.atomic import Directory, atomic_write
+from manifests.colour import i420_shape, i420_size
 from manifests.errors import FrameFileError, FrameTooLargeError
 from manifests.layout import BIT_DEPTHS, HIGH_BIT_DEPTH, FrameFormat, frame_formats_for_depth
 
@@ -41,6 +48,8 @@ __all__ = [
     "encode_frame_into",
     "frame_file_is_sound",
     "frame_formats_for_depth",
+    "frame_payload",
+    "frame_size",
     "read_frame",
     "write_frame",
 ]
@@ -48,7 +57,14 @@ __all__ = [
 _DTYPES: dict[int, np.dtype[np.unsignedinteger]] = {8: np.dtype(np.uint8), 16: np.dtype("<u2")}
 
 
+_YUV_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: The first 8 bytes of a YUV frame file; the next 2 are its layout version (:data:`YUV_VERSION`).
+YUV_MAGIC = b"ESRFYUV\x00"
+YUV_VERSION = 1
+#: magic, version, bytes per sample, width, height, then zeros up to :data:`YUV_HEADER_BYTES`.
+_YUV_HEADER = struct.Struct("<8sHHII")
+YUV_HEADER_BYTES = 32
 _OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
@@ -71,6 +87,8 @@ def decode_frame(
     try:
         if frame_format is FrameFormat.NPY:
             return _decode_npy(data, name, max_pixels, _DTYPES[bit_depth])
+        if frame_format is FrameFormat.YUV:
+            return _decode_yuv(data, name, max_pixels, _DTYPES[bit_depth])
         return _decode_png(data, name, max_pixels)
     except (FrameFileError, MemoryError):
         raise
@@ -100,9 +118,9 @@ def _decode_npy(data: bytes, name: str, max_pixels: int | None, want: np.dtype) 
     header = io.BytesIO(data)
     version = np.lib.format.read_magic(header)
     if version == (1, 0):
-        shape, _, dtype = np.lib.format.read_array_header_1_0(header)
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(header)
     elif version == (2, 0):
-        shape, _, dtype = np.lib.format.read_array_header_2_0(header)
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(header)
     else:
         raise FrameFileError(name, "npy", f"npy format version {version[0]}.{version[1]} is not supported")
     declared, present = math.prod(shape) * dtype.itemsize, len(data) - header.tell()
@@ -115,8 +133,75 @@ def _decode_npy(data: bytes, name: str, max_pixels: int | None, want: np.dtype) 
     if dtype != want or len(shape) != 3 or shape[2] != 3:
         shown = "uint16" if want.itemsize == 2 else "uint8"
         raise ValueError(f"it holds a {dtype} array of shape {shape}, not (H, W, 3) {shown}")
-    array = np.load(io.BytesIO(data), allow_pickle=False)
-    return np.ascontiguousarray(array)
+    if fortran:
+        raise ValueError("it holds a Fortran-ordered array; frames are C-ordered")
+    # The samples in place (read-only, no copy): np.load would copy them once more.
+    return np.frombuffer(data, dtype=dtype, offset=header.tell()).reshape(shape)
+
+
+def _yuv_header(data: bytes | memoryview, name: str) -> tuple[int, int, int]:
+    """(bytes per sample, width, height) from a YUV frame file's header; FrameFileError if it has none."""
+    if len(data) < YUV_HEADER_BYTES:
+        raise FrameFileError(name, "yuv", f"it holds {len(data)} bytes, less than a YUV frame header")
+    magic, version, sample_bytes, width, height = _YUV_HEADER.unpack_from(data)
+    if magic != YUV_MAGIC:
+        raise FrameFileError(name, "yuv", "it is not an esrfarm YUV frame (it does not start with ESRFYUV)")
+    if version != YUV_VERSION:
+        raise FrameFileError(
+            name,
+            "yuv",
+            f"it is a YUV frame of layout version {version}; this esrfarm reads version {YUV_VERSION} "
+            "(the coordinator and the workers must be of the same release)",
+        )
+    if sample_bytes not in (1, 2):
+        raise FrameFileError(name, "yuv", f"its header declares {sample_bytes} bytes per sample, not 1 or 2")
+    return sample_bytes, width, height
+
+
+def _decode_yuv(data: bytes, name: str, max_pixels: int | None, want: np.dtype) -> np.ndarray:
+    sample_bytes, width, height = _yuv_header(data, name)
+    if sample_bytes != want.itemsize:
+        shown = "uint16" if want.itemsize == 2 else "uint8"
+        raise FrameFileError(name, "yuv", f"it holds {8 * sample_bytes}-bit samples, not {shown}")
+    _check_pixels(name, FrameFormat.YUV, width, height, max_pixels)
+    try:
+        rows, columns = i420_shape(height, width)
+    except ValueError as exc:
+        raise FrameFileError(name, "yuv", str(exc)) from None
+    declared, present = rows * columns * sample_bytes, len(data) - YUV_HEADER_BYTES
+    if declared != present:
+        raise FrameFileError(
+            name,
+            "yuv",
+            f"its header declares {declared} bytes of {width}x{height} 4:2:0, but {present} follow",
+        )
+    return np.frombuffer(data, dtype=want, offset=YUV_HEADER_BYTES).reshape(rows, columns)
+
+
+def frame_size(frame: np.ndarray, frame_format: FrameFormat) -> tuple[int, int]:
+    """The (width, height) of the picture ``frame`` (an array of ``frame_format``'s layout) holds."""
+    if frame_format is FrameFormat.YUV:
+        return i420_size(frame.shape[0], frame.shape[1])
+    return frame.shape[1], frame.shape[0]
+
+
+def frame_payload(data: bytes, frame_format: FrameFormat) -> memoryview:
+    """The raw samples of a frame file's ``data`` whose header was already checked (a YUV frame's
+    planes, an npy frame's array): what an encoder takes as it is, without a copy."""
+    view = memoryview(data)
+    if frame_format is FrameFormat.YUV:
+        return view[YUV_HEADER_BYTES:]
+    if frame_format is FrameFormat.NPY:
+        return view[len(data) - _npy_payload_bytes(data) :]
+    raise ValueError("a PNG frame has no raw payload")
+
+
+def _npy_payload_bytes(data: bytes) -> int:
+    header = io.BytesIO(data)
+    version = np.lib.format.read_magic(header)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(header)
+    return math.prod(shape) * dtype.itemsize
 
 
 def _check_pixels(name: str, frame_format: FrameFormat, width: int, height: int, limit: int | None) -> None:
@@ -139,8 +224,15 @@ def read_frame(path: str | Path, frame_format: FrameFormat, *, bit_depth: int = 
 def encode_frame_into(
     handle: BinaryIO, frame: np.ndarray, frame_format: FrameFormat, png_compression: int
 ) -> None:
-    """Write ``frame`` (uint8, or uint16: ``.npy`` only) in ``frame_format`` to an open binary file."""
-    if frame.dtype == np.uint16:
+    """Write ``frame`` (uint8, or uint16: not PNG) in ``frame_format`` to an open binary file."""
+    if frame_format is FrameFormat.YUV:
+        width, height = i420_size(*frame.shape[:2])
+        if frame.ndim != 2 or frame.shape != i420_shape(height, width) or frame.dtype not in _YUV_DTYPES:
+            raise ValueError(f"a YUV frame is a (H * 3 / 2, W) uint8 or uint16 array, not {frame.shape}")
+        header = _YUV_HEADER.pack(YUV_MAGIC, YUV_VERSION, frame.dtype.itemsize, width, height)
+        handle.write(header.ljust(YUV_HEADER_BYTES, b"\x00"))
+        handle.write(np.ascontiguousarray(frame, dtype=frame.dtype.newbyteorder("<")).data.cast("B"))
+    elif frame.dtype == np.uint16:
         if frame_format is not FrameFormat.NPY:
             raise ValueError("16-bit frames are stored as npy; Pillow cannot write 16-bit RGB PNG")
         np.save(handle, frame.astype(_DTYPES[HIGH_BIT_DEPTH], copy=False), allow_pickle=False)
@@ -197,6 +289,15 @@ def frame_file_is_sound(
                 want = _DTYPES[bit_depth]
                 expected = handle.tell() + height * width * 3 * want.itemsize
                 return bool(shape == (height, width, 3) and dtype == want and size == expected)
+            if frame_format is FrameFormat.YUV:
+                try:
+                    sample_bytes, got_w, got_h = _yuv_header(handle.read(YUV_HEADER_BYTES), "")
+                    rows, columns = i420_shape(height, width)
+                except (FrameFileError, ValueError):
+                    return False
+                want_bytes = _DTYPES[bit_depth].itemsize
+                expected = YUV_HEADER_BYTES + rows * columns * want_bytes
+                return (got_w, got_h) == (width, height) and sample_bytes == want_bytes and size == expected
             head = handle.read(24)
             handle.seek(max(0, size - len(_PNG_END)))
             tail = handle.read()

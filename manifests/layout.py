@@ -31,14 +31,22 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class FrameFormat(enum.StrEnum):
-    """How frames are stored: PNG (compact, slow) or raw ``.npy`` (H, W, 3) arrays (fast)."""
+    """How frames are stored: PNG (compact, slow), raw ``.npy`` (H, W, 3) RGB arrays (fast, large),
+    or raw planar YUV 4:2:0 (``.yuv``: the decoder's own samples, half the bytes of RGB; the worker
+    converts to RGB and back on its device). See :mod:`manifests.frames`."""
 
     PNG = "png"
     NPY = "npy"
+    YUV = "yuv"
 
     @property
     def suffix(self) -> str:
         return f".{self.value}"
+
+    @property
+    def is_rgb(self) -> bool:
+        """Whether a frame of this format is an (H, W, 3) RGB array (PNG, npy), not planar YUV."""
+        return self is not FrameFormat.YUV
 
 
 #: The sample depths a frame file holds: 8 (uint8) or 16 (uint16, for sources above 8 bits).
@@ -47,10 +55,10 @@ HIGH_BIT_DEPTH = 16
 
 
 def frame_formats_for_depth(bit_depth: int) -> tuple[FrameFormat, ...]:
-    """The frame formats that can hold samples of ``bit_depth`` bits (16: ``.npy`` only)."""
+    """The frame formats that can hold samples of ``bit_depth`` bits (16: ``.npy`` and ``.yuv``)."""
     if bit_depth not in BIT_DEPTHS:
         raise ValueError(f"frames hold 8 or 16 bits per sample, not {bit_depth}")
-    return (FrameFormat.NPY,) if bit_depth == HIGH_BIT_DEPTH else tuple(FrameFormat)
+    return (FrameFormat.NPY, FrameFormat.YUV) if bit_depth == HIGH_BIT_DEPTH else tuple(FrameFormat)
 
 
 def is_safe_name(name: str) -> bool:

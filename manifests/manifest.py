@@ -12,12 +12,17 @@ Example (``format`` is checked first; unknown fields are refused)::
       "tile": null, "tile_pad": null,   # null: whatever the worker was started with
       "frame_format": "png", "png_compression": 1,
       "bit_depth": 16,                  # only for 16-bit frames (sources above 8 bits); absent: 8
+      "yuv": {"matrix": "bt709", "range": "tv", "bits": 10},  # only for frame_format "yuv"
       "input_dir": "input", "output_dir": "output", "status_file": "status/w0.json",
       "batches": [{"id": 0, "start": 1, "end": 9}, {"id": 3, "frames": [25, 26, 30]}]
     }
 
 ``bit_depth`` is written only when it is 16 (frames are then uint16 ``.npy``, see
 :mod:`manifests.frames`), so an 8-bit job's manifest is byte for byte what it was before it existed.
+``yuv`` is present exactly when ``frame_format`` is ``yuv``: the conversion the worker applies on
+its device between the YUV frames and the model's RGB (:class:`manifests.colour.YuvSpec`); a worker
+of a release without it refuses such a manifest (an unknown frame format and field), never
+misreads its frames.
 
 A batch is a contiguous range ``[start, end)`` of frame indices, or an explicit list. Frame ``i``
 is read from ``<input_dir>/<frame_filename(i)>`` and written to ``<output_dir>/`` under the same name.
@@ -42,6 +47,7 @@ from typing import Any
 import orjson
 
 from manifests._fields import Fields, check_format, decode
+from manifests.colour import YUV_MATRICES, YUV_RANGES, YuvSpec
 from manifests.errors import DocumentError
 from manifests.jsonio import dumps
 from manifests.layout import (
@@ -144,6 +150,7 @@ class Manifest:
     frame_format: FrameFormat = FrameFormat.PNG
     png_compression: int = DEFAULT_PNG_COMPRESSION
     bit_depth: int = 8
+    yuv: YuvSpec | None = None
     input_dir: str = "input"
     output_dir: str = "output"
     status_file: str = field(default="")
@@ -161,7 +168,9 @@ class Manifest:
         return sum(len(batch) for batch in self.batches)
 
     def to_dict(self) -> dict[str, Any]:
-        depth = {} if self.bit_depth == 8 else {"bit_depth": self.bit_depth}
+        depth: dict[str, Any] = {} if self.bit_depth == 8 else {"bit_depth": self.bit_depth}
+        if self.yuv is not None:
+            depth["yuv"] = {"matrix": self.yuv.matrix, "range": self.yuv.range, "bits": self.yuv.bits}
         return {
             "format": MANIFEST_FORMAT,
             "job_id": self.job_id,
@@ -195,8 +204,8 @@ class Manifest:
         f.reject_unknown(
             {
                 "format", "job_id", "manifest_id", "worker_id", "model", "scale", "tile", "tile_pad",
-                "frame_format", "png_compression", "bit_depth", "input_dir", "output_dir", "status_file",
-                "batches",
+                "frame_format", "png_compression", "bit_depth", "yuv", "input_dir", "output_dir",
+                "status_file", "batches",
             }
         )  # fmt: skip
         frame_format = f.data.get("frame_format", FrameFormat.PNG.value)
@@ -222,6 +231,7 @@ class Manifest:
             "frame_format": FrameFormat(frame_format),
             "png_compression": DEFAULT_PNG_COMPRESSION if png_compression is None else png_compression,
             "bit_depth": 8 if bit_depth is None else bit_depth,
+            "yuv": _yuv(f) if f.data.get("yuv") is not None else None,
             "input_dir": f.string("input_dir"),
             "output_dir": f.string("output_dir"),
             "status_file": f.opt_string("status_file") or "",
@@ -239,6 +249,18 @@ class Manifest:
         return replace(
             self, manifest_id=manifest_id, worker_id=worker_id, batches=tuple(batches), status_file=""
         )
+
+
+def _yuv(f: Fields) -> YuvSpec:
+    """The manifest's YUV conversion, each part checked against what a worker can apply."""
+    spec = f.child("yuv")
+    spec.reject_unknown({"matrix", "range", "bits"})
+    matrix, range_ = spec.string("matrix"), spec.string("range")
+    if matrix not in YUV_MATRICES:
+        spec.fail("matrix", f"must be one of {', '.join(YUV_MATRICES)}, not {matrix!r}")
+    if range_ not in YUV_RANGES:
+        spec.fail("range", f"must be tv or pc, not {range_!r}")
+    return YuvSpec(matrix, range_, spec.integer("bits", minimum=8, maximum=16))
 
 
 def _batches(f: Fields) -> tuple[Batch, ...]:
@@ -321,7 +343,11 @@ def _validate(manifest: Manifest, *, source: str | Path | None) -> None:
     if manifest.bit_depth not in BIT_DEPTHS:
         fail("bit_depth", f"must be 8 or 16, not {manifest.bit_depth!r}")
     if manifest.frame_format not in frame_formats_for_depth(manifest.bit_depth):
-        fail("frame_format", f"must be npy for 16-bit frames, not {manifest.frame_format.value}")
+        fail("frame_format", f"must be npy or yuv for 16-bit frames, not {manifest.frame_format.value}")
+    if (manifest.frame_format is FrameFormat.YUV) != (manifest.yuv is not None):
+        fail("yuv", "must be given exactly when frame_format is yuv (the conversion the worker applies)")
+    if manifest.yuv is not None and manifest.yuv.sample_bits != manifest.bit_depth:
+        fail("yuv", f"holds {manifest.yuv.bits}-bit samples, which a {manifest.bit_depth}-bit frame cannot")
     if not manifest.batches:
         fail("batches", "must hold at least one batch")
     if len(manifest.batches) > MAX_MANIFEST_BATCHES:

@@ -24,13 +24,17 @@ import numpy as np
 
 from coordinator.client import WorkerBusyError, WorkerRequestError
 from manifests import BatchError, Status, WorkerIdentity, WorkerState, read_manifest, write_json_atomic
+from manifests.colour import YuvSpec
 from manifests.frames import read_frame, write_frame
 from manifests.layout import frame_filename
 from manifests.manifest import Manifest
+from worker.benchmarking import SimulatedUpscaler
 
 
-def nearest(frame: np.ndarray, scale: int) -> np.ndarray:
-    """What a fake worker makes of a frame."""
+def nearest(frame: np.ndarray, scale: int, yuv: YuvSpec | None = None) -> np.ndarray:
+    """What a fake worker makes of a frame: an RGB frame's pixels, or a YUV frame's planes, repeated."""
+    if yuv is not None:
+        return SimulatedUpscaler("fake", 0.0).upscale_yuv(frame[None], scale, yuv)[0]
     return frame.repeat(scale, axis=0).repeat(scale, axis=1)
 
 
@@ -148,7 +152,8 @@ class FakeWorker:
             name = frame_filename(index, manifest.frame_format)
             frame = read_frame(job_dir / manifest.input_dir / name, manifest.frame_format)
             output = job_dir / manifest.output_dir / name
-            write_frame(output, nearest(frame, self.scale), manifest.frame_format, png_compression=1)
+            upscaled = nearest(frame, self.scale, manifest.yuv)
+            write_frame(output, upscaled, manifest.frame_format, png_compression=1)
 
     async def _publish(self, path: Path, status: Status) -> None:
         data = status.to_json()

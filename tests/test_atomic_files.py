@@ -16,17 +16,44 @@ from manifests.errors import (
     NotRegularFileError,
     SymlinkRefusedError,
 )
-from manifests.frames import decode_frame, read_frame, write_frame
+from manifests.frames import decode_frame, frame_file_is_sound, read_frame, write_frame
 from manifests.layout import FrameFormat
 
 
 @pytest.mark.parametrize("frame_format", list(FrameFormat))
 def test_a_frame_reads_back_as_written(tmp_path: Path, frame_format: FrameFormat) -> None:
-    frame = np.random.default_rng(3).integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
+    shape = (5, 7, 3) if frame_format.is_rgb else (9, 8)  # a YUV frame: 8x6 4:2:0, planes stacked
+    frame = np.random.default_rng(3).integers(0, 256, size=shape, dtype=np.uint8)
     path = tmp_path / f"f{frame_format.suffix}"
     write_frame(path, frame, frame_format, png_compression=1, fsync=True)
     np.testing.assert_array_equal(read_frame(path, frame_format), frame)
     assert os.listdir(tmp_path) == [path.name]
+
+
+def test_a_yuv_frame_keeps_16_bit_samples_and_is_judged_by_its_header(tmp_path: Path) -> None:
+    frame = np.random.default_rng(4).integers(0, 1024, size=(6, 4), dtype=np.uint16)  # 4x4, 10-bit
+    path = tmp_path / "f.yuv"
+    write_frame(path, frame, FrameFormat.YUV, png_compression=1)
+    np.testing.assert_array_equal(read_frame(path, FrameFormat.YUV, bit_depth=16), frame)
+    assert frame_file_is_sound(path, FrameFormat.YUV, 4, 4, bit_depth=16)
+    assert not frame_file_is_sound(path, FrameFormat.YUV, 4, 4)  # 8-bit samples expected
+    assert not frame_file_is_sound(path, FrameFormat.YUV, 4, 6, bit_depth=16)  # another size
+    with pytest.raises(FrameFileError, match="holds 16-bit samples, not uint8"):
+        read_frame(path, FrameFormat.YUV)
+    data = path.read_bytes()
+    path.write_bytes(data[:-1])
+    with pytest.raises(FrameFileError, match="declares 48 bytes of 4x4 4:2:0, but 47 follow"):
+        read_frame(path, FrameFormat.YUV, bit_depth=16)
+    assert not frame_file_is_sound(path, FrameFormat.YUV, 4, 4, bit_depth=16)
+    path.write_bytes(data[:8] + b"\x02\x00" + data[10:])  # a layout this release does not know
+    with pytest.raises(FrameFileError, match="layout version 2; this esrfarm reads version 1"):
+        read_frame(path, FrameFormat.YUV, bit_depth=16)
+    assert not frame_file_is_sound(path, FrameFormat.YUV, 4, 4, bit_depth=16)
+    path.write_bytes(b"\x89PNG" + data[4:])
+    with pytest.raises(FrameFileError, match="not an esrfarm YUV frame"):
+        read_frame(path, FrameFormat.YUV, bit_depth=16)
+    with pytest.raises(ValueError, match="even width and height"):
+        write_frame(path, np.zeros((3, 3), np.uint8), FrameFormat.YUV, png_compression=1)
 
 
 def test_a_frame_of_another_shape_is_refused() -> None:

@@ -160,7 +160,7 @@ def test_a_stopped_local_worker_is_given_up_and_killed_not_waited_for(
     deadline = time.monotonic() + 120
     while stopped is None and time.monotonic() < deadline and process.poll() is None:
         for port_file in root.glob("workers/*/worker-1.port.json"):
-            if list(root.glob("jobs/*/output/*.png")):
+            if list(root.glob("jobs/*/output/0*")):
                 stopped = int(orjson.loads(port_file.read_bytes())["pid"])
                 os.kill(stopped, signal.SIGSTOP)
                 break

@@ -126,7 +126,7 @@ def test_only_a_16_bit_manifest_says_its_depth() -> None:
     assert Manifest.from_json(eight.to_json()).bit_depth == 8
     with pytest.raises(DocumentError, match="must be 8 or 16"):
         Manifest.from_dict({**sixteen.to_dict(), "bit_depth": 12})
-    with pytest.raises(DocumentError, match="must be npy for 16-bit frames"):
+    with pytest.raises(DocumentError, match="must be npy or yuv for 16-bit frames"):
         Manifest.from_dict({**sixteen.to_dict(), "frame_format": "png"})
 
 
@@ -208,13 +208,27 @@ def test_a_10_bit_ramp_comes_out_10_bit_without_banding(
     assert levels > 600, f"a row of the upscaled ramp has {levels} levels; an 8-bit path gives at most 256"
     _, source_luma = _luma_rows(ramp)
     assert len(np.unique(source_luma[8])) == 877
-    # On shared storage: 16-bit npy frames, manifests that say so, an identity that names the depth.
+    # On shared storage: the decoder's own 10-bit 4:2:0 samples in 16-bit YUV frames (the worker
+    # converts them), manifests that say so, an identity that names the depth.
     job_dir = root / "jobs" / result.job_id
-    frame = job_dir / "output" / "00000001.npy"
-    assert decode_frame(frame.read_bytes(), FrameFormat.NPY, bit_depth=16).shape == (32, 2048, 3)
+    frame = job_dir / "output" / "00000001.yuv"
+    assert decode_frame(frame.read_bytes(), FrameFormat.YUV, bit_depth=16).shape == (48, 2048)
     manifests = [orjson.loads(p.read_bytes()) for p in (job_dir / "manifests").glob("*.json")]
-    assert manifests and all(m["bit_depth"] == 16 and m["frame_format"] == "npy" for m in manifests)
+    assert manifests and all(
+        m["bit_depth"] == 16 and m["frame_format"] == "yuv" and m["yuv"]["bits"] == 10 for m in manifests
+    )
     assert orjson.loads((job_dir / "job.json").read_bytes())["identity"]["frame_bit_depth"] == 16
+
+
+def test_a_10_bit_ramp_in_npy_frames_comes_out_10_bit_without_banding(
+    ramp: Path, tmp_path: Path, root: Path, worker: WorkerProcess, tiny_model: Path
+) -> None:
+    output = tmp_path / "ramp-npy.mkv"
+    result = _upscale(ramp, output, root, worker, tiny_model, keep_frames=True, frame_format=FrameFormat.NPY)
+    pix_fmt, luma = _luma_rows(output)
+    assert pix_fmt == "yuv420p10le" and len(np.unique(luma[16])) > 600
+    frame = root / "jobs" / result.job_id / "output" / "00000001.npy"
+    assert decode_frame(frame.read_bytes(), FrameFormat.NPY, bit_depth=16).shape == (32, 2048, 3)
 
 
 def test_lossless_16_bit_output_is_the_runtime_output_bit_for_bit(

@@ -35,6 +35,7 @@ from manifests import (
     write_json_atomic,
     write_status_atomic,
 )
+from manifests.colour import YUV_MATRICES, YuvSpec
 from manifests.manifest import check_frames_within_job, job_frame_count
 
 IDENTITY = WorkerIdentity("host-a:8090", "host-a", 4242, "0", "NVIDIA H100")
@@ -82,7 +83,25 @@ def test_manifest_json_uses_ranges_for_contiguous_batches() -> None:
         ({"scale": "2"}, "field 'scale' must be a finite number or null"),
         ({"tile": -1}, "field 'tile' must be at least 0"),
         ({"png_compression": 10}, "field 'png_compression' must be at most 9"),
-        ({"frame_format": "jpg"}, "field 'frame_format' must be one of png, npy"),
+        ({"frame_format": "jpg"}, "field 'frame_format' must be one of png, npy, yuv"),
+        ({"frame_format": "yuv"}, "field 'yuv' must be given exactly when frame_format is yuv"),
+        ({"yuv": {"matrix": "bt709", "range": "tv", "bits": 8}}, "field 'yuv' must be given exactly when"),
+        (
+            {"frame_format": "yuv", "yuv": {"matrix": "bt999", "range": "tv", "bits": 8}},
+            "field 'yuv.matrix' must be one of bt709",
+        ),
+        (
+            {"frame_format": "yuv", "yuv": {"matrix": "bt709", "range": "full", "bits": 8}},
+            "field 'yuv.range' must be tv or pc",
+        ),
+        (
+            {"frame_format": "yuv", "yuv": {"matrix": "bt709", "range": "tv", "bits": 10}},
+            "field 'yuv' holds 10-bit samples, which a 8-bit frame cannot",
+        ),
+        (
+            {"frame_format": "yuv", "yuv": {"matrix": "bt709", "range": "tv", "bits": 8, "x": 1}},
+            "unknown field(s) in 'yuv': x",
+        ),
         ({"batches": []}, "field 'batches' must hold at least one batch"),
         (
             {"batches": [{"id": 0, "start": 5, "end": 5}]},
@@ -217,6 +236,10 @@ def manifests(draw: st.DrawFn) -> Manifest:
             batches.append(Batch(batch_id * 3, fresh))
     if not batches:
         batches = [Batch(0, (0,))]
+    frame_format = draw(st.sampled_from(FrameFormat))
+    yuv = None
+    if frame_format is FrameFormat.YUV:
+        yuv = YuvSpec(draw(st.sampled_from(sorted(YUV_MATRICES))), draw(st.sampled_from(["tv", "pc"])), 8)
     return Manifest(
         job_id=draw(names),
         manifest_id=draw(names),
@@ -226,7 +249,8 @@ def manifests(draw: st.DrawFn) -> Manifest:
         scale=draw(st.none() | st.floats(0.1, 16, allow_nan=False)),
         tile=draw(st.none() | st.integers(0, 4096)),
         tile_pad=draw(st.none() | st.integers(0, 64)),
-        frame_format=draw(st.sampled_from(FrameFormat)),
+        frame_format=frame_format,
+        yuv=yuv,
         png_compression=draw(st.integers(0, 9)),
         input_dir=draw(st.sampled_from(["input", "frames/in", "in put"])),
         output_dir=draw(st.sampled_from(["output", "out"])),

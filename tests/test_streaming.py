@@ -143,9 +143,9 @@ def kill_when(args: list[str], root: Path, reached: Callable[[Path], bool], poin
 
 KILL_POINTS: dict[str, Callable[[Path], bool]] = {
     # the first input frames are being extracted
-    "extracting": lambda job: _any(job / "input", "*.png"),
+    "extracting": lambda job: _any(job / "input", "0*"),
     # frames are being upscaled, no segment is finished yet
-    "upscaling": lambda job: _any(job / "output", "*.png") and not _any(job / "segments", "0*.mp4"),
+    "upscaling": lambda job: _any(job / "output", "0*") and not _any(job / "segments", "0*.mp4"),
     # some segments are finished, others not
     "encoding": lambda job: len(list((job / "segments").glob("0*.mp4"))) >= 3,
 }
@@ -206,6 +206,10 @@ def test_changing_only_the_encoder_reuses_kept_frames(
             "--keep-frames",
             "--preset",
             "ultrafast",
+            # RGB frames, which the lossless RGB encode below can reuse (auto would keep this
+            # output's YUV, and the lossless run would then upscale its own RGB frames again).
+            "--frame-format",
+            "npy",
         )
     )
     assert first.returncode == 0, first.stderr

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from manifests.colour import YuvSpec, i420_shape, i420_size
+
 
 @dataclass
 class SimulatedDevice:
@@ -35,13 +37,39 @@ class SimulatedUpscaler:
     def upscale(self, frames: np.ndarray, scale: float | None = None) -> np.ndarray:
         factor = self.scale if scale is None else scale
         time.sleep(self.latency_s * len(frames))
-        height, width = frames.shape[1:3]
-        rows = (np.arange(round(height * factor)) / factor).astype(int)
-        cols = (np.arange(round(width * factor)) / factor).astype(int)
-        return np.ascontiguousarray(frames[:, rows][:, :, cols])
+        return _nearest(frames, factor)
+
+    def upscale_yuv(self, frames: np.ndarray, scale: float | None, spec: YuvSpec) -> np.ndarray:
+        """Planar 4:2:0 in and out: each plane repeated (no colour conversion: a stand-in's output)."""
+        factor = self.scale if scale is None else scale
+        time.sleep(self.latency_s * len(frames))
+        count, (width, height) = len(frames), i420_size(frames.shape[1], frames.shape[2])
+        out_h, out_w = round(height * factor), round(width * factor)
+        i420_shape(out_h, out_w)  # an odd side: ValueError
+        flat = frames.reshape(count, -1)
+        luma, chroma = height * width, height * width // 4
+        planes = (
+            _nearest(flat[:, :luma].reshape(count, height, width), factor, (out_h, out_w)),
+            *(
+                _nearest(plane.reshape(count, height // 2, width // 2), factor, (out_h // 2, out_w // 2))
+                for plane in (flat[:, luma : luma + chroma], flat[:, luma + chroma :])
+            ),
+        )
+        return np.concatenate([plane.reshape(count, -1) for plane in planes], axis=1).reshape(
+            count, -1, out_w
+        )
 
     def warmup(self, height: int = 64, width: int = 64) -> None:
         return None
 
     def memory_info(self) -> dict[str, int] | None:
         return None
+
+
+def _nearest(frames: np.ndarray, factor: float, size: tuple[int, int] | None = None) -> np.ndarray:
+    """(N, H, W, ...) -> (N, round(H * factor), round(W * factor), ...) (or ``size``), each pixel repeated."""
+    height, width = frames.shape[1:3]
+    out_h, out_w = size or (round(height * factor), round(width * factor))
+    rows = np.minimum((np.arange(out_h) / factor).astype(int), height - 1)
+    cols = np.minimum((np.arange(out_w) / factor).astype(int), width - 1)
+    return np.ascontiguousarray(frames[:, rows][:, :, cols])

@@ -15,6 +15,7 @@ frames as fit in it (at least one), and the caller reads the rest in further par
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -30,10 +31,12 @@ from manifests.errors import (
     SymlinkRefusedError,
     UnsafeFileError,
 )
-from manifests.frames import decode_frame, write_frame
+from manifests.frames import decode_frame, frame_size, write_frame
 
 T = TypeVar("T")
 R = TypeVar("R")
+CpuReport = Callable[[float], None]
+"""Told the CPU seconds a thread spent on frame I/O (from that thread; must be thread-safe)."""
 
 #: Bytes a frame file may hold per pixel of the frame it is checked against (raw 16-bit RGB is 6;
 #: PNG stays under raw size plus its headers).
@@ -106,10 +109,11 @@ def read_batch(
     budget_pixels: int | None = None,
     cancel: threading.Event | None = None,
     bit_depth: int = 8,
+    on_cpu: CpuReport | None = None,
 ) -> np.ndarray:
-    """Read the first frames of ``frames`` into one (N, H, W, 3) array (uint8, or uint16 for
-    ``bit_depth`` 16): all of them, or as many as fit in ``budget_pixels`` output pixels (at least
-    one). Raises :class:`FrameError` for the first bad frame (reading stops there) and
+    """Read the first frames of ``frames`` into one (N, H, W, 3) array (a YUV job: (N, H * 3 / 2,
+    W); uint8, or uint16 for ``bit_depth`` 16): all of them, or as many as fit in ``budget_pixels``
+    output pixels (at least one). Raises :class:`FrameError` for the first bad frame (reading stops there) and
     :class:`ReadCancelled` once ``cancel`` is set."""
 
     def read_one(index: int) -> np.ndarray:
@@ -143,7 +147,7 @@ def read_batch(
             array = decode_frame(
                 data, frame_format, name=shown, max_pixels=limits.max_input_pixels, bit_depth=bit_depth
             )
-            limits.check(shown, array.shape[1], array.shape[0])
+            limits.check(shown, *frame_size(array, frame_format))
         except FrameTooLargeError as exc:
             try:
                 limits.check(shown, exc.width, exc.height)
@@ -158,19 +162,27 @@ def read_batch(
 
     if cancel is not None and cancel.is_set():
         raise ReadCancelled("the manifest is being stopped")
+    started = time.thread_time()
     first = read_one(frames[0])
+    if on_cpu is not None:
+        on_cpu(time.thread_time() - started)
     count = len(frames)
     if budget_pixels is not None:
-        out_h, out_w = limits.output_size(first.shape[0], first.shape[1])
+        first_w, first_h = frame_size(first, frame_format)
+        out_h, out_w = limits.output_size(first_h, first_w)
         count = max(1, min(count, budget_pixels // (out_h * out_w)))
-    arrays = [first, *map_threads(read_one, frames[1:count], threads, stop=cancel)]
+    arrays = [first, *map_threads(read_one, frames[1:count], threads, stop=cancel, on_cpu=on_cpu)]
     for index, array in zip(frames, arrays, strict=False):
         if array.shape != first.shape:
             name = f"{label}/{frame_filename(index, frame_format)}"
+            (width, height), (first_w, first_h) = (
+                frame_size(array, frame_format),
+                frame_size(first, frame_format),
+            )
             raise FrameError(
                 index,
-                f"input frame {name} is {array.shape[1]}x{array.shape[0]}, but frame {frames[0]} of "
-                f"the same batch is {first.shape[1]}x{first.shape[0]}",
+                f"input frame {name} is {width}x{height}, but frame {frames[0]} of "
+                f"the same batch is {first_w}x{first_h}",
             )
     return np.stack(arrays)
 
@@ -185,8 +197,12 @@ def write_batch(
     threads: int,
     fsync: bool,
     label: str,
+    on_cpu: CpuReport | None = None,
 ) -> None:
     """Write every frame of a batch; on any failure remove the frames of this batch already written.
+
+    ``fsync``: the frames are durable when this returns (one file-system sync for the whole batch,
+    after its last frame: the batch is claimed only after that).
 
     Refuses to write into ``output_dir`` once its path names another directory than the one opened
     (it was renamed, removed or replaced by a symlink after the manifest was accepted).
@@ -207,7 +223,7 @@ def write_batch(
                 upscaled[position],
                 frame_format,
                 png_compression=png_compression,
-                fsync=fsync,
+                fsync=False,
                 directory=output_dir,
             )
         except OSError as exc:
@@ -216,7 +232,12 @@ def write_batch(
             ) from None
 
     try:
-        map_threads(write_one, range(len(frames)), threads)
+        map_threads(write_one, range(len(frames)), threads, on_cpu=on_cpu)
+        if fsync:  # durable as a batch: one call, not an fsync (file and directory) per frame
+            started = time.thread_time()
+            output_dir.sync_file_system()
+            if on_cpu is not None:
+                on_cpu(time.thread_time() - started)
     except BaseException:
         remove_frames(output_dir, frames, frame_format)
         raise
@@ -228,9 +249,15 @@ def remove_frames(directory: Directory, frames: Sequence[int], frame_format: Fra
 
 
 def map_threads(
-    fn: Callable[[T], R], items: Sequence[T], threads: int, *, stop: threading.Event | None = None
+    fn: Callable[[T], R],
+    items: Sequence[T],
+    threads: int,
+    *,
+    stop: threading.Event | None = None,
+    on_cpu: CpuReport | None = None,
 ) -> list[R]:
-    """``[fn(item) for item in items]`` on up to ``threads`` daemon threads.
+    """``[fn(item) for item in items]`` on up to ``threads`` daemon threads; ``on_cpu(seconds)``, if
+    given, is told the CPU time each thread spent on its items.
 
     No item is started once one has failed or ``stop`` is set; raises the exception of the earliest
     failing item, else :class:`ReadCancelled` when ``stop`` left items undone. Daemon threads, so a
@@ -244,6 +271,14 @@ def map_threads(
     failed = False
 
     def work() -> None:
+        started = time.thread_time()
+        try:
+            take()
+        finally:
+            if on_cpu is not None:
+                on_cpu(time.thread_time() - started)
+
+    def take() -> None:
         nonlocal position, failed
         while True:
             with lock:

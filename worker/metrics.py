@@ -24,6 +24,12 @@ class WorkerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.cpu_seconds = Counter(
+            "esrfarm_worker_cpu_seconds",
+            "CPU seconds (thread time of the threads doing it) per stage: read, compute, write",
+            ["stage"],
+            registry=r,
+        )
         self.busy = Gauge("esrfarm_worker_busy", "1 while a manifest is being processed", registry=r)
         self.ready = Gauge("esrfarm_worker_model_ready", "1 once the model is loaded and warm", registry=r)
         self.gpu_memory_used = Gauge("esrfarm_worker_gpu_memory_used_bytes", "GPU memory in use", registry=r)
@@ -33,6 +39,7 @@ class WorkerMetrics:
         for stage in ("read", "compute", "write"):
             self.batch_failures.labels(stage=stage)
             self.batch_seconds.labels(stage=stage)
+            self.cpu_seconds.labels(stage=stage)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from spandrel import ImageModelDescriptor
 
+from manifests.colour import YuvSpec, i420_shape, i420_size
+from worker.colour import i420_to_rgb, rgb_to_i420
 from worker.models import ModelLoadError, load_model_file, resolve_model
 
 log = logging.getLogger(__name__)
@@ -228,31 +230,63 @@ class Upscaler:
             raise TypeError("frames must be a uint8 or uint16 numpy array")
         if frames.ndim != 4 or frames.shape[3] != 3 or 0 in frames.shape:
             raise ValueError(f"frames must have shape (N, H, W, 3) with N, H, W >= 1, not {frames.shape}")
+        self._check_scale(scale)
+        with self._lock, torch.inference_mode():
+            result = self._upscale_rgb(self._to_device(frames), scale, on_device=False)
+        return result.numpy()
+
+    def upscale_yuv(self, frames: np.ndarray, scale: float | None, spec: YuvSpec) -> np.ndarray:
+        """Upscale ``(N, H * 3 / 2, W)`` planar YUV 4:2:0 frames (:mod:`manifests.colour`) to planar
+        frames of the output size: converted to RGB and back on the device (:mod:`worker.colour`),
+        so only YUV samples cross between the host and the device."""
+        if not isinstance(frames, np.ndarray) or frames.dtype not in (np.uint8, np.uint16):
+            raise TypeError("frames must be a uint8 or uint16 numpy array")
+        if frames.ndim != 3 or 0 in frames.shape:
+            raise ValueError(f"YUV frames must have shape (N, H * 3 / 2, W), not {frames.shape}")
+        self._check_scale(scale)
+        width, height = i420_size(frames.shape[1], frames.shape[2])
+        i420_shape(*self.output_size(height, width, scale))  # an odd output side: ValueError, up front
+        with self._lock, torch.inference_mode():
+            rgb = i420_to_rgb(self._to_device(frames), spec)
+            upscaled = rgb_to_i420(self._upscale_rgb(rgb, scale, on_device=True), spec)
+            if self.device.type != "cuda":
+                return upscaled.numpy()
+            host = torch.empty(upscaled.shape, dtype=upscaled.dtype, pin_memory=True)
+            host.copy_(upscaled, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()
+        return host.numpy()
+
+    def _check_scale(self, scale: float | None) -> None:
         if scale is not None and not 0 < scale <= MAX_SCALE:
             raise ValueError(f"scale must be above 0 and at most {MAX_SCALE:g}, not {scale!r}")
-        count, height, width, _ = frames.shape
+
+    def _upscale_rgb(self, batch: torch.Tensor, scale: float | None, *, on_device: bool) -> torch.Tensor:
+        """NHWC uint8/uint16 frames on the device -> upscaled NHWC, on the device (``on_device``) or
+        on the host (pinned for CUDA, synchronised), pass by pass under the pixel budget."""
+        count, height, width, _ = batch.shape
         out_h, out_w = self.output_size(height, width, scale)
-        with self._lock, torch.inference_mode():
-            batch = self._to_device(frames)
-            on_cuda = self.device.type == "cuda"
+        on_cuda = self.device.type == "cuda"
+        if on_device:
+            result = torch.empty((count, out_h, out_w, 3), dtype=batch.dtype, device=batch.device)
+        else:
             result = torch.empty((count, out_h, out_w, 3), dtype=batch.dtype, pin_memory=on_cuda)
-            start = 0
-            while start < count:
-                size = min(self._micro_batch or count, self._frames_per_pass(height, width))
-                chunk = batch[start : start + size]
-                try:
-                    out: torch.Tensor | None = self._upscale_chunk(chunk, (out_h, out_w))
-                except torch.OutOfMemoryError:
-                    out = None  # handled outside the except block, once its tensors are released
-                if out is None:
-                    del chunk
-                    self._after_oom(size, count, height, width)
-                    continue
-                result[start : start + len(out)].copy_(out, non_blocking=on_cuda)
-                start += len(out)
-            if on_cuda:
-                torch.cuda.current_stream(self.device).synchronize()
-        return result.numpy()
+        start = 0
+        while start < count:
+            size = min(self._micro_batch or count, self._frames_per_pass(height, width))
+            chunk = batch[start : start + size]
+            try:
+                out: torch.Tensor | None = self._upscale_chunk(chunk, (out_h, out_w))
+            except torch.OutOfMemoryError:
+                out = None  # handled outside the except block, once its tensors are released
+            if out is None:
+                del chunk
+                self._after_oom(size, count, height, width)
+                continue
+            result[start : start + len(out)].copy_(out, non_blocking=on_cuda)
+            start += len(out)
+        if on_cuda and not on_device:
+            torch.cuda.current_stream(self.device).synchronize()
+        return result
 
     def warmup(self, height: int = 64, width: int = 64) -> None:
         """Run one batch so lazy initialisation (cuDNN, allocator) happens before real work."""
