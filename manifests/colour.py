@@ -9,8 +9,8 @@ compute the same thing.
 Conventions are ffmpeg's (swscale's): ``matrix`` is a scale-filter matrix name (``bt709``,
 ``bt601``, ``fcc``, ``smpte240m``, ``bt2020``); ``range`` is ``tv`` (limited: luma 16-235, chroma
 16-240 at 8 bits, scaled by ``2 ** (bits - 8)``) or ``pc`` (full: 0 to ``2 ** bits - 1``, chroma
-centred on ``2 ** (bits - 1)``). Chroma of 4:2:0 is sited as MPEG-2/H.264 default ("left"):
-horizontally on the even luma columns, vertically between two luma rows.
+centred on ``2 ** (bits - 1)``). Chroma of 4:2:0 is taken as sited at the centre of its 2x2 luma
+block, as swscale takes it.
 """
 
 from __future__ import annotations

@@ -193,7 +193,9 @@ def test_cancel_stops_resets_and_keeps_a_job_that_then_resumes(
 ) -> None:
     root = tmp_path / "root"
     output = tmp_path / "out.mkv"
-    workers = fake_farm(root, 2, batch_delay_s=0.02)
+    # Each worker stops after 3 of its batches (its manifest in flight until reset), so the cancel
+    # at the first finished segment always finds manifests to reset, however slow the machine.
+    workers = fake_farm(root, 2, batch_delay_s=0.02, freeze_after_batches=3)
     cancelled_at: list[int] = []
 
     async def cancel_half_way(job: Job, event: JobEvent) -> None:
@@ -201,7 +203,8 @@ def test_cancel_stops_resets_and_keeps_a_job_that_then_resumes(
             cancelled_at.append(sum(w.batches_done for w in workers))
             await job.cancel()
 
-    events, job, error = asyncio.run(run(spec(clip, output), workers, farm(root), during=cancel_half_way))
+    settings = farm(root, stale_after_s=120.0)  # the frozen workers are never given up meanwhile
+    events, job, error = asyncio.run(run(spec(clip, output), workers, settings, during=cancel_half_way))
     assert isinstance(error, JobCancelledError)
     assert isinstance(events[-1], Cancelled) and events[-1].job_dir == job.job_dir
     assert not output.exists() and not list(tmp_path.glob(".out.mkv.*")), "no partial output"

@@ -4,7 +4,7 @@ A job with YUV frames (:attr:`manifests.FrameFormat.YUV`) sends the decoder's ow
 back the encoder's: the worker turns them into the RGB frames the model takes and the model's RGB
 output back into YUV, on the device that runs the model, so the hosts' CPUs never convert a pixel
 (on a GPU it costs a fraction of a millisecond per frame). The numbers come from the manifest's
-:class:`manifests.colour.YuvSpec` (matrix, range, depth; chroma sited left, as MPEG-2/H.264).
+:class:`manifests.colour.YuvSpec` (matrix, range, depth; chroma sited at the centre, as ffmpeg's converter assumes).
 
 The RGB in between is what an RGB job's frames hold: uint8 for an 8-bit source, full-scale uint16
 above 8 bits, so the model sees the same kind of frame either way.
@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from manifests.colour import YuvSpec, i420_shape
 
@@ -66,22 +67,15 @@ def rgb_to_i420(rgb: torch.Tensor, spec: YuvSpec) -> torch.Tensor:
 
 
 def _upsample(plane: torch.Tensor) -> torch.Tensor:
-    """(N, h, w) chroma -> (N, 2h, 2w): horizontally co-sited with the even luma columns (odd ones
-    average their two neighbours), vertically between two luma rows (3:1 weights)."""
-    right = torch.cat((plane[..., 1:], plane[..., -1:]), dim=-1)
-    wide = torch.stack((plane, (plane + right) * 0.5), dim=-1).flatten(-2)  # N, h, 2w
-    above = torch.cat((wide[:, :1], wide[:, :-1]), dim=1)
-    below = torch.cat((wide[:, 1:], wide[:, -1:]), dim=1)
-    return torch.stack((0.75 * wide + 0.25 * above, 0.75 * wide + 0.25 * below), dim=2).flatten(1, 2)
+    """(N, h, w) chroma -> (N, 2h, 2w), bicubic, each chroma sample centred between its four luma
+    samples: what ffmpeg's swscale assumes for 4:2:0 and what the RGB frames' filter does
+    (``flags=bicubic``), within half a step on average."""
+    return F.interpolate(plane.unsqueeze(1), scale_factor=2, mode="bicubic", align_corners=False).squeeze(1)
 
 
 def _downsample(plane: torch.Tensor) -> torch.Tensor:
-    """(N, 2h, 2w) -> (N, h, w): the mean of two rows, then a [1, 2, 1] filter centred on each even
-    column (the chroma siting :func:`_upsample` reads)."""
-    rows = (plane[:, 0::2] + plane[:, 1::2]) * 0.5
-    even, odd = rows[..., 0::2], rows[..., 1::2]
-    left = torch.cat((odd[..., :1], odd[..., :-1]), dim=-1)  # the odd column left of each even one
-    return (2.0 * even + left + odd) * 0.25
+    """(N, 2h, 2w) -> (N, h, w): the mean of each 2x2 block (the same centred siting)."""
+    return F.avg_pool2d(plane.unsqueeze(1), 2).squeeze(1)
 
 
 def upscale_i420(upscaler: Any, frames: np.ndarray, scale: float | None, spec: YuvSpec) -> np.ndarray:
