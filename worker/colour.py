@@ -4,7 +4,8 @@ A job with YUV frames (:attr:`manifests.FrameFormat.YUV`) sends the decoder's ow
 back the encoder's: the worker turns them into the RGB frames the model takes and the model's RGB
 output back into YUV, on the device that runs the model, so the hosts' CPUs never convert a pixel
 (on a GPU it costs a fraction of a millisecond per frame). The numbers come from the manifest's
-:class:`manifests.colour.YuvSpec` (matrix, range, depth; chroma sited at the centre, as ffmpeg's converter assumes).
+:class:`manifests.colour.YuvSpec` (matrix, range, depth; chroma sited at the centre, as ffmpeg's
+converter assumes).
 
 The RGB in between is what an RGB job's frames hold: uint8 for an 8-bit source, full-scale uint16
 above 8 bits, so the model sees the same kind of frame either way.
