@@ -87,15 +87,15 @@ def make_clip(source: Path, size: str, frames: int, target: Path) -> Path:
 
 
 def encoder_alone(clip: Path, scale: int, frames: int, codec: list[str], work: Path) -> float:
-    """CPU ms per frame of ffmpeg encoding ``frames`` ready upscaled yuv420p frames from a raw file."""
+    """CPU ms per frame of ffmpeg encoding ``frames`` ready upscaled yuv420p frames from a raw file
+    (the frames are nearest-neighbour upscales of the clip's: what the stand-in gives the encoder)."""
     raw = work / "ready.yuv"
-    probe = subprocess.run(
+    subprocess.run(
         [find_ffmpeg(), "-v", "error", "-y", "-i", str(clip), "-frames:v", str(frames),
          "-vf", f"scale=iw*{scale}:ih*{scale}:flags=neighbor", "-f", "rawvideo", "-pix_fmt", "yuv420p",
          str(raw)],
         check=True,
     )  # fmt: skip
-    del probe
     width, height = (int(side) * scale for side in _size(clip))
     seconds = run_measured(
         [
@@ -195,6 +195,12 @@ def main() -> None:
     parser.add_argument("--formats", nargs="+", default=["yuv", "npy", "png"])
     parser.add_argument("--codec", default="libx264")
     parser.add_argument("--preset", default="ultrafast")
+    parser.add_argument(
+        "--alone-presets",
+        nargs="*",
+        default=["ultrafast", "veryfast", "medium"],
+        help="encoder alone also at these",
+    )
     parser.add_argument("--cores", type=int, default=16, help="project frames per second for this many cores")
     parser.add_argument("--model", help="a real model (default: the stand-in at zero latency)")
     parser.add_argument("--device", default="cpu")
@@ -209,9 +215,14 @@ def main() -> None:
         work = base / case
         work.mkdir(parents=True, exist_ok=True)
         clip = make_clip(args.source, size, args.frames, work / "clip.mp4")
-        codec = ["-c:v", args.codec, "-preset", args.preset, "-pix_fmt", "yuv420p"]
-        alone = encoder_alone(clip, scale, args.frames, codec, work)
-        case_results: dict[str, object] = {"encoder_alone_ms": round(alone, 1)}
+        alone_by_preset = {
+            preset: round(
+                encoder_alone(clip, scale, args.frames, ["-c:v", args.codec, "-preset", preset], work), 1
+            )
+            for preset in dict.fromkeys([args.preset, *args.alone_presets])
+        }
+        alone = alone_by_preset[args.preset]
+        case_results: dict[str, object] = {"encoder_alone_ms": alone_by_preset}
         for frame_format in args.formats:
             result = measure(clip, scale, frame_format, args, work)
             case_results[frame_format] = result

@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--io-threads", type=int, default=4, help="threads reading/writing one batch's frames"
     )
     parser.add_argument(
-        "--no-fsync", action="store_true", help="do not fsync output frames (faster, less durable)"
+        "--no-fsync", action="store_true", help="do not sync a batch's output frames to disk (one syncfs per batch) before reporting it done "
+        "(faster on slow disks; a power loss can then lose frames a status file calls written)"
     )
     parser.add_argument(
         "--shutdown-timeout",
