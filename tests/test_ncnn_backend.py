@@ -21,7 +21,7 @@ from tests import clips
 from tests.model_factory import compact_state_dict, rrdb_state_dict, write_official
 from tests.videocheck import assert_faithful_upscale
 from tests.workerutil import REPO, make_job, read_frame, start_worker
-from worker.models import CATALOG, ModelLoadError, resolve_ncnn_model
+from worker.models import CATALOG, ModelLoadError, load_model_file, resolve_ncnn_model
 from worker.ncnn_runtime import (
     InferenceError,
     NcnnSettings,
@@ -40,6 +40,9 @@ pytestmark = pytest.mark.skipif(
 #: ncnn in fp32 against torch in fp32: the same sums in another order, so a sample that lands
 #: within a rounding error of .5 may round the other way: at most one level, almost never.
 FP32_MAX, FP32_MEAN = 1, 0.01
+#: The raw float output of a converted network in fp32 on both backends: a correct graph agrees to
+#: about 1e-7; a residual coefficient off by a quarter differs by 8e-4 (tried).
+FLOAT_TOLERANCE = 1e-5
 #: ncnn in fp16 (storage and arithmetic: 11 significant bits, a relative error of 2^-11 per step,
 #: compounded over the network) against torch in fp32: a few levels at most, well under one on average.
 FP16_MAX, FP16_MEAN, FP16_PSNR = 24, 1.0, 40.0
@@ -92,9 +95,17 @@ def test_a_model_file_is_converted_once_and_runs_as_torch_does(
     assert len(arrays) == len(official)
     for ours, theirs in zip(arrays.values(), official.values(), strict=True):
         np.testing.assert_array_equal(ours, theirs.numpy().reshape(ours.shape))
-    # And the graph computes what torch computes (fp32 both: within a rounding step).
+    # And the graph computes what torch computes: the raw float outputs (a tiny random network's
+    # output may span only a few levels, so 8-bit frames alone would hide a wrong coefficient) ...
+    upscaler = NcnnUpscaler(files, NcnnSettings(precision="fp32"))
+    x = np.random.default_rng(1).random((3, 20, 24), dtype=np.float32)
+    network = load_model_file(path).model.eval()  # type: ignore[attr-defined]
+    with torch.inference_mode():
+        expected = network(torch.from_numpy(x)[None])[0].numpy()
+    assert np.abs(upscaler._native(x) - expected).max() < FLOAT_TOLERANCE
+    # ... and the frames (fp32 both: within a rounding step).
     batch = frames(2, seed=6)
-    ncnn_out = NcnnUpscaler(files, NcnnSettings(precision="fp32")).upscale(batch)
+    ncnn_out = upscaler.upscale(batch)
     torch_out = load_upscaler(str(path), RuntimeSettings(device="cpu", cpu_threads=1)).upscale(batch)
     assert ncnn_out.shape == torch_out.shape
     worst, mean, _ = difference(ncnn_out, torch_out)
