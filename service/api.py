@@ -169,7 +169,7 @@ def _output_name(source: Path, model: str, scale: float | None, job_id: str, cod
 
 
 COMMON_FIELDS = {"type", "inputs", "upload", "models", "scales", "priority", "output_dir"}
-UPSCALE_FIELDS = COMMON_FIELDS | {"codec", "crf", "preset"}
+UPSCALE_FIELDS = COMMON_FIELDS | {"codec", "crf", "preset", "backend"}
 COMPARE_FIELDS = COMMON_FIELDS | {"frames"}
 
 
@@ -226,11 +226,14 @@ async def _upscale_rows(
     """One upscaling job per input x model x scale."""
     models = _list_of(body, "models", str, [DEFAULT_MODEL])
     scales = _list_of(body, "scales", (int, float), [None])
+    backend = body.get("backend", "torch")
+    if not isinstance(backend, str):
+        raise BadRequest("backend", f"must be a string, not {backend!r}")
     encode = _encode(body)
     _check_count(len(inputs) * len(models) * len(scales), settings)
     for model in dict.fromkeys(models):
         try:
-            await scheduler.check_model(model)
+            await scheduler.check_model(model, backend)
         except ModelUnavailableError as exc:
             raise BadRequest("models", str(exc)) from None
     rows = []
@@ -241,7 +244,7 @@ async def _upscale_rows(
                 output = output_dir / _output_name(source, model, scale, job_id, encode.codec)
                 try:
                     spec = JobSpec(
-                        input=source, output=output, model=model,
+                        input=source, output=output, model=model, backend=backend,
                         scale=float(scale) if scale is not None else None, encode=encode,
                     )  # fmt: skip
                 except SpecError as exc:
