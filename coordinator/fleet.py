@@ -38,7 +38,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from coordinator.client import HttpWorkerClient, WorkerBusyError, WorkerRequestError
-from coordinator.errors import NoWorkerError
+from coordinator.errors import FleetError, NoWorkerError
 from coordinator.local_workers import LocalWorkerPool, visible_gpu_count
 from coordinator.spec import FarmSettings
 
@@ -220,6 +220,11 @@ class WorkerFleet:
             run_dir = self.run_dir or farm.root / "workers"
             args = [*self.local.worker_args(farm.root), *farm.local_worker_args]
             if farm.ray_address is not None:
+                if self.local.backend != "torch":  # Ray places actors by CUDA GPUs, not Vulkan devices
+                    raise FleetError(
+                        f"Ray starts torch workers only; for the {self.local.backend} backend start the "
+                        "workers on each host (esrfarm worker --backend ...) and pass their URLs"
+                    )
                 urls = await self._start_ray_pool(run_dir, args)
             else:
                 ncnn = self.local.backend == "ncnn"  # Vulkan devices are not counted here: one worker

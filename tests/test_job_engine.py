@@ -327,3 +327,19 @@ def test_a_job_runs_on_workers_of_its_backend_only(
     output = tmp_path / "none.mkv"
     _, _, error = asyncio.run(run(spec(clip, output, backend="ncnn"), [torch_worker], farm(root)))
     assert isinstance(error, JobError) and "runs the torch backend, not ncnn" in str(error)
+
+
+def test_ray_refuses_to_start_workers_of_another_backend_than_torch(tmp_path: Path) -> None:
+    from coordinator.errors import FleetError
+    from coordinator.fleet import LocalWorkerConfig
+
+    fleet = WorkerFleet(farm(tmp_path, ray_address="auto"), local=LocalWorkerConfig("fake", backend="ncnn"))
+
+    async def start() -> None:
+        try:
+            await fleet.start()
+        finally:
+            await fleet.close()
+
+    with pytest.raises(FleetError, match="Ray starts torch workers only; for the ncnn backend"):
+        asyncio.run(start())
