@@ -181,7 +181,7 @@ def test_out_of_vulkan_memory_shrinks_the_tiles_then_fails_clearly(
         raise _OutOfMemory(-100)
 
     monkeypatch.setattr(runtime, "_extract", never)
-    with pytest.raises(InferenceError, match="even with 32-pixel tiles"):
+    with pytest.raises(InferenceError, match=r"even with 32-pixel tiles \(ncnn status -100\)"):
         tiny_ncnn.upscale(batch)
     tiny_ncnn._tile = 0
 

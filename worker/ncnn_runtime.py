@@ -203,13 +203,13 @@ class NcnnUpscaler:
             tile = self._tile_edge(height, width)
             try:
                 return self._tiled(chw, tile) if tile else self._native(chw)
-            except _OutOfMemory:
+            except _OutOfMemory as exc:
                 current = tile or max(height, width)
                 smaller = max(MIN_TILE, current // 2)
                 if smaller >= current:
                     raise InferenceError(
                         f"out of Vulkan memory upscaling one {width}x{height} frame even with "
-                        f"{current}-pixel tiles"
+                        f"{current}-pixel tiles (ncnn status {exc.status})"
                     ) from None
                 self._tile = smaller
                 log.warning("out of Vulkan memory on one frame; tiling it with %d-pixel tiles", smaller)
@@ -246,7 +246,11 @@ class NcnnUpscaler:
 
 
 class _OutOfMemory(Exception):
-    pass
+    """ncnn's extract failed (a non-zero status: a Vulkan allocation that failed, in practice)."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+        super().__init__(f"ncnn extract returned {status}")
 
 
 def _extract(net: Any, chw: np.ndarray) -> np.ndarray:
