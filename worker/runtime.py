@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from spandrel import ImageModelDescriptor
 
 from worker.models import ModelLoadError, load_model_file, resolve_model
-from worker.upscaling import MIN_TILE, check_frame_settings, check_frames, resize_taps, scaled_size
+from worker.upscaling import MAX_SCALE, MIN_TILE, check_frame_settings, resize_taps, scaled_size
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,12 @@ class Upscaler:
 
         ``scale`` overrides the output scale for this call (the model's own output is resized).
         """
-        check_frames(frames, scale)
+        if not isinstance(frames, np.ndarray) or frames.dtype not in (np.uint8, np.uint16):
+            raise TypeError("frames must be a uint8 or uint16 numpy array")
+        if frames.ndim != 4 or frames.shape[3] != 3 or 0 in frames.shape:
+            raise ValueError(f"frames must have shape (N, H, W, 3) with N, H, W >= 1, not {frames.shape}")
+        if scale is not None and not 0 < scale <= MAX_SCALE:
+            raise ValueError(f"scale must be above 0 and at most {MAX_SCALE:g}, not {scale!r}")
         count, height, width, _ = frames.shape
         out_h, out_w = self.output_size(height, width, scale)
         with self._lock, torch.inference_mode():
