@@ -121,6 +121,9 @@ def test_an_architecture_without_an_ncnn_graph_is_refused(tmp_path: Path, cache:
     with pytest.raises(ModelLoadError, match=r"RRDBNet models at x4 \(use --backend torch\)"):
         resolve_ncnn_model(str(path), cache_dir=cache)
     assert not list((cache / "ncnn").glob("rrdb-x2-*")), "nothing half-written is left in the cache"
+    # A catalog model of that kind is refused before anything would be downloaded.
+    with pytest.raises(ModelLoadError, match="model realesrgan-x2plus is an RRDBNet at x2; the ncnn backend"):
+        resolve_ncnn_model("realesrgan-x2plus", cache_dir=tmp_path / "empty", allow_download=False)
 
 
 # -- the runtime ----------------------------------------------------------------------------------

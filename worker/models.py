@@ -396,6 +396,10 @@ def resolve_ncnn_model(
         shipped = ncnn_model_files(spec)
         if shipped is not None:
             return NcnnFiles(spec.name, *shipped, spec.architecture, spec.scale, "shipped")
+        if spec.architecture == "RRDBNet" and spec.scale != 4:  # known before any download
+            raise ModelLoadError(
+                _NO_NCNN_GRAPH.format(what=f"model {spec.name} is an RRDBNet at x{spec.scale}")
+            )
     resolved = resolve_model(model, cache_dir=cache_dir, allow_download=allow_download)
     digest = hashlib.sha256(resolved.path.read_bytes()).hexdigest()[:16]
     stem = (cache_dir or model_dir()) / "ncnn" / f"{resolved.path.stem}-{digest}"
@@ -408,6 +412,11 @@ def resolve_ncnn_model(
         out.write(f"{architecture} {scale}\n".encode())
     log.info("converted %s to ncnn in %s", resolved.path, param.parent)
     return NcnnFiles(resolved.name, param, weights, architecture, scale, "converted")
+
+
+_NO_NCNN_GRAPH = (
+    "{what}; the ncnn backend runs SRVGGNetCompact models and RRDBNet models at x4 (use --backend torch)"
+)
 
 
 def _architecture(name: str) -> Literal["RRDBNet", "SRVGGNetCompact"]:
@@ -440,10 +449,8 @@ def _convert_to_ncnn(
             scale, architecture = 4, "RRDBNet"
             built = rrdbnet_model(tensors, num_block=int(hyper["num_blocks"]))
         else:
-            raise ModelLoadError(
-                f"model file {path} is a {kind} ({', '.join(f'{k}={v}' for k, v in sorted(hyper.items()))}); "
-                "the ncnn backend runs SRVGGNetCompact models and RRDBNet models at x4 (use --backend torch)"
-            )
+            details = ", ".join(f"{k}={v}" for k, v in sorted(hyper.items()))
+            raise ModelLoadError(_NO_NCNN_GRAPH.format(what=f"model file {path} is a {kind} ({details})"))
     except NcnnFormatError as exc:
         raise CorruptModelFileError(path, f"cannot convert it to ncnn: {exc}") from exc
     with _atomic_model_file(weights) as out:
