@@ -34,6 +34,7 @@ from aiohttp.typedefs import Middleware
 from coordinator.encode import EncodeSettings
 from coordinator.errors import CoordinatorError, SpecError
 from coordinator.spec import DEFAULT_MODEL, FarmSettings, JobSpec
+from manifests.manifest import BACKENDS
 from service.comparisons import KIND, CompareJobError, batch_page, compare_spec, is_compare
 from service.preview import PreviewError, render_preview
 from service.scheduler import ModelUnavailableError, Scheduler, SchedulerSettings
@@ -227,8 +228,8 @@ async def _upscale_rows(
     models = _list_of(body, "models", str, [DEFAULT_MODEL])
     scales = _list_of(body, "scales", (int, float), [None])
     backend = body.get("backend", "torch")
-    if not isinstance(backend, str):
-        raise BadRequest("backend", f"must be a string, not {backend!r}")
+    if backend not in BACKENDS:  # before the workers are asked about it
+        raise BadRequest("backend", f"must be one of {', '.join(BACKENDS)}, not {backend!r}")
     encode = _encode(body)
     _check_count(len(inputs) * len(models) * len(scales), settings)
     for model in dict.fromkeys(models):
