@@ -30,6 +30,7 @@ from coordinator.events import Failed, JobEvent, JobResult, Progress
 from coordinator.spec import DEFAULT_MODEL, FarmSettings, JobSpec, default_shared_root
 from manifests.jsonio import write_json_atomic
 from manifests.layout import FrameFormat
+from manifests.manifest import BACKENDS
 from manifests.tokens import TOKEN_ENV, read_token
 
 #: Subcommands of other packages: command -> the ``python -m`` argument list that runs them.
@@ -44,7 +45,8 @@ EXEC_COMMANDS = {
 #: The flag behind each JobSpec / FarmSettings field, for error messages.
 FLAGS = {
     "model": "--model", "scale": "--scale", "tile": "--tile", "precision": "--precision",
-    "batch_size": "--batch-size", "frame_format": "--frame-format", "max_disk": "--max-disk",
+    "backend": "--backend", "batch_size": "--batch-size", "frame_format": "--frame-format",
+    "max_disk": "--max-disk",
     "max_chunk_frames": "--chunk-frames", "encoders": "--encoders", "workers": "--workers",
     "local_workers": "--local-workers", "shared_root": "--shared-root", "ray_address": "--ray",
     "ray_workers": "--ray-workers",
@@ -137,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--tile", type=int, help="tile edge in pixels for frames too large for GPU memory (default off)"
     )
     up.add_argument("--precision", choices=["fp16", "bf16", "fp32"], help="local workers' precision")
+    up.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="torch",
+        help="the workers' backend: torch (CUDA or the CPU) or ncnn (any Vulkan GPU); local workers are "
+        "started on it, given workers of another backend are not used (default %(default)s)",
+    )
     work = up.add_argument_group("work")
     work.add_argument("--batch-size", type=int, default=8, help="frames per batch (default %(default)s)")
     work.add_argument(
@@ -316,6 +325,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[JobSpec, FarmSettings]
         batch_size=args.batch_size,
         tile=args.tile,
         precision=args.precision,
+        backend=args.backend,
         max_disk=parse_size(args.max_disk),
         max_chunk_frames=args.chunk_frames,
         encoders=args.encoders,

@@ -12,7 +12,7 @@ jobs on one fleet). It owns:
   worker that comes back on a new URL (a restarted Ray actor) **joins**: it is dealt to once it
   answers /health;
 - **dispatch**: a worker holds at most one manifest at a time. :meth:`idle` names the workers a job
-  may deal to now (alive, running the job's model, holding nothing, not busy with another
+  may deal to now (alive, running the job's model on the job's backend, holding nothing, not busy with another
   coordinator's manifest as far as its last ``/health`` says, not backing off after a 409);
   :meth:`dispatch` posts a manifest and marks the worker as holding it until :meth:`release`.
   A 409 (busy elsewhere) makes the worker back off, doubling from ``busy_backoff_s``.
@@ -38,7 +38,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from coordinator.client import HttpWorkerClient, WorkerBusyError, WorkerRequestError
-from coordinator.errors import NoWorkerError
+from coordinator.errors import FleetError, NoWorkerError
 from coordinator.local_workers import LocalWorkerPool, visible_gpu_count
 from coordinator.spec import FarmSettings
 
@@ -85,9 +85,12 @@ class LocalWorkerConfig:
     scale: float | None = None
     tile: int | None = None
     precision: str | None = None
+    backend: str = "torch"
 
     def worker_args(self, shared_root: Path) -> list[str]:
         args = ["--shared-root", str(shared_root), "--model", self.model]
+        if self.backend != "torch":
+            args += ["--backend", self.backend]
         if self.scale is not None:
             args += ["--scale", f"{self.scale:g}"]
         if self.tile is not None:
@@ -136,8 +139,14 @@ class WorkerHandle:
         scale = self.health.get("scale")
         return float(scale) if scale is not None else None
 
-    def serves(self, model: str) -> bool:
-        return self.model in {model, Path(model).stem}
+    @property
+    def backend(self) -> str:
+        """Its backend, as its /health names it (a worker from before backends existed: torch)."""
+        return str(self.health.get("backend") or "torch")
+
+    def serves(self, model: str, backend: str = "torch") -> bool:
+        """It runs ``model`` on ``backend``: a job's workers all run one backend (their outputs differ)."""
+        return self.model in {model, Path(model).stem} and self.backend == backend
 
     @property
     def busy_elsewhere(self) -> bool:
@@ -211,11 +220,17 @@ class WorkerFleet:
             run_dir = self.run_dir or farm.root / "workers"
             args = [*self.local.worker_args(farm.root), *farm.local_worker_args]
             if farm.ray_address is not None:
+                if self.local.backend != "torch":  # Ray places actors by CUDA GPUs, not Vulkan devices
+                    raise FleetError(
+                        f"Ray starts torch workers only; for the {self.local.backend} backend start the "
+                        "workers on each host (esrfarm worker --backend ...) and pass their URLs"
+                    )
                 urls = await self._start_ray_pool(run_dir, args)
             else:
-                gpus = visible_gpu_count()
+                ncnn = self.local.backend == "ncnn"  # Vulkan devices are not counted here: one worker
+                gpus = 0 if ncnn else visible_gpu_count()
                 count = farm.local_workers or max(gpus, 1)
-                pool = LocalWorkerPool(run_dir, args)
+                pool = LocalWorkerPool(run_dir, args, backend=self.local.backend)
                 self.pool = pool
                 urls = await pool.start(count, gpus, farm.startup_timeout_s)
         return [self._client(u) for u in urls]
@@ -258,13 +273,13 @@ class WorkerFleet:
 
     # -- readiness --------------------------------------------------------------------------------
 
-    async def wait_ready(self, model: str) -> list[WorkerHandle]:
-        """The workers that answer /health with ``model``, once each has answered or given up.
+    async def wait_ready(self, model: str, backend: str = "torch") -> list[WorkerHandle]:
+        """The workers that answer /health with ``model`` on ``backend``, once each has answered or given up.
 
         A worker still loading its model (503), or a local one, gets ``startup_timeout_s``; a remote
         one that does not answer at all gets ``unreachable_after_s``. A worker that runs another
-        model is not lost (another job may want it), only not used for this one. Raises
-        :class:`NoWorkerError` with what each worker answered if none serves ``model``.
+        model or backend is not lost (another job may want it), only not used for this one. Raises
+        :class:`NoWorkerError` with what each worker answered if none serves ``model`` on ``backend``.
         """
         await self.start()
         farm = self.farm
@@ -298,10 +313,15 @@ class WorkerFleet:
                 problems.pop(url, None)
             if pending:
                 await asyncio.sleep(farm.poll_interval_s)
-        ready = [h for h in self.handles.values() if h.ready and h.serves(model)]
+        ready = [h for h in self.handles.values() if h.ready and h.serves(model, backend)]
         for handle in self.handles.values():
-            if handle.ready and not handle.serves(model):
+            if handle.ready and not handle.serves(model, handle.backend):
                 problems[handle.url] = f"worker {handle.url} runs model {handle.model!r}, not {model!r}"
+            elif handle.ready and handle.backend != backend:
+                problems[handle.url] = (
+                    f"worker {handle.url} runs the {handle.backend} backend, not {backend} "
+                    "(one backend per job)"
+                )
         for url, problem in problems.items():
             log.warning("not using worker %s: %s", url, problem)
         if not ready:
@@ -311,16 +331,16 @@ class WorkerFleet:
 
     # -- dealing ----------------------------------------------------------------------------------
 
-    def serving(self, model: str) -> list[WorkerHandle]:
-        """Alive workers that run ``model``."""
-        return [h for h in self.handles.values() if h.ready and h.serves(model)]
+    def serving(self, model: str, backend: str = "torch") -> list[WorkerHandle]:
+        """Alive workers that run ``model`` on ``backend``."""
+        return [h for h in self.handles.values() if h.ready and h.serves(model, backend)]
 
-    def idle(self, model: str) -> list[WorkerHandle]:
-        """Workers a job of ``model`` may deal a manifest to right now."""
+    def idle(self, model: str, backend: str = "torch") -> list[WorkerHandle]:
+        """Workers a job of ``model`` on ``backend`` may deal a manifest to right now."""
         now = asyncio.get_running_loop().time()
         return [
             h
-            for h in self.serving(model)
+            for h in self.serving(model, backend)
             if h.holding is None and h.busy_until <= now and not h.busy_elsewhere
         ]
 

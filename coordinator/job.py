@@ -110,7 +110,7 @@ def job_identity(spec: JobSpec, media: JobMedia, yuv_frames: bool = False) -> di
     """
     model_path = Path(spec.model)
     model = {"file_sha256": file_sha256(model_path)} if model_path.is_file() else {"name": spec.model}
-    return {
+    identity = {
         **media.content_identity(),
         **({"frames": "yuv"} if yuv_frames else {}),
         "model": model,
@@ -118,6 +118,9 @@ def job_identity(spec: JobSpec, media: JobMedia, yuv_frames: bool = False) -> di
         "tile": spec.tile,
         "precision": spec.precision,
     }
+    if spec.backend != "torch":  # torch jobs keep the identity (and directory) they had before backends
+        identity["backend"] = spec.backend
+    return identity
 
 
 def job_id_for(input_path: Path, identity: dict[str, object]) -> str:
@@ -395,7 +398,7 @@ class Job:
     async def _upscale_frames(self) -> None:
         """Plan, extract, upscale and encode every chunk; the segments are on disk afterwards."""
         spec = self.spec
-        ready = asyncio.ensure_future(self.fleet.wait_ready(spec.model))
+        ready = asyncio.ensure_future(self.fleet.wait_ready(spec.model, spec.backend))
         self._encode_pool = concurrent.futures.ThreadPoolExecutor(spec.encoder_count, "segment")
         succeeded = False
         try:
@@ -706,7 +709,7 @@ class Job:
             returned = self._ledger.release_worker(handle.url)
             for manifest_id in [m for m, h in self._holders.items() if h is handle]:
                 self._end_manifest(manifest_id)
-            if returned or handle.serves(self.spec.model):
+            if returned or handle.serves(self.spec.model, self.spec.backend):
                 log.error("%d batch(es) of lost worker %s go to the others", len(returned), handle.worker_id)
                 self._emit(WorkerLost(handle.worker_id, handle.lost_reason or "lost", len(returned)))
 
@@ -782,7 +785,9 @@ class Job:
 
     def _raise_if_stuck(self) -> None:
         # A worker being restarted (a Ray actor) counts: it comes back as a new worker.
-        alive = [h.url for h in self.fleet.serving(self.spec.model)] + self.fleet.replacing()
+        alive = [
+            h.url for h in self.fleet.serving(self.spec.model, self.spec.backend)
+        ] + self.fleet.replacing()
         failure = self._ledger.failure(alive)
         if failure is not None:
             batch = failure.batch
@@ -800,10 +805,10 @@ class Job:
         await self._reset_orphaned_manifests()
         await self._drop_stale_parked_manifests()
         pending = len(self._ledger.pending())
-        idle = self.fleet.idle(self.spec.model)
+        idle = self.fleet.idle(self.spec.model, self.spec.backend)
         if not pending or not idle:
             return
-        serving = len(self.fleet.serving(self.spec.model))
+        serving = len(self.fleet.serving(self.spec.model, self.spec.backend))
         share = -(-pending // max(1, serving))
         handles = {h.url: h for h in idle}
         for url, batches in self._ledger.deal(list(handles), limit=share * len(idle)).items():
@@ -812,7 +817,7 @@ class Job:
     async def _reset_orphaned_manifests(self) -> None:
         """A worker still busy with this job's manifest of an earlier, killed run is reset (once)."""
         assert self.layout is not None
-        for handle in self.fleet.serving(self.spec.model):
+        for handle in self.fleet.serving(self.spec.model, self.spec.backend):
             manifest_id = str(handle.health.get("manifest_id") or "")
             if (
                 handle.busy_elsewhere
@@ -906,7 +911,7 @@ class Job:
         assert self._book is not None and self.media is not None
         now = asyncio.get_running_loop().time()
         elapsed = now - self._started_at
-        idle = sum(1 for h in self.fleet.serving(self.spec.model) if h.holding is None)
+        idle = sum(1 for h in self.fleet.serving(self.spec.model, self.spec.backend) if h.holding is None)
         self.stats["worker_idle_s"] += idle * (now - (self._last_tick or now))
         self._last_tick = now
         total = self.media.frame_count
@@ -951,7 +956,11 @@ async def upscale(
 
     ``stop``, once set, cancels the job (:meth:`Job.cancel`): it then raises :class:`JobCancelledError`.
     """
-    local = None if farm.workers else LocalWorkerConfig(spec.model, spec.scale, spec.tile, spec.precision)
+    local = (
+        None
+        if farm.workers
+        else LocalWorkerConfig(spec.model, spec.scale, spec.tile, spec.precision, spec.backend)
+    )
     run_dir = farm.root / "workers" / f"{socket.gethostname()}-{os.getpid()}"
     fleet = WorkerFleet(farm, local=local, run_dir=run_dir)
     starting = asyncio.ensure_future(fleet.start())  # workers load their model while the input is probed

@@ -155,11 +155,13 @@ class LocalWorkerProcess:
 
 @dataclass
 class LocalWorkerPool:
-    """Start, watch and stop this host's workers: one per GPU while there are GPUs, then on the CPU."""
+    """Start, watch and stop this host's workers: one per GPU while there are GPUs, then on the CPU
+    (torch); on the ncnn backend, all on Vulkan device 0 (see README, "AMD, Intel and Apple hosts")."""
 
     run_dir: Path
     worker_args: Sequence[str]  # common flags: --shared-root, --model, --scale, ...
     workers: list[LocalWorkerProcess] = field(default_factory=list)
+    backend: str = "torch"
 
     async def start(self, count: int, gpus: int, startup_timeout_s: float) -> list[str]:
         """Start ``count`` workers and wait until each listens; returns their URLs.
@@ -168,7 +170,10 @@ class LocalWorkerPool:
         """
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for index in range(count):
-            device = ["--gpu", str(index)] if index < gpus else ["--device", "cpu"]
+            if self.backend == "ncnn":
+                device = ["--gpu", "0"]
+            else:
+                device = ["--gpu", str(index)] if index < gpus else ["--device", "cpu"]
             args = [
                 *self.worker_args, *device, "--host", "127.0.0.1", "--port", "0",
                 "--worker-id", f"local-{index}",

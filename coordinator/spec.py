@@ -20,7 +20,7 @@ from typing import Any
 from coordinator.encode import EncodeSettings
 from coordinator.errors import SpecError
 from manifests.layout import FrameFormat
-from manifests.manifest import MAX_BATCH_FRAMES, MAX_FRAME_INDEX, MAX_SCALE, MAX_TILE, MIN_SCALE
+from manifests.manifest import BACKENDS, MAX_BATCH_FRAMES, MAX_FRAME_INDEX, MAX_SCALE, MAX_TILE, MIN_SCALE
 
 DEFAULT_MODEL = "realesr-animevideov3"
 DEFAULT_MAX_DISK = 4 << 30
@@ -44,6 +44,7 @@ class JobSpec:
     scale: float | None = None  # None: the model's own
     tile: int | None = None  # None: whatever the workers run
     precision: str | None = None  # local workers only; None: the device's default
+    backend: str = "torch"  # the workers' backend: "torch" or "ncnn" (Vulkan); one backend per job
     batch_size: int = 8
     frame_format: FrameFormat | None = None  # None: the fastest that holds the job's frames
     png_compression: int = 1
@@ -72,6 +73,10 @@ class JobSpec:
             raise SpecError("tile", f"must be 0 to {MAX_TILE}, not {self.tile}")
         if self.precision not in {None, "fp16", "bf16", "fp32"}:
             raise SpecError("precision", f"must be fp16, bf16 or fp32, not {self.precision!r}")
+        if self.backend not in BACKENDS:
+            raise SpecError("backend", f"must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
+        if self.backend == "ncnn" and self.precision == "bf16":
+            raise SpecError("precision", "must be fp16 or fp32 on the ncnn backend, not bf16")
         if not 1 <= self.batch_size <= MAX_BATCH_FRAMES:
             raise SpecError("batch_size", f"must be 1 to {MAX_BATCH_FRAMES}, not {self.batch_size}")
         if not 0 <= self.png_compression <= 9:

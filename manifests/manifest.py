@@ -69,6 +69,9 @@ MIN_SCALE = 1 / 16
 MAX_SCALE = 16.0
 MAX_TILE = 65_536
 MAX_TILE_PAD = 1024
+#: The worker backends, as a worker's ``/health`` names its own (``"backend"``; absent: torch). A job
+#: runs on workers of one backend only: their outputs differ slightly (README, "Backends").
+BACKENDS = ("torch", "ncnn")
 MAX_STRING = 4096
 _KIND = "manifest"
 

@@ -34,6 +34,7 @@ from aiohttp.typedefs import Middleware
 from coordinator.encode import EncodeSettings
 from coordinator.errors import CoordinatorError, SpecError
 from coordinator.spec import DEFAULT_MODEL, FarmSettings, JobSpec
+from manifests.manifest import BACKENDS
 from service.comparisons import KIND, CompareJobError, batch_page, compare_spec, is_compare
 from service.preview import PreviewError, render_preview
 from service.scheduler import ModelUnavailableError, Scheduler, SchedulerSettings
@@ -169,7 +170,7 @@ def _output_name(source: Path, model: str, scale: float | None, job_id: str, cod
 
 
 COMMON_FIELDS = {"type", "inputs", "upload", "models", "scales", "priority", "output_dir"}
-UPSCALE_FIELDS = COMMON_FIELDS | {"codec", "crf", "preset"}
+UPSCALE_FIELDS = COMMON_FIELDS | {"codec", "crf", "preset", "backend"}
 COMPARE_FIELDS = COMMON_FIELDS | {"frames"}
 
 
@@ -226,11 +227,14 @@ async def _upscale_rows(
     """One upscaling job per input x model x scale."""
     models = _list_of(body, "models", str, [DEFAULT_MODEL])
     scales = _list_of(body, "scales", (int, float), [None])
+    backend = body.get("backend", "torch")
+    if backend not in BACKENDS:  # before the workers are asked about it
+        raise BadRequest("backend", f"must be one of {', '.join(BACKENDS)}, not {backend!r}")
     encode = _encode(body)
     _check_count(len(inputs) * len(models) * len(scales), settings)
     for model in dict.fromkeys(models):
         try:
-            await scheduler.check_model(model)
+            await scheduler.check_model(model, backend)
         except ModelUnavailableError as exc:
             raise BadRequest("models", str(exc)) from None
     rows = []
@@ -241,7 +245,7 @@ async def _upscale_rows(
                 output = output_dir / _output_name(source, model, scale, job_id, encode.codec)
                 try:
                     spec = JobSpec(
-                        input=source, output=output, model=model,
+                        input=source, output=output, model=model, backend=backend,
                         scale=float(scale) if scale is not None else None, encode=encode,
                     )  # fmt: skip
                 except SpecError as exc:

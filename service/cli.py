@@ -21,6 +21,7 @@ from coordinator.cli import FLAGS, farm_settings_from_args
 from coordinator.errors import SpecError
 from coordinator.spec import DEFAULT_MODEL
 from manifests.chunks import parse_size
+from manifests.manifest import BACKENDS
 from manifests.tokens import TokenError, read_token
 from service.settings import DEFAULT_MAX_UPLOAD, DEFAULT_PORT, ServiceSettings, SettingsError
 
@@ -260,6 +261,10 @@ def client_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     submit.add_argument("--frames", type=int, help="with --compare: contiguous frames compared (default 12)")
     submit.add_argument("--scale", help="scale(s), comma-separated (default: the model's own)")
+    submit.add_argument(
+        "--backend", choices=BACKENDS,
+        help="the workers' backend for these jobs: torch (default) or ncnn (Vulkan), as for esrfarm upscale",
+    )  # fmt: skip
     submit.add_argument("--codec", help="libx264 (default), libx265, libsvtav1, ffv1, ...")
     submit.add_argument("--crf", type=int, help="quality (default: per codec)")
     submit.add_argument("--preset", help="encoder preset (default: per codec)")
@@ -306,7 +311,7 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
         body["models"] = models
     if args.compare:
         body["type"] = "compare"
-        for name in ("codec", "crf", "preset"):
+        for name in ("codec", "crf", "preset", "backend"):
             if getattr(args, name) is not None:
                 raise ServiceError(f"--{name} is for upscaling jobs; a comparison writes a report")
         if args.frames is not None:
@@ -318,7 +323,7 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
             body["scales"] = [float(s) for s in args.scale.split(",") if s]
         except ValueError:
             raise ServiceError(f"--scale takes numbers, not {args.scale!r}") from None
-    for name in ("codec", "crf", "preset", "output_dir"):
+    for name in ("codec", "crf", "preset", "output_dir", "backend"):
         if getattr(args, name) is not None:
             body[name] = getattr(args, name)
     since = _last_event_id(client) if args.wait else 0

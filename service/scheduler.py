@@ -71,7 +71,17 @@ class SchedulerSettings:
 
 def _same_job(row: JobRow) -> tuple[object, ...]:
     """What makes two queued jobs the same coordinator job (one job directory, one lock)."""
-    return (row.input, row.model, row.scale)
+    return (row.input, row.model, row.scale, _backend(row))
+
+
+def _backend(row: JobRow) -> str:
+    return str(row.spec_dict.get("backend") or "torch")
+
+
+def _workers_for(row: JobRow) -> str:
+    """The local workers a job needs, as the policy groups jobs: its model, on its backend if not torch."""
+    backend = _backend(row)
+    return row.model if backend == "torch" else f"{row.model} [{backend}]"
 
 
 @dataclass(eq=False)
@@ -162,8 +172,9 @@ class Scheduler:
                 await self._close_fleet()
             else:  # a lost remote worker may be back (restarted by systemd, say)
                 await self.fleet.revive_lost()
+        needs = {_workers_for(j): (j.model, _backend(j)) for j in queued}
         plan = plan_starts(
-            [Queued(j.id, j.model, j.priority, _same_job(j)) for j in queued],
+            [Queued(j.id, _workers_for(j), j.priority, _same_job(j)) for j in queued],
             slots=slots,
             running=len(self._running),
             fleet_model=self.fleet_model if self.fleet is not None else None,
@@ -174,8 +185,9 @@ class Scheduler:
             await self._close_fleet()
             log.info("starting local workers with model %s", plan.switch_to)
             run_dir = self.farm.root / "workers" / f"service-{os.getpid()}"
+            model, backend = needs[plan.switch_to]
             self._use_fleet(
-                WorkerFleet(self.farm, local=LocalWorkerConfig(plan.switch_to), run_dir=run_dir),
+                WorkerFleet(self.farm, local=LocalWorkerConfig(model, backend=backend), run_dir=run_dir),
                 plan.switch_to,
             )
         by_id = {j.id: j for j in queued}
@@ -205,9 +217,9 @@ class Scheduler:
         if fleet is not None:
             await fleet.close()
 
-    async def check_model(self, model: str) -> None:
-        """Remote workers: raise :class:`ModelUnavailableError` unless some worker runs ``model``.
-        (Local workers are started with whatever model a job needs.)"""
+    async def check_model(self, model: str, backend: str = "torch") -> None:
+        """Remote workers: raise :class:`ModelUnavailableError` unless some worker runs ``model`` on
+        ``backend``. (Local workers are started with whatever model and backend a job needs.)"""
         if self.local:
             return
         fleet = self.fleet
@@ -220,11 +232,11 @@ class Scheduler:
         for handle, answer in zip(unknown, answers, strict=True):
             if isinstance(answer, dict) and handle.changes == 0:
                 handle.health = answer
-        if any(h.ready and h.serves(model) for h in fleet.handles.values()):
+        if any(h.ready and h.serves(model, backend) for h in fleet.handles.values()):
             return
-        served = sorted({h.model for h in fleet.handles.values() if h.ready and h.model})
+        served = sorted({f"{h.model} ({h.backend})" for h in fleet.handles.values() if h.ready and h.model})
         runs = f"the workers run {', '.join(served)}" if served else "no worker answers"
-        raise ModelUnavailableError(f"no worker runs model {model!r} ({runs})")
+        raise ModelUnavailableError(f"no worker runs model {model!r} on the {backend} backend ({runs})")
 
     async def workers(self) -> list[dict[str, Any]]:
         """Each worker of the fleet: state, model, GPU memory and the batch it is on."""

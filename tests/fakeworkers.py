@@ -44,6 +44,7 @@ class FakeWorker:
     shared_root: Path
     model: str = "fake"
     scale: int = 2
+    backend: str = "torch"  # what its /health names (coordinator.fleet deals a job to one backend)
     batch_delay_s: float = 0.0
     fail_batches: set[int] = field(default_factory=set)  # these batches fail on this worker
     die_after_batches: int | None = None  # then it stops answering and stops working
@@ -70,7 +71,7 @@ class FakeWorker:
         return {
             "state": "processing" if busy else "idle", "model": self.model, "scale": float(self.scale),
             "worker_id": self.url.removeprefix("fake://"), "job_id": current.job_id if current else None,
-            "manifest_id": current.manifest_id if current else None,
+            "manifest_id": current.manifest_id if current else None, "backend": self.backend,
         }  # fmt: skip
 
     async def process_manifest(self, manifest_path: str) -> None:

@@ -305,3 +305,45 @@ def test_no_worker_with_the_model_fails_with_each_reason(clip: Path, tmp_path: P
     assert isinstance(events[-1], Failed)
     assert "no healthy worker to upscale with" in events[-1].message
     assert "runs model 'another', not 'fake'" in events[-1].message
+
+
+def test_a_job_runs_on_workers_of_its_backend_only(
+    clip: Path, expected: list[np.ndarray], tmp_path: Path
+) -> None:
+    """A mixed fleet (torch and ncnn workers of one model) is allowed; a job uses one backend's workers,
+    and its identity (so its directory) names the backend."""
+    root = tmp_path / "root"
+    torch_worker = FakeWorker("fake://torch", root, backend="torch")
+    ncnn_worker = FakeWorker("fake://ncnn", root, backend="ncnn")
+    job_ids = []
+    for backend, used, unused in (("ncnn", ncnn_worker, torch_worker), ("torch", torch_worker, ncnn_worker)):
+        output = tmp_path / f"{backend}.mkv"
+        _, job, error = asyncio.run(
+            run(spec(clip, output, backend=backend), [torch_worker, ncnn_worker], farm(root))
+        )
+        assert error is None, error
+        assert used.manifests and not unused.manifests, backend
+        assert_same_frames(frames_of(output), expected)
+        job_ids.append(job.layout.job_id)
+        used.manifests.clear()
+    assert job_ids[0] != job_ids[1]
+    # No worker of the job's backend: the job fails saying why the others were not used.
+    output = tmp_path / "none.mkv"
+    _, _, error = asyncio.run(run(spec(clip, output, backend="ncnn"), [torch_worker], farm(root)))
+    assert isinstance(error, JobError) and "runs the torch backend, not ncnn" in str(error)
+
+
+def test_ray_refuses_to_start_workers_of_another_backend_than_torch(tmp_path: Path) -> None:
+    from coordinator.errors import FleetError
+    from coordinator.fleet import LocalWorkerConfig
+
+    fleet = WorkerFleet(farm(tmp_path, ray_address="auto"), local=LocalWorkerConfig("fake", backend="ncnn"))
+
+    async def start() -> None:
+        try:
+            await fleet.start()
+        finally:
+            await fleet.close()
+
+    with pytest.raises(FleetError, match="Ray starts torch workers only; for the ncnn backend"):
+        asyncio.run(start())

@@ -137,6 +137,9 @@ def test_bad_input_fails_alone_and_bad_fields_are_refused(
         ({"inputs": [], "models": [model]}, "inputs"),
         ({"inputs": [small], "models": [model], "priority": "high"}, "priority"),
         ({"inputs": [small], "colour": "red"}, "colour"),
+        ({"inputs": [small], "models": [model], "backend": "vulkan"}, "backend"),
+        # These workers run torch: no worker runs the model on ncnn.
+        ({"inputs": [small], "models": [model], "backend": "ncnn"}, "models"),
     ):
         response = service.post("/api/jobs", body)
         assert response.status == 400, (body, response.body)

@@ -47,3 +47,30 @@ def test_local_workers_switch_model_between_groups(tiny_model: Path, tmp_path: P
         assert [w["model"] for w in workers] == ["tiny-b-x4"]
     finally:
         service.stop()
+
+
+def test_local_workers_switch_backend_between_jobs(tiny_model: Path, tmp_path: Path) -> None:
+    """A job of the ncnn backend gets local workers of that backend (Vulkan: lavapipe here), the
+    torch job before it torch workers: jobs are grouped by model and backend, like by model alone."""
+    from worker.ncnn_runtime import vulkan_devices
+
+    if not vulkan_devices():
+        pytest.skip("no Vulkan device: install mesa-vulkan-drivers (lavapipe)")
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    small = str(clips.video(inputs / "small.mp4", size="32x24", frames=4))
+    args = ["--local-workers", "1", "--worker-arg=--warmup-size=16", "--input-root", inputs]
+    service = start_service(tmp_path / "root", tmp_path / "logs", args)
+    try:
+        model = str(tiny_model)
+        first = service.submit(inputs=[small], models=[model], scales=[2])["jobs"][0]
+        second = service.submit(inputs=[small], models=[model], scales=[2], backend="ncnn")["jobs"][0]
+        for job in (first, second):
+            assert service.wait_state(job["id"], "done", "failed", timeout=240)["state"] == "done"
+        log = service.log_path.read_text()
+        switches = [line for line in log.splitlines() if "starting local workers with model" in line]
+        assert [line.split("with model ", 1)[1] for line in switches] == [model, f"{model} [ncnn]"]
+        refused = service.post("/api/jobs", {"inputs": [small], "backend": "vulkan"})
+        assert refused.status == 400 and "backend" in refused.json()["error"], refused.body
+    finally:
+        service.stop()

@@ -25,6 +25,7 @@ from worker.settings import SettingsError, WorkerSettings
 class NearestUpscaler:
     """A stand-in for the runtime's Upscaler: nearest-neighbour x2 on the CPU."""
 
+    backend = "torch"
     model_name = "nearest"
     architecture = "nearest"
     native_scale = 2

@@ -139,15 +139,18 @@ def start_worker(
     token: str | None = None,
     wait_healthy: bool = True,
     preexec_fn: Callable[[], None] | None = None,
+    backend: str = "torch",
 ) -> WorkerProcess:
     """Start ``python -m worker`` on a free port (``--port 0``) and wait until ``/health`` is 200.
 
-    ``preexec_fn`` runs in the child before it starts (e.g. to lower a resource limit)."""
+    ``preexec_fn`` runs in the child before it starts (e.g. to lower a resource limit). The torch
+    backend runs on the CPU with one thread; ``backend="ncnn"`` on Vulkan device 0 (lavapipe here)."""
     log_dir.mkdir(parents=True, exist_ok=True)
     port_file = log_dir / f"port-{time.monotonic_ns()}.json"
     log_path = port_file.with_suffix(".log")
+    device = ["--device", "cpu", "--cpu-threads", "1"] if backend == "torch" else ["--backend", backend]
     worker_args = [
-        "--shared-root", str(shared_root), "--model", str(model), "--device", "cpu", "--cpu-threads", "1",
+        "--shared-root", str(shared_root), "--model", str(model), *device,
         "--port", "0", "--warmup-size", "16", *args,
     ]  # fmt: skip
     environ = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}

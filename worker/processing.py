@@ -48,8 +48,10 @@ R = TypeVar("R")
 
 
 class Upscaler(Protocol):
-    """What the worker needs of :class:`worker.runtime.Upscaler`."""
+    """What the worker needs of a backend: :class:`worker.runtime.Upscaler` (torch) or
+    :class:`worker.ncnn_runtime.NcnnUpscaler` (ncnn, Vulkan)."""
 
+    backend: str  # "torch" | "ncnn": a job runs on workers of one backend only
     model_name: str
     architecture: str
     native_scale: int

@@ -46,12 +46,11 @@ from spandrel import ImageModelDescriptor
 from manifests.colour import YuvSpec, i420_shape, i420_size
 from worker.colour import i420_to_rgb, rgb_to_i420
 from worker.models import ModelLoadError, load_model_file, resolve_model
+from worker.upscaling import MAX_SCALE, MIN_TILE, check_frame_settings, resize_taps, scaled_size
 
 log = logging.getLogger(__name__)
 
 PRECISIONS: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-MIN_TILE = 32
-MAX_SCALE = 16.0
 DEFAULT_CPU_PASS_PIXELS = 2 << 20  # 2 Mi px: a 1080p frame (2.07 Mpx) in one pass, a 4K frame in tiles
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -63,6 +62,7 @@ __all__ = [
     "Upscaler",
     "from_unit_range",
     "load_upscaler",
+    "resize_taps",
     "select_device",
     "to_unit_range",
 ]
@@ -114,18 +114,11 @@ class RuntimeSettings:
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
         if self.precision is not None and self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
-        if self.scale is not None and not 0 < self.scale <= MAX_SCALE:
-            raise ValueError(f"scale must be above 0 and at most {MAX_SCALE:g}, not {self.scale!r}")
-        if self.tile != 0 and self.tile < MIN_TILE:
-            raise ValueError(f"tile must be 0 (off) or at least {MIN_TILE} pixels, not {self.tile}")
-        if self.tile_pad < 0:
-            raise ValueError(f"tile_pad must be 0 or more, not {self.tile_pad}")
+        check_frame_settings(self.scale, self.tile, self.tile_pad, self.max_pass_pixels)
         if self.max_batch is not None and self.max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, not {self.max_batch}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"cpu_threads must be at least 1, not {self.cpu_threads}")
-        if self.max_pass_pixels is not None and self.max_pass_pixels < 1:
-            raise ValueError(f"max_pass_pixels must be at least 1, not {self.max_pass_pixels}")
 
 
 def select_device(spec: str) -> torch.device:
@@ -151,6 +144,8 @@ def _round_up(value: int, multiple: int) -> int:
 
 class Upscaler:
     """One model on one device. ``upscale`` is thread-safe (one batch runs at a time)."""
+
+    backend = "torch"
 
     def __init__(
         self, descriptor: ImageModelDescriptor[Any], settings: RuntimeSettings, model_name: str
@@ -217,8 +212,7 @@ class Upscaler:
 
     def output_size(self, height: int, width: int, scale: float | None = None) -> tuple[int, int]:
         """(height, width) of the output for an input of that size, at ``scale`` or the default."""
-        factor = self.scale if scale is None else scale
-        return round(height * factor), round(width * factor)
+        return scaled_size(height, width, self.scale if scale is None else scale)
 
     def upscale(self, frames: np.ndarray, scale: float | None = None) -> np.ndarray:
         """Upscale ``(N, H, W, 3)`` uint8 RGB frames to ``(N, H*scale, W*scale, 3)`` uint8, or uint16
@@ -491,29 +485,6 @@ def _tile_spans(
         taps = (index.to(device), torch.from_numpy(weights).float().to(device))
         spans.append((start, end, low, high, taps))
     return spans
-
-
-def resize_taps(native: int, out: int, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
-    """The antialiased bicubic resize of one axis from ``native`` to ``out`` pixels, as
-    ``F.interpolate(mode="bicubic", antialias=True)`` computes it, for output pixels ``start`` to
-    ``end - 1``: each one's first source pixel, and the weights of its taps ``(end - start, taps)``
-    (Keys' cubic, a = -0.5, its support widened by the scale when shrinking; zero past the edge)."""
-    scale = native / out
-    support = 2.0 * scale if scale >= 1.0 else 2.0
-    inverse = 1.0 / scale if scale >= 1.0 else 1.0
-    centre = scale * (np.arange(start, end, dtype=np.float64) + 0.5)
-    first = np.maximum((centre - support + 0.5).astype(np.int64), 0)
-    last = np.minimum((centre + support + 0.5).astype(np.int64), native)
-    source = first[:, None] + np.arange(int((last - first).max()))[None, :]
-    x = np.abs((source - centre[:, None] + 0.5) * inverse)
-    a = -0.5
-    weights = np.where(
-        x < 1.0,
-        ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0,
-        np.where(x < 2.0, (((x - 5.0) * x + 8.0) * x - 4.0) * a, 0.0),
-    )
-    weights = np.where(source < last[:, None], weights, 0.0)
-    return first, weights / weights.sum(axis=1, keepdims=True)
 
 
 def _resize_along(x: torch.Tensor, dim: int, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -95,23 +95,26 @@ class RequestError(Exception):
 
 
 def load_runtime_model(settings: WorkerSettings) -> Upscaler:
-    """The real loader: the runtime (torch, spandrel) is imported only here."""
+    """The real loader: the backend (torch and spandrel, or ncnn) is imported only here."""
     if settings.simulate_latency_ms is not None:
         from worker.benchmarking import SimulatedUpscaler
 
         scale = settings.scale or 4.0
-        return SimulatedUpscaler(settings.model, settings.simulate_latency_ms / 1000, scale=scale)
+        latency = settings.simulate_latency_ms / 1000
+        return SimulatedUpscaler(settings.model, latency, scale=scale, backend=settings.backend)
+    common: dict[str, Any] = {
+        "precision": settings.precision, "scale": settings.scale, "tile": settings.tile,
+        "tile_pad": settings.tile_pad, "max_pass_pixels": settings.pixel_budget,
+    }  # fmt: skip
+    if settings.backend == "ncnn":
+        from worker.ncnn_runtime import NcnnSettings, load_ncnn_upscaler
+
+        ncnn_settings = NcnnSettings(gpu=settings.gpu or 0, **common)
+        return load_ncnn_upscaler(settings.model, ncnn_settings, allow_download=settings.allow_download)
     from worker.runtime import RuntimeSettings, load_upscaler
 
     runtime = RuntimeSettings(
-        device=settings.device_spec,
-        precision=settings.precision,
-        scale=settings.scale,
-        tile=settings.tile,
-        tile_pad=settings.tile_pad,
-        max_batch=settings.max_batch,
-        cpu_threads=settings.cpu_threads,
-        max_pass_pixels=settings.pixel_budget,
+        device=settings.device_spec, max_batch=settings.max_batch, cpu_threads=settings.cpu_threads, **common
     )
     return load_upscaler(settings.model, runtime, allow_download=settings.allow_download)
 
@@ -357,6 +360,7 @@ class WorkerService:
             "state": self.state,
             "ready": upscaler is not None,
             "error": self.load_error,
+            "backend": upscaler.backend if upscaler else self.settings.backend,
             "model": upscaler.model_name if upscaler else self.settings.model,
             "architecture": upscaler.architecture if upscaler else None,
             "scale": upscaler.scale if upscaler else self.settings.scale,
@@ -482,7 +486,8 @@ async def metrics(request: web.Request) -> web.Response:
     worker = request.app[WORKER]
     memory = worker.gpu.read() if worker.gpu is not None else None
     if memory is not None:
-        worker.metrics.gpu_memory_used.set(memory["used"])
+        if memory["used"] is not None:  # Vulkan (ncnn) reports the total only
+            worker.metrics.gpu_memory_used.set(memory["used"])
         worker.metrics.gpu_memory_total.set(memory["total"])
     return web.Response(
         body=worker.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}

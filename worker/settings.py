@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from manifests.manifest import MAX_TILE, MAX_TILE_PAD
+from manifests.manifest import BACKENDS, MAX_TILE, MAX_TILE_PAD
 from manifests.tokens import TOKEN_ENV
 
 DEFAULT_HOST = "127.0.0.1"
@@ -24,9 +24,13 @@ class SettingsError(ValueError):
 class WorkerSettings:
     shared_root: Path
     model: str
+    backend: str = (
+        "torch"  # "torch" (worker/runtime.py: CUDA or the CPU) | "ncnn" (worker/ncnn_runtime.py: Vulkan)
+    )
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT  # 0: any free port (the bound port is printed and written to port_file)
-    gpu: int | None = None  # index among the visible CUDA devices; None: the first one, else the CPU
+    gpu: int | None = None  # torch: index among the visible CUDA devices (None: the first, else the CPU);
+    # ncnn: the Vulkan device index (None: 0)
     device: str | None = None  # "cpu" | "cuda" | "cuda:N" | "auto"; overrides gpu
     precision: str | None = None
     scale: float | None = None
@@ -60,6 +64,13 @@ class WorkerSettings:
             raise SettingsError(f"port must be between 0 and 65535, not {self.port}")
         if self.gpu is not None and self.gpu < 0:
             raise SettingsError(f"--gpu must be 0 or more, not {self.gpu}")
+        if self.backend not in BACKENDS:
+            raise SettingsError(f"--backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
+        if self.backend == "ncnn":
+            if self.device is not None:
+                raise SettingsError("--device is for the torch backend; pick the Vulkan device with --gpu N")
+            if self.precision == "bf16":
+                raise SettingsError("the ncnn backend runs fp16 or fp32, not bf16")
         if self.gpu is not None and self.device is not None:
             raise SettingsError(f"give either --gpu {self.gpu} or --device {self.device}, not both")
         if self.token is not None and not self.token.strip():
@@ -102,7 +113,10 @@ class WorkerSettings:
         return "auto"
 
     def gpu_label(self, device_type: str) -> str | None:
-        """How the host names this worker's GPU (its CUDA_VISIBLE_DEVICES entry); None on the CPU."""
+        """How the host names this worker's GPU (its CUDA_VISIBLE_DEVICES entry, or its Vulkan device
+        index); None on the CPU."""
+        if device_type == "vulkan":
+            return str(self.gpu or 0)
         if device_type != "cuda":
             return None
         index = self.gpu or 0
