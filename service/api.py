@@ -321,6 +321,8 @@ async def cancel_job(request: web.Request) -> web.Response:
         return _error(409, f"job {row.id} is {row.state}: only a queued or running job can be cancelled")
     cancelled = await request.app[SCHEDULER].cancel(row.id)
     current = cancelled or await _job(request)
+    if current.job_state.finished and current.state != JobState.CANCELLED:  # it ended first
+        return _error(409, f"job {row.id} is {current.state}: it ended before it could be cancelled")
     return _json(current.to_json())
 
 

@@ -138,23 +138,26 @@ class Scheduler:
         self._wake.set()
 
     async def _loop(self) -> None:
-        while True:
+        while not self._closing:  # besides the cancel: Python 3.11's wait_for can swallow one
             self._wake.clear()
             try:
                 await self._schedule()
             except Exception:  # the queue must go on
                 log.exception("scheduling failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.settings.idle_poll_s)
+            woken = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait({woken}, timeout=self.settings.idle_poll_s)
+            finally:
+                woken.cancel()
 
     async def _schedule(self) -> None:
         queued = await self.store.jobs(JobState.QUEUED)
         comparisons = [j for j in queued if is_compare(j)]
         if comparisons and self._comparing is None and not self._closing:
             await self._start_comparison(comparisons[0])
-        queued = [j for j in queued if not is_compare(j)]
+        queued = [j for j in queued if not is_compare(j) and j.id not in self._running]
         slots = self.settings.max_running - len(self._running)
-        if slots <= 0 or not queued:
+        if slots <= 0 or not queued or self._closing:
             return
         if not self._running and self.fleet is not None and self._fleet_broken():
             if self.local:
@@ -257,47 +260,49 @@ class Scheduler:
         except CoordinatorError as exc:  # a stored spec this version cannot read
             await self._end(row.id, JobState.FAILED, error=str(exc))
             return
-        started = await self.store.update(
-            row.id,
-            only_if=[JobState.QUEUED],
-            state=JobState.RUNNING,
-            started_at=row.started_at or now(),
-            attempts=row.attempts + 1,
-            stage=None,
-            fps=None,
-            eta_s=None,
-        )
-        if started is None:  # cancelled or deleted meanwhile
-            return
+        # registered before any await: a cancel from now on finds the run (and waits for its task)
         job = Job(spec, self.fleet, progress_interval_s=self.settings.progress_interval_s)
         run = _Running(job, self.fleet, _same_job(row))
         self._running[row.id] = run
-        run.task = asyncio.create_task(self._drive(started, run), name=f"esrfarm-job-{row.id}")
-        log.info("started job %s (%s, model %s)", row.id, row.input, row.model)
+        run.task = asyncio.create_task(self._drive(row, run), name=f"esrfarm-job-{row.id}")
 
-    async def _drive(self, row: JobRow, run: _Running) -> None:
+    async def _drive(self, queued: JobRow, run: _Running) -> None:
+        job_id = queued.id
         try:
+            row = await self.store.update(
+                job_id,
+                only_if=[JobState.QUEUED],
+                state=JobState.RUNNING,
+                started_at=queued.started_at or now(),
+                attempts=queued.attempts + 1,
+                stage=None,
+                fps=None,
+                eta_s=None,
+            )
+            if row is None:  # cancelled or deleted meanwhile
+                return
+            log.info("started job %s (%s, model %s)", job_id, row.input, row.model)
             try:
                 async for event in run.job.events():
-                    await self._take_event(row.id, run, event)
+                    await self._take_event(job_id, run, event)
                 await run.job.wait()
             except JobCancelledError:
                 if run.cancel_requested:
-                    await self._end(row.id, JobState.CANCELLED)
+                    await self._end(job_id, JobState.CANCELLED)
                 else:  # the service is stopping: the job waits for the next start, and resumes
-                    await self.store.update(row.id, state=JobState.QUEUED, fps=None, eta_s=None)
+                    await self.store.update(job_id, state=JobState.QUEUED, fps=None, eta_s=None)
             except CoordinatorError as exc:
                 workers_failed = isinstance(exc, FleetError) or isinstance(exc.__cause__, FleetError)
                 if workers_failed and row.attempts < self.settings.max_attempts and not self._closing:
-                    log.warning("job %s: %s; queued again", row.id, exc)
-                    await self.store.update(row.id, state=JobState.QUEUED, error=str(exc))
+                    log.warning("job %s: %s; queued again", job_id, exc)
+                    await self.store.update(job_id, state=JobState.QUEUED, error=str(exc))
                 else:
-                    await self._end(row.id, JobState.FAILED, error=str(exc))
+                    await self._end(job_id, JobState.FAILED, error=str(exc))
             except Exception as exc:
-                log.exception("job %s failed unexpectedly", row.id)
-                await self._end(row.id, JobState.FAILED, error=f"internal error: {type(exc).__name__}: {exc}")
+                log.exception("job %s failed unexpectedly", job_id)
+                await self._end(job_id, JobState.FAILED, error=f"internal error: {type(exc).__name__}: {exc}")
         finally:
-            self._running.pop(row.id, None)
+            self._running.pop(job_id, None)
             self.wake()
 
     async def _take_event(self, job_id: str, run: _Running, event: JobEvent) -> None:

@@ -1,0 +1,93 @@
+"""The service's scheduler in process, on a real store and the coordinator's job engine over
+in-process workers (tests/fakeworkers.py): a cancel works at every instant of a job's life, from
+the moment it is queued to its end."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from coordinator.errors import JobCancelledError
+from coordinator.events import Cancelled
+from coordinator.fleet import WorkerFleet
+from coordinator.job import Job
+from service.scheduler import Scheduler
+from service.store import JobRow, JobState, Store, new_job, now
+from tests import clips
+from tests.fakeworkers import fake_farm
+from tests.test_job_engine import farm, spec
+
+pytestmark = pytest.mark.timeout(300)
+
+DEADLINE_S = 60.0  # generous: nothing here waits on a timer, only on the job's end
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return clips.video(tmp_path_factory.mktemp("scheduler") / "clip.mp4", size="32x24", frames=12)
+
+
+def queued_job(job_id: str, source: Path, output: Path) -> JobRow:
+    job_spec = spec(source, output)
+    return new_job(
+        job_id=job_id, batch_id="b", input=str(source), output=str(output), spec=job_spec.to_dict(),
+        model="fake", scale=None, codec="ffv1", priority=0, now=now(),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("started", [False, True], ids=["before-start", "right-after-start"])
+def test_a_job_cancelled_before_its_first_step_ends_cancelled(
+    clip: Path, tmp_path: Path, started: bool
+) -> None:
+    async def scenario() -> None:
+        settings = farm(tmp_path / "root")
+        async with WorkerFleet(settings, clients=fake_farm(settings.shared_root)) as fleet:
+            job = Job(spec(clip, tmp_path / "out.mkv"), fleet)
+            if started:
+                job.start()  # its task exists, its first step has not run
+            await job.cancel()  # called right here (a task around it would let the job step first)
+
+            async def all_events() -> list[object]:
+                return [event async for event in job.events()]
+
+            events = await asyncio.wait_for(all_events(), DEADLINE_S)
+            assert isinstance(events[-1], Cancelled), events
+            with pytest.raises(JobCancelledError):
+                await asyncio.wait_for(job.wait(), DEADLINE_S)
+        assert not (tmp_path / "out.mkv").exists()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("steps", [0, 1, 2, 3, 5, 8, 13, 40])
+def test_cancel_right_after_submit_ends_cancelled(clip: Path, tmp_path: Path, steps: int) -> None:
+    """The job is queued and the scheduler woken, as a submit does; the cancel comes ``steps``
+    turns of the event loop later (each value lands at another point of the job's start)."""
+
+    async def scenario() -> None:
+        settings = farm(tmp_path / "root")
+        store = Store(tmp_path / "jobs.db")
+        await store.open()
+        scheduler = Scheduler(store, settings)
+        scheduler._use_fleet(WorkerFleet(settings, clients=fake_farm(settings.shared_root)), "fake")
+        await scheduler.start()
+        try:
+            output = tmp_path / "out.mkv"
+            await store.add_jobs([queued_job("j1", clip, output)])
+            scheduler.wake()
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            row = await asyncio.wait_for(scheduler.cancel("j1"), DEADLINE_S)
+            assert row is not None and row.state == JobState.CANCELLED, row
+            while scheduler.is_running("j1"):  # a start that lost the race to the cancel ends
+                await asyncio.sleep(0.01)
+            after = await store.get("j1")
+            assert after is not None and after.state == JobState.CANCELLED, after
+            assert not output.exists(), "a cancelled job publishes no output"
+        finally:
+            await asyncio.wait_for(scheduler.close(), DEADLINE_S)
+            await store.close()
+
+    asyncio.run(scenario())
