@@ -38,7 +38,7 @@ from service.comparisons import KIND, CompareJobError, batch_page, compare_spec,
 from service.preview import PreviewError, render_preview
 from service.scheduler import ModelUnavailableError, Scheduler, SchedulerSettings
 from service.settings import ServiceSettings, is_loopback
-from service.store import JobRow, JobState, Store, new_job, now
+from service.store import JobRow, JobState, Store, StoreUnavailableError, new_job, now
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ CLOSING = web.AppKey("closing", asyncio.Event)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
 CHUNK = 1 << 20
+STORE_RETRY_AFTER_S = 5  # Retry-After of a 503 while the database is unavailable
 
 
 class BadRequest(Exception):
@@ -60,6 +61,10 @@ class BadRequest(Exception):
     def __init__(self, field: str, problem: str, status: int = 400) -> None:
         self.field, self.problem, self.status = field, problem, status
         super().__init__(f"{field}: {problem}")
+
+
+class ListenError(Exception):
+    """The service cannot listen where it was told to."""
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -507,6 +512,11 @@ async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamR
         return await handler(request)
     except web.HTTPRequestEntityTooLarge:
         return _error(413, "the request body is too large")
+    except StoreUnavailableError as exc:  # nothing was changed; it may work in a moment
+        log.warning("%s %s: %s", request.method, request.path, exc)
+        response = _error(503, f"{exc}; try again")
+        response.headers["Retry-After"] = str(STORE_RETRY_AFTER_S)
+        return response
 
 
 def _host_name(host: str) -> str:
@@ -557,7 +567,7 @@ def create_app(
 ) -> web.Application:
     app = web.Application(middlewares=[_errors_as_json, _guard(settings)], client_max_size=1 << 20)
     app[SETTINGS] = settings
-    store = Store(settings.db_path)
+    store = Store(settings.db_path, lock_timeout_s=settings.db_lock_timeout_s)
     app[STORE] = store
     app[SCHEDULER] = Scheduler(store, farm, scheduling or SchedulerSettings())
     app[CLOSING] = asyncio.Event()
@@ -585,7 +595,11 @@ def create_app(
 
 
 async def _lifetime(app: web.Application) -> AsyncIterator[None]:
-    await app[STORE].open()
+    try:
+        await app[STORE].open()
+    except BaseException:
+        await app[STORE].close()
+        raise
     await app[SCHEDULER].start()
     try:
         yield
@@ -598,28 +612,41 @@ async def _stop_streams(app: web.Application) -> None:
     app[CLOSING].set()
 
 
-async def serve(settings: ServiceSettings, farm: FarmSettings, scheduling: SchedulerSettings) -> None:
-    """Run the service until SIGTERM or SIGINT; running jobs are then cancelled and stay queued."""
+async def serve(
+    settings: ServiceSettings,
+    farm: FarmSettings,
+    scheduling: SchedulerSettings,
+    announce: Callable[[str], None] = log.info,
+) -> None:
+    """Run the service until SIGTERM or SIGINT; running jobs are then cancelled and stay queued.
+    ``announce`` is told where it listens, and that it stopped. Raises :class:`StoreError` when the
+    database cannot be used, :class:`ListenError` when the address cannot be bound."""
     app = create_app(settings, farm, scheduling)
     runner = web.AppRunner(app, shutdown_timeout=5.0)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
-    await site.start()
-    server = site._server
-    sockets = getattr(server, "sockets", None) or []
-    port = sockets[0].getsockname()[1] if sockets else settings.port
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    url = f"http://{host}:{port}"
-    log.info("esrfarm service on %s (shared root %s)", url, settings.shared_root)
-    if settings.port_file is not None:
-        settings.port_file.write_bytes(orjson.dumps({"url": url, "pid": os.getpid()}))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
+        site = web.TCPSite(runner, settings.host, settings.port)
+        try:
+            await site.start()
+        except OSError as exc:  # the address is taken, say
+            raise ListenError(
+                f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
+            ) from None
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        port = sockets[0].getsockname()[1] if sockets else settings.port
+        host = f"[{settings.host}]" if ":" in settings.host else settings.host
+        url = f"http://{host}:{port}"
+        announce(f"listening on {url} (shared root {settings.shared_root}, jobs in {settings.db_path})")
+        if settings.port_file is not None:
+            settings.port_file.write_bytes(orjson.dumps({"url": url, "pid": os.getpid()}))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-    finally:
         log.info("stopping: running jobs are cancelled and stay queued")
+    finally:
         with contextlib.suppress(Exception):
             await runner.cleanup()
+    announce("stopped (jobs that were running stay queued and resume at the next start)")

@@ -23,10 +23,12 @@ from coordinator.spec import DEFAULT_MODEL
 from manifests.chunks import parse_size
 from manifests.tokens import TokenError, read_token
 from service.settings import DEFAULT_MAX_UPLOAD, DEFAULT_PORT, ServiceSettings, SettingsError
+from service.store import DEFAULT_LOCK_TIMEOUT_S
 
 SERVICE_ENV = "ESRFARM_SERVICE"
 DEFAULT_SERVICE = f"http://127.0.0.1:{DEFAULT_PORT}"
 TERMINAL_STATES = {"done", "failed", "cancelled"}
+EXIT_DATABASE = 3  # the database cannot be used (systemd does not restart it: RestartPreventExitStatus)
 
 log = logging.getLogger("esrfarm.service")
 
@@ -80,6 +82,11 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", type=Path, help="where outputs go (default <shared root>/outputs)")
     parser.add_argument("--db", type=Path, help="the SQLite database (default <shared root>/service/jobs.db)")
     parser.add_argument(
+        "--db-lock-timeout", type=float, default=DEFAULT_LOCK_TIMEOUT_S, metavar="S",
+        help="seconds a database call waits for another process's lock on it (default %(default)s); "
+        "past that the API answers 503 and a running job's progress waits",
+    )  # fmt: skip
+    parser.add_argument(
         "--max-running", type=int, default=2, metavar="K",
         help="jobs run at once on the shared workers (default %(default)s; see benchmarks/RESULTS.md)",
     )  # fmt: skip
@@ -114,7 +121,7 @@ def serve_main(argv: list[str]) -> int:
     args = serve_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from service.api import serve
+    from service.api import ListenError, serve
     from service.scheduler import SchedulerSettings
 
     try:
@@ -123,6 +130,7 @@ def serve_main(argv: list[str]) -> int:
             shared_root=args.shared_root, db=args.db, host=args.host, port=args.port, token=token,
             input_roots=tuple(args.input_root), output_dir=args.output_dir,
             max_upload_bytes=parse_size(args.max_upload), port_file=args.port_file,
+            db_lock_timeout_s=args.db_lock_timeout,
         )  # fmt: skip
         farm = farm_settings_from_args(args, read_token(args.worker_token_file))
         scheduling = SchedulerSettings(
@@ -135,7 +143,20 @@ def serve_main(argv: list[str]) -> int:
     except (SettingsError, TokenError, ValueError) as exc:
         sys.stderr.write(f"esrfarm serve: error: {exc}\n")
         return 2
-    asyncio.run(serve(settings, farm, scheduling))
+    from service.store import StoreError
+
+    def announce(line: str) -> None:
+        sys.stderr.write(f"esrfarm serve: {line}\n")
+        sys.stderr.flush()
+
+    try:
+        asyncio.run(serve(settings, farm, scheduling, announce))
+    except StoreError as exc:  # restarting would meet the same database: see README, troubleshooting
+        sys.stderr.write(f"esrfarm serve: error: {exc}\n")
+        return EXIT_DATABASE
+    except ListenError as exc:
+        sys.stderr.write(f"esrfarm serve: error: {exc}\n")
+        return 1
     return 0
 
 

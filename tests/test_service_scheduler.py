@@ -1,10 +1,12 @@
 """The service's scheduler in process, on a real store and the coordinator's job engine over
 in-process workers (tests/fakeworkers.py): a cancel works at every instant of a job's life, from
-the moment it is queued to its end."""
+the moment it is queued to its end; a job outlives a database that another process locks."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,11 +15,12 @@ from coordinator.errors import JobCancelledError
 from coordinator.events import Cancelled
 from coordinator.fleet import WorkerFleet
 from coordinator.job import Job
-from service.scheduler import Scheduler
+from service.scheduler import Scheduler, SchedulerSettings
 from service.store import JobRow, JobState, Store, new_job, now
 from tests import clips
 from tests.fakeworkers import fake_farm
 from tests.test_job_engine import farm, spec
+from tests.test_service_store import HeldLock
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -91,3 +94,53 @@ def test_cancel_right_after_submit_ends_cancelled(clip: Path, tmp_path: Path, st
             await store.close()
 
     asyncio.run(scenario())
+
+
+def test_a_job_outlives_a_database_locked_by_another_process(
+    clip: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another process holds the write lock longer than the store waits: the job's progress and
+    end cannot be stored meanwhile; the job goes on and its end is stored once the lock is gone."""
+
+    async def scenario() -> None:
+        settings = farm(tmp_path / "root")
+        store = Store(tmp_path / "jobs.db", lock_timeout_s=0.2)
+        await store.open()
+        scheduler = Scheduler(
+            store, settings, SchedulerSettings(store_retry_s=0.05, progress_interval_s=0.01)
+        )
+        workers = fake_farm(settings.shared_root, batch_delay_s=0.3)
+        scheduler._use_fleet(WorkerFleet(settings, clients=workers), "fake")
+        await scheduler.start()
+        try:
+            await store.add_jobs([queued_job("j1", clip, tmp_path / "out.mkv")])
+            scheduler.wake()
+            await until(lambda row: row.stage == "upscaling", store, "j1")
+            lock = HeldLock(tmp_path / "jobs.db")
+            try:
+                assert (row := await store.get("j1")) is not None and row.state == JobState.RUNNING
+                deadline = asyncio.get_running_loop().time() + DEADLINE_S
+                while not any("trying again" in r.getMessage() for r in caplog.records):
+                    assert asyncio.get_running_loop().time() < deadline, "the outage was never met"
+                    await asyncio.sleep(0.02)
+            finally:
+                lock.release()
+            row = await until(lambda row: row.job_state.finished, store, "j1")
+            assert row.state == JobState.DONE and row.error is None, row
+            assert (tmp_path / "out.mkv").is_file()
+        finally:
+            await asyncio.wait_for(scheduler.close(), DEADLINE_S)
+            await store.close()
+
+    with caplog.at_level(logging.WARNING, logger="service.scheduler"):
+        asyncio.run(scenario())
+
+
+async def until(predicate: Callable[[JobRow], bool], store: Store, job_id: str) -> JobRow:
+    deadline = asyncio.get_running_loop().time() + DEADLINE_S
+    while True:
+        row = await store.get(job_id)
+        if row is not None and predicate(row):
+            return row
+        assert asyncio.get_running_loop().time() < deadline, f"never reached; last {row}"
+        await asyncio.sleep(0.01)
