@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hmac
 import logging
 import os
@@ -25,10 +26,11 @@ import shutil
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, ClientConnectionError, web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Middleware
 
 from coordinator.encode import EncodeSettings
@@ -42,6 +44,7 @@ from service.store import JobRow, JobState, Store, StoreUnavailableError, new_jo
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 SETTINGS = web.AppKey("settings", ServiceSettings)
@@ -52,6 +55,14 @@ CLOSING = web.AppKey("closing", asyncio.Event)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
 CHUNK = 1 << 20
+# Bounds of what a request may hold, checked where it is parsed.
+PRIORITY_LIMIT = 1_000_000_000  # a priority is -LIMIT to LIMIT
+MAX_EVENT_ID = (1 << 63) - 1  # SQLite's largest integer
+PATH_MAX = 4096  # bytes of a path, and of one name in it: Linux's limits
+NAME_MAX = 255
+OUTPUT_NAME_ROOM = 200  # bytes an output directory leaves for the generated file name
+MAX_OUTPUT_DEPTH = 32  # directories an output_dir may nest below the output directory
+PART_SUFFIX = ".part"  # an upload being written: .<id>.part, renamed to <id> once whole
 STORE_RETRY_AFTER_S = 5  # Retry-After of a 503 while the database is unavailable
 
 
@@ -98,13 +109,44 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     return "strings" if kind is str else "numbers"
 
 
-def _optional_int(body: dict[str, Any], name: str) -> int | None:
+def _optional_int(body: dict[str, Any], name: str, limit: int = PRIORITY_LIMIT) -> int | None:
     value = body.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise BadRequest(name, f"must be a whole number, not {value!r}")
+    if not -limit <= value <= limit:
+        raise BadRequest(name, f"must be {-limit} to {limit}, not {value}")
     return value
+
+
+def _checked_path(field: str, raw: object, room: int = 0) -> Path:
+    """``raw`` as a path, if it is one the file system can take (``room``: bytes kept for names
+    added below it); raises :class:`BadRequest` naming ``field`` otherwise."""
+    if not isinstance(raw, str) or not raw or "\x00" in raw:
+        raise BadRequest(field, f"is not a path: {_shown(raw)}")
+    size = len(raw.encode("utf-8", "surrogatepass"))
+    if size + room > PATH_MAX:
+        raise BadRequest(field, f"is a path of {size} bytes; the file system takes {PATH_MAX - room} at most")
+    longest = max(len(part.encode("utf-8", "surrogatepass")) for part in raw.split("/"))
+    if longest > NAME_MAX:
+        raise BadRequest(field, f"holds a name of {longest} bytes; the file system takes {NAME_MAX} at most")
+    return Path(raw)
+
+
+def _resolved(field: str, path: Path) -> Path:
+    try:
+        return path.expanduser().resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop, a name too long once links are followed
+        raise BadRequest(
+            field, f"{_shown(str(path))} cannot be resolved: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
+
+
+def _shown(value: object, limit: int = 200) -> str:
+    """A value as an error message shows it: repr, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _inputs(body: dict[str, Any], settings: ServiceSettings) -> list[Path]:
@@ -121,13 +163,17 @@ def _inputs(body: dict[str, Any], settings: ServiceSettings) -> list[Path]:
         return [path]
     paths = []
     for raw in _list_of(body, "inputs", str, []):
-        if not raw or "\x00" in raw:
-            raise BadRequest("inputs", f"is not a path: {raw!r}")
-        resolved = Path(raw).expanduser().resolve()
-        if not Path(raw).is_absolute() or not _confined(resolved, settings.input_roots):
+        given = _checked_path("inputs", raw)
+        resolved = _resolved("inputs", given)
+        if not given.is_absolute() or not _confined(resolved, settings.input_roots):
             roots = ", ".join(map(str, settings.input_roots)) or "none configured (--input-root)"
             raise BadRequest("inputs", f"{raw} is outside every input root ({roots})", 403)
-        paths.append(resolved)
+        _checked_path("inputs", str(resolved))  # what the job will open, links followed
+        if resolved.is_dir():
+            raise BadRequest("inputs", f"{raw} is a directory, not a video file")
+        if resolved.exists() and not resolved.is_file():
+            raise BadRequest("inputs", f"{raw} is not a regular file")
+        paths.append(resolved)  # a missing one fails its job, with the coordinator's reason
     return paths
 
 
@@ -135,12 +181,16 @@ def _output_dir(body: dict[str, Any], settings: ServiceSettings) -> Path:
     raw = body.get("output_dir")
     if raw is None:
         return settings.outputs
-    if not isinstance(raw, str) or not raw or "\x00" in raw:
-        raise BadRequest("output_dir", f"is not a path: {raw!r}")
-    candidate = Path(raw).expanduser()
-    resolved = (candidate if candidate.is_absolute() else settings.outputs / candidate).resolve()
+    candidate = _checked_path("output_dir", raw).expanduser()
+    if not candidate.is_absolute():
+        candidate = _checked_path("output_dir", str(settings.outputs / candidate), OUTPUT_NAME_ROOM)
+    resolved = _resolved("output_dir", candidate)
     if not _confined(resolved, (settings.outputs,)):
         raise BadRequest("output_dir", f"{raw} is outside the output directory {settings.outputs}", 403)
+    _checked_path("output_dir", str(resolved), OUTPUT_NAME_ROOM)
+    depth = len(resolved.relative_to(settings.outputs).parts)
+    if depth > MAX_OUTPUT_DEPTH:
+        raise BadRequest("output_dir", f"nests {depth} directories deep; at most {MAX_OUTPUT_DEPTH}")
     return resolved
 
 
@@ -180,8 +230,14 @@ COMPARE_FIELDS = COMMON_FIELDS | {"frames"}
 
 async def submit(request: web.Request) -> web.Response:
     settings, store, scheduler = request.app[SETTINGS], request.app[STORE], request.app[SCHEDULER]
+    timeout = settings.body_timeout_s
     try:
-        body = orjson.loads(await request.read())
+        async with asyncio.timeout(timeout):
+            raw = await request.read()
+    except TimeoutError:
+        return _error(408, f"the request body did not arrive within {timeout:g} s (--body-timeout)")
+    try:
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         return _error(400, f"the request body is not valid JSON: {exc}")
     if not isinstance(body, dict):
@@ -208,8 +264,9 @@ async def submit(request: web.Request) -> web.Response:
         return _error(exc.status, str(exc))
     try:
         await asyncio.to_thread(output_dir.mkdir, parents=True, exist_ok=True)
-    except OSError as exc:
-        return _error(400, f"output_dir: cannot create {output_dir}: {exc.strerror or exc}")
+    except OSError as exc:  # a full disk is the server's (507); anything else the request's
+        status = 507 if exc.errno in (errno.ENOSPC, errno.EDQUOT) else 400
+        return _error(status, f"output_dir: cannot create {output_dir}: {exc.strerror or exc}")
     await store.add_jobs(rows)
     scheduler.wake()
     log.info("batch %s: %d %s job(s) queued", batch_id, len(rows), kind)
@@ -388,7 +445,8 @@ async def job_preview(request: web.Request) -> web.Response:
 
 
 async def upload(request: web.Request) -> web.Response:
-    """The body (raw, or the first file of a multipart form) streamed to a generated name."""
+    """The body (raw, or the first file of a multipart form) streamed to a generated name. A body
+    that stalls for ``--body-timeout`` is dropped (408); nothing of a failed upload stays."""
     settings = request.app[SETTINGS]
     limit = settings.max_upload_bytes
     too_large = _error(413, f"the upload is too large: at most {limit} bytes (--max-upload)")
@@ -396,23 +454,29 @@ async def upload(request: web.Request) -> web.Response:
         return too_large
     upload_id = secrets.token_hex(16)
     directory = settings.uploads_dir
-    await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
-    part = directory / f".{upload_id}.part"
+    part = directory / f".{upload_id}{PART_SUFFIX}"
+    timeout = settings.body_timeout_s
+
+    async def within(step: Callable[[], Awaitable[T]]) -> T:
+        async with asyncio.timeout(timeout):
+            return await step()
+
     written = 0
     try:
         if request.content_type.startswith("multipart/"):
             reader = await request.multipart()
-            field = await reader.next()
+            field = await within(reader.next)
             while field is not None and (not isinstance(field, BodyPartReader) or not field.filename):
-                field = await reader.next()
+                field = await within(reader.next)
             if field is None:
                 return _error(400, "file: the form holds no file")
             read: Callable[[], Awaitable[bytes]] = lambda: field.read_chunk(CHUNK)  # noqa: E731
         else:
             read = lambda: request.content.read(CHUNK)  # noqa: E731
+        await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
         handle = await asyncio.to_thread(part.open, "wb")
         try:
-            while chunk := await read():
+            while chunk := await within(read):
                 written += len(chunk)
                 if written > limit:
                     return too_large
@@ -422,12 +486,30 @@ async def upload(request: web.Request) -> web.Response:
         if not written:
             return _error(400, "file: the upload is empty")
         await asyncio.to_thread(os.replace, part, directory / upload_id)
+    except TimeoutError:  # before OSError: it is one
+        log.warning("upload %s dropped: no data for %g s (%d bytes in)", upload_id, timeout, written)
+        return _error(408, f"the upload stalled: no data for {timeout:g} s (--body-timeout)")
+    except HttpProcessingError as exc:  # a part's headers too long, a broken form
+        return _error(400, f"file: the form cannot be read: {_shown(exc.message, 120)}")
+    except (ConnectionError, ClientConnectionError):  # the client went away: nobody to answer
+        log.info("upload %s: the client went away after %d bytes", upload_id, written)
+        return _error(400, "the upload was interrupted")
     except OSError as exc:
         return _error(507, f"cannot store the upload: {exc.strerror or exc}")
     finally:
         await asyncio.to_thread(part.unlink, True)
     log.info("upload %s: %d bytes", upload_id, written)
     return _json({"upload": upload_id, "bytes": written}, 201)
+
+
+def remove_partial_uploads(settings: ServiceSettings) -> list[Path]:
+    """The ``.part`` files of uploads a killed service left (at start, before any upload)."""
+    removed = []
+    if settings.uploads_dir.is_dir():
+        for path in settings.uploads_dir.glob(f".*{PART_SUFFIX}"):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 # -- events ------------------------------------------------------------------------------------------
@@ -443,7 +525,11 @@ async def events(request: web.Request) -> web.StreamResponse:
         try:
             last = int(raw)
         except ValueError:
-            return _error(400, f"Last-Event-ID / since: must be an event id, not {raw!r}")
+            last = -1
+        if not 0 <= last <= MAX_EVENT_ID:
+            return _error(
+                400, f"Last-Event-ID / since: must be an event id (0 to {MAX_EVENT_ID}), not {_shown(raw)}"
+            )
     else:
         last = await store.last_event_id()
     response = web.StreamResponse(
@@ -512,11 +598,18 @@ async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamR
         return await handler(request)
     except web.HTTPRequestEntityTooLarge:
         return _error(413, "the request body is too large")
+    except web.HTTPException:
+        raise
+    except HttpProcessingError as exc:  # a request aiohttp could not parse (read by the handler)
+        return _error(exc.code or 400, f"the request cannot be read: {_shown(exc.message, 120)}")
     except StoreUnavailableError as exc:  # nothing was changed; it may work in a moment
         log.warning("%s %s: %s", request.method, request.path, exc)
         response = _error(503, f"{exc}; try again")
         response.headers["Retry-After"] = str(STORE_RETRY_AFTER_S)
         return response
+    except Exception as exc:  # a defect: still a JSON answer
+        log.exception("%s %s failed", request.method, request.path)
+        return _error(500, f"internal error: {type(exc).__name__}")
 
 
 def _host_name(host: str) -> str:
@@ -600,6 +693,9 @@ async def _lifetime(app: web.Application) -> AsyncIterator[None]:
     except BaseException:
         await app[STORE].close()
         raise
+    removed = await asyncio.to_thread(remove_partial_uploads, app[SETTINGS])
+    if removed:
+        log.info("removed %d partial upload(s) an earlier run left", len(removed))
     await app[SCHEDULER].start()
     try:
         yield

@@ -82,6 +82,11 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", type=Path, help="where outputs go (default <shared root>/outputs)")
     parser.add_argument("--db", type=Path, help="the SQLite database (default <shared root>/service/jobs.db)")
     parser.add_argument(
+        "--body-timeout", type=float, default=30.0, metavar="S",
+        help="seconds a request body may stall (no byte arriving) before it is dropped with 408, "
+        "uploads included (default %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
         "--db-lock-timeout", type=float, default=DEFAULT_LOCK_TIMEOUT_S, metavar="S",
         help="seconds a database call waits for another process's lock on it (default %(default)s); "
         "past that the API answers 503 and a running job's progress waits",
@@ -130,7 +135,7 @@ def serve_main(argv: list[str]) -> int:
             shared_root=args.shared_root, db=args.db, host=args.host, port=args.port, token=token,
             input_roots=tuple(args.input_root), output_dir=args.output_dir,
             max_upload_bytes=parse_size(args.max_upload), port_file=args.port_file,
-            db_lock_timeout_s=args.db_lock_timeout,
+            db_lock_timeout_s=args.db_lock_timeout, body_timeout_s=args.body_timeout,
         )  # fmt: skip
         farm = farm_settings_from_args(args, read_token(args.worker_token_file))
         scheduling = SchedulerSettings(

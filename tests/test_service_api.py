@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ from PIL import Image
 from coordinator.probe import probe
 from tests import clips
 from tests.serviceutil import ServiceProcess, service_command, sse_events, start_service
-from tests.workerutil import REPO, WorkerProcess, request, start_worker
+from tests.workerutil import REPO, Response, WorkerProcess, request, start_worker
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -59,6 +60,7 @@ def workers(root: Path, tiny_model: Path, logs: Path) -> Iterator[list[WorkerPro
 def service(root: Path, inputs: Path, logs: Path, workers: list[WorkerProcess]) -> Iterator[ServiceProcess]:
     urls = ",".join(w.url for w in workers)
     args = ["--workers", urls, "--input-root", inputs, "--max-running", "2", "--max-upload", "64K"]
+    args += ["--body-timeout", "3"]  # a stalled upload is dropped within the tests' patience
     process = start_service(root, logs, args)
     yield process
     process.stop()
@@ -237,6 +239,76 @@ def test_upload_limit_and_uploaded_job(service: ServiceProcess, inputs: Path, mo
     job = service.submit(upload=upload, models=[model], scales=[2])["jobs"][0]
     assert service.wait_state(job["id"], "done", "failed")["state"] == "done"
     assert service.post("/api/jobs", {"upload": "0" * 32, "models": [model]}).status == 400
+
+
+def test_every_error_is_a_json_error_bounded_where_parsed(
+    service: ServiceProcess, inputs: Path, model: str
+) -> None:
+    """Numbers beyond 64 bits, paths longer than the file system takes, an output directory nested
+    thousands deep, a directory named like a video: each a 400 naming its field, never a 500."""
+    small = str(inputs / "small.mp4")
+    folder = inputs / "folder.mp4"
+    folder.mkdir(exist_ok=True)
+    (folder / "frame.png").write_bytes(b"")
+    for body, field in (
+        ({"inputs": [small], "priority": 2**64 - 1}, "priority"),
+        ({"inputs": [small], "priority": -(2**63)}, "priority"),
+        ({"inputs": [str(inputs / ("x" * 300 + ".mp4"))]}, "inputs"),
+        ({"inputs": [str(inputs) + "/a" * 3000 + ".mp4"]}, "inputs"),
+        ({"inputs": [str(folder)]}, "inputs"),
+        ({"inputs": [small], "output_dir": "d/" * 3000}, "output_dir"),
+        ({"inputs": [small], "output_dir": "d/" * 100}, "output_dir"),
+        ({"inputs": [small], "output_dir": "n" * 300}, "output_dir"),
+    ):
+        response = service.post("/api/jobs", {**body, "models": [model]})
+        assert response.status == 400, (str(body)[:200], response.status, response.body[:300])
+        error = response.json()["error"]
+        assert error.startswith(f"{field}: ") and len(error) < 400, error
+    assert (
+        "is a directory, not a video file"
+        in service.post("/api/jobs", {"inputs": [str(folder)]}).json()["error"]
+    )
+    for header in (str(2**64), "9" * 5000, "-1"):
+        replay = request_with(service, "/api/events", {"Last-Event-ID": header})
+        assert replay.status == 400 and replay.json()["error"].startswith("Last-Event-ID"), replay.body[:300]
+    boundary = "b0undary"
+    form = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{"n" * 100_000}"; filename="a.mp4"\r\n\r\n'
+        f"abc\r\n--{boundary}--\r\n"
+    ).encode()
+    chunked = iter([form])  # no Content-Length: the service reads the part's headers
+    req = urllib.request.Request(service.url + "/api/uploads", data=chunked, method="POST")
+    req.add_header("Content-Type", f"multipart/form-data; boundary={boundary}")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(req, timeout=30)
+    assert refused.value.code == 400 and json.loads(refused.value.read())["error"].startswith("file: ")
+    assert service.get("/healthz").status == 200
+    assert "Traceback" not in service.log_path.read_text(errors="replace")
+
+
+def request_with(service: ServiceProcess, path: str, headers: dict[str, str]) -> Response:
+    req = urllib.request.Request(service.url + path, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as response:
+            return Response(response.status, response.read(), dict(response.headers))
+    except urllib.error.HTTPError as exc:
+        return Response(exc.code, exc.read(), dict(exc.headers))
+
+
+def test_a_stalled_upload_is_dropped_and_leaves_nothing(service: ServiceProcess, root: Path) -> None:
+    host, port = service.url.removeprefix("http://").split(":")
+    uploads = root / "service" / "uploads"
+    with socket.create_connection((host, int(port)), timeout=60) as connection:
+        connection.sendall(
+            b"POST /api/uploads HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Length: 60000\r\n\r\n" + b"x" * 10
+        )  # then nothing more: the service drops it after --body-timeout
+        answer = connection.recv(4096).decode(errors="replace")
+    assert answer.startswith("HTTP/1.1 408"), answer
+    assert '"error":"the upload stalled' in answer, answer
+    assert not list(uploads.glob(".*.part")), "a dropped upload leaves no .part file"
+    open_files = [os.readlink(fd) for fd in Path(f"/proc/{service.process.pid}/fd").iterdir()]
+    assert not [name for name in open_files if name.endswith(".part")], "nor an open file"
 
 
 def test_paths_are_confined_to_the_roots(

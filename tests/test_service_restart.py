@@ -140,7 +140,7 @@ def test_a_dying_worker_costs_its_batches_not_the_job(
         service.stop()
 
 
-def test_a_locked_database_answers_503_and_a_broken_one_stops_the_service_in_one_line(
+def test_partial_uploads_go_a_locked_database_answers_503_a_broken_one_stops_the_service(
     tmp_path: Path, tiny_model: Path
 ) -> None:
     inputs = tmp_path / "inputs"
@@ -156,8 +156,13 @@ def test_a_locked_database_answers_503_and_a_broken_one_stops_the_service_in_one
         "--db-lock-timeout",
         "0.3",
     ]
+    uploads = root / "service" / "uploads"
+    uploads.mkdir(parents=True)
+    (uploads / f".{'a' * 32}.part").write_bytes(b"the start of an upload a SIGKILL interrupted")
+    (uploads / ("b" * 32)).write_bytes(b"a whole upload")
     service = start_service(root, tmp_path / "logs", args)
     try:
+        assert sorted(p.name for p in uploads.iterdir()) == ["b" * 32], "partial uploads are removed at start"
         lock = HeldLock(root / "service" / "jobs.db")
         try:
             refused = service.post(

@@ -5,11 +5,14 @@ the moment it is queued to its end; a job outlives a database that another proce
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+from PIL import Image
 
 from coordinator.errors import JobCancelledError
 from coordinator.events import Cancelled
@@ -38,6 +41,25 @@ def queued_job(job_id: str, source: Path, output: Path) -> JobRow:
         job_id=job_id, batch_id="b", input=str(source), output=str(output), spec=job_spec.to_dict(),
         model="fake", scale=None, codec="ffv1", priority=0, now=now(),
     )  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def scheduler_on(
+    tmp_path: Path, *, lock_timeout_s: float = 10.0, settings: SchedulerSettings | None = None, **workers: Any
+) -> AsyncIterator[tuple[Scheduler, Store]]:
+    """A started scheduler over in-process workers (``workers``: their options) and a real store."""
+    farm_settings = farm(tmp_path / "root")
+    store = Store(tmp_path / "jobs.db", lock_timeout_s=lock_timeout_s)
+    await store.open()
+    scheduler = Scheduler(store, farm_settings, settings or SchedulerSettings())
+    fleet = WorkerFleet(farm_settings, clients=fake_farm(farm_settings.shared_root, **workers))
+    scheduler._use_fleet(fleet, "fake")
+    await scheduler.start()
+    try:
+        yield scheduler, store
+    finally:
+        await asyncio.wait_for(scheduler.close(), DEADLINE_S)
+        await store.close()
 
 
 @pytest.mark.parametrize("started", [False, True], ids=["before-start", "right-after-start"])
@@ -70,13 +92,7 @@ def test_cancel_right_after_submit_ends_cancelled(clip: Path, tmp_path: Path, st
     turns of the event loop later (each value lands at another point of the job's start)."""
 
     async def scenario() -> None:
-        settings = farm(tmp_path / "root")
-        store = Store(tmp_path / "jobs.db")
-        await store.open()
-        scheduler = Scheduler(store, settings)
-        scheduler._use_fleet(WorkerFleet(settings, clients=fake_farm(settings.shared_root)), "fake")
-        await scheduler.start()
-        try:
+        async with scheduler_on(tmp_path) as (scheduler, store):
             output = tmp_path / "out.mkv"
             await store.add_jobs([queued_job("j1", clip, output)])
             scheduler.wake()
@@ -89,9 +105,6 @@ def test_cancel_right_after_submit_ends_cancelled(clip: Path, tmp_path: Path, st
             after = await store.get("j1")
             assert after is not None and after.state == JobState.CANCELLED, after
             assert not output.exists(), "a cancelled job publishes no output"
-        finally:
-            await asyncio.wait_for(scheduler.close(), DEADLINE_S)
-            await store.close()
 
     asyncio.run(scenario())
 
@@ -103,16 +116,9 @@ def test_a_job_outlives_a_database_locked_by_another_process(
     end cannot be stored meanwhile; the job goes on and its end is stored once the lock is gone."""
 
     async def scenario() -> None:
-        settings = farm(tmp_path / "root")
-        store = Store(tmp_path / "jobs.db", lock_timeout_s=0.2)
-        await store.open()
-        scheduler = Scheduler(
-            store, settings, SchedulerSettings(store_retry_s=0.05, progress_interval_s=0.01)
-        )
-        workers = fake_farm(settings.shared_root, batch_delay_s=0.3)
-        scheduler._use_fleet(WorkerFleet(settings, clients=workers), "fake")
-        await scheduler.start()
-        try:
+        patient = SchedulerSettings(store_retry_s=0.05, progress_interval_s=0.01)
+        on = scheduler_on(tmp_path, lock_timeout_s=0.2, settings=patient, batch_delay_s=0.3)
+        async with on as (scheduler, store):
             await store.add_jobs([queued_job("j1", clip, tmp_path / "out.mkv")])
             scheduler.wake()
             await until(lambda row: row.stage == "upscaling", store, "j1")
@@ -128,9 +134,6 @@ def test_a_job_outlives_a_database_locked_by_another_process(
             row = await until(lambda row: row.job_state.finished, store, "j1")
             assert row.state == JobState.DONE and row.error is None, row
             assert (tmp_path / "out.mkv").is_file()
-        finally:
-            await asyncio.wait_for(scheduler.close(), DEADLINE_S)
-            await store.close()
 
     with caplog.at_level(logging.WARNING, logger="service.scheduler"):
         asyncio.run(scenario())
@@ -144,3 +147,25 @@ async def until(predicate: Callable[[JobRow], bool], store: Store, job_id: str) 
             return row
         assert asyncio.get_running_loop().time() < deadline, f"never reached; last {row}"
         await asyncio.sleep(0.01)
+
+
+def test_a_directory_named_like_a_video_fails_its_job_in_one_line(tmp_path: Path) -> None:
+    """The coordinator's own check (the API refuses it at submit): a folder of images named x.mp4
+    is not a video, and its output would not be one."""
+    folder = tmp_path / "x.mp4"
+    folder.mkdir()
+    Image.new("RGB", (8, 6)).save(folder / "frame.png")
+
+    async def scenario() -> None:
+        async with scheduler_on(tmp_path) as (scheduler, store):
+            await store.add_jobs([queued_job("j1", folder, tmp_path / "out.mp4")])
+            scheduler.wake()
+            row = await until(lambda row: row.job_state.finished, store, "j1")
+            assert row.state == JobState.FAILED, row
+            assert row.error == (
+                f"input {folder} is a directory, not a video file (a folder of images goes to an output "
+                "folder, not out.mp4)"
+            )
+            assert not (tmp_path / "out.mp4").exists()
+
+    asyncio.run(scenario())
