@@ -62,6 +62,7 @@ PATH_MAX = 4096  # bytes of a path, and of one name in it: Linux's limits
 NAME_MAX = 255
 OUTPUT_NAME_ROOM = 200  # bytes an output directory leaves for the generated file name
 MAX_OUTPUT_DEPTH = 32  # directories an output_dir may nest below the output directory
+JOB_ID_MAX = 64  # a longer job id (or prefix) names no job
 PART_SUFFIX = ".part"  # an upload being written: .<id>.part, renamed to <id> once whole
 STORE_RETRY_AFTER_S = 5  # Retry-After of a 503 while the database is unavailable
 
@@ -366,11 +367,25 @@ async def list_jobs(request: web.Request) -> web.Response:
 
 
 async def _job(request: web.Request) -> JobRow:
-    row = await request.app[STORE].get(request.match_info["id"])
-    if row is None:
-        message = orjson.dumps({"error": f"no job {request.match_info['id']}"})
-        raise web.HTTPNotFound(body=message, content_type="application/json")
-    return row
+    """The job named by the route's id: a whole id, or any unique start of one (as git takes
+    commits): 404 when none matches, 409 naming the matches when several do."""
+    given, store = request.match_info["id"], request.app[STORE]
+    if len(given) > JOB_ID_MAX:
+        raise _http(web.HTTPNotFound, f"no job {_shown(given, 80)}")
+    row = await store.get(given)
+    if row is not None:
+        return row
+    matches = await store.with_prefix(given) if given else []
+    if not matches:
+        raise _http(web.HTTPNotFound, f"no job {given}")
+    if len(matches) > 1:
+        shown = ", ".join(m.id for m in matches[:4]) + (", ..." if len(matches) > 4 else "")
+        raise _http(web.HTTPConflict, f"job id {given} is ambiguous: it starts {shown}; give more of it")
+    return matches[0]
+
+
+def _http(kind: type[web.HTTPError], message: str) -> web.HTTPError:
+    return kind(body=orjson.dumps({"error": message}), content_type="application/json")
 
 
 async def get_job(request: web.Request) -> web.Response:

@@ -298,7 +298,7 @@ def client_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--state", choices=["queued", "running", "done", "failed", "cancelled"])
     for name, text in (("show", "one job, as JSON"), ("cancel", "cancel a job"), ("retry", "queue it again")):
         one = sub.add_parser(name, parents=[common], prog=f"esrfarm {name}", help=text)
-        one.add_argument("id", help="the job id")
+        one.add_argument("id", help="the job id, or any unique start of it (the 8 characters the page shows)")
     return parser
 
 
@@ -309,13 +309,20 @@ def client_main(argv: list[str]) -> int:
         if args.command == "submit":
             return _submit(client, args)
         if args.command == "jobs":
-            for job in client.jobs(args.state):
+            jobs = client.jobs(args.state)
+            if not jobs:
+                sys.stderr.write(f"no {args.state + ' ' if args.state else ''}jobs\n")
+            else:
+                print(JOB_HEADER)
+            for job in jobs:
                 print(_job_line(job))
             return 0
         if args.command == "show":
             print(json.dumps(client.job(args.id), indent=2))
             return 0
-        print(_job_line(client.action(args.id, args.command)))
+        job = client.action(args.id, args.command)
+        done = "cancelled" if args.command == "cancel" else "queued again (it resumes)"
+        print(f"job {job['id']} {done}: {job['input']}")
         return 0
     except (ServiceError, TokenError) as exc:
         sys.stderr.write(f"esrfarm {args.command}: error: {exc}\n")
@@ -405,7 +412,15 @@ def _job_line(job: dict[str, Any]) -> str:
     progress = f"{job['frames_done']}/{job['frames_total']}" if job["frames_total"] else "-"
     detail = job["error"] or job["output"]
     stage = job["stage"] or ""
-    return f"{job['id']}  {job['state']:9s} {stage:13s} {progress:>11s}  {job['model']}  {detail}"
+    return _columns(job["id"], job["state"], stage, progress, job["model"], detail)
+
+
+def _columns(job_id: str, state: str, stage: str, progress: str, model: str, detail: str) -> str:
+    return f"{job_id:16s}  {state:9s} {stage:13s} {progress:>11s}  {model}  {detail}"
+
+
+#: The header line of ``esrfarm jobs`` (``--wait``'s summary has none: one line per job submitted).
+JOB_HEADER = _columns("ID", "STATE", "STAGE", "FRAMES", "MODEL", "OUTPUT OR ERROR")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -293,6 +293,18 @@ class Store:
     async def get(self, job_id: str) -> JobRow | None:
         return await self._call(lambda db: _one(db, job_id))
 
+    async def with_prefix(self, prefix: str, limit: int = 5) -> list[JobRow]:
+        """Jobs whose id starts with ``prefix`` (at most ``limit``), oldest first."""
+
+        def select(db: sqlite3.Connection) -> list[JobRow]:
+            cursor = db.execute(
+                "SELECT * FROM jobs WHERE substr(id, 1, ?) = ? ORDER BY created_at, rowid LIMIT ?",
+                (len(prefix), prefix, limit),
+            )
+            return [_row(r) for r in cursor]
+
+        return await self._call(select)
+
     async def jobs(self, state: str | None = None) -> list[JobRow]:
         """Jobs in the order they run: priority (highest first), then age."""
         order = "ORDER BY priority DESC, created_at, rowid"

@@ -5,6 +5,7 @@ SSE in order with a replay, bad input failing alone, no busy refusals."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -368,11 +369,43 @@ def test_submit_wait_cli(service: ServiceProcess, inputs: Path, model: str) -> N
         capture_output=True, text=True, timeout=60, env=env, cwd=REPO,
     )  # fmt: skip
     assert listing.returncode == 0 and ids[0] in listing.stdout
+    assert listing.stdout.splitlines()[0].split()[:4] == ["ID", "STATE", "STAGE", "FRAMES"], listing.stdout
     shown = subprocess.run(
-        [sys.executable, "-m", "coordinator.cli", "show", ids[0]],
+        [sys.executable, "-m", "coordinator.cli", "show", ids[0][:8]],  # as the page and --wait show it
         capture_output=True, text=True, timeout=60, env=env, cwd=REPO,
     )  # fmt: skip
     assert json.loads(shown.stdout)["id"] == ids[0]
+
+
+def test_a_unique_start_of_an_id_names_its_job(service: ServiceProcess, inputs: Path, model: str) -> None:
+    small = str(inputs / "small.mp4")
+    batch = service.submit(inputs=[small] * 17, models=[model], priority=-100)["jobs"]  # 17 ids: two
+    try:  # share a first character at least
+        job = batch[0]
+        for prefix in (job["id"][:8], job["id"][:12], job["id"]):
+            assert service.job(prefix)["id"] == job["id"]
+        ids = sorted(j["id"] for j in batch)
+        shared = next(a[:1] for a, b in itertools.pairwise(ids) if a[0] == b[0])
+        ambiguous = service.post(f"/api/jobs/{shared}/cancel")
+        assert ambiguous.status == 409, ambiguous.body
+        assert ambiguous.json()["error"].startswith(f"job id {shared} is ambiguous: it starts "), (
+            ambiguous.body
+        )
+        env = {**os.environ, "PYTHONPATH": str(REPO), "ESRFARM_SERVICE": service.url}
+        last = batch[-1]  # the same input, model and scale: it waits for the 16 others
+        for command, said in (("cancel", "cancelled"), ("retry", "queued again"), ("cancel", "cancelled")):
+            done = subprocess.run(
+                [sys.executable, "-m", "coordinator.cli", command, last["id"][:8]],
+                capture_output=True, text=True, timeout=60, env=env, cwd=REPO,
+            )  # fmt: skip
+            assert done.returncode == 0 and done.stdout.startswith(f"job {last['id']} {said}"), done
+        assert service.job(last["id"])["state"] == "cancelled"
+        missing = service.get("/api/jobs/zzzzzzzz")
+        assert missing.status == 404 and missing.json() == {"error": "no job zzzzzzzz"}
+        assert service.get(f"/api/jobs/{'a' * 1000}").json()["error"].startswith("no job 'aaa")
+    finally:
+        for each in batch:
+            service.post(f"/api/jobs/{each['id']}/cancel")
 
 
 def test_workers_and_health(service: ServiceProcess, workers: list[WorkerProcess]) -> None:
