@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -190,3 +191,25 @@ def test_partial_uploads_go_a_locked_database_answers_503_a_broken_one_stops_the
     assert run.returncode == EXIT_DATABASE, (run.returncode, run.stderr)
     assert run.stderr.splitlines() == [f"esrfarm serve: error: the database {broken} cannot be used: "
                                        "file is not a database"], run.stderr  # fmt: skip
+
+
+def test_serve_says_where_it_listens_and_that_it_stopped(tmp_path: Path) -> None:
+    process = subprocess.Popen(
+        service_command(tmp_path / "root", ["--port", "0", "--local-workers", "1"]),
+        stderr=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    try:
+        assert process.stderr is not None
+        first = process.stderr.readline()  # without -v
+        assert first.startswith("esrfarm serve: listening on http://127.0.0.1:"), first
+        url = first.split()[4]
+        with urllib.request.urlopen(f"{url}/healthz", timeout=30) as answer:
+            assert answer.status == 200
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+        rest = process.stderr.read().splitlines()
+        assert len(rest) == 1 and rest[0].startswith("esrfarm serve: stopped"), rest
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(60)
