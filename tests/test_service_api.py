@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 from coordinator.probe import probe
+from service.preview import decoded_frame
 from tests import clips
 from tests.serviceutil import ServiceProcess, service_command, sse_events, start_service
 from tests.workerutil import REPO, Response, WorkerProcess, request, start_worker
@@ -201,9 +202,11 @@ def test_output_range_request_and_preview(service: ServiceProcess, inputs: Path,
     preview = service.get(f"{done['preview_url']}?frame=3")
     assert preview.status == 200 and preview.headers["Content-Type"] == "image/png"
     with Image.open(BytesIO(preview.body)) as image:
-        assert image.size == (64 + 128, 72)
-        left = image.convert("RGB").crop((0, 0, 64, 36))
-    assert left.getextrema() != ((0, 0), (0, 0), (0, 0)), "the input frame is drawn on the left"
+        assert image.size == (128 + 128, 72), "input and output at the same size, side by side"
+        rgb = image.convert("RGB")
+    source = Image.fromarray(decoded_frame(inputs / "small.mp4", 3))
+    assert rgb.crop((0, 0, 128, 72)).tobytes() == source.resize((128, 72), Image.Resampling.NEAREST).tobytes()
+    assert rgb.crop((0, 36, 128, 72)).getextrema() != ((0, 0), (0, 0), (0, 0)), "no black padding"
     assert service.get(f"{done['preview_url']}?frame=11").status == 400
     queued = service.submit(inputs=[str(inputs / "long.mp4")], models=[model], scales=[2])["jobs"][0]
     assert service.get(f"/api/jobs/{queued['id']}/output").status == 404
