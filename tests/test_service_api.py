@@ -65,7 +65,7 @@ def service(root: Path, inputs: Path, logs: Path, workers: list[WorkerProcess]) 
     args += ["--body-timeout", "3"]  # a stalled upload is dropped within the tests' patience
     process = start_service(root, logs, args)
     yield process
-    process.stop()
+    assert process.stop() == 0, "SIGTERM stops the service, whatever its jobs went through"
 
 
 @pytest.fixture()
@@ -176,6 +176,18 @@ def test_cancel_running_and_queued_then_retry_resumes(
             assert service.wait_state(job["id"], "done", "failed", timeout=180)["state"] == "done"
     assert service.job(last["id"])["state"] == "cancelled"
     assert "resuming job" in service.log_path.read_text(), "the retried job continued from its job directory"
+
+
+def test_a_cancel_right_after_the_submit_ends_the_job(
+    service: ServiceProcess, inputs: Path, model: str
+) -> None:
+    """Each cancel comes as soon as the submit's 201 is in: the job ends cancelled, never running on
+    (tests/test_service_scheduler.py sweeps every instant of the start in process)."""
+    for _ in range(5):
+        job = service.submit(inputs=[str(inputs / "other.mp4")], models=[model], priority=50)["jobs"][0]
+        answer = service.post(f"/api/jobs/{job['id']}/cancel")
+        assert answer.status == 200 and answer.json()["state"] == "cancelled", answer.body
+        assert service.job(job["id"])["state"] == "cancelled"
 
 
 def test_delete_only_finished_jobs(service: ServiceProcess, inputs: Path, model: str) -> None:
