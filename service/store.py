@@ -212,7 +212,8 @@ class Store:
                 try:
                     result = fn(db)
                 except BaseException:
-                    db.execute("ROLLBACK")
+                    if db.in_transaction:  # SQLite rolls back by itself on some errors (a full disk)
+                        db.execute("ROLLBACK")
                     raise
                 db.execute("COMMIT")
                 return result

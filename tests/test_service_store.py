@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 
 import orjson
@@ -150,3 +151,24 @@ def test_a_database_that_cannot_be_used_is_refused_in_one_line(tmp_path: Path, d
     asyncio.run(scenario())
     if lock is not None:
         lock.release()
+
+
+def test_a_full_database_is_unavailable_not_broken(tmp_path: Path) -> None:
+    """SQLite's "database or disk is full" (here: a page limit, as a full disk gives it) is the
+    store being unavailable: nothing half-written, and it works again once there is room."""
+
+    async def scenario() -> None:
+        store = Store(tmp_path / "jobs.db")
+        await store.open()
+        pages = await store._call(lambda db: db.execute("PRAGMA page_count").fetchone()[0])
+        await store._call(lambda db: db.execute(f"PRAGMA max_page_count={pages + 1}"))
+        big = [replace(job(f"j{i}"), error="x" * 4000) for i in range(20)]
+        with pytest.raises(StoreUnavailableError, match="database or disk is full"):
+            await store.add_jobs(big)
+        assert await store.jobs() == [], "none of them half-stored"
+        await store._call(lambda db: db.execute("PRAGMA max_page_count=1000000"))
+        await store.add_jobs(big)
+        assert len(await store.jobs()) == 20
+        await store.close()
+
+    asyncio.run(scenario())
