@@ -83,13 +83,13 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--db", type=Path, help="the SQLite database (default <shared root>/service/jobs.db)")
     parser.add_argument(
         "--body-timeout", type=float, default=30.0, metavar="S",
-        help="seconds a request body may stall (no byte arriving) before it is dropped with 408, "
-        "uploads included (default %(default)s)",
+        help="seconds a submit's body may take, and an upload may stall (no byte arriving), before "
+        "it is dropped with 408 (default %(default)s)",
     )  # fmt: skip
     parser.add_argument(
         "--db-lock-timeout", type=float, default=DEFAULT_LOCK_TIMEOUT_S, metavar="S",
         help="seconds a database call waits for another process's lock on it (default %(default)s); "
-        "past that the API answers 503 and a running job's progress waits",
+        "past that the API answers 503, and running jobs go on (their end is stored once it can be)",
     )  # fmt: skip
     parser.add_argument(
         "--max-running", type=int, default=2, metavar="K",
