@@ -117,7 +117,7 @@ def test_a_job_outlives_a_database_locked_by_another_process(
 
     async def scenario() -> None:
         patient = SchedulerSettings(store_retry_s=0.05, progress_interval_s=0.01)
-        on = scheduler_on(tmp_path, lock_timeout_s=0.2, settings=patient, batch_delay_s=0.3)
+        on = scheduler_on(tmp_path, lock_timeout_s=0.2, settings=patient, batch_delay_s=1.0)
         async with on as (scheduler, store):
             await store.add_jobs([queued_job("j1", clip, tmp_path / "out.mkv")])
             scheduler.wake()
