@@ -269,6 +269,7 @@ def test_every_error_is_a_json_error_bounded_where_parsed(
     for body, field in (
         ({"inputs": [small], "priority": 2**64 - 1}, "priority"),
         ({"inputs": [small], "priority": -(2**63)}, "priority"),
+        ({"inputs": [small], "type": "compare", "frames": 2**64 - 1}, "frames"),
         ({"inputs": [str(inputs / ("x" * 300 + ".mp4"))]}, "inputs"),
         ({"inputs": [str(inputs) + "/a" * 3000 + ".mp4"]}, "inputs"),
         ({"inputs": [str(folder)]}, "inputs"),
