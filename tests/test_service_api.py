@@ -14,7 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from io import BytesIO
 from pathlib import Path
 
@@ -326,6 +326,24 @@ def test_a_stalled_upload_is_dropped_and_leaves_nothing(service: ServiceProcess,
     assert not list(uploads.glob(".*.part")), "a dropped upload leaves no .part file"
     open_files = [os.readlink(fd) for fd in Path(f"/proc/{service.process.pid}/fd").iterdir()]
     assert not [name for name in open_files if name.endswith(".part")], "nor an open file"
+    log_before = service.log_path.read_text(errors="replace")
+    with socket.create_connection((host, int(port)), timeout=60) as connection:  # one that hangs up
+        connection.sendall(
+            b"POST /api/uploads HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Length: 60000\r\n\r\n" + b"x" * 1000
+        )
+    wait_until(
+        lambda: "the client went away" in service.log_path.read_text(errors="replace"), "the hang-up seen"
+    )
+    assert not list(uploads.glob(".*.part")), "an interrupted upload leaves nothing"
+    assert "Traceback" not in service.log_path.read_text(errors="replace")[len(log_before) :]
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
 
 
 def test_paths_are_confined_to_the_roots(
