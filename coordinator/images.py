@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from coordinator.errors import InputError, OutputPathError
+from coordinator.probe import CONTAINER_FORMATS
 from manifests.atomic import atomic_write
 
 #: Image suffixes esrfarm reads and writes, and Pillow's format for each.
@@ -89,6 +90,12 @@ def probe_images(source: Path, output: Path, *, overwrite: bool) -> ImageSet:
     if not source.exists():
         raise InputError(source, "does not exist")
     folder = source.is_dir()
+    if folder and output.suffix.lower() in CONTAINER_FORMATS:
+        raise InputError(
+            source,
+            "is a directory, not a video file "
+            f"(a folder of images goes to an output folder, not {output.name})",
+        )
     if folder:
         paths = sorted(p for p in source.iterdir() if p.is_file() and is_image_path(p))
         if not paths:

@@ -222,6 +222,7 @@ class Job:
         self._throttle = ProgressThrottle(progress_interval_s)
         self._task: asyncio.Task[JobResult] | None = None
         self._cancel_requested = False
+        self._body_started = False  # _run's body began (a task cancelled before that never runs it)
         self._processes = ProcessGroup()
         self._threads: set[asyncio.Future[Any]] = set()
         self._begun = time.monotonic()
@@ -280,13 +281,15 @@ class Job:
 
     async def cancel(self) -> None:
         """Stop the job and wait until it has stopped: no batch goes out any more, the workers'
-        manifests are reset, its ffmpeg processes are killed, the job directory is kept."""
+        manifests are reset, its ffmpeg processes are killed, the job directory is kept. Works at
+        every instant: a job not started yet ends ``Cancelled`` as soon as it starts."""
+        self._cancel_requested = True
         task = self._task
         if task is None or task.done():
             return
-        self._cancel_requested = True
-        self._processes.kill_all()
-        task.cancel()
+        if self._body_started:  # else the body sees the request first thing (a task cancelled
+            self._processes.kill_all()  # before its first step would end without a last event)
+            task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
     @property
@@ -308,6 +311,9 @@ class Job:
     async def _run(self) -> JobResult:
         with process_group(self._processes):
             try:
+                self._body_started = True
+                if self._cancel_requested:
+                    raise asyncio.CancelledError
                 result = await self._upscale()
             except asyncio.CancelledError:
                 if not self._cancel_requested:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hmac
 import logging
 import os
@@ -25,10 +26,11 @@ import shutil
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, ClientConnectionError, web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Middleware
 
 from coordinator.encode import EncodeSettings
@@ -39,10 +41,11 @@ from service.comparisons import KIND, CompareJobError, batch_page, compare_spec,
 from service.preview import PreviewError, render_preview
 from service.scheduler import ModelUnavailableError, Scheduler, SchedulerSettings
 from service.settings import ServiceSettings, is_loopback
-from service.store import JobRow, JobState, Store, new_job, now
+from service.store import JobRow, JobState, Store, StoreUnavailableError, new_job, now
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 SETTINGS = web.AppKey("settings", ServiceSettings)
@@ -53,6 +56,16 @@ CLOSING = web.AppKey("closing", asyncio.Event)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
 CHUNK = 1 << 20
+# Bounds of what a request may hold, checked where it is parsed.
+PRIORITY_LIMIT = 1_000_000_000  # a priority is -LIMIT to LIMIT
+MAX_EVENT_ID = (1 << 63) - 1  # SQLite's largest integer
+PATH_MAX = 4096  # bytes of a path, and of one name in it: Linux's limits
+NAME_MAX = 255
+OUTPUT_NAME_ROOM = 200  # bytes an output directory leaves for the generated file name
+MAX_OUTPUT_DEPTH = 32  # directories an output_dir may nest below the output directory
+JOB_ID_MAX = 64  # a longer job id (or prefix) names no job
+PART_SUFFIX = ".part"  # an upload being written: .<id>.part, renamed to <id> once whole
+STORE_RETRY_AFTER_S = 5  # Retry-After of a 503 while the database is unavailable
 
 
 class BadRequest(Exception):
@@ -61,6 +74,10 @@ class BadRequest(Exception):
     def __init__(self, field: str, problem: str, status: int = 400) -> None:
         self.field, self.problem, self.status = field, problem, status
         super().__init__(f"{field}: {problem}")
+
+
+class ListenError(Exception):
+    """The service cannot listen where it was told to."""
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -94,13 +111,44 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     return "strings" if kind is str else "numbers"
 
 
-def _optional_int(body: dict[str, Any], name: str) -> int | None:
+def _optional_int(body: dict[str, Any], name: str, limit: int = PRIORITY_LIMIT) -> int | None:
     value = body.get(name)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise BadRequest(name, f"must be a whole number, not {value!r}")
+    if not -limit <= value <= limit:
+        raise BadRequest(name, f"must be {-limit} to {limit}, not {value}")
     return value
+
+
+def _checked_path(field: str, raw: object, room: int = 0) -> Path:
+    """``raw`` as a path, if it is one the file system can take (``room``: bytes kept for names
+    added below it); raises :class:`BadRequest` naming ``field`` otherwise."""
+    if not isinstance(raw, str) or not raw or "\x00" in raw:
+        raise BadRequest(field, f"is not a path: {_shown(raw)}")
+    size = len(raw.encode("utf-8", "surrogatepass"))
+    if size + room > PATH_MAX:
+        raise BadRequest(field, f"is a path of {size} bytes; the file system takes {PATH_MAX - room} at most")
+    longest = max(len(part.encode("utf-8", "surrogatepass")) for part in raw.split("/"))
+    if longest > NAME_MAX:
+        raise BadRequest(field, f"holds a name of {longest} bytes; the file system takes {NAME_MAX} at most")
+    return Path(raw)
+
+
+def _resolved(field: str, path: Path) -> Path:
+    try:
+        return path.expanduser().resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop, a name too long once links are followed
+        raise BadRequest(
+            field, f"{_shown(str(path))} cannot be resolved: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
+
+
+def _shown(value: object, limit: int = 200) -> str:
+    """A value as an error message shows it: repr, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _inputs(body: dict[str, Any], settings: ServiceSettings) -> list[Path]:
@@ -117,13 +165,17 @@ def _inputs(body: dict[str, Any], settings: ServiceSettings) -> list[Path]:
         return [path]
     paths = []
     for raw in _list_of(body, "inputs", str, []):
-        if not raw or "\x00" in raw:
-            raise BadRequest("inputs", f"is not a path: {raw!r}")
-        resolved = Path(raw).expanduser().resolve()
-        if not Path(raw).is_absolute() or not _confined(resolved, settings.input_roots):
+        given = _checked_path("inputs", raw)
+        resolved = _resolved("inputs", given)
+        if not given.is_absolute() or not _confined(resolved, settings.input_roots):
             roots = ", ".join(map(str, settings.input_roots)) or "none configured (--input-root)"
             raise BadRequest("inputs", f"{raw} is outside every input root ({roots})", 403)
-        paths.append(resolved)
+        _checked_path("inputs", str(resolved))  # what the job will open, links followed
+        if resolved.is_dir():
+            raise BadRequest("inputs", f"{raw} is a directory, not a video file")
+        if resolved.exists() and not resolved.is_file():
+            raise BadRequest("inputs", f"{raw} is not a regular file")
+        paths.append(resolved)  # a missing one fails its job, with the coordinator's reason
     return paths
 
 
@@ -131,12 +183,16 @@ def _output_dir(body: dict[str, Any], settings: ServiceSettings) -> Path:
     raw = body.get("output_dir")
     if raw is None:
         return settings.outputs
-    if not isinstance(raw, str) or not raw or "\x00" in raw:
-        raise BadRequest("output_dir", f"is not a path: {raw!r}")
-    candidate = Path(raw).expanduser()
-    resolved = (candidate if candidate.is_absolute() else settings.outputs / candidate).resolve()
+    candidate = _checked_path("output_dir", raw).expanduser()
+    if not candidate.is_absolute():
+        candidate = _checked_path("output_dir", str(settings.outputs / candidate), OUTPUT_NAME_ROOM)
+    resolved = _resolved("output_dir", candidate)
     if not _confined(resolved, (settings.outputs,)):
         raise BadRequest("output_dir", f"{raw} is outside the output directory {settings.outputs}", 403)
+    _checked_path("output_dir", str(resolved), OUTPUT_NAME_ROOM)
+    depth = len(resolved.relative_to(settings.outputs).parts)
+    if depth > MAX_OUTPUT_DEPTH:
+        raise BadRequest("output_dir", f"nests {depth} directories deep; at most {MAX_OUTPUT_DEPTH}")
     return resolved
 
 
@@ -176,8 +232,14 @@ COMPARE_FIELDS = COMMON_FIELDS | {"frames"}
 
 async def submit(request: web.Request) -> web.Response:
     settings, store, scheduler = request.app[SETTINGS], request.app[STORE], request.app[SCHEDULER]
+    timeout = settings.body_timeout_s
     try:
-        body = orjson.loads(await request.read())
+        async with asyncio.timeout(timeout):
+            raw = await request.read()
+    except TimeoutError:
+        return _error(408, f"the request body did not arrive within {timeout:g} s (--body-timeout)")
+    try:
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         return _error(400, f"the request body is not valid JSON: {exc}")
     if not isinstance(body, dict):
@@ -204,8 +266,9 @@ async def submit(request: web.Request) -> web.Response:
         return _error(exc.status, str(exc))
     try:
         await asyncio.to_thread(output_dir.mkdir, parents=True, exist_ok=True)
-    except OSError as exc:
-        return _error(400, f"output_dir: cannot create {output_dir}: {exc.strerror or exc}")
+    except OSError as exc:  # a full disk is the server's (507); anything else the request's
+        status = 507 if exc.errno in (errno.ENOSPC, errno.EDQUOT) else 400
+        return _error(status, f"output_dir: cannot create {output_dir}: {exc.strerror or exc}")
     await store.add_jobs(rows)
     scheduler.wake()
     log.info("batch %s: %d %s job(s) queued", batch_id, len(rows), kind)
@@ -308,11 +371,25 @@ async def list_jobs(request: web.Request) -> web.Response:
 
 
 async def _job(request: web.Request) -> JobRow:
-    row = await request.app[STORE].get(request.match_info["id"])
-    if row is None:
-        message = orjson.dumps({"error": f"no job {request.match_info['id']}"})
-        raise web.HTTPNotFound(body=message, content_type="application/json")
-    return row
+    """The job named by the route's id: a whole id, or any unique start of one (as git takes
+    commits): 404 when none matches, 409 naming the matches when several do."""
+    given, store = request.match_info["id"], request.app[STORE]
+    if len(given) > JOB_ID_MAX:
+        raise _http(web.HTTPNotFound, f"no job {_shown(given, 80)}")
+    row = await store.get(given)
+    if row is not None:
+        return row
+    matches = await store.with_prefix(given) if given else []
+    if not matches:
+        raise _http(web.HTTPNotFound, f"no job {given}")
+    if len(matches) > 1:
+        shown = ", ".join(m.id for m in matches[:4]) + (", ..." if len(matches) > 4 else "")
+        raise _http(web.HTTPConflict, f"job id {given} is ambiguous: it starts {shown}; give more of it")
+    return matches[0]
+
+
+def _http(kind: type[web.HTTPError], message: str) -> web.HTTPError:
+    return kind(body=orjson.dumps({"error": message}), content_type="application/json")
 
 
 async def get_job(request: web.Request) -> web.Response:
@@ -325,6 +402,8 @@ async def cancel_job(request: web.Request) -> web.Response:
         return _error(409, f"job {row.id} is {row.state}: only a queued or running job can be cancelled")
     cancelled = await request.app[SCHEDULER].cancel(row.id)
     current = cancelled or await _job(request)
+    if current.job_state.finished and current.state != JobState.CANCELLED:  # it ended first
+        return _error(409, f"job {row.id} is {current.state}: it ended before it could be cancelled")
     return _json(current.to_json())
 
 
@@ -385,7 +464,8 @@ async def job_preview(request: web.Request) -> web.Response:
 
 
 async def upload(request: web.Request) -> web.Response:
-    """The body (raw, or the first file of a multipart form) streamed to a generated name."""
+    """The body (raw, or the first file of a multipart form) streamed to a generated name. A body
+    that stalls for ``--body-timeout`` is dropped (408); nothing of a failed upload stays."""
     settings = request.app[SETTINGS]
     limit = settings.max_upload_bytes
     too_large = _error(413, f"the upload is too large: at most {limit} bytes (--max-upload)")
@@ -393,23 +473,29 @@ async def upload(request: web.Request) -> web.Response:
         return too_large
     upload_id = secrets.token_hex(16)
     directory = settings.uploads_dir
-    await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
-    part = directory / f".{upload_id}.part"
+    part = directory / f".{upload_id}{PART_SUFFIX}"
+    timeout = settings.body_timeout_s
+
+    async def within(step: Callable[[], Awaitable[T]]) -> T:
+        async with asyncio.timeout(timeout):
+            return await step()
+
     written = 0
     try:
         if request.content_type.startswith("multipart/"):
             reader = await request.multipart()
-            field = await reader.next()
+            field = await within(reader.next)
             while field is not None and (not isinstance(field, BodyPartReader) or not field.filename):
-                field = await reader.next()
+                field = await within(reader.next)
             if field is None:
                 return _error(400, "file: the form holds no file")
             read: Callable[[], Awaitable[bytes]] = lambda: field.read_chunk(CHUNK)  # noqa: E731
         else:
             read = lambda: request.content.read(CHUNK)  # noqa: E731
+        await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
         handle = await asyncio.to_thread(part.open, "wb")
         try:
-            while chunk := await read():
+            while chunk := await within(read):
                 written += len(chunk)
                 if written > limit:
                     return too_large
@@ -419,12 +505,30 @@ async def upload(request: web.Request) -> web.Response:
         if not written:
             return _error(400, "file: the upload is empty")
         await asyncio.to_thread(os.replace, part, directory / upload_id)
+    except TimeoutError:  # before OSError: it is one
+        log.warning("upload %s dropped: no data for %g s (%d bytes in)", upload_id, timeout, written)
+        return _error(408, f"the upload stalled: no data for {timeout:g} s (--body-timeout)")
+    except HttpProcessingError as exc:  # a part's headers too long, a broken form
+        return _error(400, f"file: the form cannot be read: {_shown(exc.message, 120)}")
+    except (ConnectionError, ClientConnectionError):  # the client went away: nobody to answer
+        log.info("upload %s: the client went away after %d bytes", upload_id, written)
+        return _error(400, "the upload was interrupted")
     except OSError as exc:
         return _error(507, f"cannot store the upload: {exc.strerror or exc}")
     finally:
         await asyncio.to_thread(part.unlink, True)
     log.info("upload %s: %d bytes", upload_id, written)
     return _json({"upload": upload_id, "bytes": written}, 201)
+
+
+def remove_partial_uploads(settings: ServiceSettings) -> list[Path]:
+    """The ``.part`` files of uploads a killed service left (at start, before any upload)."""
+    removed = []
+    if settings.uploads_dir.is_dir():
+        for path in settings.uploads_dir.glob(f".*{PART_SUFFIX}"):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 # -- events ------------------------------------------------------------------------------------------
@@ -440,7 +544,11 @@ async def events(request: web.Request) -> web.StreamResponse:
         try:
             last = int(raw)
         except ValueError:
-            return _error(400, f"Last-Event-ID / since: must be an event id, not {raw!r}")
+            last = -1
+        if not 0 <= last <= MAX_EVENT_ID:
+            return _error(
+                400, f"Last-Event-ID / since: must be an event id (0 to {MAX_EVENT_ID}), not {_shown(raw)}"
+            )
     else:
         last = await store.last_event_id()
     response = web.StreamResponse(
@@ -509,6 +617,18 @@ async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamR
         return await handler(request)
     except web.HTTPRequestEntityTooLarge:
         return _error(413, "the request body is too large")
+    except web.HTTPException:
+        raise
+    except HttpProcessingError as exc:  # a request aiohttp could not parse (read by the handler)
+        return _error(exc.code or 400, f"the request cannot be read: {_shown(exc.message, 120)}")
+    except StoreUnavailableError as exc:  # nothing was changed; it may work in a moment
+        log.warning("%s %s: %s", request.method, request.path, exc)
+        response = _error(503, f"{exc}; try again")
+        response.headers["Retry-After"] = str(STORE_RETRY_AFTER_S)
+        return response
+    except Exception as exc:  # a defect: still a JSON answer
+        log.exception("%s %s failed", request.method, request.path)
+        return _error(500, f"internal error: {type(exc).__name__}")
 
 
 def _host_name(host: str) -> str:
@@ -559,7 +679,7 @@ def create_app(
 ) -> web.Application:
     app = web.Application(middlewares=[_errors_as_json, _guard(settings)], client_max_size=1 << 20)
     app[SETTINGS] = settings
-    store = Store(settings.db_path)
+    store = Store(settings.db_path, lock_timeout_s=settings.db_lock_timeout_s)
     app[STORE] = store
     app[SCHEDULER] = Scheduler(store, farm, scheduling or SchedulerSettings())
     app[CLOSING] = asyncio.Event()
@@ -587,7 +707,14 @@ def create_app(
 
 
 async def _lifetime(app: web.Application) -> AsyncIterator[None]:
-    await app[STORE].open()
+    try:
+        await app[STORE].open()
+    except BaseException:
+        await app[STORE].close()
+        raise
+    removed = await asyncio.to_thread(remove_partial_uploads, app[SETTINGS])
+    if removed:
+        log.info("removed %d partial upload(s) an earlier run left", len(removed))
     await app[SCHEDULER].start()
     try:
         yield
@@ -600,28 +727,41 @@ async def _stop_streams(app: web.Application) -> None:
     app[CLOSING].set()
 
 
-async def serve(settings: ServiceSettings, farm: FarmSettings, scheduling: SchedulerSettings) -> None:
-    """Run the service until SIGTERM or SIGINT; running jobs are then cancelled and stay queued."""
+async def serve(
+    settings: ServiceSettings,
+    farm: FarmSettings,
+    scheduling: SchedulerSettings,
+    announce: Callable[[str], None] = log.info,
+) -> None:
+    """Run the service until SIGTERM or SIGINT; running jobs are then cancelled and stay queued.
+    ``announce`` is told where it listens, and that it stopped. Raises :class:`StoreError` when the
+    database cannot be used, :class:`ListenError` when the address cannot be bound."""
     app = create_app(settings, farm, scheduling)
     runner = web.AppRunner(app, shutdown_timeout=5.0)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
-    await site.start()
-    server = site._server
-    sockets = getattr(server, "sockets", None) or []
-    port = sockets[0].getsockname()[1] if sockets else settings.port
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    url = f"http://{host}:{port}"
-    log.info("esrfarm service on %s (shared root %s)", url, settings.shared_root)
-    if settings.port_file is not None:
-        settings.port_file.write_bytes(orjson.dumps({"url": url, "pid": os.getpid()}))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
+        site = web.TCPSite(runner, settings.host, settings.port)
+        try:
+            await site.start()
+        except OSError as exc:  # the address is taken, say
+            raise ListenError(
+                f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
+            ) from None
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        port = sockets[0].getsockname()[1] if sockets else settings.port
+        host = f"[{settings.host}]" if ":" in settings.host else settings.host
+        url = f"http://{host}:{port}"
+        announce(f"listening on {url} (shared root {settings.shared_root}, jobs in {settings.db_path})")
+        if settings.port_file is not None:
+            settings.port_file.write_bytes(orjson.dumps({"url": url, "pid": os.getpid()}))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-    finally:
         log.info("stopping: running jobs are cancelled and stay queued")
+    finally:
         with contextlib.suppress(Exception):
             await runner.cleanup()
+    announce("stopped (jobs that were running stay queued and resume at the next start)")

@@ -24,10 +24,12 @@ from manifests.chunks import parse_size
 from manifests.manifest import BACKENDS
 from manifests.tokens import TokenError, read_token
 from service.settings import DEFAULT_MAX_UPLOAD, DEFAULT_PORT, ServiceSettings, SettingsError
+from service.store import DEFAULT_LOCK_TIMEOUT_S
 
 SERVICE_ENV = "ESRFARM_SERVICE"
 DEFAULT_SERVICE = f"http://127.0.0.1:{DEFAULT_PORT}"
 TERMINAL_STATES = {"done", "failed", "cancelled"}
+EXIT_DATABASE = 3  # the database cannot be used (systemd does not restart it: RestartPreventExitStatus)
 
 log = logging.getLogger("esrfarm.service")
 
@@ -81,6 +83,16 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", type=Path, help="where outputs go (default <shared root>/outputs)")
     parser.add_argument("--db", type=Path, help="the SQLite database (default <shared root>/service/jobs.db)")
     parser.add_argument(
+        "--body-timeout", type=float, default=30.0, metavar="S",
+        help="seconds a submit's body may take, and an upload may stall (no byte arriving), before "
+        "it is dropped with 408 (default %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--db-lock-timeout", type=float, default=DEFAULT_LOCK_TIMEOUT_S, metavar="S",
+        help="seconds a database call waits for another process's lock on it (default %(default)s); "
+        "past that the API answers 503, and running jobs go on (their end is stored once it can be)",
+    )  # fmt: skip
+    parser.add_argument(
         "--max-running", type=int, default=2, metavar="K",
         help="jobs run at once on the shared workers (default %(default)s; see benchmarks/RESULTS.md)",
     )  # fmt: skip
@@ -115,7 +127,7 @@ def serve_main(argv: list[str]) -> int:
     args = serve_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from service.api import serve
+    from service.api import ListenError, serve
     from service.scheduler import SchedulerSettings
 
     try:
@@ -124,6 +136,7 @@ def serve_main(argv: list[str]) -> int:
             shared_root=args.shared_root, db=args.db, host=args.host, port=args.port, token=token,
             input_roots=tuple(args.input_root), output_dir=args.output_dir,
             max_upload_bytes=parse_size(args.max_upload), port_file=args.port_file,
+            db_lock_timeout_s=args.db_lock_timeout, body_timeout_s=args.body_timeout,
         )  # fmt: skip
         farm = farm_settings_from_args(args, read_token(args.worker_token_file))
         scheduling = SchedulerSettings(
@@ -136,7 +149,20 @@ def serve_main(argv: list[str]) -> int:
     except (SettingsError, TokenError, ValueError) as exc:
         sys.stderr.write(f"esrfarm serve: error: {exc}\n")
         return 2
-    asyncio.run(serve(settings, farm, scheduling))
+    from service.store import StoreError
+
+    def announce(line: str) -> None:
+        sys.stderr.write(f"esrfarm serve: {line}\n")
+        sys.stderr.flush()
+
+    try:
+        asyncio.run(serve(settings, farm, scheduling, announce))
+    except StoreError as exc:  # restarting would meet the same database: see README, troubleshooting
+        sys.stderr.write(f"esrfarm serve: error: {exc}\n")
+        return EXIT_DATABASE
+    except ListenError as exc:
+        sys.stderr.write(f"esrfarm serve: error: {exc}\n")
+        return 1
     return 0
 
 
@@ -277,7 +303,7 @@ def client_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--state", choices=["queued", "running", "done", "failed", "cancelled"])
     for name, text in (("show", "one job, as JSON"), ("cancel", "cancel a job"), ("retry", "queue it again")):
         one = sub.add_parser(name, parents=[common], prog=f"esrfarm {name}", help=text)
-        one.add_argument("id", help="the job id")
+        one.add_argument("id", help="the job id, or any unique start of it (the 8 characters the page shows)")
     return parser
 
 
@@ -288,13 +314,20 @@ def client_main(argv: list[str]) -> int:
         if args.command == "submit":
             return _submit(client, args)
         if args.command == "jobs":
-            for job in client.jobs(args.state):
+            jobs = client.jobs(args.state)
+            if not jobs:
+                sys.stderr.write(f"no {args.state + ' ' if args.state else ''}jobs\n")
+            else:
+                print(JOB_HEADER)
+            for job in jobs:
                 print(_job_line(job))
             return 0
         if args.command == "show":
             print(json.dumps(client.job(args.id), indent=2))
             return 0
-        print(_job_line(client.action(args.id, args.command)))
+        job = client.action(args.id, args.command)
+        done = "cancelled" if args.command == "cancel" else "queued again (it resumes)"
+        print(f"job {job['id']} {done}: {job['input']}")
         return 0
     except (ServiceError, TokenError) as exc:
         sys.stderr.write(f"esrfarm {args.command}: error: {exc}\n")
@@ -384,7 +417,15 @@ def _job_line(job: dict[str, Any]) -> str:
     progress = f"{job['frames_done']}/{job['frames_total']}" if job["frames_total"] else "-"
     detail = job["error"] or job["output"]
     stage = job["stage"] or ""
-    return f"{job['id']}  {job['state']:9s} {stage:13s} {progress:>11s}  {job['model']}  {detail}"
+    return _columns(job["id"], job["state"], stage, progress, job["model"], detail)
+
+
+def _columns(job_id: str, state: str, stage: str, progress: str, model: str, detail: str) -> str:
+    return f"{job_id:16s}  {state:9s} {stage:13s} {progress:>11s}  {model}  {detail}"
+
+
+#: The header line of ``esrfarm jobs`` (``--wait``'s summary has none: one line per job submitted).
+JOB_HEADER = _columns("ID", "STATE", "STAGE", "FRAMES", "MODEL", "OUTPUT OR ERROR")
 
 
 def main(argv: list[str] | None = None) -> int:

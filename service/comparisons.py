@@ -47,6 +47,9 @@ class CompareKilled(Exception):
     """The comparison was killed (a cancel, or the service stopping)."""
 
 
+MAX_FRAMES = 100_000  # the most frames a comparison job may ask for
+
+
 class CompareJobError(ValueError):
     """A comparison field that cannot work: ``field`` names it."""
 
@@ -63,6 +66,8 @@ def compare_spec(source: Path, models: Sequence[str], scale: Any, frames: Any) -
         frames = DEFAULT_FRAMES
     if isinstance(frames, bool) or not isinstance(frames, int):
         raise CompareJobError("frames", f"must be a whole number, not {frames!r}")
+    if frames > MAX_FRAMES:  # bounded where it is parsed (a number beyond 64 bits is no frame count)
+        raise CompareJobError("frames", f"must be at most {MAX_FRAMES}, not {frames}")
     try:
         CompareSpec(input=source, models=tuple(models), scale=int(scale), frames=frames)
     except ValueError as exc:

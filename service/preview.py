@@ -1,8 +1,9 @@
 """Before/after previews: frame N of a job's input and of its output side by side, as one PNG.
 
 Frames are decoded by the coordinator's media edge (:func:`coordinator.extract.decode_frames`, the
-exact pixels the workers were given); the input sits at its own size on the left, top-aligned,
-the output on the right.
+exact pixels the workers were given). Both halves have the output's size, so that they can be
+compared: the input is enlarged to it with nearest-neighbour (its pixels as they are, only bigger),
+on the left; the output on the right.
 """
 
 from __future__ import annotations
@@ -38,12 +39,12 @@ def decoded_frame(path: Path, frame: int) -> np.ndarray:
 
 
 def side_by_side(before: np.ndarray, after: np.ndarray) -> np.ndarray:
-    """``before`` and ``after`` in one image of width both widths, height the taller one's."""
-    height = max(before.shape[0], after.shape[0])
-    canvas = np.zeros((height, before.shape[1] + after.shape[1], 3), dtype=np.uint8)
-    canvas[: before.shape[0], : before.shape[1]] = before
-    canvas[: after.shape[0], before.shape[1] :] = after
-    return canvas
+    """``before`` enlarged (nearest neighbour) to ``after``'s size, beside ``after``: one image of
+    twice ``after``'s width."""
+    height, width = after.shape[:2]
+    if before.shape[:2] != (height, width):
+        before = np.asarray(Image.fromarray(before).resize((width, height), Image.Resampling.NEAREST))
+    return np.concatenate([before, after], axis=1)
 
 
 def render_preview(source: Path, output: Path, frame: int) -> bytes:

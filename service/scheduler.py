@@ -41,7 +41,7 @@ from manifests.status import Status
 from service.comparisons import CompareKilled, CompareProcess, CompareProgress, is_compare
 from service.metrics import ServiceMetrics
 from service.policy import Queued, plan_starts
-from service.store import JobRow, JobState, Store, now
+from service.store import JobRow, JobState, Store, StoreUnavailableError, now
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class SchedulerSettings:
     max_attempts: int = 2  # runs of a job whose workers failed it
     progress_interval_s: float = 0.5  # most one progress update per job this often (SSE, store)
     idle_poll_s: float = 1.0
+    store_retry_s: float = 1.0  # how often a change the database refused is tried again
     compare_device: str = "auto"  # --device of comparison jobs
     compare_args: tuple[str, ...] = ()  # more flags for them (e.g. --cpu-threads=2)
 
@@ -148,23 +149,28 @@ class Scheduler:
         self._wake.set()
 
     async def _loop(self) -> None:
-        while True:
+        while not self._closing:  # besides the cancel: Python 3.11's wait_for can swallow one
             self._wake.clear()
             try:
                 await self._schedule()
+            except StoreUnavailableError as exc:  # no job is started meanwhile; the next turn tries again
+                log.warning("cannot schedule: %s", exc)
             except Exception:  # the queue must go on
                 log.exception("scheduling failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.settings.idle_poll_s)
+            woken = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait({woken}, timeout=self.settings.idle_poll_s)
+            finally:
+                woken.cancel()
 
     async def _schedule(self) -> None:
         queued = await self.store.jobs(JobState.QUEUED)
         comparisons = [j for j in queued if is_compare(j)]
         if comparisons and self._comparing is None and not self._closing:
             await self._start_comparison(comparisons[0])
-        queued = [j for j in queued if not is_compare(j)]
+        queued = [j for j in queued if not is_compare(j) and j.id not in self._running]
         slots = self.settings.max_running - len(self._running)
-        if slots <= 0 or not queued:
+        if slots <= 0 or not queued or self._closing:
             return
         if not self._running and self.fleet is not None and self._fleet_broken():
             if self.local:
@@ -269,52 +275,80 @@ class Scheduler:
         except CoordinatorError as exc:  # a stored spec this version cannot read
             await self._end(row.id, JobState.FAILED, error=str(exc))
             return
-        started = await self.store.update(
-            row.id,
-            only_if=[JobState.QUEUED],
-            state=JobState.RUNNING,
-            started_at=row.started_at or now(),
-            attempts=row.attempts + 1,
-            stage=None,
-            fps=None,
-            eta_s=None,
-        )
-        if started is None:  # cancelled or deleted meanwhile
-            return
+        # registered before any await: a cancel from now on finds the run (and waits for its task)
         job = Job(spec, self.fleet, progress_interval_s=self.settings.progress_interval_s)
         run = _Running(job, self.fleet, _same_job(row))
         self._running[row.id] = run
-        run.task = asyncio.create_task(self._drive(started, run), name=f"esrfarm-job-{row.id}")
-        log.info("started job %s (%s, model %s)", row.id, row.input, row.model)
+        run.task = asyncio.create_task(self._drive(row, run), name=f"esrfarm-job-{row.id}")
 
-    async def _drive(self, row: JobRow, run: _Running) -> None:
+    async def _drive(self, queued: JobRow, run: _Running) -> None:
+        job_id = queued.id
+        started: dict[str, Any] = {
+            "state": JobState.RUNNING, "started_at": queued.started_at or now(),
+            "attempts": queued.attempts + 1, "stage": None, "fps": None, "eta_s": None,
+        }  # fmt: skip
         try:
             try:
+                row = await self.store.update(job_id, only_if=[JobState.QUEUED], **started)
+            except StoreUnavailableError as exc:  # it stays queued: the next turn of the loop tries again
+                log.warning("job %s: not started: %s", job_id, exc)
+                return
+            if row is None:  # cancelled or deleted meanwhile
+                return
+            log.info("started job %s (%s, model %s)", job_id, row.input, row.model)
+            try:
                 async for event in run.job.events():
-                    await self._take_event(row.id, run, event)
+                    await self._take_event(job_id, run, event)
                 await run.job.wait()
             except JobCancelledError:
                 if run.cancel_requested:
-                    await self._end(row.id, JobState.CANCELLED)
+                    await self._end(job_id, JobState.CANCELLED)
                 else:  # the service is stopping: the job waits for the next start, and resumes
-                    await self.store.update(row.id, state=JobState.QUEUED, fps=None, eta_s=None)
+                    await self._record(job_id, state=JobState.QUEUED, fps=None, eta_s=None)
             except CoordinatorError as exc:
                 workers_failed = isinstance(exc, FleetError) or isinstance(exc.__cause__, FleetError)
                 if workers_failed and row.attempts < self.settings.max_attempts and not self._closing:
-                    log.warning("job %s: %s; queued again", row.id, exc)
-                    await self.store.update(row.id, state=JobState.QUEUED, error=str(exc))
+                    log.warning("job %s: %s; queued again", job_id, exc)
+                    await self._record(job_id, state=JobState.QUEUED, error=str(exc))
                 else:
-                    await self._end(row.id, JobState.FAILED, error=str(exc))
+                    await self._end(job_id, JobState.FAILED, error=str(exc))
             except Exception as exc:
-                log.exception("job %s failed unexpectedly", row.id)
-                await self._end(row.id, JobState.FAILED, error=f"internal error: {type(exc).__name__}: {exc}")
+                log.exception("job %s failed unexpectedly", job_id)
+                await self._end(job_id, JobState.FAILED, error=f"internal error: {type(exc).__name__}: {exc}")
         finally:
-            self._running.pop(row.id, None)
+            self._running.pop(job_id, None)
             self.wake()
+
+    async def _record(self, job_id: str, **values: Any) -> JobRow | None:
+        """A change of a job's state, which must be stored: while the database is unavailable (a
+        lock held past its timeout, a full disk) it is tried again every ``store_retry_s``, so a
+        job never fails for the store's sake. A stopping service gives up (the job is still
+        ``running`` in the database: the next start queues it again)."""
+        warned = False
+        while True:
+            try:
+                return await self.store.update(job_id, **values)
+            except StoreUnavailableError as exc:
+                if self._closing:
+                    log.warning("job %s: its %s is not recorded: %s", job_id, values.get("state"), exc)
+                    return None
+                if not warned:
+                    log.warning(
+                        "job %s: %s; trying again every %g s", job_id, exc, self.settings.store_retry_s
+                    )
+                    warned = True
+            await asyncio.sleep(self.settings.store_retry_s)
+
+    async def _note(self, job_id: str, **values: Any) -> None:
+        """Progress, which may be lost: while the database is unavailable the job goes on without it."""
+        try:
+            await self.store.update(job_id, **values)
+        except StoreUnavailableError as exc:
+            log.warning("job %s: progress not recorded: %s", job_id, exc)
 
     async def _take_event(self, job_id: str, run: _Running, event: JobEvent) -> None:
         if isinstance(event, Started):
-            await self.store.update(job_id, frames_total=event.frames, job_dir=str(event.job_dir), error=None)
+            await self._record(job_id, frames_total=event.frames, job_dir=str(event.job_dir), error=None)
         elif isinstance(event, Progress):
             moment = time.monotonic()
             last_of_stage = event.total > 0 and event.done >= event.total
@@ -328,7 +362,7 @@ class Scheduler:
             values: dict[str, Any] = {"stage": event.stage, "fps": event.fps or None, "eta_s": event.eta_s}
             if event.stage in FRAME_STAGES:
                 values.update(frames_done=event.done, frames_total=event.total)
-            await self.store.update(job_id, **values)
+            await self._note(job_id, **values)
         elif isinstance(event, Finished):
             row = await self._end(job_id, JobState.DONE, frames_done=event.result.frames)
             if row is not None:
@@ -337,7 +371,7 @@ class Scheduler:
                     self.metrics.job_duration.observe(row.duration_s)
 
     async def _end(self, job_id: str, state: JobState, **values: Any) -> JobRow | None:
-        row = await self.store.update(
+        row = await self._record(
             job_id, state=state, finished_at=now(), fps=None, eta_s=None, stage=None, **values
         )
         self.metrics.jobs_ended.labels(state.value).inc()
@@ -412,10 +446,11 @@ class Scheduler:
         job_id = comparing.job_id
 
         async def progress(at: CompareProgress) -> None:
-            await self.store.update(
+            await self._note(
                 job_id, stage=f"comparing {at.label}", frames_done=at.model - 1, frames_total=at.models
             )
 
+        current: JobRow | None = None
         try:
             try:
                 await comparing.process.run(progress)
@@ -423,11 +458,12 @@ class Scheduler:
                 if comparing.cancel_requested:
                     await self._end(job_id, JobState.CANCELLED)
                 else:  # the service is stopping: it runs again at the next start
-                    await self.store.update(job_id, state=JobState.QUEUED, stage=None)
+                    await self._record(job_id, state=JobState.QUEUED, stage=None)
             except (RuntimeError, OSError) as exc:
                 await self._end(job_id, JobState.FAILED, error=str(exc))
             else:
-                current = await self.store.get(job_id)
+                with contextlib.suppress(StoreUnavailableError):
+                    current = await self.store.get(job_id)
                 models = current.frames_total if current is not None else 0
                 row = await self._end(job_id, JobState.DONE, frames_done=models)
                 if row is not None and row.duration_s is not None:

@@ -6,6 +6,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from service.store import DEFAULT_LOCK_TIMEOUT_S
+
 DEFAULT_PORT = 8080
 DEFAULT_MAX_UPLOAD = 8 << 30
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
@@ -39,6 +41,8 @@ class ServiceSettings:
     max_jobs_per_submit: int = 1000
     sse_keepalive_s: float = 15.0
     port_file: Path | None = None  # written with the URL once the service listens
+    body_timeout_s: float = 30.0  # a request body may stall this long (no byte arriving): then 408
+    db_lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S  # a database call waits this for another's lock
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shared_root", Path(self.shared_root).resolve())
@@ -52,6 +56,10 @@ class ServiceSettings:
             )
         if not 0 <= self.port <= 65535:
             raise SettingsError(f"--port must be 0 to 65535, not {self.port}")
+        if not self.body_timeout_s > 0:
+            raise SettingsError(f"--body-timeout must be above 0, not {self.body_timeout_s}")
+        if not self.db_lock_timeout_s > 0:
+            raise SettingsError(f"--db-lock-timeout must be above 0, not {self.db_lock_timeout_s}")
         if self.max_upload_bytes < 1:
             raise SettingsError(f"--max-upload must be above 0, not {self.max_upload_bytes}")
 

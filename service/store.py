@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import enum
 import functools
 import sqlite3
@@ -30,6 +31,7 @@ T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 DEFAULT_MAX_EVENTS = 10_000
+DEFAULT_LOCK_TIMEOUT_S = 10.0  # how long a call waits for another process's lock on the database
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -78,6 +80,11 @@ class JobState(enum.StrEnum):
 
 class StoreError(Exception):
     """The database cannot be used (a newer schema, a file that is not a database)."""
+
+
+class StoreUnavailableError(StoreError):
+    """The database cannot be used now: locked by another process past the lock timeout, a full
+    disk, an I/O error. What was asked for did not happen; it may work later."""
 
 
 @dataclass(frozen=True)
@@ -175,9 +182,16 @@ def new_job(
 class Store:
     """The database, used from the event loop; see the module docstring. ``await open()`` first."""
 
-    def __init__(self, path: Path, *, max_events: int = DEFAULT_MAX_EVENTS) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_events: int = DEFAULT_MAX_EVENTS,
+        lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
+    ) -> None:
         self.path = path
         self.max_events = max_events
+        self.lock_timeout_s = lock_timeout_s
         self._thread = concurrent.futures.ThreadPoolExecutor(1, "esrfarm-store")
         self._db: sqlite3.Connection | None = None
         self._new_event = asyncio.Event()
@@ -185,23 +199,47 @@ class Store:
 
     # -- plumbing ---------------------------------------------------------------------------------
 
-    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _call(self, fn: Callable[[sqlite3.Connection], T], *, write: bool = False) -> T:
+        """``fn`` in one transaction on the store's thread. A write takes the write lock first
+        (waiting up to the lock timeout for another process's), so it never fails half-way."""
+
         def run() -> T:
-            assert self._db is not None, "the store is not open"
-            with self._db:  # one transaction per call
-                return fn(self._db)
+            db = self._db
+            if db is None:
+                raise StoreUnavailableError(f"the database {self.path} is not open")
+            try:
+                db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                try:
+                    result = fn(db)
+                except BaseException:
+                    if db.in_transaction:  # SQLite rolls back by itself on some errors (a full disk)
+                        db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+                return result
+            except (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError):
+                raise
+            except sqlite3.DatabaseError as exc:  # locked, full, I/O error, corrupt
+                if db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+                raise StoreUnavailableError(f"the database {self.path} is unavailable: {exc}") from None
 
         return await asyncio.get_running_loop().run_in_executor(self._thread, run)
 
     async def open(self) -> None:
+        """Raises :class:`StoreError` (one line) when the database cannot be used: a newer schema,
+        a file that is not a database or is corrupt, a lock held past the lock timeout."""
+
         def connect() -> sqlite3.Connection:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=self.lock_timeout_s
+            )
             db.row_factory = sqlite3.Row
             try:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=NORMAL")
-                db.execute("PRAGMA busy_timeout=5000")
                 version = db.execute("PRAGMA user_version").fetchone()[0]
                 if version > SCHEMA_VERSION:
                     raise StoreError(
@@ -210,13 +248,21 @@ class Store:
                     )
                 db.executescript(_SCHEMA)
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                check = db.execute("PRAGMA quick_check").fetchone()[0]
+                if check != "ok":
+                    raise sqlite3.DatabaseError(f"the integrity check says: {check}")
             except sqlite3.DatabaseError as exc:
                 db.close()
                 raise StoreError(f"the database {self.path} cannot be used: {exc}") from None
-            db.isolation_level = "DEFERRED"
+            except BaseException:
+                db.close()
+                raise
             return db
 
-        self._db = await asyncio.get_running_loop().run_in_executor(self._thread, connect)
+        try:
+            self._db = await asyncio.get_running_loop().run_in_executor(self._thread, connect)
+        except OSError as exc:  # its directory cannot be made
+            raise StoreError(f"the database {self.path} cannot be used: {exc.strerror or exc}") from None
 
     async def close(self) -> None:
         db, self._db = self._db, None
@@ -241,12 +287,24 @@ class Store:
                 ids.append(self._insert_event(db, job))
             return ids
 
-        ids = await self._call(insert)
+        ids = await self._call(insert, write=True)
         self._notify()
         return ids
 
     async def get(self, job_id: str) -> JobRow | None:
         return await self._call(lambda db: _one(db, job_id))
+
+    async def with_prefix(self, prefix: str, limit: int = 5) -> list[JobRow]:
+        """Jobs whose id starts with ``prefix`` (at most ``limit``), oldest first."""
+
+        def select(db: sqlite3.Connection) -> list[JobRow]:
+            cursor = db.execute(
+                "SELECT * FROM jobs WHERE substr(id, 1, ?) = ? ORDER BY created_at, rowid LIMIT ?",
+                (len(prefix), prefix, limit),
+            )
+            return [_row(r) for r in cursor]
+
+        return await self._call(select)
 
     async def jobs(self, state: str | None = None) -> list[JobRow]:
         """Jobs in the order they run: priority (highest first), then age."""
@@ -285,13 +343,13 @@ class Store:
                 self._insert_event(db, new)
             return new
 
-        row = await self._call(apply)
+        row = await self._call(apply, write=True)
         if row is not None and event:
             self._notify()
         return row
 
     async def delete(self, job_id: str) -> None:
-        await self._call(lambda db: db.execute("DELETE FROM jobs WHERE id = ?", (job_id,)))
+        await self._call(lambda db: db.execute("DELETE FROM jobs WHERE id = ?", (job_id,)), write=True)
 
     async def requeue_running(self) -> list[str]:
         """Jobs a stopped service left running go back to the queue (they resume). Returns their ids."""
@@ -308,7 +366,7 @@ class Store:
                 self._insert_event(db, row)
             return ids
 
-        ids = await self._call(requeue)
+        ids = await self._call(requeue, write=True)
         self._notify()
         return ids
 

@@ -5,14 +5,16 @@ SSE in order with a replay, bad input failing alone, no busy refusals."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from io import BytesIO
 from pathlib import Path
 
@@ -20,9 +22,10 @@ import pytest
 from PIL import Image
 
 from coordinator.probe import probe
+from service.preview import decoded_frame
 from tests import clips
 from tests.serviceutil import ServiceProcess, service_command, sse_events, start_service
-from tests.workerutil import REPO, WorkerProcess, request, start_worker
+from tests.workerutil import REPO, Response, WorkerProcess, request, start_worker
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -59,9 +62,10 @@ def workers(root: Path, tiny_model: Path, logs: Path) -> Iterator[list[WorkerPro
 def service(root: Path, inputs: Path, logs: Path, workers: list[WorkerProcess]) -> Iterator[ServiceProcess]:
     urls = ",".join(w.url for w in workers)
     args = ["--workers", urls, "--input-root", inputs, "--max-running", "2", "--max-upload", "64K"]
+    args += ["--body-timeout", "3"]  # a stalled upload is dropped within the tests' patience
     process = start_service(root, logs, args)
     yield process
-    process.stop()
+    assert process.stop() == 0, "SIGTERM stops the service, whatever its jobs went through"
 
 
 @pytest.fixture()
@@ -177,6 +181,18 @@ def test_cancel_running_and_queued_then_retry_resumes(
     assert "resuming job" in service.log_path.read_text(), "the retried job continued from its job directory"
 
 
+def test_a_cancel_right_after_the_submit_ends_the_job(
+    service: ServiceProcess, inputs: Path, model: str
+) -> None:
+    """Each cancel comes as soon as the submit's 201 is in: the job ends cancelled, never running on
+    (tests/test_service_scheduler.py sweeps every instant of the start in process)."""
+    for _ in range(5):
+        job = service.submit(inputs=[str(inputs / "other.mp4")], models=[model], priority=50)["jobs"][0]
+        answer = service.post(f"/api/jobs/{job['id']}/cancel")
+        assert answer.status == 200 and answer.json()["state"] == "cancelled", answer.body
+        assert service.job(job["id"])["state"] == "cancelled"
+
+
 def test_delete_only_finished_jobs(service: ServiceProcess, inputs: Path, model: str) -> None:
     jobs = service.submit(inputs=[str(inputs / "long.mp4")] * 2, models=[model], scales=[2, 3])["jobs"]
     assert service.delete(f"/api/jobs/{jobs[0]['id']}").status == 409
@@ -201,9 +217,11 @@ def test_output_range_request_and_preview(service: ServiceProcess, inputs: Path,
     preview = service.get(f"{done['preview_url']}?frame=3")
     assert preview.status == 200 and preview.headers["Content-Type"] == "image/png"
     with Image.open(BytesIO(preview.body)) as image:
-        assert image.size == (64 + 128, 72)
-        left = image.convert("RGB").crop((0, 0, 64, 36))
-    assert left.getextrema() != ((0, 0), (0, 0), (0, 0)), "the input frame is drawn on the left"
+        assert image.size == (128 + 128, 72), "input and output at the same size, side by side"
+        rgb = image.convert("RGB")
+    source = Image.fromarray(decoded_frame(inputs / "small.mp4", 3))
+    assert rgb.crop((0, 0, 128, 72)).tobytes() == source.resize((128, 72), Image.Resampling.NEAREST).tobytes()
+    assert rgb.crop((0, 36, 128, 72)).getextrema() != ((0, 0), (0, 0), (0, 0)), "no black padding"
     assert service.get(f"{done['preview_url']}?frame=11").status == 400
     queued = service.submit(inputs=[str(inputs / "long.mp4")], models=[model], scales=[2])["jobs"][0]
     assert service.get(f"/api/jobs/{queued['id']}/output").status == 404
@@ -240,6 +258,95 @@ def test_upload_limit_and_uploaded_job(service: ServiceProcess, inputs: Path, mo
     job = service.submit(upload=upload, models=[model], scales=[2])["jobs"][0]
     assert service.wait_state(job["id"], "done", "failed")["state"] == "done"
     assert service.post("/api/jobs", {"upload": "0" * 32, "models": [model]}).status == 400
+
+
+def test_every_error_is_a_json_error_bounded_where_parsed(
+    service: ServiceProcess, inputs: Path, model: str
+) -> None:
+    """Numbers beyond 64 bits, paths longer than the file system takes, an output directory nested
+    thousands deep, a directory named like a video: each a 400 naming its field, never a 500."""
+    small = str(inputs / "small.mp4")
+    folder = inputs / "folder.mp4"
+    folder.mkdir(exist_ok=True)
+    (folder / "frame.png").write_bytes(b"")
+    for body, field in (
+        ({"inputs": [small], "priority": 2**64 - 1}, "priority"),
+        ({"inputs": [small], "priority": -(2**63)}, "priority"),
+        ({"inputs": [small], "type": "compare", "frames": 2**64 - 1}, "frames"),
+        ({"inputs": [str(inputs / ("x" * 300 + ".mp4"))]}, "inputs"),
+        ({"inputs": [str(inputs) + "/a" * 3000 + ".mp4"]}, "inputs"),
+        ({"inputs": [str(folder)]}, "inputs"),
+        ({"inputs": [small], "output_dir": "d/" * 3000}, "output_dir"),
+        ({"inputs": [small], "output_dir": "d/" * 100}, "output_dir"),
+        ({"inputs": [small], "output_dir": "n" * 300}, "output_dir"),
+    ):
+        response = service.post("/api/jobs", {**body, "models": [model]})
+        assert response.status == 400, (str(body)[:200], response.status, response.body[:300])
+        error = response.json()["error"]
+        assert error.startswith(f"{field}: ") and len(error) < 400, error
+    assert (
+        "is a directory, not a video file"
+        in service.post("/api/jobs", {"inputs": [str(folder)]}).json()["error"]
+    )
+    for header in (str(2**64), "9" * 5000, "-1"):
+        replay = request_with(service, "/api/events", {"Last-Event-ID": header})
+        assert replay.status == 400 and replay.json()["error"].startswith("Last-Event-ID"), replay.body[:300]
+    boundary = "b0undary"
+    form = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{"n" * 100_000}"; filename="a.mp4"\r\n\r\n'
+        f"abc\r\n--{boundary}--\r\n"
+    ).encode()
+    chunked = iter([form])  # no Content-Length: the service reads the part's headers
+    req = urllib.request.Request(service.url + "/api/uploads", data=chunked, method="POST")
+    req.add_header("Content-Type", f"multipart/form-data; boundary={boundary}")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(req, timeout=30)
+    assert refused.value.code == 400 and json.loads(refused.value.read())["error"].startswith("file: ")
+    assert service.get("/healthz").status == 200
+    assert "Traceback" not in service.log_path.read_text(errors="replace")
+
+
+def request_with(service: ServiceProcess, path: str, headers: dict[str, str]) -> Response:
+    req = urllib.request.Request(service.url + path, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as response:
+            return Response(response.status, response.read(), dict(response.headers))
+    except urllib.error.HTTPError as exc:
+        return Response(exc.code, exc.read(), dict(exc.headers))
+
+
+def test_a_stalled_upload_is_dropped_and_leaves_nothing(service: ServiceProcess, root: Path) -> None:
+    host, port = service.url.removeprefix("http://").split(":")
+    uploads = root / "service" / "uploads"
+    with socket.create_connection((host, int(port)), timeout=60) as connection:
+        connection.sendall(
+            b"POST /api/uploads HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Length: 60000\r\n\r\n" + b"x" * 10
+        )  # then nothing more: the service drops it after --body-timeout
+        answer = connection.recv(4096).decode(errors="replace")
+    assert answer.startswith("HTTP/1.1 408"), answer
+    assert '"error":"the upload stalled' in answer, answer
+    assert not list(uploads.glob(".*.part")), "a dropped upload leaves no .part file"
+    open_files = [os.readlink(fd) for fd in Path(f"/proc/{service.process.pid}/fd").iterdir()]
+    assert not [name for name in open_files if name.endswith(".part")], "nor an open file"
+    log_before = service.log_path.read_text(errors="replace")
+    with socket.create_connection((host, int(port)), timeout=60) as connection:  # one that hangs up
+        connection.sendall(
+            b"POST /api/uploads HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Length: 60000\r\n\r\n" + b"x" * 1000
+        )
+    wait_until(
+        lambda: "the client went away" in service.log_path.read_text(errors="replace"), "the hang-up seen"
+    )
+    assert not list(uploads.glob(".*.part")), "an interrupted upload leaves nothing"
+    assert "Traceback" not in service.log_path.read_text(errors="replace")[len(log_before) :]
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
 
 
 def test_paths_are_confined_to_the_roots(
@@ -299,11 +406,43 @@ def test_submit_wait_cli(service: ServiceProcess, inputs: Path, model: str) -> N
         capture_output=True, text=True, timeout=60, env=env, cwd=REPO,
     )  # fmt: skip
     assert listing.returncode == 0 and ids[0] in listing.stdout
+    assert listing.stdout.splitlines()[0].split()[:4] == ["ID", "STATE", "STAGE", "FRAMES"], listing.stdout
     shown = subprocess.run(
-        [sys.executable, "-m", "coordinator.cli", "show", ids[0]],
+        [sys.executable, "-m", "coordinator.cli", "show", ids[0][:8]],  # as the page and --wait show it
         capture_output=True, text=True, timeout=60, env=env, cwd=REPO,
     )  # fmt: skip
     assert json.loads(shown.stdout)["id"] == ids[0]
+
+
+def test_a_unique_start_of_an_id_names_its_job(service: ServiceProcess, inputs: Path, model: str) -> None:
+    small = str(inputs / "small.mp4")
+    batch = service.submit(inputs=[small] * 17, models=[model], priority=-100)["jobs"]  # 17 ids: two
+    try:  # share a first character at least
+        job = batch[0]
+        for prefix in (job["id"][:8], job["id"][:12], job["id"]):
+            assert service.job(prefix)["id"] == job["id"]
+        ids = sorted(j["id"] for j in batch)
+        shared = next(a[:1] for a, b in itertools.pairwise(ids) if a[0] == b[0])
+        ambiguous = service.post(f"/api/jobs/{shared}/cancel")
+        assert ambiguous.status == 409, ambiguous.body
+        assert ambiguous.json()["error"].startswith(f"job id {shared} is ambiguous: it starts "), (
+            ambiguous.body
+        )
+        env = {**os.environ, "PYTHONPATH": str(REPO), "ESRFARM_SERVICE": service.url}
+        last = batch[-1]  # the same input, model and scale: it waits for the 16 others
+        for command, said in (("cancel", "cancelled"), ("retry", "queued again"), ("cancel", "cancelled")):
+            done = subprocess.run(
+                [sys.executable, "-m", "coordinator.cli", command, last["id"][:8]],
+                capture_output=True, text=True, timeout=60, env=env, cwd=REPO,
+            )  # fmt: skip
+            assert done.returncode == 0 and done.stdout.startswith(f"job {last['id']} {said}"), done
+        assert service.job(last["id"])["state"] == "cancelled"
+        missing = service.get("/api/jobs/zzzzzzzz")
+        assert missing.status == 404 and missing.json() == {"error": "no job zzzzzzzz"}
+        assert service.get(f"/api/jobs/{'a' * 1000}").json()["error"].startswith("no job 'aaa")
+    finally:
+        for each in batch:
+            service.post(f"/api/jobs/{each['id']}/cancel")
 
 
 def test_workers_and_health(service: ServiceProcess, workers: list[WorkerProcess]) -> None:

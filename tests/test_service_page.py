@@ -175,9 +175,10 @@ def test_a_job_submitted_through_the_form_runs_live_and_downloads(
         # The preview is the PNG of input and output side by side, loaded by the page.
         preview = row.find_element(By.CSS_SELECTOR, "img.preview")
         wait_for("the preview", lambda: browser.execute_script("return arguments[0].naturalWidth", preview))
-        assert browser.execute_script("return arguments[0].naturalWidth", preview) == SIZE[0] * 3
+        # Input and output at the same size: twice the output's width, shown at one height.
+        assert browser.execute_script("return arguments[0].naturalWidth", preview) == SIZE[0] * 4
         with urllib.request.urlopen(preview.get_attribute("src"), timeout=30) as response:
-            assert Image.open(BytesIO(response.read())).size[0] == SIZE[0] * 3
+            assert Image.open(BytesIO(response.read())).size == (SIZE[0] * 4, SIZE[1] * 2)
         assert row.find_element(By.CSS_SELECTOR, "td.duration").text != ""
         assert browser.find_element(By.ID, "running-count").text == "0"
         assert browser.find_element(By.ID, "finished-count").text == "1"
@@ -294,3 +295,42 @@ def test_a_comparison_submitted_through_the_form_links_its_report_and_batch_page
 def job_output_url(service: ServiceProcess, job_id: str) -> str:
     url: str = service.job(job_id)["output_url"]
     return url
+
+
+def test_the_page_says_loading_until_its_first_data(
+    root: Path, inputs: Path, logs: Path, workers: list[WorkerProcess], browser: webdriver.Chrome,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """While /api/jobs and /api/workers do not answer (blocked here, as a slow service would hold
+    them), no table says it is empty: each says Loading…; once they answer, the empty ones say so."""
+    service = start_page_service(root, inputs, logs, workers, "--db", tmp_path / "jobs.db")
+    notes = {"running": "Nothing running.", "queue": "The queue is empty.", "workers": "No worker.",
+             "finished": "No finished job yet."}  # fmt: skip
+
+    def note(table: str) -> str:
+        return str(browser.find_element(By.CSS_SELECTOR, f'.empty[data-for="{table}"]').text)
+
+    try:
+        browser.execute_cdp_cmd("Network.enable", {})
+        browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["*/api/jobs*", "*/api/workers*"]})
+        try:
+            browser.get(service.url + "/")
+            connection = browser.find_element(By.ID, "connection")
+            wait_for("a failed first load", lambda: connection.text in ("offline", "reconnecting"), 30)
+            assert {table: note(table) for table in notes} == dict.fromkeys(notes, "Loading…")
+            assert browser.find_element(By.ID, "running-count").text == ""
+            shot = os.environ.get("ESRFARM_LOADING_SCREENSHOT")
+            if shot:
+                assert browser.save_screenshot(shot)
+        finally:
+            browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": []})
+        wait_for("the event stream", lambda: connection.text == "live", 30)
+        wait_for("the first data", lambda: note("running") == notes["running"], 30)
+        wait_for("the workers", lambda: len(browser.find_elements(By.CSS_SELECTOR, "#workers tbody tr")) == 2)
+        assert {table: note(table) for table in ("running", "queue", "finished")} == {
+            table: notes[table] for table in ("running", "queue", "finished")
+        }
+        assert browser.find_element(By.ID, "running-count").text == "0"
+    finally:
+        browser.get_log("browser")  # the blocked requests' errors stay with this test
+        service.stop()

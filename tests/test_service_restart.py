@@ -4,8 +4,11 @@ run's frame for frame (lossless FFV1)."""
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,9 +16,11 @@ import numpy as np
 import pytest
 
 from coordinator.extract import decode_frames
+from service.cli import EXIT_DATABASE
 from tests import clips
-from tests.serviceutil import start_service
-from tests.workerutil import WorkerProcess, start_worker
+from tests.serviceutil import service_command, start_service
+from tests.test_service_store import HeldLock
+from tests.workerutil import REPO, WorkerProcess, start_worker
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -134,3 +139,77 @@ def test_a_dying_worker_costs_its_batches_not_the_job(
         assert " done (frames " in workers[1].log(), "the restarted worker is used again"
     finally:
         service.stop()
+
+
+def test_partial_uploads_go_a_locked_database_answers_503_a_broken_one_stops_the_service(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    source = str(clips.video(inputs / "clip.mp4", frames=4))
+    root = tmp_path / "root"
+    args = [
+        "--local-workers",
+        "1",
+        "--worker-arg=--device=cpu",
+        "--input-root",
+        inputs,
+        "--db-lock-timeout",
+        "0.3",
+    ]
+    uploads = root / "service" / "uploads"
+    uploads.mkdir(parents=True)
+    (uploads / f".{'a' * 32}.part").write_bytes(b"the start of an upload a SIGKILL interrupted")
+    (uploads / ("b" * 32)).write_bytes(b"a whole upload")
+    service = start_service(root, tmp_path / "logs", args)
+    try:
+        assert sorted(p.name for p in uploads.iterdir()) == ["b" * 32], "partial uploads are removed at start"
+        lock = HeldLock(root / "service" / "jobs.db")
+        try:
+            refused = service.post(
+                "/api/jobs", {"inputs": [source], "models": [str(tiny_model)], "priority": 1}
+            )
+            assert refused.status == 503, (refused.status, refused.body)
+            assert "database is locked" in refused.json()["error"] and refused.headers["Retry-After"]
+            assert service.get("/api/jobs").json() == [], "reads go on meanwhile"
+        finally:
+            lock.release()
+        job = service.submit(inputs=[source], models=[str(tiny_model)], priority=1)["jobs"][
+            0
+        ]  # the lock is gone: it works again
+        assert service.job(job["id"])["priority"] == 1
+    finally:
+        assert service.stop() == 0
+    assert "Traceback" not in service.log_path.read_text()
+
+    broken = tmp_path / "broken.db"
+    broken.write_bytes(b"not a database at all " * 300)
+    run = subprocess.run(
+        service_command(root, ["--db", broken, "--port", "0", "--local-workers", "1"]),
+        capture_output=True, text=True, timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert run.returncode == EXIT_DATABASE, (run.returncode, run.stderr)
+    assert run.stderr.splitlines() == [f"esrfarm serve: error: the database {broken} cannot be used: "
+                                       "file is not a database"], run.stderr  # fmt: skip
+
+
+def test_serve_says_where_it_listens_and_that_it_stopped(tmp_path: Path) -> None:
+    process = subprocess.Popen(
+        service_command(tmp_path / "root", ["--port", "0", "--local-workers", "1"]),
+        stderr=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    try:
+        assert process.stderr is not None
+        first = process.stderr.readline()  # without -v
+        assert first.startswith("esrfarm serve: listening on http://127.0.0.1:"), first
+        url = first.split()[4]
+        with urllib.request.urlopen(f"{url}/healthz", timeout=30) as answer:
+            assert answer.status == 200
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+        rest = process.stderr.read().splitlines()
+        assert len(rest) == 1 and rest[0].startswith("esrfarm serve: stopped"), rest
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(60)

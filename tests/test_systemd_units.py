@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from service.cli import serve_parser
+from service.cli import EXIT_DATABASE, serve_parser
 from worker.cli import build_parser, settings_from_args
 
 REPO = Path(__file__).resolve().parent.parent
@@ -85,9 +85,8 @@ def test_service_unit_runs_esrfarm_serve_after_the_workers() -> None:
     assert directive(name, "EnvironmentFile") == ["/etc/esrfarm/service.env"]
     assert "esrfarm-workers.target" in directive(name, "After")[0].split()
     assert directive(name, "Restart") == ["on-failure"]
-    assert directive(name, "RestartPreventExitStatus") == [
-        "2"
-    ]  # esrfarm serve's exit status for bad settings
+    # esrfarm serve's exit statuses for bad settings and for a database it cannot use
+    assert directive(name, "RestartPreventExitStatus") == [f"2 {EXIT_DATABASE}"]
     assert directive(name, "KillSignal") == ["SIGTERM"]  # running jobs go back to the queue
     assert directive(name, "WantedBy") == ["multi-user.target"]
 

@@ -361,7 +361,7 @@
         body.appendChild(row.tr); // appending an existing row moves it into order
       }
       setText($("#" + (table === "queue" ? "queue" : table) + "-count"), list.length);
-      document.querySelector('.empty[data-for="' + table + '"]').hidden = list.length > 0;
+      showEmpty(table, list.length);
     }
     document.title = groups.running.length ? "esrfarm (" + groups.running.length + " running)" : "esrfarm";
   }
@@ -395,7 +395,17 @@
       body.appendChild(tr);
     }
     setText($("#workers-count"), list.length);
-    document.querySelector('.empty[data-for="workers"]').hidden = list.length > 0;
+    showEmpty("workers", list.length);
+  }
+
+  // Until a table's first data has arrived it says "Loading…", not that it is empty.
+  function showEmpty(table, count) {
+    const note = document.querySelector('.empty[data-for="' + table + '"]');
+    if (note.classList.contains("loading")) {
+      note.classList.remove("loading");
+      setText(note, note.dataset.empty);
+    }
+    note.hidden = count > 0;
   }
 
   // ---- live updates -----------------------------------------------------------------------
@@ -520,8 +530,7 @@
     $("#submit-form").addEventListener("submit", submit);
     // A comparison writes a report: the codec is for upscaling jobs only.
     $("#job-type").addEventListener("change", (event) => ($("#codec").disabled = event.target.value === "compare"));
-    render();
-    start();
+    start(); // the tables say "Loading…" until their first data
     pollWorkers();
   });
 })();
