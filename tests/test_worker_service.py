@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -140,6 +141,8 @@ def test_manifest_of_several_batches_completes_with_the_runtimes_output(
     )
     assert frames_total >= 37
     assert 'esrfarm_worker_batch_seconds_count{stage="compute"}' in text
+    cpu = dict(re.findall(r'^esrfarm_worker_cpu_seconds_total\{stage="(\w+)"\} (\S+)$', text, re.MULTILINE))
+    assert float(cpu["compute"]) > 0 and float(cpu["write"]) > 0  # where the worker's CPU went
 
 
 def test_a_manifest_sets_the_output_scale(

@@ -46,7 +46,7 @@ from spandrel import ImageModelDescriptor
 from manifests.colour import YuvSpec, i420_shape, i420_size
 from worker.colour import i420_to_rgb, rgb_to_i420
 from worker.models import ModelLoadError, load_model_file, resolve_model
-from worker.upscaling import MAX_SCALE, MIN_TILE, check_frame_settings, resize_taps, scaled_size
+from worker.upscaling import MAX_SCALE, MIN_TILE, check_frame_settings, check_frames, resize_taps, scaled_size
 
 log = logging.getLogger(__name__)
 
@@ -220,11 +220,7 @@ class Upscaler:
 
         ``scale`` overrides the output scale for this call (the model's own output is resized).
         """
-        if not isinstance(frames, np.ndarray) or frames.dtype not in (np.uint8, np.uint16):
-            raise TypeError("frames must be a uint8 or uint16 numpy array")
-        if frames.ndim != 4 or frames.shape[3] != 3 or 0 in frames.shape:
-            raise ValueError(f"frames must have shape (N, H, W, 3) with N, H, W >= 1, not {frames.shape}")
-        self._check_scale(scale)
+        check_frames(frames, scale)
         with self._lock, torch.inference_mode():
             result = self._upscale_rgb(self._to_device(frames), scale, on_device=False)
         return result.numpy()
