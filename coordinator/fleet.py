@@ -13,7 +13,8 @@ jobs on one fleet). It owns:
   answers /health;
 - **dispatch**: a worker holds at most one manifest at a time. :meth:`idle` names the workers a job
   may deal to now (alive, running the job's model, holding nothing, not busy with another
-  coordinator's manifest as far as its last ``/health`` says, not backing off after a 409);
+  coordinator's manifest and able to write the shared root as far as its last ``/health`` says, not
+  backing off after a 409 or 503);
   :meth:`dispatch` posts a manifest and marks the worker as holding it until :meth:`release`.
   A 409 (busy elsewhere) makes the worker back off, doubling from ``busy_backoff_s``.
 - **reset** of the manifests a worker holds (a cancelled or failed job's).
@@ -138,6 +139,13 @@ class WorkerHandle:
 
     def serves(self, model: str) -> bool:
         return self.model in {model, Path(model).stem}
+
+    @property
+    def storage_error(self) -> str | None:
+        """Why the worker cannot write the shared root, as its last /health says; None if it can."""
+        if self.health.get("storage_writable", True) is not False:
+            return None
+        return str(self.health.get("storage_error") or "the shared storage is not writable from it")
 
     @property
     def busy_elsewhere(self) -> bool:
@@ -321,7 +329,7 @@ class WorkerFleet:
         return [
             h
             for h in self.serving(model)
-            if h.holding is None and h.busy_until <= now and not h.busy_elsewhere
+            if h.holding is None and h.busy_until <= now and not h.busy_elsewhere and h.storage_error is None
         ]
 
     async def dispatch(self, handle: WorkerHandle, manifest_id: str, manifest_path: str) -> Dispatch:

@@ -8,7 +8,8 @@ chapters are muxed once from the source.
 
 The coordinator trusts files, not promises: a batch is done when a status file claims it and its
 output frames are on disk. A worker that fails or vanishes (lost by the fleet, or its status file
-unchanged for ``stale_after_s``) loses its batches to the others. The job fails when no worker is
+unchanged for ``stale_after_s``, or whose /health says it cannot write the shared root) loses its
+batches to the others. The job fails when no worker is
 left, or when one batch has failed on two workers.
 
 A job is named by what determines its frames: the input's content, the model, the scale, the tile
@@ -413,6 +414,7 @@ class Job:
             self._admit_chunks()
             await self._read_statuses()
             self._account_lost_workers()
+            await self._take_back_from_unwritable_workers()
             self._lose_stale_workers()
             await self._collect_upscaled_chunks()
             self._start_encoders()
@@ -695,6 +697,25 @@ class Job:
             if returned or handle.serves(self.spec.model):
                 log.error("%d batch(es) of lost worker %s go to the others", len(returned), handle.worker_id)
                 self._emit(WorkerLost(handle.worker_id, handle.lost_reason or "lost", len(returned)))
+
+    async def _take_back_from_unwritable_workers(self) -> None:
+        """A worker whose /health says it cannot write the shared root would never update its status
+        file: its manifests end now and their batches go to the others. It is not lost: the fleet
+        deals to it again once it can write."""
+        for manifest_id, handle in list(self._holders.items()):
+            reason = handle.storage_error
+            if reason is None:
+                continue
+            returned = self._ledger.release(manifest_id)
+            self._end_manifest(manifest_id)
+            await self.fleet.reset(handle)
+            log.error(
+                "worker %s cannot write the shared storage (%s): its %d batch(es) go to the others, and it "
+                "gets no more until it can",
+                handle.worker_id,
+                reason,
+                len(returned),
+            )
 
     def _lose_stale_workers(self) -> None:
         now = asyncio.get_running_loop().time()
