@@ -40,7 +40,7 @@ import aiohttp
 
 from coordinator.client import HttpWorkerClient, WorkerBusyError, WorkerRequestError
 from coordinator.errors import NoWorkerError
-from coordinator.local_workers import LocalWorkerPool, visible_gpu_count
+from coordinator.local_workers import LocalWorkerPool, check_model, visible_gpu_count
 from coordinator.spec import FarmSettings
 
 log = logging.getLogger(__name__)
@@ -178,6 +178,7 @@ class WorkerFleet:
         self._joining: dict[str, float] = {}
         self._health_task: asyncio.Task[None] | None = None
         self._started: asyncio.Future[None] | None = None
+        self._model_checked = False
 
     async def __aenter__(self) -> WorkerFleet:
         await self.start()
@@ -221,12 +222,22 @@ class WorkerFleet:
             if farm.ray_address is not None:
                 urls = await self._start_ray_pool(run_dir, args)
             else:
+                await self.check_model()
                 gpus = visible_gpu_count()
                 count = farm.local_workers or max(gpus, 1)
                 pool = LocalWorkerPool(run_dir, args)
                 self.pool = pool
                 urls = await pool.start(count, gpus, farm.startup_timeout_s)
         return [self._client(u) for u in urls]
+
+    async def check_model(self) -> None:
+        """Raise :class:`ModelError` (one line) if the local workers' model is unknown or its file does
+        not exist: before any worker starts, and before a job makes its directory. Checked once; a
+        fleet of workers already running, or of Ray actors on other nodes, is not checked here."""
+        if self._model_checked or self.local is None or self.farm.workers or self.farm.ray_address:
+            return
+        await check_model(self.local.model)
+        self._model_checked = True
 
     async def _start_ray_pool(self, run_dir: Path, args: list[str]) -> list[str]:
         """Worker actors on the Ray cluster of ``farm.ray_address``. Their workers bind their node's

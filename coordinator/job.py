@@ -954,6 +954,7 @@ async def upscale(
     local = None if farm.workers else LocalWorkerConfig(spec.model, spec.scale, spec.tile, spec.precision)
     run_dir = farm.root / "workers" / f"{socket.gethostname()}-{os.getpid()}"
     fleet = WorkerFleet(farm, local=local, run_dir=run_dir)
+    await fleet.check_model()  # a bad --model is one line, before a worker starts or a job dir is made
     starting = asyncio.ensure_future(fleet.start())  # workers load their model while the input is probed
     job = Job(spec, fleet).start()
     stopper = asyncio.ensure_future(_cancel_when(stop, job)) if stop is not None else None

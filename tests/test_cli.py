@@ -15,6 +15,7 @@ import pytest
 
 from coordinator.cli import ProgressDisplay
 from coordinator.events import Progress
+from tests import clips
 from tests.workerutil import REPO
 
 
@@ -98,3 +99,29 @@ def test_a_bad_setting_names_its_flag(tmp_path: Path) -> None:
     result = esrfarm("upscale", str(tmp_path / "in.mp4"), str(tmp_path / "out.mp4"), "--batch-size", "0")
     assert result.returncode == 2
     assert result.stderr.strip() == "esrfarm upscale: error: --batch-size must be 1 to 4096, not 0"
+
+
+@pytest.mark.parametrize(
+    ("model", "reason"),
+    [
+        ("realesrgan-x8", "unknown model 'realesrgan-x8': it is neither a model name (realesr-animevideov3,"),
+        ("{tmp}/missing.pth", "model file {tmp}/missing.pth does not exist"),
+        ("{tmp}", "model file {tmp} is not a regular file"),
+    ],
+)
+def test_a_model_that_cannot_be_used_is_one_line_before_any_worker_starts(
+    tmp_path: Path, model: str, reason: str
+) -> None:
+    source = tmp_path / "in.mp4"
+    clips.video(source, frames=2)
+    root = tmp_path / "root"
+    model = model.format(tmp=tmp_path)
+    result = esrfarm(
+        "upscale", str(source), str(tmp_path / "out.mkv"), "--model", model, "--shared-root", str(root)
+    )
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("esrfarm upscale: error: "), (
+        result.stderr
+    )
+    assert reason.format(tmp=tmp_path) in result.stderr
+    assert not root.exists(), "nothing is started or written for a model that cannot be used"
