@@ -86,7 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the file to write: its extension picks the container (.mp4, .mkv, ...) or, for images, the "
         "image format (.png, .jpg, .webp, ...); for a folder of images, a folder",
     )
-    up.add_argument("--scale", type=float, help="output scale, e.g. 2, 3 or 4 (default: the model's own, 4)")
+    up.add_argument(
+        "--scale",
+        type=float,
+        help="output scale, 1/16 to 16, e.g. 2, 3 or 4 (default: the model's own, 4); above the model's own "
+        "its output is resized, with a warning",
+    )
     up.add_argument(
         "--model",
         default=os.environ.get("ESRFARM_MODEL", DEFAULT_MODEL),

@@ -390,6 +390,7 @@ class Job:
                 await self._start_pipeline()
             self._report(Stage.LOADING, 0, 0)
             handles = await ready
+            self._warn_if_resized(handles[0])
             self._ready = True
             self.stats["workers_ready_s"] = time.monotonic() - self._begun
             if self._book is None:
@@ -405,6 +406,16 @@ class Job:
         finally:
             ready.cancel()
             await self._stop(succeeded)
+
+    def _warn_if_resized(self, handle: WorkerHandle) -> None:
+        """A scale above the model's own is its output resized: say so (no detail is added)."""
+        native, scale = handle.health.get("native_scale"), self.spec.scale
+        if isinstance(native, int | float) and native > 0 and scale is not None and scale > native:
+            log.warning(
+                "%s is a x%g model: scale %g resizes its x%g output by %g (plain resampling adds no "
+                "detail; a x%g model, or scale %g, keeps what the model gives)",
+                handle.model, native, scale, native, scale / native, scale, native,
+            )  # fmt: skip
 
     async def _loop(self) -> None:
         """The job, one step after another every ``poll_interval_s``, until every segment is encoded."""
