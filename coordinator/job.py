@@ -239,6 +239,9 @@ class Job:
         self._frames_found = 0  # frames of chunks an earlier run finished (upscaled or encoded)
         self._found_batch_frames = 0  # frames of batches found on disk and added to the ledger done
         self._encoded_before = 0
+        self._encoding_from: tuple[float, int] | None = (
+            None  # (loop time, frames encoded) at the stage's start
+        )
         self._frames_extracted = 0
         self._started_at = 0.0  # loop time the workers were ready
         self._last_tick: float | None = None
@@ -359,7 +362,8 @@ class Job:
             await asyncio.to_thread(lock.release)
         self.stats["total_s"] = time.monotonic() - self._begun
         stats = {key: round(value, 3) for key, value in self.stats.items()}
-        return JobResult(layout.job_id, spec.output, media.frame_count, self.run_number > 1, stats)
+        found = min(media.frame_count, self._frames_found + self._found_batch_frames)
+        return JobResult(layout.job_id, spec.output, media.frame_count, self.run_number > 1, stats, found)
 
     def _probe(self) -> JobMedia:
         """What the input is (a video, an image, a folder of images), checked with the output."""
@@ -486,7 +490,6 @@ class Job:
         self._book = book = ChunkBook(plan, batches, budget=budget, encoded=encoded, outputs_on_disk=on_disk)
         self._to_extract = frozenset(c.index for c in book.in_stage(ChunkStage.WAITING))
         self._frames_found = book.frames_in(ChunkStage.UPSCALED, ChunkStage.ENCODED)
-        self._encoded_before = book.frames_in(ChunkStage.ENCODED)
         if self.run_number > 1:
             log.info(
                 "resuming: %d of %d segments done, %d more chunks upscaled",
@@ -930,10 +933,12 @@ class Job:
             this_run = ledger.frames_done - self._found_batch_frames
             self._report(Stage.UPSCALING, done, total, this_run=this_run, elapsed_s=elapsed)
         else:
+            # The encoding stage's own rate: from when it began, not the upscaling's over the whole run.
             encoded = self._book.frames_in(ChunkStage.ENCODED)
-            self._report(
-                Stage.ENCODING, encoded, total, this_run=encoded - self._encoded_before, elapsed_s=elapsed
-            )
+            if self._encoding_from is None:
+                self._encoding_from = (now, encoded)
+            since, before = self._encoding_from
+            self._report(Stage.ENCODING, encoded, total, this_run=encoded - before, elapsed_s=now - since)
 
     async def _join(self) -> None:
         assert self._plan is not None and self.media is not None and self.layout is not None

@@ -208,7 +208,9 @@ class LocalWorkerPool:
             ]  # fmt: skip
             port_file = self.run_dir / f"worker-{index}.port.json"
             log_file = self.run_dir / f"worker-{index}.log"
-            process = spawn_worker(args, port_file=port_file, log_file=log_file)
+            # A session of its own: Ctrl-C at the terminal reaches the coordinator only, which stops
+            # its workers itself (they would otherwise stop at once, mid-reset, with warnings).
+            process = spawn_worker(args, port_file=port_file, log_file=log_file, new_session=True)
             log.info("started local worker %d (pid %d, %s)", index, process.pid, " ".join(device))
             self.workers.append(LocalWorkerProcess(index, process, port_file, log_file))
         await asyncio.gather(*(self._wait_listening(w, startup_timeout_s) for w in self.workers))

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.cli import ProgressDisplay
-from coordinator.events import Progress
+from coordinator.cli import ProgressDisplay, summary
+from coordinator.events import JobResult, Progress
 from tests import clips
 from tests.workerutil import REPO
 
@@ -125,3 +125,34 @@ def test_a_model_that_cannot_be_used_is_one_line_before_any_worker_starts(
     )
     assert reason.format(tmp=tmp_path) in result.stderr
     assert not root.exists(), "nothing is started or written for a model that cannot be used"
+
+
+def test_a_stage_without_a_count_shows_no_empty_bar() -> None:
+    stream = _Terminal()
+    show = ProgressDisplay(stream)
+    show(Progress("loading model", 0, 0, 0.0, None))
+    show.close()
+    drawn = [part for part in stream.getvalue().split("\r") if part.strip()]
+    assert drawn and all(part.startswith("loading model ... 00:00") for part in drawn), drawn
+    assert "0/?" not in stream.getvalue() and "%|" not in stream.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("result", "line"),
+    [
+        (JobResult("j", Path("o.mp4"), 1, False, {}), "1 frame in 2.0 s (0.50 fps end to end)"),
+        (JobResult("j", Path("o.mp4"), 40, False, {}), "40 frames in 2.0 s (20.00 fps end to end)"),
+        (
+            JobResult("j", Path("o.mp4"), 40, True, {}, frames_found=30),
+            "40 frames, resumed: 30 upscaled by an earlier run, 10 in this run's 2.0 s (5.00 fps end to end)",
+        ),
+    ],
+)
+def test_the_summary_line(result: JobResult, line: str) -> None:
+    assert summary(result, 2.0) == line
+
+
+def test_top_level_help_names_what_upscale_takes() -> None:
+    result = esrfarm("--help")
+    assert "upscale a video, an image or a folder of images" in result.stdout
+    assert "one video file" not in result.stdout

@@ -782,7 +782,7 @@ class _Refused(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
-        if self._guard.lingering >= self._guard.linger_limit:
+        if self._guard.lingering >= self._guard.linger_limit:  # no descriptor to spare: just closed
             transport.close()
             return
         self._guard.lingering += 1
@@ -806,23 +806,22 @@ class _Refused(asyncio.Protocol):
             self._timer.cancel()
 
 
-def connection_limit(settings: WorkerSettings) -> int:
-    """``max_connections``, lowered to fit the descriptor limit: below it stay the worker's own
-    descriptors (files, pipes, the model) and one accept burst (the event loop accepts up to
-    ``BACKLOG`` connections before the guard sees any of them)."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return settings.max_connections
-    return max(4, min(settings.max_connections, soft - FD_RESERVE - BACKLOG))
+def descriptor_budget(soft_limit: int | None, max_connections: int) -> tuple[int, int]:
+    """(connections kept open at most, connections being answered 503 at most) within a descriptor
+    limit of ``soft_limit`` (None: unlimited). Kept clear below it: the worker's own descriptors
+    (files, pipes, the model: ``FD_RESERVE``) and an accept burst (the event loop accepts up to
+    ``BACKLOG`` connections before the guard sees any of them, and each may close an older one whose
+    descriptor is released only on the loop's next turn: twice ``BACKLOG``)."""
+    if soft_limit is None:
+        return max_connections, 4 * BACKLOG
+    available = soft_limit - FD_RESERVE - 2 * BACKLOG
+    limit = max(4, min(max_connections, available - min(BACKLOG, available // 4)))
+    return limit, max(0, min(4 * BACKLOG, available - limit))
 
 
-def refusal_limit(limit: int) -> int:
-    """How many connections answered 503 may be open at once besides ``limit`` connections: the
-    descriptors the connection limit leaves (at least one accept burst)."""
+def _descriptor_budget(settings: WorkerSettings) -> tuple[int, int]:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return 4 * BACKLOG
-    return max(BACKLOG, soft - FD_RESERVE - limit)
+    return descriptor_budget(None if soft == resource.RLIM_INFINITY else soft, settings.max_connections)
 
 
 FD_RESERVE = 64  # descriptors kept for the worker's own use below the connection limit
@@ -832,8 +831,7 @@ CONNECTIONS = web.AppKey("connections", ConnectionGuard)
 
 def create_app(settings: WorkerSettings, *, load_model: ModelLoader = load_runtime_model) -> web.Application:
     """The worker app. The model loads in the background once the app starts (/health is 503 until then)."""
-    limit = connection_limit(settings)
-    guard = ConnectionGuard(limit, refusal_limit(limit))
+    guard = ConnectionGuard(*_descriptor_budget(settings))
     middlewares: list[Middleware] = [_connection_tracker(guard), _errors_as_json]
     if settings.token is not None:
         middlewares.append(_auth_middleware(settings.token))
