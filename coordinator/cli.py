@@ -26,7 +26,7 @@ from typing import TextIO
 import orjson
 
 from coordinator.errors import CoordinatorError, JobCancelledError, SpecError
-from coordinator.events import Failed, JobEvent, JobResult, Progress
+from coordinator.events import Failed, JobEvent, JobResult, Progress, Started
 from coordinator.spec import DEFAULT_MODEL, FarmSettings, JobSpec, default_shared_root
 from manifests.jsonio import write_json_atomic
 from manifests.layout import FrameFormat
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     up = sub.add_parser(
         "upscale",
-        help="upscale one video file",
+        help="upscale a video, an image or a folder of images",
         description=(
             "Upscale INPUT into OUTPUT: probe it, extract its frames into a job directory under the "
             "shared root, upscale them on the workers, and encode the result once, carrying over every "
@@ -88,7 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the file to write: its extension picks the container (.mp4, .mkv, ...) or, for images, the "
         "image format (.png, .jpg, .webp, ...); for a folder of images, a folder",
     )
-    up.add_argument("--scale", type=float, help="output scale, e.g. 2, 3 or 4 (default: the model's own, 4)")
+    up.add_argument(
+        "--scale",
+        type=float,
+        help="output scale, 1/16 to 16, e.g. 2, 3 or 4 (default: the model's own, 4); above the model's own "
+        "its output is resized, with a warning",
+    )
     up.add_argument(
         "--model",
         default=os.environ.get("ESRFARM_MODEL", DEFAULT_MODEL),
@@ -252,8 +257,21 @@ class ProgressDisplay:
     def __call__(self, event: JobEvent) -> None:
         if isinstance(event, Progress):
             self._progress(event)
+        elif isinstance(event, Started) and event.run > 1:
+            self.note(
+                f"resuming the job in {event.job_dir} (run {event.run}): what earlier runs finished is kept"
+            )
         elif isinstance(event, Failed):
             self.close()
+
+    def note(self, line: str) -> None:
+        """A line for the user, above the bar if one is shown."""
+        if self.bar_enabled:
+            from tqdm import tqdm
+
+            tqdm.write(line, file=self.stream)
+        else:
+            self.stream.write(line + "\n")
 
     def _progress(self, p: Progress) -> None:
         if not self.bar_enabled:
@@ -270,10 +288,12 @@ class ProgressDisplay:
         if not isinstance(bar, tqdm) or p.stage != self._stage:
             self.close()
             unit = "segment" if p.stage == "joining" else "frame"
+            # A stage without a count (probing, loading the model) shows its name and time, no bar.
+            counted = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}"
             bar = tqdm(
                 total=p.total or None, desc=f"{p.stage:13s}", unit=unit, file=self.stream,
                 dynamic_ncols=self._sized(), ncols=None if self._sized() else 100, leave=False,
-                bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}",
+                bar_format=counted if p.total else "{desc} ... {elapsed}",
             )  # fmt: skip
             self._bar, self._stage, self._drawn = bar, p.stage, False
         if (bar.n, bar.total) == (p.done, p.total or None) and self._drawn:
@@ -296,6 +316,19 @@ class ProgressDisplay:
         bar, self._bar = self._bar, None
         if bar is not None:
             bar.close()  # type: ignore[attr-defined]
+
+
+def summary(result: JobResult, elapsed_s: float) -> str:
+    """``3 frames in 2.0 s (1.50 fps end to end)``, the last line of a run; a resumed run's rate
+    counts only the frames it upscaled itself."""
+    frames = f"{result.frames} {'frame' if result.frames == 1 else 'frames'}"
+    now = result.frames_upscaled
+    if not result.resumed or not result.frames_found:
+        return f"{frames} in {elapsed_s:.1f} s ({result.frames / elapsed_s:.2f} fps end to end)"
+    return (
+        f"{frames}, resumed: {result.frames_found} upscaled by an earlier run, {now} in this run's "
+        f"{elapsed_s:.1f} s ({now / elapsed_s:.2f} fps end to end)"
+    )
 
 
 def describe(p: Progress) -> str:
@@ -400,10 +433,7 @@ def upscale_main(args: argparse.Namespace) -> int:
             log.warning("could not write the stats file %s: %s", args.stats, exc)
     if not args.quiet and args.events is None:
         elapsed = time.monotonic() - started
-        sys.stderr.write(
-            f"wrote {spec.output}: {result.frames} frames in {elapsed:.1f} s "
-            f"({result.frames / elapsed:.2f} fps end to end)\n"
-        )
+        sys.stderr.write(f"wrote {spec.output}: {summary(result, elapsed)}\n")
     return 0
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +25,13 @@ class WorkerRequestError(CoordinatorError):
 
 
 class WorkerBusyError(WorkerRequestError):
-    """409: the worker is already processing a manifest."""
+    """409: the worker is already processing a manifest; or 503 with ``Retry-After``: it cannot take
+    one for now (too many connections, its shared storage not writable), and still did after
+    the client's retries."""
+
+
+RETRIES = 2  # a 503 with Retry-After is asked again this many times
+MAX_RETRY_AFTER_S = 5.0  # the longest wait between them, whatever Retry-After says
 
 
 @dataclass
@@ -34,11 +42,26 @@ class HttpWorkerClient:
     session: aiohttp.ClientSession
     token: str | None = field(default=None, repr=False)
     timeout_s: float = 10.0
+    retries: int = RETRIES
 
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
-    async def _request(self, method: str, path: str, what: str, json: Any = None) -> tuple[int, Any]:
+    async def _request(self, method: str, path: str, what: str, json: Any = None) -> tuple[int, Any, bool]:
+        """(status, body, whether the answer was a 503 that asked to be retried later). A 503 with
+        ``Retry-After`` (the worker shedding load) is asked again up to ``retries`` times."""
+        for attempt in range(self.retries + 1):
+            status, body, retry_after = await self._request_once(method, path, what, json)
+            if status != 503 or retry_after is None:
+                return status, body, False
+            if attempt < self.retries:
+                log.debug("worker %s: %s answered 503, retrying in %g s", self.url, what, retry_after)
+                await asyncio.sleep(retry_after)
+        return status, body, True
+
+    async def _request_once(
+        self, method: str, path: str, what: str, json: Any
+    ) -> tuple[int, Any, float | None]:
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
         try:
             async with self.session.request(
@@ -48,30 +71,43 @@ class HttpWorkerClient:
                     body: Any = await response.json(content_type=None)
                 except ValueError:
                     body = {"error": (await response.text())[:300]}
-                return response.status, body
+                return response.status, body, _retry_after(response.headers.get("Retry-After"))
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise WorkerRequestError(self.url, what, None, f"{type(exc).__name__}: {exc}".strip()) from exc
 
     async def health(self) -> dict[str, Any]:
         """The worker's /health document; raises unless it is 200 (model loaded, serving)."""
-        status, body = await self._request("GET", "/health", "health check")
+        status, body, _ = await self._request("GET", "/health", "health check")
         if status != 200:
             raise WorkerRequestError(self.url, "health check", status, _detail(body))
         return dict(body)
 
     async def process_manifest(self, manifest_path: str) -> None:
-        status, body = await self._request(
+        status, body, retry_later = await self._request(
             "POST", "/process_manifest", "process_manifest", json={"manifest_path": manifest_path}
         )
-        if status == 409:
+        if status == 409 or retry_later:
             raise WorkerBusyError(self.url, "process_manifest", status, _detail(body))
         if status != 202:
             raise WorkerRequestError(self.url, "process_manifest", status, _detail(body))
 
     async def reset(self) -> None:
-        status, body = await self._request("POST", "/reset", "reset", json={})
+        status, body, _ = await self._request("POST", "/reset", "reset", json={})
         if status >= 400:
             raise WorkerRequestError(self.url, "reset", status, _detail(body))
+
+
+def _retry_after(value: str | None) -> float | None:
+    """A ``Retry-After`` of seconds, capped at :data:`MAX_RETRY_AFTER_S`; None if absent or a date."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    if not math.isfinite(seconds) or seconds < 0:
+        return None
+    return min(seconds, MAX_RETRY_AFTER_S)
 
 
 def _detail(body: Any) -> str:

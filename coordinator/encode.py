@@ -25,9 +25,9 @@ Depth: a source of more than 8 bits per sample has uint16 frames, fed as ``rgb48
 keeps the source's depth unless ``--pix-fmt`` says otherwise (:func:`settings_for_depth`: libx265
 ``yuv420p10le`` / ``yuv420p12le``, libx264 and libsvtav1 ``yuv420p10le``, NVENC ``p010le``, ffv1
 ``gbrp16le``), and an encoder that cannot hold the depth is refused before any frame is upscaled.
-HDR10 static metadata (mastering display, content light level) goes into the bitstream (x265's
-``master-display`` / ``max-cll``, SVT-AV1's ``mastering-display`` / ``content-light``); no tone
-mapping is done anywhere.
+HDR10 static metadata (mastering display, content light level) goes into the bitstream (x264's
+``mastering-display`` / ``cll``, x265's ``master-display`` / ``max-cll``, SVT-AV1's
+``mastering-display`` / ``content-light``); no tone mapping is done anywhere.
 
 Carried over from the source: audio (copied), subtitles (copied or converted), attachments,
 chapters, metadata, rotation and SAR.
@@ -248,17 +248,18 @@ class EncodeSettings:
             args += ["-b:v", "0"]
         else:
             args += [str(spec.quality_option), str(self.effective_crf), "-preset", str(self.effective_preset)]
+            params = _hdr_params(self.codec, hdr)
             if self.codec == "libx265":
-                args += ["-x265-params", ":".join(["log-level=error", *_x265_hdr_params(hdr)])]
-            elif self.codec == "libsvtav1" and (params := _svtav1_hdr_params(hdr)):
-                args += ["-svtav1-params", ":".join(params)]
+                params = ["log-level=error", *params]
+            if params:
+                args += [f"-{self.codec.removeprefix('lib')}-params", ":".join(params)]
         args += ["-pix_fmt", self.effective_pix_fmt, *self.extra_args]
         return args
 
     @property
     def carries_hdr10(self) -> bool:
-        """Whether this encoder writes HDR10 static metadata into the video (x265, SVT-AV1)."""
-        return self.codec in {"libx265", "libsvtav1"}
+        """Whether this encoder writes HDR10 static metadata into the video (x264, x265, SVT-AV1)."""
+        return self.codec in {"libx264", "libx265", "libsvtav1"}
 
     def check_depth(self, bit_depth: int) -> None:
         """Raise :class:`EncodeSettingsError` if this ffmpeg's encoder cannot take the pixel format
@@ -334,24 +335,31 @@ def settings_for_depth(settings: EncodeSettings, bit_depth: int) -> EncodeSettin
     )
 
 
-def _x265_hdr_params(hdr: HdrInfo | None) -> list[str]:
-    if hdr is None or (hdr.mastering is None and hdr.content_light is None):
-        return []
-    params = ["hdr10=1"]
-    if hdr.mastering is not None:
-        params.append(f"master-display={hdr.mastering.x265_value()}")
-    if hdr.content_light is not None:
-        params.append(f"max-cll={hdr.content_light[0]},{hdr.content_light[1]}")
-    return params
-
-
-def _svtav1_hdr_params(hdr: HdrInfo | None) -> list[str]:
+def _hdr10_params(
+    hdr: HdrInfo | None, mastering: str, light: str, *, svtav1_units: bool = False
+) -> list[str]:
+    """HDR10 static metadata as an encoder's ``key=value`` parameters: the mastering display under
+    ``mastering`` (x265's units and spelling, which x264 takes too, or SVT-AV1's decimals) and
+    MaxCLL, MaxFALL under ``light``."""
     params = []
     if hdr is not None and hdr.mastering is not None:
-        params.append(f"mastering-display={hdr.mastering.svtav1_value()}")
+        value = hdr.mastering.svtav1_value() if svtav1_units else hdr.mastering.x265_value()
+        params.append(f"{mastering}={value}")
     if hdr is not None and hdr.content_light is not None:
-        params.append(f"content-light={hdr.content_light[0]},{hdr.content_light[1]}")
+        params.append(f"{light}={hdr.content_light[0]},{hdr.content_light[1]}")
     return params
+
+
+def _hdr_params(codec: str, hdr: HdrInfo | None) -> list[str]:
+    """The encoder parameters (``-x264-params`` and the like) carrying ``hdr``'s static metadata."""
+    if codec == "libx265":
+        params = _hdr10_params(hdr, "master-display", "max-cll")
+        return ["hdr10=1", *params] if params else []
+    if codec == "libx264":
+        return _hdr10_params(hdr, "mastering-display", "cll")
+    if codec == "libsvtav1":
+        return _hdr10_params(hdr, "mastering-display", "content-light", svtav1_units=True)
+    return []
 
 
 @dataclass(frozen=True)
@@ -419,7 +427,8 @@ def _color_args(
     chain.append("setparams=" + ":".join(f"{key}={value}" for key, value in tags.items()))
     if video.sample_aspect_ratio:
         sar = video.sample_aspect_ratio
-        chain.append(f"setsar={sar.numerator}/{sar.denominator}")
+        # setsar reduces its ratio to terms of at most ``max`` (default 100): 128/117 became 93/85.
+        chain.append(f"setsar=r={sar.numerator}/{sar.denominator}:max={max(sar.numerator, sar.denominator)}")
     options = {"color_primaries": "-color_primaries", "color_trc": "-color_trc"}
     options |= {"colorspace": "-colorspace", "range": "-color_range"}
     # The encoder options spell the RGB "matrix" rgb where filters and ffprobe say gbr.

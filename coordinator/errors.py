@@ -5,6 +5,7 @@ worker or command at fault; the data behind it is kept in attributes for logs an
   CoordinatorError
   ├── SpecError                 a JobSpec / FarmSettings field that cannot work (names the field)
   ├── FleetError                the workers cannot be used
+  │   ├── ModelError            --model names no model local workers could load (checked before they start)
   │   ├── WorkerStartError      a local worker (or Ray actor) exited or never listened (its log's tail)
   │   ├── RayClusterError       the Ray cluster of --ray cannot be reached or used
   │   └── NoWorkerError         no worker answers /health with the job's model (each one's reason)
@@ -180,6 +181,15 @@ class SpecError(CoordinatorError, ValueError):
 
 class FleetError(CoordinatorError):
     """The workers cannot be used."""
+
+
+class ModelError(FleetError):
+    """The model local workers were to load is unknown, or its file does not exist (the worker
+    side's one-line reason, got before any worker starts)."""
+
+    def __init__(self, model: str, reason: str) -> None:
+        self.model, self.reason = model, reason
+        super().__init__(reason)
 
 
 class WorkerStartError(FleetError):

@@ -36,11 +36,17 @@ class JobResult:
     frames: int
     resumed: bool
     stats: dict[str, float]  # stage timings in seconds (see README: --stats)
+    frames_found: int = 0  # of ``frames``, those an earlier run had upscaled already (a resumed job)
+
+    @property
+    def frames_upscaled(self) -> int:
+        """Frames this run upscaled itself (what its rate counts)."""
+        return self.frames - self.frames_found
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "job_id": self.job_id, "output": str(self.output), "frames": self.frames,
-            "resumed": self.resumed, "stats": self.stats,
+            "resumed": self.resumed, "frames_found": self.frames_found, "stats": self.stats,
         }  # fmt: skip
 
 
@@ -64,7 +70,8 @@ class JobEvent:
 
 @dataclass(frozen=True)
 class Started(JobEvent):
-    """The job has its directory: ``frames`` in all, ``frames_before`` of them done by earlier runs."""
+    """The job has its directory: ``frames`` in all; ``run`` counts the runs of this job (above 1: it
+    resumes an earlier run's work, kept in ``job_dir``)."""
 
     kind: ClassVar[str] = "started"
     job_id: str

@@ -12,8 +12,9 @@ jobs on one fleet). It owns:
   worker that comes back on a new URL (a restarted Ray actor) **joins**: it is dealt to once it
   answers /health;
 - **dispatch**: a worker holds at most one manifest at a time. :meth:`idle` names the workers a job
-  may deal to now (alive, running the job's model on the job's backend, holding nothing, not busy with another
-  coordinator's manifest as far as its last ``/health`` says, not backing off after a 409);
+  may deal to now (alive, running the job's model on the job's backend, holding nothing, not busy
+  with another coordinator's manifest and able to write the shared root as far as its last
+  ``/health`` says, not backing off after a 409 or 503);
   :meth:`dispatch` posts a manifest and marks the worker as holding it until :meth:`release`.
   A 409 (busy elsewhere) makes the worker back off, doubling from ``busy_backoff_s``.
 - **reset** of the manifests a worker holds (a cancelled or failed job's).
@@ -39,7 +40,7 @@ import aiohttp
 
 from coordinator.client import HttpWorkerClient, WorkerBusyError, WorkerRequestError
 from coordinator.errors import FleetError, NoWorkerError
-from coordinator.local_workers import LocalWorkerPool, visible_gpu_count
+from coordinator.local_workers import LocalWorkerPool, check_model, visible_gpu_count
 from coordinator.spec import FarmSettings
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,13 @@ class WorkerHandle:
         return self.model in {model, Path(model).stem} and self.backend == backend
 
     @property
+    def storage_error(self) -> str | None:
+        """Why the worker cannot write the shared root, as its last /health says; None if it can."""
+        if self.health.get("storage_writable", True) is not False:
+            return None
+        return str(self.health.get("storage_error") or "the shared storage is not writable from it")
+
+    @property
     def busy_elsewhere(self) -> bool:
         """Its last /health shows a manifest this fleet did not give it (another coordinator's)."""
         return self.holding is None and self.health.get("state") == "processing"
@@ -179,6 +187,7 @@ class WorkerFleet:
         self._joining: dict[str, float] = {}
         self._health_task: asyncio.Task[None] | None = None
         self._started: asyncio.Future[None] | None = None
+        self._model_checked = False
 
     async def __aenter__(self) -> WorkerFleet:
         await self.start()
@@ -227,6 +236,7 @@ class WorkerFleet:
                     )
                 urls = await self._start_ray_pool(run_dir, args)
             else:
+                await self.check_model()
                 ncnn = self.local.backend == "ncnn"  # Vulkan devices are not counted here: one worker
                 gpus = 0 if ncnn else visible_gpu_count()
                 count = farm.local_workers or max(gpus, 1)
@@ -234,6 +244,15 @@ class WorkerFleet:
                 self.pool = pool
                 urls = await pool.start(count, gpus, farm.startup_timeout_s)
         return [self._client(u) for u in urls]
+
+    async def check_model(self) -> None:
+        """Raise :class:`ModelError` (one line) if the local workers' model is unknown or its file does
+        not exist: before any worker starts, and before a job makes its directory. Checked once; a
+        fleet of workers already running, or of Ray actors on other nodes, is not checked here."""
+        if self._model_checked or self.local is None or self.farm.workers or self.farm.ray_address:
+            return
+        await check_model(self.local.model)
+        self._model_checked = True
 
     async def _start_ray_pool(self, run_dir: Path, args: list[str]) -> list[str]:
         """Worker actors on the Ray cluster of ``farm.ray_address``. Their workers bind their node's
@@ -341,7 +360,7 @@ class WorkerFleet:
         return [
             h
             for h in self.serving(model, backend)
-            if h.holding is None and h.busy_until <= now and not h.busy_elsewhere
+            if h.holding is None and h.busy_until <= now and not h.busy_elsewhere and h.storage_error is None
         ]
 
     async def dispatch(self, handle: WorkerHandle, manifest_id: str, manifest_path: str) -> Dispatch:

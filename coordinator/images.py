@@ -96,6 +96,18 @@ def probe_images(source: Path, output: Path, *, overwrite: bool) -> ImageSet:
             "is a directory, not a video file "
             f"(a folder of images goes to an output folder, not {output.name})",
         )
+    if folder and is_image_path(output) and not output.is_dir():
+        raise OutputPathError(
+            output,
+            f"is an image file name, but the input {source} is a folder: its images go to a folder "
+            f"(give a folder name, e.g. {output.with_suffix('')})",
+        )
+    if not folder and not is_image_path(source) and not _opens_as_image(source):
+        raise OutputPathError(
+            output,
+            f"is an image file name, but the input {source.name} is not an image: a video is written "
+            "to a video file (.mp4, .mkv, .mov, .webm)",
+        )
     if folder:
         paths = sorted(p for p in source.iterdir() if p.is_file() and is_image_path(p))
         if not paths:
@@ -105,6 +117,15 @@ def probe_images(source: Path, output: Path, *, overwrite: bool) -> ImageSet:
         paths = [source]
         _check_output_image(source, output, overwrite)
     return ImageSet(source, output, tuple(_read_header(p) for p in paths), folder)
+
+
+def _opens_as_image(path: Path) -> bool:
+    """Whether Pillow recognises ``path`` (an image under a suffix esrfarm does not list)."""
+    try:
+        with Image.open(path):
+            return True
+    except (UnidentifiedImageError, OSError, SyntaxError):
+        return False
 
 
 def _read_header(path: Path) -> SourceImage:

@@ -8,7 +8,8 @@ chapters are muxed once from the source.
 
 The coordinator trusts files, not promises: a batch is done when a status file claims it and its
 output frames are on disk. A worker that fails or vanishes (lost by the fleet, or its status file
-unchanged for ``stale_after_s``) loses its batches to the others. The job fails when no worker is
+unchanged for ``stale_after_s``, or whose /health says it cannot write the shared root) loses its
+batches to the others. The job fails when no worker is
 left, or when one batch has failed on two workers.
 
 A job is named by what determines its frames: the input's content, the model, the scale, the tile
@@ -252,6 +253,9 @@ class Job:
         self._frames_found = 0  # frames of chunks an earlier run finished (upscaled or encoded)
         self._found_batch_frames = 0  # frames of batches found on disk and added to the ledger done
         self._encoded_before = 0
+        self._encoding_from: tuple[float, int] | None = (
+            None  # (loop time, frames encoded) at the stage's start
+        )
         self._frames_extracted = 0
         self._started_at = 0.0  # loop time the workers were ready
         self._last_tick: float | None = None
@@ -381,7 +385,8 @@ class Job:
         for stage, seconds in grown(self._cpu_at_start, METER.snapshot()).items():
             self.stats[f"cpu_{stage}_s"] = seconds
         stats = {key: round(value, 3) for key, value in self.stats.items()}
-        return JobResult(layout.job_id, spec.output, media.frame_count, self.run_number > 1, stats)
+        found = min(media.frame_count, self._frames_found + self._found_batch_frames)
+        return JobResult(layout.job_id, spec.output, media.frame_count, self.run_number > 1, stats, found)
 
     def _probe(self) -> JobMedia:
         """What the input is (a video, an image, a folder of images), checked with the output."""
@@ -412,6 +417,7 @@ class Job:
                 await self._start_pipeline()
             self._report(Stage.LOADING, 0, 0)
             handles = await ready
+            self._warn_if_resized(handles[0])
             self._ready = True
             self.stats["workers_ready_s"] = time.monotonic() - self._begun
             if self._book is None:
@@ -428,6 +434,16 @@ class Job:
             ready.cancel()
             await self._stop(succeeded)
 
+    def _warn_if_resized(self, handle: WorkerHandle) -> None:
+        """A scale above the model's own is its output resized: say so (no detail is added)."""
+        native, scale = handle.health.get("native_scale"), self.spec.scale
+        if isinstance(native, int | float) and native > 0 and scale is not None and scale > native:
+            log.warning(
+                "%s is a x%g model: scale %g resizes its x%g output by %g (plain resampling adds no "
+                "detail; a x%g model, or scale %g, keeps what the model gives)",
+                handle.model, native, scale, native, scale / native, scale, native,
+            )  # fmt: skip
+
     async def _loop(self) -> None:
         """The job, one step after another every ``poll_interval_s``, until every segment is encoded."""
         assert self._book is not None
@@ -436,6 +452,7 @@ class Job:
             self._admit_chunks()
             await self._read_statuses()
             self._account_lost_workers()
+            await self._take_back_from_unwritable_workers()
             self._lose_stale_workers()
             await self._collect_upscaled_chunks()
             self._start_encoders()
@@ -496,7 +513,6 @@ class Job:
         self._book = book = ChunkBook(plan, batches, budget=budget, encoded=encoded, outputs_on_disk=on_disk)
         self._to_extract = frozenset(c.index for c in book.in_stage(ChunkStage.WAITING))
         self._frames_found = book.frames_in(ChunkStage.UPSCALED, ChunkStage.ENCODED)
-        self._encoded_before = book.frames_in(ChunkStage.ENCODED)
         if self.run_number > 1:
             log.info(
                 "resuming: %d of %d segments done, %d more chunks upscaled",
@@ -719,6 +735,25 @@ class Job:
                 log.error("%d batch(es) of lost worker %s go to the others", len(returned), handle.worker_id)
                 self._emit(WorkerLost(handle.worker_id, handle.lost_reason or "lost", len(returned)))
 
+    async def _take_back_from_unwritable_workers(self) -> None:
+        """A worker whose /health says it cannot write the shared root would never update its status
+        file: its manifests end now and their batches go to the others. It is not lost: the fleet
+        deals to it again once it can write."""
+        for manifest_id, handle in list(self._holders.items()):
+            reason = handle.storage_error
+            if reason is None:
+                continue
+            returned = self._ledger.release(manifest_id)
+            self._end_manifest(manifest_id)
+            await self.fleet.reset(handle)
+            log.error(
+                "worker %s cannot write the shared storage (%s): its %d batch(es) go to the others, and it "
+                "gets no more until it can",
+                handle.worker_id,
+                reason,
+                len(returned),
+            )
+
     def _lose_stale_workers(self) -> None:
         now = asyncio.get_running_loop().time()
         for manifest_id, handle in list(self._holders.items()):
@@ -930,10 +965,12 @@ class Job:
             this_run = ledger.frames_done - self._found_batch_frames
             self._report(Stage.UPSCALING, done, total, this_run=this_run, elapsed_s=elapsed)
         else:
+            # The encoding stage's own rate: from when it began, not the upscaling's over the whole run.
             encoded = self._book.frames_in(ChunkStage.ENCODED)
-            self._report(
-                Stage.ENCODING, encoded, total, this_run=encoded - self._encoded_before, elapsed_s=elapsed
-            )
+            if self._encoding_from is None:
+                self._encoding_from = (now, encoded)
+            since, before = self._encoding_from
+            self._report(Stage.ENCODING, encoded, total, this_run=encoded - before, elapsed_s=now - since)
 
     async def _join(self) -> None:
         assert self._plan is not None and self.media is not None and self.layout is not None
@@ -969,6 +1006,7 @@ async def upscale(
     )
     run_dir = farm.root / "workers" / f"{socket.gethostname()}-{os.getpid()}"
     fleet = WorkerFleet(farm, local=local, run_dir=run_dir)
+    await fleet.check_model()  # a bad --model is one line, before a worker starts or a job dir is made
     starting = asyncio.ensure_future(fleet.start())  # workers load their model while the input is probed
     job = Job(spec, fleet).start()
     stopper = asyncio.ensure_future(_cancel_when(stop, job)) if stop is not None else None

@@ -27,10 +27,43 @@ from pathlib import Path
 
 import orjson
 
-from coordinator.errors import WorkerStartError
+from coordinator.errors import ModelError, WorkerStartError
 from coordinator.ffmpeg import die_with_parent
 
 log = logging.getLogger(__name__)
+
+
+MODEL_CHECK_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class ModelCheck:
+    """What the worker side says of a ``--model`` value: its name and native scale (None for a file)."""
+
+    name: str
+    native_scale: int | None
+
+
+async def check_model(model: str) -> ModelCheck:
+    """Ask the worker side (``python -m worker models check``: the catalog is the worker's) whether
+    ``model`` is a model name or an existing model file, without loading it. Raises
+    :class:`ModelError` with its one-line reason, before any worker is started for it."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "worker", "models", "check", model,
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(MODEL_CHECK_TIMEOUT_S):
+            out, err = await process.communicate()
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise ModelError(model, f"checking model {model!r} took over {MODEL_CHECK_TIMEOUT_S:g} s") from None
+    if process.returncode != 0:
+        lines = err.decode(errors="replace").strip().splitlines()
+        raise ModelError(model, lines[-1] if lines else f"model {model!r} cannot be used")
+    record = orjson.loads(out)
+    return ModelCheck(str(record["name"]), record["native_scale"])
 
 
 def visible_gpu_count() -> int:
@@ -180,7 +213,9 @@ class LocalWorkerPool:
             ]  # fmt: skip
             port_file = self.run_dir / f"worker-{index}.port.json"
             log_file = self.run_dir / f"worker-{index}.log"
-            process = spawn_worker(args, port_file=port_file, log_file=log_file)
+            # A session of its own: Ctrl-C at the terminal reaches the coordinator only, which stops
+            # its workers itself (they would otherwise stop at once, mid-reset, with warnings).
+            process = spawn_worker(args, port_file=port_file, log_file=log_file, new_session=True)
             log.info("started local worker %d (pid %d, %s)", index, process.pid, " ".join(device))
             self.workers.append(LocalWorkerProcess(index, process, port_file, log_file))
         await asyncio.gather(*(self._wait_listening(w, startup_timeout_s) for w in self.workers))

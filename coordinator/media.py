@@ -148,7 +148,7 @@ class VideoMedia:
         if (hdr.mastering or hdr.content_light) and not self.encode.carries_hdr10:
             log.warning(
                 "%s has HDR10 mastering display / content light metadata, which %s cannot write; the "
-                "output carries only the colour tags (use --codec libx265 or libsvtav1 to keep it)",
+                "output carries only the colour tags (use --codec libx264, libx265 or libsvtav1 to keep it)",
                 self.info.path,
                 self.encode.codec,
             )

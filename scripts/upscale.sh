@@ -5,12 +5,14 @@
 #   scripts/upscale.sh in.mp4 out.mp4 2
 #   scripts/upscale.sh in.mp4 out.mp4 4 --model realesrgan-x4plus --codec libx265
 #
-# SCALE is 2, 3 or 4. Local workers are started (one per GPU, or one on the CPU) unless
-# --workers URL,... is given. Python: $ESRFARM_PYTHON, else the repository's .venv, else python3.
+# SCALE is what `esrfarm upscale --scale` takes: 1/16 to 16, usually 2, 3 or 4; above the model's
+# own (x4, x2 for realesrgan-x2plus) its output is resized, with a warning. Local workers are
+# started (one per GPU, or one on the CPU) unless --workers URL,... is given.
+# Python: $ESRFARM_PYTHON, else the repository's .venv, else python3.
 set -euo pipefail
 
 usage() {
-    sed -n '2,9s/^# \{0,1\}//p' "$0" >&2
+    sed -n '2,11s/^# \{0,1\}//p' "$0" >&2
 }
 
 if [[ $# -ge 1 && ( "$1" == "-h" || "$1" == "--help" ) ]]; then
@@ -28,10 +30,10 @@ if [[ ! -f "$input" ]]; then
     echo "upscale.sh: input '$input' is not a file" >&2
     exit 2
 fi
-if ! [[ "$scale" =~ ^[234]$ ]]; then
-    echo "upscale.sh: SCALE must be 2, 3 or 4, not '$scale'" >&2
+if ! [[ "$scale" =~ ^[0-9]+([.][0-9]+)?$ ]]; then
+    echo "upscale.sh: SCALE must be a number (e.g. 2, 3 or 4), not '$scale'" >&2
     exit 2
-fi
+fi  # its range is the CLI's to check: one rule, one place
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${ESRFARM_PYTHON:-}"

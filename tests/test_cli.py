@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.cli import ProgressDisplay
-from coordinator.events import Progress
+from coordinator.cli import ProgressDisplay, summary
+from coordinator.events import JobResult, Progress
+from tests import clips
 from tests.workerutil import REPO
 
 
@@ -98,3 +99,60 @@ def test_a_bad_setting_names_its_flag(tmp_path: Path) -> None:
     result = esrfarm("upscale", str(tmp_path / "in.mp4"), str(tmp_path / "out.mp4"), "--batch-size", "0")
     assert result.returncode == 2
     assert result.stderr.strip() == "esrfarm upscale: error: --batch-size must be 1 to 4096, not 0"
+
+
+@pytest.mark.parametrize(
+    ("model", "reason"),
+    [
+        ("realesrgan-x8", "unknown model 'realesrgan-x8': it is neither a model name (realesr-animevideov3,"),
+        ("{tmp}/missing.pth", "model file {tmp}/missing.pth does not exist"),
+        ("{tmp}", "model file {tmp} is not a regular file"),
+    ],
+)
+def test_a_model_that_cannot_be_used_is_one_line_before_any_worker_starts(
+    tmp_path: Path, model: str, reason: str
+) -> None:
+    source = tmp_path / "in.mp4"
+    clips.video(source, frames=2)
+    root = tmp_path / "root"
+    model = model.format(tmp=tmp_path)
+    result = esrfarm(
+        "upscale", str(source), str(tmp_path / "out.mkv"), "--model", model, "--shared-root", str(root)
+    )
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("esrfarm upscale: error: "), (
+        result.stderr
+    )
+    assert reason.format(tmp=tmp_path) in result.stderr
+    assert not root.exists(), "nothing is started or written for a model that cannot be used"
+
+
+def test_a_stage_without_a_count_shows_no_empty_bar() -> None:
+    stream = _Terminal()
+    show = ProgressDisplay(stream)
+    show(Progress("loading model", 0, 0, 0.0, None))
+    show.close()
+    drawn = [part for part in stream.getvalue().split("\r") if part.strip()]
+    assert drawn and all(part.startswith("loading model ... 00:00") for part in drawn), drawn
+    assert "0/?" not in stream.getvalue() and "%|" not in stream.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("result", "line"),
+    [
+        (JobResult("j", Path("o.mp4"), 1, False, {}), "1 frame in 2.0 s (0.50 fps end to end)"),
+        (JobResult("j", Path("o.mp4"), 40, False, {}), "40 frames in 2.0 s (20.00 fps end to end)"),
+        (
+            JobResult("j", Path("o.mp4"), 40, True, {}, frames_found=30),
+            "40 frames, resumed: 30 upscaled by an earlier run, 10 in this run's 2.0 s (5.00 fps end to end)",
+        ),
+    ],
+)
+def test_the_summary_line(result: JobResult, line: str) -> None:
+    assert summary(result, 2.0) == line
+
+
+def test_top_level_help_names_what_upscale_takes() -> None:
+    result = esrfarm("--help")
+    assert "upscale a video, an image or a folder of images" in result.stdout
+    assert "one video file" not in result.stdout

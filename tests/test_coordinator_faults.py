@@ -157,13 +157,12 @@ def test_a_stopped_local_worker_is_given_up_and_killed_not_waited_for(
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
     )  # fmt: skip
     stopped = None
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 240
     while stopped is None and time.monotonic() < deadline and process.poll() is None:
         for port_file in root.glob("workers/*/worker-1.port.json"):
-            if list(root.glob("jobs/*/output/0*")):
-                stopped = int(orjson.loads(port_file.read_bytes())["pid"])
-                os.kill(stopped, signal.SIGSTOP)
-                break
+            pid = int(orjson.loads(port_file.read_bytes())["pid"])
+            if _stop_while_it_holds_a_manifest(pid, root):
+                stopped = pid
         time.sleep(0.01)
     assert stopped is not None, "the second worker never got to work"
     _, stderr = process.communicate(timeout=300)
@@ -171,10 +170,25 @@ def test_a_stopped_local_worker_is_given_up_and_killed_not_waited_for(
     assert "lost worker local-1: /health unreachable" in stderr
     assert "ignored SIGTERM" not in stderr, "a stopped worker cannot act on SIGTERM: it is killed"
     assert len(list(decode_frames(tmp_path / "out.mkv"))) == 80
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while _exists(stopped) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _exists(stopped), "the stopped worker was left behind"
+
+
+def _stop_while_it_holds_a_manifest(pid: int, root: Path) -> bool:
+    """SIGSTOP worker ``pid`` if, once stopped, a status file of its says it is still processing (so
+    that the job cannot end without giving it up); else let it go on. True if it is stopped."""
+    os.kill(pid, signal.SIGSTOP)
+    for path in root.glob("jobs/*/status/*.json"):
+        try:
+            status = orjson.loads(path.read_bytes())
+        except (OSError, ValueError):
+            continue
+        if status["worker"]["pid"] == pid and status["state"] == "processing":
+            return True
+    os.kill(pid, signal.SIGCONT)
+    return False
 
 
 def _exists(pid: int) -> bool:
@@ -221,3 +235,40 @@ def test_ffmpeg_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def test_ctrl_c_stops_quietly_and_the_rerun_says_it_resumes(tiny_model: Path, tmp_path: Path) -> None:
+    """Ctrl-C reaches the terminal's whole foreground process group: the coordinator stops its own
+    local workers, which do not take the signal themselves (no warnings of theirs); the same command
+    then says it resumes, and its rate counts only the frames it upscaled."""
+    source = clips.video(tmp_path / "in.mp4", size="32x18", frames=200)
+    root = tmp_path / "root"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = coordinator(
+        source, tmp_path / "out.mkv", "--model", tiny_model, "--shared-root", root, "--local-workers", "2",
+        "--worker-arg=--cpu-threads=1", "--batch-size", "2", "--scale", "2", "--keep-frames", *LOSSLESS,
+    )  # fmt: skip
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+        start_new_session=True,  # its own process group, as a shell gives a foreground job
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while len(list(root.glob("jobs/*/output/*.png"))) < 20 and process.poll() is None:
+        assert time.monotonic() < deadline, "the job never got to upscale"
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr
+    lines = stderr.strip().splitlines()
+    assert lines[-1].startswith("esrfarm upscale: interrupted ("), stderr
+    assert not [line for line in lines if " WARNING " in line or " ERROR " in line], stderr
+    logs = [path.read_text() for path in root.glob("workers/*/worker-*.log")]
+    assert len(logs) == 2 and all("stopping: worker stopped (SIGTERM)" in text for text in logs), logs
+
+    again = run(command)
+    assert again.returncode == 0, again.stderr
+    assert "resuming the job in " in again.stderr
+    summary = again.stderr.strip().splitlines()[-1]
+    found = int(summary.split("resumed: ")[1].split()[0])
+    assert found >= 20, summary
+    assert f"{200 - found} in this run's" in summary, summary

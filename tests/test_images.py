@@ -15,6 +15,7 @@ from PIL import Image
 from coordinator.errors import InputError, JobError, OutputPathError
 from coordinator.events import Finished
 from coordinator.images import probe_images
+from tests import clips
 from tests.fakeworkers import fake_farm, nearest
 from tests.test_job_engine import farm, run, spec
 from tests.workerutil import REPO
@@ -111,6 +112,23 @@ def test_bad_image_inputs_are_refused_with_a_reason(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "x.png").read_bytes() == b"precious"
     with pytest.raises(OutputPathError, match="is the input file"):
         probe_images(source, source, overwrite=True)
+
+
+def test_an_image_output_for_a_folder_or_a_video_says_what_is_wrong(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    picture(folder / "a.png", (4, 4))
+    output = tmp_path / "x.png"
+    with pytest.raises(OutputPathError, match=r"x.png is an image file name, but the input .* is a folder"):
+        probe_images(folder, output, overwrite=False)
+    assert not output.exists(), "no directory named like an image is made"
+    (tmp_path / "dir.png").mkdir()  # a folder that exists is a folder, whatever its name
+    assert probe_images(folder, tmp_path / "dir.png", overwrite=False).folder
+    video = clips.video(tmp_path / "in.mp4", frames=2)
+    with pytest.raises(OutputPathError, match=r"is an image file name, but the input in.mp4 is not an image"):
+        probe_images(video, tmp_path / "y.png", overwrite=False)
+    unlisted = picture(tmp_path / "photo.pic", (4, 4), format="PNG")  # an image by content, not suffix
+    assert probe_images(unlisted, tmp_path / "z.png", overwrite=False).frame_count == 1
 
 
 def test_an_image_job_fails_cleanly_and_leaves_no_half_written_image(tmp_path: Path) -> None:

@@ -9,13 +9,14 @@ Segment mechanics (B-frames across boundaries, parallel encodes, the join's refu
 from __future__ import annotations
 
 from collections.abc import Callable
+from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 
-from coordinator.encode import EncodeSettings, subtitle_codec_for
+from coordinator.encode import EncodeSettings, settings_for_depth, subtitle_codec_for
 from coordinator.errors import (
     EncodeSettingsError,
     FFmpegError,
@@ -170,6 +171,67 @@ def test_av1_segments_join_into_mp4(clip_dir: Path, tmp_path: Path) -> None:
         assert stream.codec_tag == "av01"
         assert sum(1 for _ in container.decode(stream)) == 6
     assert probe(output).video.frame_count == 6
+
+
+@pytest.mark.parametrize("sar", [Fraction(128, 117), Fraction(4, 3), Fraction(40, 33), Fraction(4000, 3999)])
+def test_any_sample_aspect_ratio_is_carried_exactly(clip_dir: Path, tmp_path: Path, sar: Fraction) -> None:
+    """128:117 (PAL/CIF) and any other SAR an encoder can store (libx264 takes terms up to 4096) come
+    out as they went in, never reduced to small terms."""
+    ratio = f"{sar.numerator}/{sar.denominator}"
+    source = clips.video(
+        clip_dir / f"sar-{sar.numerator}-{sar.denominator}.mp4", frames=3,
+        extra=("-vf", f"setsar=r={ratio}:max={max(sar.numerator, sar.denominator)}"),
+    )  # fmt: skip
+    info = probe(source)
+    assert info.video.sample_aspect_ratio == sar
+    frames = upscale_frames(info, tmp_path, 2, FrameFormat.NPY)
+    output = encode_as_the_job_does(
+        info, frames, tmp_path / "out.mp4", tmp_path / "segments", settings=FAST,
+        frame_format=FrameFormat.NPY, chunk_frames=2,
+    )  # fmt: skip
+    assert probe(output).video.sample_aspect_ratio == sar
+
+
+def _hdr_side_data(path: Path) -> dict[str, bytes]:
+    """The HDR10 static metadata of ``path``'s first decoded frame (its side data, by PyAV)."""
+    with av.open(str(path)) as container:
+        frame = next(container.decode(video=0))
+        wanted = {"MASTERING_DISPLAY_METADATA", "CONTENT_LIGHT_LEVEL"}
+        return {sd.type.name: bytes(sd) for sd in frame.side_data if sd.type.name in wanted}
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        EncodeSettings(),  # the default codec, libx264
+        EncodeSettings(codec="libx265", preset="ultrafast"),
+        EncodeSettings(codec="libsvtav1", preset="12"),
+    ],
+    ids=lambda settings: settings.codec,
+)
+def test_hdr10_static_metadata_is_carried_by_every_codec_that_can(
+    clip_dir: Path, tmp_path: Path, settings: EncodeSettings
+) -> None:
+    """The output's decoded frames carry the source's mastering display and content light level."""
+    source = clip_dir / "hdr10.mp4"
+    if not source.exists():
+        clips.hdr10_video(source, frames=3)
+    info = probe(source)
+    assert settings.carries_hdr10
+    frames = upscale_frames(info, tmp_path, 2, FrameFormat.NPY)
+    output = encode_as_the_job_does(
+        info, frames, tmp_path / "out.mp4", tmp_path / "segments",
+        settings=settings_for_depth(settings, info.video.bit_depth), frame_format=FrameFormat.NPY,
+        chunk_frames=2,
+    )  # fmt: skip
+    side_data = _hdr_side_data(output)
+    assert set(side_data) == {"MASTERING_DISPLAY_METADATA", "CONTENT_LIGHT_LEVEL"}
+    # The values, as decoded: AV1 stores them in other fixed-point units than H.264/HEVC, so compare
+    # them in x265's units (0.00002, 0.0001 cd/m2), which both round to exactly.
+    hdr = probe(output).video.hdr
+    assert hdr.mastering is not None
+    assert hdr.mastering.x265_value() == clips.HDR10_MASTER_DISPLAY
+    assert hdr.content_light == clips.HDR10_MAX_CLL
 
 
 # --- failures leave nothing behind ---------------------------------------------------------------

@@ -134,9 +134,37 @@ def test_shell_wrapper_checks_its_arguments(tmp_path: Path) -> None:
     missing = subprocess.run(["bash", script, "in.mp4"], capture_output=True, text=True)
     assert missing.returncode == 2 and "expected INPUT OUTPUT SCALE" in missing.stderr
     bad_scale = subprocess.run(
-        ["bash", script, script, str(tmp_path / "o.mp4"), "5"], capture_output=True, text=True
+        ["bash", script, script, str(tmp_path / "o.mp4"), "two"], capture_output=True, text=True
     )
-    assert bad_scale.returncode == 2 and "SCALE must be 2, 3 or 4" in bad_scale.stderr
+    assert (
+        bad_scale.returncode == 2 and "SCALE must be a number (e.g. 2, 3 or 4), not 'two'" in bad_scale.stderr
+    )
+    # The range is the CLI's: the wrapper lets through what it takes and refuses what it refuses.
+    env = {**os.environ, "ESRFARM_PYTHON": sys.executable}
+    too_large = subprocess.run(
+        ["bash", script, script, str(tmp_path / "o.mp4"), "20"], capture_output=True, text=True, env=env
+    )
+    assert too_large.returncode == 2
+    assert too_large.stderr.strip() == "esrfarm upscale: error: --scale must be 0.0625 to 16, not 20"
+
+
+def test_a_scale_above_the_models_own_is_a_resize_and_says_so(
+    farm: list[WorkerProcess], farm_root: Path, clip_dir: Path, tmp_path: Path, tiny_model: Path
+) -> None:
+    source = clips.video(clip_dir / "seven.mp4", size="32x18", frames=2)
+    output = tmp_path / "out.mkv"
+    result = esrfarm(
+        "upscale", source, output, "--model", tiny_model, "--workers", ",".join(w.url for w in farm),
+        "--shared-root", farm_root, "--scale", "7", "--codec", "ffv1",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"{tiny_model.stem} is a x4 model: scale 7 resizes its x4 output by 1.75" in result.stderr
+    assert probe(output).video.width == 224
+    quiet = esrfarm(
+        "upscale", source, tmp_path / "out2.mkv", "--model", tiny_model, "--workers",
+        ",".join(w.url for w in farm), "--shared-root", farm_root, "--scale", "3", "--codec", "ffv1",
+    )  # fmt: skip
+    assert quiet.returncode == 0 and "resizes its" not in quiet.stderr, quiet.stderr
 
 
 def _status_files(root: Path) -> list[Path]:

@@ -26,7 +26,7 @@ from coordinator.client import HttpWorkerClient
 from manifests import Batch, FrameFormat, plan_batches
 from tests.workerutil import FifoGate, Job, WorkerProcess, encode_frame, make_job, read_frame, start_worker
 from worker.runtime import RuntimeSettings, load_upscaler
-from worker.service import BACKLOG, FD_RESERVE
+from worker.service import BACKLOG, FD_RESERVE, descriptor_budget
 
 _jobs = iter(range(1_000_000))
 
@@ -327,12 +327,15 @@ def test_health_stays_answerable_under_300_slow_clients(
         health = worker.get("/health")
         assert health.status == 200 and health.json()["state"] == "idle"
         log = worker.log_path.read_text()
-        assert f"at most {200 - FD_RESERVE - BACKLOG} connections" in log and "Too many open files" not in log
-        # The slow ones are closed: evicted for newer connections, or at the header timeout (2 s).
-        deadline = started + 15.0
+        limit, _ = descriptor_budget(200, 256)
+        assert f"at most {limit} connections" in log and "Too many open files" not in log
+        # The slow ones are closed: evicted for newer connections, or at the header timeout (2 s), or
+        # answered 503 at once if they came while every open one was busy.
+        deadline = started + 60.0
         for sock in slow:
             sock.settimeout(max(0.1, deadline - time.monotonic()))
-            assert received(sock) == b""  # raises TimeoutError for a connection held open
+            answer = received(sock)  # raises TimeoutError for a connection held open
+            assert answer == b"" or answer.startswith(b"HTTP/1.1 503"), answer
         # A body that never arrives gets 408 after the body timeout, and the worker still answers.
         status, body = raw_http(
             worker,
@@ -347,7 +350,31 @@ def test_health_stays_answerable_under_300_slow_clients(
         assert worker.stop() == 0
 
 
-def test_past_the_connection_limit_with_every_connection_busy_a_new_one_is_refused(
+def _busy_connection(host: str, port: int) -> socket.socket:
+    """A connection whose request is in its handler: whole headers, half a body. ``Expect:
+    100-continue`` makes the worker say when it took the request up (no sleeping on it)."""
+    sock = socket.create_connection((host, port), timeout=60)
+    sock.sendall(
+        b"POST /process_manifest HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Expect: 100-continue\r\nContent-Length: 100\r\n\r\n"
+    )
+    assert sock.recv(1024).startswith(b"HTTP/1.1 100"), "the worker did not take the request up"
+    sock.sendall(b"{")
+    return sock
+
+
+@pytest.mark.parametrize("soft", [200, 256, 1024, 65536])
+@pytest.mark.parametrize("max_connections", [4, 256, 10_000])
+def test_the_descriptor_budget_leaves_the_workers_own_and_an_accept_burst(
+    soft: int, max_connections: int
+) -> None:
+    limit, lingering = descriptor_budget(soft, max_connections)
+    assert 4 <= limit <= max_connections
+    assert limit + lingering + FD_RESERVE + 2 * BACKLOG <= soft
+    assert lingering >= 1
+
+
+def test_past_the_connection_limit_with_every_connection_busy_a_new_one_gets_503(
     shared_root: Path, tiny_model: Path, tmp_path: Path
 ) -> None:
     worker = start_worker(
@@ -356,24 +383,58 @@ def test_past_the_connection_limit_with_every_connection_busy_a_new_one_is_refus
     host, port = worker.url.removeprefix("http://").rsplit(":", 1)
     busy: list[socket.socket] = []
     try:
-        for _ in range(4):  # whole headers, half a body: each holds a request in progress
-            sock = socket.create_connection((host, int(port)), timeout=10)
-            sock.sendall(
-                b"POST /process_manifest HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                b"Content-Length: 100\r\n\r\n{"
-            )
-            busy.append(sock)
-        time.sleep(0.5)  # let the worker start handling all four
-        with socket.create_connection((host, int(port)), timeout=10) as extra:
-            extra.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-            assert received(extra) == b""  # closed unanswered: nothing busy could give way
-        assert "every one busy: refusing a new one" in worker.log()
+        busy = [_busy_connection(host, int(port)) for _ in range(4)]
+        status, body = raw_http(worker, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert status == 503 and b"too many connections" in body  # answered: nothing busy could give way
+        assert "every one busy: answering a new one 503" in worker.log()
         for sock in busy:  # the body timeout ends them, and the worker answers again
             assert sock.recv(1024).startswith(b"HTTP/1.1 408")
         assert worker.get("/health").status == 200
     finally:
         for sock in busy:
             sock.close()
+        assert worker.stop() == 0
+
+
+def test_a_flood_of_posts_gets_http_answers_and_the_client_retries_the_503s(
+    shared_root: Path, tiny_model: Path, tmp_path: Path
+) -> None:
+    """200 simultaneous POSTs to a worker of 8 connections: each gets an answer (one 202, 409s,
+    503s with Retry-After), none a reset; the coordinator's client gets through a full worker."""
+    worker = start_worker(shared_root, tiny_model, tmp_path, args=["--max-connections", "8"])
+    job = new_job(shared_root, 2)
+    path = job.write_manifest(job.manifest("flood", tiny_model.stem, plan_batches(2, 2, ["w"]).batches))
+    host, port = worker.url.removeprefix("http://").rsplit(":", 1)
+    request = (
+        f"POST /process_manifest HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(orjson.dumps({'manifest_path': path}))}\r\nConnection: close\r\n\r\n"
+    ).encode() + orjson.dumps({"manifest_path": path})
+
+    def post() -> tuple[int, bytes]:
+        return raw_http(worker, request, timeout=60)
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=200) as pool:
+            answers = list(pool.map(lambda _: post(), range(200)))  # a reset raises here
+        codes = [status for status, _ in answers]
+        assert set(codes) <= {202, 409, 503} and 202 in codes, sorted(set(codes))  # 202 again once done
+        worker.wait_final("flood", job.layout.job_id)
+
+        async def through_a_full_worker() -> None:
+            blockers = [_busy_connection(host, int(port)) for _ in range(8)]
+            shed = worker.log_path.read_text().count("answering a new one 503")
+            async with aiohttp.ClientSession() as session:
+                client = HttpWorkerClient(worker.url, session, timeout_s=60)
+                task = asyncio.ensure_future(client.health())
+                while worker.log_path.read_text().count("answering a new one 503") == shed:
+                    await asyncio.sleep(0.02)
+                for sock in blockers:  # the bodies complete (400): the connections free up
+                    sock.sendall(b"}" + b" " * 98)
+                    sock.close()
+                assert (await task)["ready"] is True
+
+        asyncio.run(through_a_full_worker())
+    finally:
         assert worker.stop() == 0
 
 

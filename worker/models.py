@@ -82,7 +82,7 @@ CATALOG: dict[str, ModelSpec] = {
             sha256="b8a8376811077954d82ca3fcf476f1ac3da3e8a68a4f4d71363008000a18b75d",
             size=2504012,
             ncnn="realesr-animevideov3-x4",
-            description="fast; anime and general video (the default)",
+            description="fast; made for animation (the default)",
         ),
         ModelSpec(
             name="realesrgan-x4plus",

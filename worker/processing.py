@@ -149,6 +149,7 @@ class ManifestRun:
         io_threads: int = 4,
         fsync_frames: bool = True,
         clock: Callable[[], float] = time.time,
+        on_status_unwritable: Callable[[OSError], None] | None = None,
     ) -> None:
         self.manifest = manifest
         self.dirs = dirs
@@ -160,6 +161,7 @@ class ManifestRun:
         self._io_threads = io_threads
         self._fsync = fsync_frames
         self._clock = clock
+        self._on_status_unwritable = on_status_unwritable
         self._stop = asyncio.Event()
         self._cancel_reads = threading.Event()  # seen by the reader threads, between frames and in pipes
         self._stop_reason = ""
@@ -220,8 +222,19 @@ class ManifestRun:
     # -- the pipeline -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Write the initial ``processing`` status. Raises OSError if the status file cannot be written."""
-        await self._io(self.dirs.status.write_bytes_atomic, self.dirs.status_name, self.status_bytes)
+        """Write the initial ``processing`` status. Raises OSError if the status file cannot be written
+        (the run is then ``failed`` as /status shows it)."""
+        try:
+            await self._io(self.dirs.status.write_bytes_atomic, self.dirs.status_name, self.status_bytes)
+        except OSError as exc:
+            message = f"cannot write the status file: {exc.strerror or exc}"
+            self.status = self.status.evolve(
+                state=WorkerState.FAILED, finished_at=self._clock(), message=message
+            )
+            self.status_bytes = self.status.to_json()
+            if self._on_status_unwritable is not None:
+                self._on_status_unwritable(exc)
+            raise
         log.info(
             "%s: started, %d batch(es), %d frame(s)",
             self._name,
@@ -421,6 +434,9 @@ class ManifestRun:
                 log.error(
                     "%s: cannot write status file %s: %s", self._name, loggable(self.dirs.status_file), exc
                 )
+                if self._on_status_unwritable is not None:
+                    # Nobody can see what this run claims: the service says so over HTTP and stops it.
+                    self._on_status_unwritable(exc)
             if not self._status_replaced_logged and directory.replaced():
                 self._status_replaced_logged = True
                 log.error(

@@ -2,10 +2,14 @@
 
 Endpoints (all JSON except /metrics)::
 
-    GET  /health            200 once the model is loaded and warm, 503 before (or if loading failed)
-    GET  /status            the status file of the current or last manifest
+    GET  /health            200 once the model is loaded and warm, 503 before (or if loading failed);
+                            ``storage_writable`` false (and ``storage_error``) while the shared root
+                            cannot be written
+    GET  /status            the status of the current or last manifest (as its status file has it, or
+                            would, when the file cannot be written: its message then says why)
     POST /process_manifest  {"manifest_path": "jobs/<id>/manifests/w0.json"}: 202 started, 409 busy,
-                            400 bad manifest, 403 path outside the shared root, 503 model not ready
+                            400 bad manifest, 403 path outside the shared root, 503 model not ready or
+                            shared root not writable (with ``Retry-After``)
     POST /reset             stop the running manifest at the next batch boundary; 200 when it has stopped
     GET  /metrics           Prometheus text
 
@@ -23,6 +27,11 @@ from the connection's start), a body must arrive within ``body_timeout_s``, and 
 closes the oldest connection with no request in progress (:class:`ConnectionGuard`), so
 ``/health`` stays answerable under any number of slow clients.
 
+A worker that cannot write the shared root (its status file or a probe file there: a read-only or
+full mount, say) stops its manifest, says so in ``/health`` and ``/status``, takes no manifest, and
+tries a probe file every ``storage_probe_interval_s`` until a write succeeds again: the coordinator,
+which would otherwise wait for a status file that never changes, takes its batches away at once.
+
 Every file is opened safely (:mod:`manifests.atomic`): the manifest is read only if it is a regular
 file no larger than ``max_manifest_bytes``, without blocking and without following a symlink; the
 manifest's directories are opened once at submit, walking from the shared root without following
@@ -36,6 +45,7 @@ import contextlib
 import hmac
 import ipaddress
 import logging
+import math
 import os
 import resource
 import signal
@@ -86,12 +96,20 @@ def _version() -> str:
 
 
 class RequestError(Exception):
-    """A request the worker refuses; becomes a JSON ``{"error": ...}`` response with ``status``."""
+    """A request the worker refuses; becomes a JSON ``{"error": ...}`` response with ``status``
+    (and ``Retry-After`` when ``retry_after_s`` says when trying again may help)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, retry_after_s: float | None = None) -> None:
         self.status = status
         self.message = message
+        self.retry_after_s = retry_after_s
         super().__init__(message)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        if self.retry_after_s is None:
+            return {}
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after_s)))}
 
 
 def load_runtime_model(settings: WorkerSettings) -> Upscaler:
@@ -142,6 +160,8 @@ class WorkerService:
         self.task: asyncio.Task[Status] | None = None
         self._submitting = False  # a manifest is being read and checked: at most one at a time
         self.fatal = asyncio.Event()  # set when the model cannot be loaded: the process should exit
+        self.storage_error: str | None = None  # why the shared root cannot be written, while it cannot
+        self._storage_probe: asyncio.Task[None] | None = None
 
     def set_worker_id(self, worker_id: str) -> None:
         self.identity = WorkerIdentity(worker_id, self.identity.host, self.identity.pid)
@@ -174,10 +194,45 @@ class WorkerService:
         )
         self.state = "idle"
         self.metrics.ready.set(1)
+        await self._probe_storage_once()
         log.info(
             "ready: %s (%s) x%g %s on %s", upscaler.model_name, upscaler.architecture, upscaler.scale,
             upscaler.precision, upscaler.device_name,
         )  # fmt: skip
+
+    # -- shared storage -------------------------------------------------------------------------
+
+    def storage_unwritable(self, exc: OSError) -> None:
+        """A write to the shared root failed: the run in progress stops (nobody could see what it
+        claims), /health and /status say why, no manifest is taken, and the root is tried again every
+        ``storage_probe_interval_s`` until a write succeeds."""
+        reason = f"the shared storage is not writable from this worker: {exc.strerror or exc}"
+        if self.storage_error is None:
+            log.error("%s; taking no manifest until it is", reason)
+        self.storage_error = reason
+        if self.run is not None and self.busy:
+            self.run.request_stop(reason)
+        if self._storage_probe is None or self._storage_probe.done():
+            self._storage_probe = asyncio.get_running_loop().create_task(self._probe_storage_until_writable())
+
+    async def _probe_storage_once(self) -> bool:
+        """Create and remove a small file in the shared root (off the event loop); True if it worked."""
+        try:
+            await in_daemon_thread(_probe_writable, self.shared_root, self.identity.pid)
+        except OSError as exc:
+            self.storage_unwritable(exc)
+            return False
+        return True
+
+    async def _probe_storage_until_writable(self) -> None:
+        while self.storage_error is not None:
+            await asyncio.sleep(self.settings.storage_probe_interval_s)
+            try:
+                await in_daemon_thread(_probe_writable, self.shared_root, self.identity.pid)
+            except OSError:
+                continue
+            self.storage_error = None
+            log.info("the shared storage is writable again; taking manifests")
 
     # -- manifests ----------------------------------------------------------------------------
 
@@ -197,6 +252,8 @@ class WorkerService:
     async def submit(self, manifest_path: str) -> ManifestRun:
         if self.upscaler is None:
             raise RequestError(503, f"the model is not ready (state {self.state})")
+        if self.storage_error is not None:
+            raise RequestError(503, self.storage_error, retry_after_s=self.settings.storage_probe_interval_s)
         if self.busy:
             raise RequestError(409, self._busy_message())
         if self._submitting:
@@ -220,6 +277,7 @@ class WorkerService:
             part_pixels=settings.part_pixels,
             io_threads=settings.io_threads,
             fsync_frames=settings.fsync_frames,
+            on_status_unwritable=self.storage_unwritable,
         )
         self.run, self.task = run, asyncio.create_task(self._process(run))
         return run
@@ -288,7 +346,10 @@ class WorkerService:
         self.state = "processing"
         self.metrics.busy.set(1)
         try:
-            await run.start()
+            try:
+                await run.start()
+            except OSError:  # the status file cannot be written: the run said so and failed
+                return run.status
             return await run.run()
         finally:
             run.dirs.release()
@@ -343,6 +404,8 @@ class WorkerService:
                 self.task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self.task
+        if self._storage_probe is not None:
+            self._storage_probe.cancel()
         self.compute.shutdown(wait=False, cancel_futures=True)
 
     # -- views --------------------------------------------------------------------------------
@@ -350,7 +413,9 @@ class WorkerService:
     def status_bytes(self) -> bytes:
         if self.run is not None:
             return self.run.status_bytes
-        return Status(state=WorkerState.IDLE, worker=self.identity, updated_at=time.time()).to_json()
+        return Status(
+            state=WorkerState.IDLE, worker=self.identity, updated_at=time.time(), message=self.storage_error
+        ).to_json()
 
     def health(self) -> dict[str, Any]:
         upscaler = self.upscaler
@@ -371,6 +436,8 @@ class WorkerService:
             "gpu_memory": memory,
             "tile": self.settings.tile,
             "tile_pad": self.settings.tile_pad,
+            "storage_writable": self.storage_error is None,
+            "storage_error": self.storage_error,
             "job_id": current.job_id if current else None,
             "manifest_id": current.manifest_id if current else None,
             "worker_id": self.identity.worker_id,
@@ -379,6 +446,20 @@ class WorkerService:
             "uptime_s": round(time.monotonic() - self.started, 3),
             "version": _version(),
         }
+
+
+PROBE_NAME = ".esrfarm-write-probe-{pid}"
+
+
+def _probe_writable(shared_root: Path, pid: int) -> None:
+    """Create, write and remove a small file in ``shared_root``; raises OSError if it cannot. Blocking."""
+    path = shared_root / PROBE_NAME.format(pid=pid)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, b"esrfarm")
+    finally:
+        os.close(fd)
+    os.unlink(path)
 
 
 def _refusal(what: str, exc: OSError | UnsafeFileError) -> RequestError:
@@ -450,7 +531,7 @@ async def process_manifest(request: web.Request) -> web.Response:
         log.info(
             "refused manifest %s: %s %s", loggable(body["manifest_path"]), exc.status, loggable(exc.message)
         )
-        return _error(exc.status, exc.message)
+        return _error(exc.status, exc.message, **exc.headers)
     manifest = run.manifest
     return _json(
         {
@@ -580,32 +661,54 @@ class ConnectionGuard:
     """The protocol factory of the worker's listening socket: keeps at most ``limit`` connections.
 
     A connection beyond the limit closes the oldest one that has no request in progress: first one
-    that has never sent whole headers (a slow client), then one idle between requests; if every one
-    is busy (a request in progress, or parsed and waiting for its handler),
-    the new connection is closed instead. The worker's own descriptors are kept clear of the limit,
+    that has sent part of its headers and no more (a slow client), then one idle between requests
+    (every request it sent answered).
+    A connection that has sent nothing yet is never closed for a newer one: it may be one of a burst
+    accepted at once whose requests the event loop has not read yet (it ends at the header timeout
+    if it stays silent). If none can give way (every one busy: a request in progress, or parsed and
+    waiting for its handler, or just accepted),
+    the new connection is answered 503 with ``Retry-After`` instead (:class:`_Refused`), which the
+    coordinator's client retries. The worker's own descriptors are kept clear of the limit,
     so accepting never fails for want of one and ``/health`` stays answerable.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, linger_limit: int = BACKLOG) -> None:
         self.limit = limit
+        self.linger_limit = linger_limit  # refused connections being answered 503 at once, at most
+        self.lingering = 0
         self.server: web.Server | None = None
         self._busy: dict[RequestHandler, int] = {}
+        self._heard: dict[
+            RequestHandler, int
+        ] = {}  # connections that have sent something -> requests answered
 
     def __call__(self) -> asyncio.BaseProtocol:
         assert self.server is not None, "attach the runner's server first"
         open_now = [h for h in self.server.connections if h.transport is not None]
         if len(open_now) >= self.limit:
-            # A connection that has never sent whole headers goes first (a slow client), then one idle
+            # A connection that has sent part of its headers goes first (a slow client), then one idle
             # between requests; a connection whose request has arrived (a /health probe waiting for
-            # its handler to run) counts as busy.
-            idle = next((h for h in open_now if h not in self._busy and not _requests_seen(h)), None)
+            # its handler to run), or that has sent nothing yet, counts as busy.
+            free = [h for h in open_now if h not in self._busy and self._between_requests(h)]
+            idle = next((h for h in free if not _requests_seen(h)), None) or next(iter(free), None)
             if idle is None:
-                idle = next((h for h in open_now if h not in self._busy and not _request_waiting(h)), None)
-            if idle is None:
-                log.warning("%d connections, every one busy: refusing a new one", len(open_now))
-                return _Refused()
+                log.warning("%d connections, every one busy: answering a new one 503", len(open_now))
+                return _Refused(self)
             idle.force_close()
-        return self.server()
+        return _Heard(self.server(), self)
+
+    def _between_requests(self, handler: RequestHandler) -> bool:
+        """The connection has sent something, and every request it sent has been answered (or it
+        waits for the rest of its first request's headers)."""
+        if handler not in self._heard:
+            return False
+        return _awaiting_request(handler) or 0 < _requests_seen(handler) == self._heard[handler]
+
+    def heard(self, handler: RequestHandler) -> None:
+        self._heard.setdefault(handler, 0)
+
+    def gone(self, handler: RequestHandler) -> None:
+        self._heard.pop(handler, None)
 
     @contextlib.contextmanager
     def active(self, handler: RequestHandler) -> Iterator[None]:
@@ -616,6 +719,8 @@ class ConnectionGuard:
             self._busy[handler] -= 1
             if not self._busy[handler]:
                 del self._busy[handler]
+            if handler in self._heard:
+                self._heard[handler] += 1
 
 
 def _requests_seen(handler: RequestHandler) -> int:
@@ -623,26 +728,105 @@ def _requests_seen(handler: RequestHandler) -> int:
     return int(getattr(handler, "_request_count", 0))
 
 
-def _request_waiting(handler: RequestHandler) -> bool:
-    """Whether a parsed request waits on the connection for its handler to start."""
-    return bool(getattr(handler, "_messages", ()))
+def _awaiting_request(handler: RequestHandler) -> bool:
+    """Whether the connection's handler is parked waiting for a request to arrive: none is queued,
+    none is being handled, no answer is being written (aiohttp's request loop sets ``_waiter`` only
+    there; a request parsed but not yet taken up, or handled, leaves it unset or done)."""
+    waiter = getattr(handler, "_waiter", None)
+    return waiter is not None and not waiter.done()
+
+
+REFUSAL = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+    b"Connection: close\r\nContent-Length: %d\r\n\r\n%s"
+)
+REFUSAL_BODY = b'{"error": "too many connections, every one busy; try again"}'
+REFUSAL_LINGER_S = 2.0  # a refused connection is read (and dropped) this long at most, for its answer
+
+
+class _Heard(asyncio.Protocol):
+    """The protocol of an accepted connection: aiohttp's handler, telling the guard that the
+    connection has sent something, and that it is gone (the handler's own slots cannot be added to)."""
+
+    def __init__(self, handler: RequestHandler, guard: ConnectionGuard) -> None:
+        self.handler = handler
+        self._guard = guard
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.handler.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._guard.heard(self.handler)
+        self.handler.data_received(data)
+
+    def eof_received(self) -> None:
+        self.handler.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._guard.gone(self.handler)
+        self.handler.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.handler.resume_writing()
 
 
 class _Refused(asyncio.Protocol):
-    """A connection closed as soon as it is made."""
+    """A connection answered 503 with ``Retry-After`` as soon as it is made, without a request being
+    read: what the client sends meanwhile is read and dropped until it closes (or for
+    ``REFUSAL_LINGER_S``), since closing a socket with unread data resets it before the client
+    reads the answer. At most ``guard.linger_limit`` linger at once (the descriptors the connection
+    limit leaves); past that a connection is just closed."""
+
+    def __init__(self, guard: ConnectionGuard) -> None:
+        self._guard = guard
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.close()
+        assert isinstance(transport, asyncio.Transport)
+        if self._guard.lingering >= self._guard.linger_limit:  # no descriptor to spare: just closed
+            transport.close()
+            return
+        self._guard.lingering += 1
+        self._transport = transport
+        transport.write(REFUSAL % (len(REFUSAL_BODY), REFUSAL_BODY))
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._timer = asyncio.get_running_loop().call_later(REFUSAL_LINGER_S, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._transport is not None:
+            self._guard.lingering -= 1
+            self._transport = None
+        if self._timer is not None:
+            self._timer.cancel()
 
 
-def connection_limit(settings: WorkerSettings) -> int:
-    """``max_connections``, lowered to fit the descriptor limit: below it stay the worker's own
-    descriptors (files, pipes, the model) and one accept burst (the event loop accepts up to
-    ``BACKLOG`` connections before the guard sees any of them)."""
+def descriptor_budget(soft_limit: int | None, max_connections: int) -> tuple[int, int]:
+    """(connections kept open at most, connections being answered 503 at most) within a descriptor
+    limit of ``soft_limit`` (None: unlimited). Kept clear below it: the worker's own descriptors
+    (files, pipes, the model: ``FD_RESERVE``) and an accept burst (the event loop accepts up to
+    ``BACKLOG`` connections before the guard sees any of them, and each may close an older one whose
+    descriptor is released only on the loop's next turn: twice ``BACKLOG``)."""
+    if soft_limit is None:
+        return max_connections, 4 * BACKLOG
+    available = soft_limit - FD_RESERVE - 2 * BACKLOG
+    limit = max(4, min(max_connections, available - min(BACKLOG, available // 4)))
+    return limit, max(0, min(4 * BACKLOG, available - limit))
+
+
+def _descriptor_budget(settings: WorkerSettings) -> tuple[int, int]:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return settings.max_connections
-    return max(4, min(settings.max_connections, soft - FD_RESERVE - BACKLOG))
+    return descriptor_budget(None if soft == resource.RLIM_INFINITY else soft, settings.max_connections)
 
 
 FD_RESERVE = 64  # descriptors kept for the worker's own use below the connection limit
@@ -652,7 +836,7 @@ CONNECTIONS = web.AppKey("connections", ConnectionGuard)
 
 def create_app(settings: WorkerSettings, *, load_model: ModelLoader = load_runtime_model) -> web.Application:
     """The worker app. The model loads in the background once the app starts (/health is 503 until then)."""
-    guard = ConnectionGuard(connection_limit(settings))
+    guard = ConnectionGuard(*_descriptor_budget(settings))
     middlewares: list[Middleware] = [_connection_tracker(guard), _errors_as_json]
     if settings.token is not None:
         middlewares.append(_auth_middleware(settings.token))

@@ -55,6 +55,7 @@ class WorkerSettings:
     fsync_frames: bool = True  # fsync each output frame before its batch is claimed as done
     shutdown_timeout_s: float = 90.0  # on SIGTERM, how long the current batch may take to finish
     reset_timeout_s: float = 60.0  # how long POST /reset waits for the batch in flight
+    storage_probe_interval_s: float = 2.0  # while the shared root is not writable, how often to try again
     simulate_latency_ms: float | None = None  # benchmarks only: no model, a fixed latency per frame
 
     def __post_init__(self) -> None:
@@ -94,7 +95,10 @@ class WorkerSettings:
             raise SettingsError(f"--tile-pad must be between 0 and {MAX_TILE_PAD}, not {self.tile_pad}")
         if self.simulate_latency_ms is not None and self.simulate_latency_ms < 0:
             raise SettingsError(f"--simulate-latency-ms must be 0 or more, not {self.simulate_latency_ms}")
-        for name in ("shutdown_timeout_s", "reset_timeout_s", "header_timeout_s", "body_timeout_s"):
+        for name in (
+            "shutdown_timeout_s", "reset_timeout_s", "header_timeout_s", "body_timeout_s",
+            "storage_probe_interval_s",
+        ):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be above 0, not {getattr(self, name)}")
 
