@@ -240,6 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: A progress bar's format: a stage with a count, and one without (probing, loading the model: its
+#: name and time, no empty bar). Also the service client's (service/cli.py, submit --wait).
+BAR_COUNTED = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}"
+BAR_UNCOUNTED = "{desc} ... {elapsed}"
+
+
 class ProgressDisplay:
     """The job's progress on stderr: one bar that updates in place (tqdm) on a terminal, a log line
     per stage and every ``interval_s`` otherwise. (Warnings are log records; the CLI routes them
@@ -288,12 +294,10 @@ class ProgressDisplay:
         if not isinstance(bar, tqdm) or p.stage != self._stage:
             self.close()
             unit = "segment" if p.stage == "joining" else "frame"
-            # A stage without a count (probing, loading the model) shows its name and time, no bar.
-            counted = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}"
             bar = tqdm(
                 total=p.total or None, desc=f"{p.stage:13s}", unit=unit, file=self.stream,
                 dynamic_ncols=self._sized(), ncols=None if self._sized() else 100, leave=False,
-                bar_format=counted if p.total else "{desc} ... {elapsed}",
+                bar_format=BAR_COUNTED if p.total else BAR_UNCOUNTED,
             )  # fmt: skip
             self._bar, self._stage, self._drawn = bar, p.stage, False
         if (bar.n, bar.total) == (p.done, p.total or None) and self._drawn:

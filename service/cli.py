@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from coordinator.cli import FLAGS, farm_settings_from_args
+from coordinator.cli import BAR_COUNTED, BAR_UNCOUNTED, FLAGS, farm_settings_from_args
 from coordinator.errors import SpecError
 from coordinator.spec import DEFAULT_MODEL
 from manifests.chunks import parse_size
@@ -382,7 +382,14 @@ def _wait(client: Client, jobs: list[dict[str, Any]], since: int) -> int:
 
     state = {job["id"]: job for job in jobs}
     bars = {
-        job["id"]: tqdm(total=None, desc=f"{job['id'][:8]} queued", unit="frame", position=i, leave=True)
+        job["id"]: tqdm(
+            total=None,
+            desc=f"{job['id'][:8]} queued",
+            unit="frame",
+            position=i,
+            leave=True,
+            bar_format=BAR_UNCOUNTED,
+        )
         for i, job in enumerate(jobs)
     }
     for job in jobs:  # jobs may have ended before the stream starts
@@ -396,8 +403,10 @@ def _wait(client: Client, jobs: list[dict[str, Any]], since: int) -> int:
             state[job["id"]] = job
             bar = bars[job["id"]]
             bar.total = job["frames_total"] or None
+            bar.bar_format = BAR_COUNTED if bar.total else BAR_UNCOUNTED  # no empty bar, no "0frame"
             bar.n = job["frames_done"]
             bar.set_description(f"{job['id'][:8]} {job['stage'] or job['state']}", refresh=False)
+            bar.set_postfix_str(f"{job['fps']:.2f} fps" if job.get("fps") else "", refresh=False)
             bar.refresh()
             if job["state"] in TERMINAL_STATES:
                 pending.discard(job["id"])

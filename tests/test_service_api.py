@@ -393,6 +393,7 @@ def test_submit_wait_cli(service: ServiceProcess, inputs: Path, model: str) -> N
         capture_output=True, text=True, timeout=120, env=env, cwd=REPO,
     )  # fmt: skip
     assert good.returncode == 0, good.stderr
+    assert "0frame" not in good.stderr and ": :" not in good.stderr, good.stderr  # no empty bar
     ids = good.stdout.split()[:2]
     assert all(service.job(i)["state"] == "done" for i in ids)
     bad = subprocess.run(
