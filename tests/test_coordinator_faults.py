@@ -253,9 +253,10 @@ def test_ctrl_c_stops_quietly_and_the_rerun_says_it_resumes(tiny_model: Path, tm
         start_new_session=True,  # its own process group, as a shell gives a foreground job
     )  # fmt: skip
     deadline = time.monotonic() + 240
-    while len(list(root.glob("jobs/*/output/*.png"))) < 20 and process.poll() is None:
+    while len(list(root.glob("jobs/*/output/0*"))) < 20 and process.poll() is None:
         assert time.monotonic() < deadline, "the job never got to upscale"
         time.sleep(0.01)
+    assert process.poll() is None, "the job ended before it could be interrupted"
     os.killpg(process.pid, signal.SIGINT)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 130, stderr
