@@ -122,8 +122,15 @@ def frame_difference(a: np.ndarray, b: np.ndarray, *, yuv: bool, bits: int = 8) 
 class DuplicateFinder:
     """Frame by frame, in order: which earlier frame of the chunk (if any) each one repeats."""
 
-    def __init__(self, *, yuv: bool, bits: int = 8, threshold: float = THRESHOLD) -> None:
-        self.yuv, self.bits, self.threshold = yuv, bits, threshold
+    def __init__(
+        self,
+        *,
+        yuv: bool,
+        bits: int = 8,
+        threshold: float = THRESHOLD,
+        shift_threshold: float = SHIFT_THRESHOLD,
+    ) -> None:
+        self.yuv, self.bits, self.threshold, self.shift_threshold = yuv, bits, threshold, shift_threshold
         self._reference: tuple[int, np.ndarray] | None = None
         self.differences: list[Difference] = []  # each compared frame's, for measurements
 
@@ -134,7 +141,7 @@ class DuplicateFinder:
             reference, kept = self._reference
             difference = frame_difference(kept, frame, yuv=self.yuv, bits=self.bits)
             self.differences.append(difference)
-            if difference.is_repeat(self.threshold):
+            if difference.is_repeat(self.threshold, self.shift_threshold):
                 return reference
         self._reference = (index, frame.copy())
         return None
@@ -147,9 +154,10 @@ def find_duplicates(
     yuv: bool,
     bits: int = 8,
     threshold: float = THRESHOLD,
+    shift_threshold: float = SHIFT_THRESHOLD,
 ) -> DuplicateMap:
     """The duplicate map of ``frames`` (frame 1 first) cut as ``plan`` cuts them."""
-    finder = DuplicateFinder(yuv=yuv, bits=bits, threshold=threshold)
+    finder = DuplicateFinder(yuv=yuv, bits=bits, threshold=threshold, shift_threshold=shift_threshold)
     duplicates: dict[int, int] = {}
     count = 0
     first_frames = {chunk.first for chunk in plan.chunks}
