@@ -10,9 +10,12 @@ a moving mouth, a small object) fills most of one window and scores high; compre
 held frame is spread thin and scores low. The frame is a duplicate when the score is at most
 :data:`THRESHOLD`.
 
-The threshold is measured (``benchmarks/dedup.py``, RESULTS.md "Held frames"): libx264 at CRF 28
-leaves held 320x180 frames of Big Buck Bunny at most 1.4 apart, at CRF 18 at most 0.9, while a
-16x16 patch swapped, one step of a 1-pixel pan or of a slow fade score 3 or more.
+The thresholds are measured (``benchmarks/dedup.py``, RESULTS.md "Held frames (--dedup)"): on
+320x180 frames of Big Buck Bunny, libx264 re-encoding leaves held frames at most 2.8 (CRF 18) and
+4.8 (CRF 28) apart in a window, and their luma shift under 0.1; one step of a 1-pixel pan scores 5.1
+or more, a 16x16 patch swapped for another part of the picture 8.6, and one step of a slow fade
+(about 2 levels a frame at most) shifts luma by 0.33 or more. :data:`THRESHOLD` errs towards
+upscaling: some noisy repeats at CRF 28 are upscaled again.
 
 What it cannot see: a change smaller than about a quarter of a window at a few levels (a 2x2 pixel
 dot changing by 40 levels scores 0.6), and a change of the whole picture by less than the threshold
