@@ -347,6 +347,8 @@ class Job:
         spec = self.spec
         self._report(Stage.PROBING, 0, 0)
         media = await self._in_thread(self._probe)
+        if spec.dedup and not isinstance(media, VideoMedia):
+            raise JobError("cannot start: --dedup is for videos (no image repeats another)", resumable=False)
         # The frame files' format, decided once: every model's native scale is a whole number, which
         # keeps the frame sides' parity, so the scale the workers will tell does not change it.
         try:
@@ -532,9 +534,7 @@ class Job:
 
     def _duplicate_map(self, plan: ChunkPlan) -> DuplicateMap:
         """--dedup: the map an earlier run kept, or one found now (a decode of the whole video)."""
-        assert self.layout is not None
-        if not isinstance(self.media, VideoMedia):
-            raise JobError("cannot start: --dedup is for videos (no image repeats another)", resumable=False)
+        assert self.layout is not None and isinstance(self.media, VideoMedia)
         started = time.monotonic()
         yuv = self._yuv
         bits = yuv.bits if yuv is not None else self.media.bit_depth

@@ -3,6 +3,7 @@ and ``esrfarm upscale --dedup`` end to end with real worker processes (and a res
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ import orjson
 import pytest
 
 from coordinator.dedup import DuplicateFinder, find_duplicates, frame_difference
+from coordinator.errors import JobError
 from coordinator.extract import decode_frames
 from coordinator.probe import probe
 from manifests.chunkbook import ChunkBook, ChunkStage
@@ -24,6 +26,10 @@ from manifests.chunks import plan_chunks
 from manifests.dedup import DEDUP_FILE, DuplicateMap, chunk_sources, plan_unique_batches
 from manifests.errors import DocumentError
 from tests import clips
+from tests.fakeworkers import fake_farm
+from tests.test_images import picture
+from tests.test_job_engine import farm as fake_farm_settings
+from tests.test_job_engine import run, spec
 from tests.test_upscale_e2e import esrfarm
 from tests.videocheck import assert_faithful_upscale
 from tests.workerutil import REPO, WorkerProcess, start_worker
@@ -308,3 +314,13 @@ def test_upscale_dedup_resumes_after_sigkill(
         decode_frames(probe(held_clip), yuv=True), _plan(24, chunk_frames=8), yuv=True
     )  # the map the job used, found again
     _check_dedup_output(held_clip, output, plain_output, dedup)
+
+
+def test_dedup_is_refused_for_images_before_a_job_directory_exists(tmp_path: Path) -> None:
+    source = picture(tmp_path / "photo.png", (8, 8))
+    root = tmp_path / "root"
+    _, _, error = asyncio.run(
+        run(spec(source, tmp_path / "out.png", dedup=True), fake_farm(root, 1), fake_farm_settings(root))
+    )
+    assert isinstance(error, JobError) and "--dedup is for videos" in str(error), error
+    assert not any((root / "jobs").glob("*/job.json"))
