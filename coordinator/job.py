@@ -513,8 +513,7 @@ class Job:
             plan, batches, budget=budget, encoded=encoded, outputs_on_disk=on_disk, held=held
         )
         self._to_extract = frozenset(c.index for c in book.in_stage(ChunkStage.WAITING))
-        found = book.in_stage(ChunkStage.UPSCALED) + book.in_stage(ChunkStage.ENCODED)
-        self._frames_found = sum(c.count - sum(1 for f in c.frames if f in held) for c in found)
+        self._frames_found = book.frames_in(ChunkStage.UPSCALED, ChunkStage.ENCODED)
         self._encoded_before = book.frames_in(ChunkStage.ENCODED)
         if self.run_number > 1:
             log.info(
@@ -530,6 +529,9 @@ class Job:
             plan.chunk_frames,
             format_size(spec.max_disk),
         )
+        if held:  # held frames are upscaled by no worker: progress counts the upscaled frames
+            found = book.in_stage(ChunkStage.UPSCALED) + book.in_stage(ChunkStage.ENCODED)
+            self._frames_found -= sum(1 for chunk in found for frame in chunk.frames if frame in held)
         self._extraction = asyncio.ensure_future(self._in_thread(self._extract))
 
     def _duplicate_map(self, plan: ChunkPlan) -> DuplicateMap:
