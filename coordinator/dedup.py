@@ -8,14 +8,16 @@ resolution and local: the score of a pair is the largest mean absolute differenc
 channel), laid every half window, on the 8-bit scale. A change confined to a small area (a blink,
 a moving mouth, a small object) fills most of one window and scores high; compression noise on a
 held frame is spread thin and scores low. The frame is a duplicate when the score is at most
-:data:`THRESHOLD`.
+:data:`THRESHOLD` and no plane's mean over the whole picture moved by more than
+:data:`SHIFT_THRESHOLD` (a fade moves every sample a little; noise moves the mean hardly at all).
 
 The thresholds are measured (``benchmarks/dedup.py``, RESULTS.md "Held frames (--dedup)"): on
 320x180 frames of Big Buck Bunny, libx264 re-encoding leaves held frames at most 2.8 (CRF 18) and
-4.8 (CRF 28) apart in a window, and their luma shift under 0.1; one step of a 1-pixel pan scores 5.2
-or more, a 16x16 patch swapped for another part of the picture 10.3, and one step of a slow fade
-(about 2 levels a frame at most) shifts luma by 0.33 or more. :data:`THRESHOLD` errs towards
-upscaling: some noisy repeats at CRF 28 are upscaled again.
+4.8 (CRF 28) apart in a window, and their shift in any plane under 0.09; one step of a 1-pixel pan
+scores 5.2 or more, a 16x16 patch swapped for another part of the picture 10.3, and one step of a
+slow fade (about 2 levels a frame at most) shifts a plane by 0.33 or more (a dark blue picture's
+chroma by 0.28). :data:`THRESHOLD` errs towards upscaling: some noisy repeats at CRF 28 are
+upscaled again.
 
 What it cannot see: a change smaller than about a quarter of a window at a few levels (a 2x2 pixel
 dot changing by 40 levels scores 0.6), and a change of the whole picture by less than the threshold
@@ -49,7 +51,7 @@ log = logging.getLogger(__name__)
 BLOCK = 16
 #: The largest window mean absolute difference (8-bit levels) of a duplicate.
 THRESHOLD = 3.0
-#: The largest mean signed luma difference over the whole picture (8-bit levels) of a duplicate.
+#: The largest mean signed difference of any plane over the whole picture (8-bit levels) of a duplicate.
 SHIFT_THRESHOLD = 0.2
 
 
@@ -90,8 +92,8 @@ def _window_max(diff: np.ndarray, block: int) -> float:
 @dataclass(frozen=True)
 class Difference:
     """How far apart two frames are, in 8-bit levels: ``window``, the largest window mean absolute
-    difference of any plane; ``shift``, the mean signed difference of the first plane (luma) over the
-    whole picture (a fade or a change of exposure moves it, compression noise hardly does)."""
+    difference of any plane; ``shift``, the mean signed difference over the whole picture of the plane
+    where it is largest (a fade or a change of exposure moves it, compression noise hardly does)."""
 
     window: float
     shift: float
@@ -104,14 +106,14 @@ def frame_difference(a: np.ndarray, b: np.ndarray, *, yuv: bool, bits: int = 8) 
     """How far apart two frames of one layout are (samples of ``bits`` bits are scaled to 8)."""
     if a.shape != b.shape:
         raise ValueError(f"frames of shapes {a.shape} and {b.shape} cannot be compared")
-    worst, shift = 0.0, 0.0
-    for plane, ((plane_a, block), (plane_b, _)) in enumerate(
-        zip(_planes(a, yuv), _planes(b, yuv), strict=True)
-    ):
+    worst, shifts = 0.0, []
+    for (plane_a, block), (plane_b, _) in zip(_planes(a, yuv), _planes(b, yuv), strict=True):
         signed = plane_b.astype(np.int32) - plane_a.astype(np.int32)
-        if plane == 0:
-            shift = float(signed.mean())
+        shifts.append(float(signed.mean()))
         worst = max(worst, _window_max(np.abs(signed), block))
+    # The largest shift of any plane: a slow fade of a dark blue picture moves luma by a tenth of a
+    # level a frame, but its blue-difference chroma by a quarter or more.
+    shift = max(shifts, key=abs)
     unit = 1 << (bits - 8)
     return Difference(worst / unit, shift / unit)
 

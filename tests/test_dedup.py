@@ -126,9 +126,10 @@ def still(clip_dir: Path) -> Path:
     return clips.still_image(clip_dir / "still.png")
 
 
-def _references(path: Path) -> list[int | None]:
-    finder = DuplicateFinder(yuv=True)
-    return [finder.reference_of(i, frame) for i, frame in enumerate(decode_frames(probe(path), yuv=True), 1)]
+def _references(path: Path, *, yuv: bool = True) -> list[int | None]:
+    """Each frame's reference, on the frames as a job with YUV (or RGB: npy, png) frames decodes them."""
+    finder = DuplicateFinder(yuv=yuv)
+    return [finder.reference_of(i, frame) for i, frame in enumerate(decode_frames(probe(path), yuv=yuv), 1)]
 
 
 @pytest.mark.parametrize(("hold", "crf", "most_upscaled"), [(2, 18, 0.6), (3, 18, 0.45), (2, 28, 0.75)])
@@ -146,12 +147,24 @@ def test_held_frames_repeat_the_frame_their_hold_began_with(
     assert upscaled <= most_upscaled, references
 
 
+@pytest.mark.parametrize("yuv", [True, False], ids=["yuv", "rgb"])
 @pytest.mark.parametrize("kind", ["pan", "fade"])
-def test_a_slow_pan_or_fade_never_reuses_a_frame(clip_dir: Path, still: Path, kind: str) -> None:
+def test_a_slow_pan_or_fade_never_reuses_a_frame(clip_dir: Path, still: Path, kind: str, yuv: bool) -> None:
     # A fade over 96 frames moves the picture by about 1 level a frame: only the mean shift sees it.
     make, frames = (clips.pan_video, 24) if kind == "pan" else (clips.fade_video, 96)
     clip = make(clip_dir / f"{kind}.mp4", still, frames=frames)
-    assert _references(clip) == [None] * frames
+    assert _references(clip, yuv=yuv) == [None] * frames
+
+
+@pytest.mark.parametrize("yuv", [True, False], ids=["yuv", "rgb"])
+def test_a_slow_fade_of_a_dark_blue_picture_never_reuses_a_frame(
+    clip_dir: Path, still: Path, yuv: bool
+) -> None:
+    """Luma hardly moves (a tenth of a level a frame): the chroma's shift must be seen."""
+    blue = clip_dir / "blue.png"
+    clips.ffmpeg(["-i", str(still), "-vf", "colorchannelmixer=rr=0.05:gg=0.3", str(blue)])
+    clip = clips.fade_video(clip_dir / "blue-fade.mp4", blue, frames=96)
+    assert _references(clip, yuv=yuv) == [None] * 96
 
 
 @pytest.mark.parametrize(("square", "opacity"), [(16, 0.3), (8, 0.3), (16, 0.1)])
