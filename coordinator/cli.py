@@ -184,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the job directory and every upscaled frame after success (then --max-disk cannot hold)",
     )
     work.add_argument(
+        "--dedup",
+        action="store_true",
+        help="upscale a held frame once: a frame that repeats the last upscaled one (up to compression "
+        "noise) reuses its upscaled frame; every frame and timestamp is kept (videos only; README: --dedup)",
+    )
+    work.add_argument(
         "--unreachable-timeout",
         type=float,
         default=30.0,
@@ -370,6 +376,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[JobSpec, FarmSettings]
         encode=encode,
         overwrite=args.overwrite,
         keep_frames=args.keep_frames,
+        dedup=args.dedup,
     )
     return spec, farm_settings_from_args(args, read_token(args.token_file))
 

@@ -593,12 +593,24 @@ def run_frame_encoder(args: Sequence[str], action: str, feed: FrameFeed) -> None
         ffmpeg.finish()
 
 
-def frame_paths(directory: Path, first: int, count: int, frame_format: FrameFormat) -> list[Path]:
-    """The files of frames ``first .. first + count - 1``; :class:`FramesError` names the first missing."""
+def frame_paths(
+    directory: Path,
+    first: int,
+    count: int,
+    frame_format: FrameFormat,
+    sources: Sequence[int] | None = None,
+) -> list[Path]:
+    """The files of frames ``first .. first + count - 1``; :class:`FramesError` names the first missing.
+
+    ``sources``, one per frame, name the file each frame is read from (``--dedup``: a held frame is
+    its reference's upscaled file); default: its own."""
     if not directory.is_dir():
         raise FramesError(directory, "is not a directory of frames")
-    paths = [directory / frame_filename(i, frame_format) for i in range(first, first + count)]
-    missing = [i for i, path in enumerate(paths, start=first) if not path.is_file()]
+    numbers = list(range(first, first + count)) if sources is None else list(sources)
+    if len(numbers) != count:
+        raise ValueError(f"{len(numbers)} sources for {count} frames")
+    paths = [directory / frame_filename(i, frame_format) for i in numbers]
+    missing = [i for i, path in zip(numbers, paths, strict=True) if not path.is_file()]
     if missing:
         raise FramesError(
             directory,

@@ -54,6 +54,9 @@ from typing import IO, Any, TypeVar
 import orjson
 
 from coordinator.cputime import METER, grown
+from coordinator.dedup import BLOCK as DEDUP_BLOCK
+from coordinator.dedup import THRESHOLD as DEDUP_THRESHOLD
+from coordinator.dedup import job_duplicate_map
 from coordinator.encode import PART_SUFFIX
 from coordinator.errors import (
     CoordinatorError,
@@ -84,6 +87,7 @@ from coordinator.spec import FarmSettings, JobSpec
 from manifests.chunkbook import Admission, ChunkBook, ChunkStage
 from manifests.chunks import Chunk, ChunkPlan, format_size, plan_chunks
 from manifests.colour import YuvSpec
+from manifests.dedup import DuplicateMap, chunk_sources, plan_unique_batches
 from manifests.errors import DocumentError, FormatVersionError, PlanningError
 from manifests.frames import frame_file_is_sound
 from manifests.jobrecord import JobRecord, SegmentsRecord
@@ -121,6 +125,8 @@ def job_identity(spec: JobSpec, media: JobMedia, yuv_frames: bool = False) -> di
     }
     if spec.backend != "torch":  # torch jobs keep the identity (and directory) they had before backends
         identity["backend"] = spec.backend
+    if spec.dedup:  # named only when on: other jobs keep their ids
+        identity["dedup"] = {"block": DEDUP_BLOCK, "threshold": DEDUP_THRESHOLD}
     return identity
 
 
@@ -233,6 +239,8 @@ class Job:
         self._scale: float | None = spec.scale
         self._frame_format: FrameFormat | None = None  # decided once the scale is known
         self._yuv: YuvSpec | None = None
+        self._dedup: DuplicateMap | None = None  # --dedup: which frames reuse another's upscale
+        self._batch_ids: dict[int, int] = {}  # --dedup: upscaled frame -> its batch
         self._ledger = JobLedger.for_batches([])
         self._to_extract: frozenset[int] = frozenset()
         self._batch_size = spec.batch_size
@@ -343,6 +351,8 @@ class Job:
         spec = self.spec
         self._report(Stage.PROBING, 0, 0)
         media = await self._in_thread(self._probe)
+        if spec.dedup and not isinstance(media, VideoMedia):
+            raise JobError("cannot start: --dedup is for videos (no image repeats another)", resumable=False)
         # The frame files' format, decided once: every model's native scale is a whole number, which
         # keeps the frame sides' parity, so the scale the workers will tell does not change it.
         try:
@@ -505,12 +515,20 @@ class Job:
             if self.run_number == 1:  # nothing of this job is on disk: leave nothing behind
                 await self._in_thread(shutil.rmtree, layout.job_dir, True)
             raise JobError(f"cannot start: {exc}", resumable=False) from exc
-        batches = plan_batches(media.frame_count, batch_size, ["all"]).batches
+        if spec.dedup:
+            self._dedup = await self._in_thread(self._duplicate_map, plan)
+            batches = plan_unique_batches(plan, self._dedup, batch_size)
+            self._batch_ids = {frame: b.id for b in batches for frame in b.frames}
+        else:
+            batches = plan_batches(media.frame_count, batch_size, ["all"]).batches
         encoded, on_disk = await self._in_thread(self._scan_disk, plan, batches)
         # Kept output frames stay on disk: the budget then cannot hold, and is not enforced.
         budget = None if spec.keep_frames else spec.max_disk
         self._plan = plan
-        self._book = book = ChunkBook(plan, batches, budget=budget, encoded=encoded, outputs_on_disk=on_disk)
+        held = self._dedup.duplicates.keys() if self._dedup is not None else frozenset()
+        self._book = book = ChunkBook(
+            plan, batches, budget=budget, encoded=encoded, outputs_on_disk=on_disk, held=held
+        )
         self._to_extract = frozenset(c.index for c in book.in_stage(ChunkStage.WAITING))
         self._frames_found = book.frames_in(ChunkStage.UPSCALED, ChunkStage.ENCODED)
         if self.run_number > 1:
@@ -527,7 +545,21 @@ class Job:
             plan.chunk_frames,
             format_size(spec.max_disk),
         )
+        if held:  # held frames are upscaled by no worker: progress counts the upscaled frames
+            found = book.in_stage(ChunkStage.UPSCALED) + book.in_stage(ChunkStage.ENCODED)
+            self._frames_found -= sum(1 for chunk in found for frame in chunk.frames if frame in held)
         self._extraction = asyncio.ensure_future(self._in_thread(self._extract))
+
+    def _duplicate_map(self, plan: ChunkPlan) -> DuplicateMap:
+        """--dedup: the map an earlier run kept, or one found now (a decode of the whole video)."""
+        assert self.layout is not None and isinstance(self.media, VideoMedia)
+        started = time.monotonic()
+        yuv = self._yuv
+        bits = yuv.bits if yuv is not None else self.media.bit_depth
+        dedup = job_duplicate_map(self.layout.job_dir, self.media.info, plan, yuv=yuv is not None, bits=bits)
+        self.stats["dedup_s"] = time.monotonic() - started
+        self.stats["frames_upscaled"] = dedup.upscaled_count
+        return dedup
 
     def _scan_disk(self, plan: ChunkPlan, batches: Iterable[Batch]) -> tuple[set[int], dict[int, set[int]]]:
         """What earlier runs left that can be trusted: complete segments, and batches whose output
@@ -608,7 +640,9 @@ class Job:
                 if admitted is None:
                     raise _Stopped
                 skip = admitted.skip
-            return (index - 1) // batch_size not in skip
+            if self._dedup is None:
+                return (index - 1) // batch_size not in skip
+            return self._batch_ids.get(index, -1) not in skip and index in self._batch_ids
 
         def on_frame(index: int) -> None:
             if plan.chunk_of(index).index in self._to_extract:
@@ -653,7 +687,7 @@ class Job:
         self._frames_extracted += 1
         try:
             chunk = self._book.frame_extracted(index)
-            for batch, done in self._book.ready_batches(chunk):
+            for batch, done in self._book.ready_batches(chunk) if chunk is not None else ():
                 self._ledger.add([batch], done=[batch.id] if done else [])
                 if done:
                     self._found_batch_frames += len(batch)
@@ -801,7 +835,8 @@ class Job:
         assert self.media is not None and self.layout is not None
         started = time.monotonic()
         try:
-            self.media.make_part(self.layout, chunk, self.frame_format)
+            sources = chunk_sources(chunk, self._dedup) if self._dedup is not None else None
+            self.media.make_part(self.layout, chunk, self.frame_format, sources)
         finally:
             # The segment's frame arrays and buffers are freed: hand the pages back, so that heap
             # fragmentation cannot raise the RSS step by step over a long job (coordinator.memory).
@@ -957,13 +992,14 @@ class Job:
         self._last_tick = now
         total = self.media.frame_count
         ledger = self._ledger
+        upscaling_total = self._dedup.upscaled_count if self._dedup is not None else total
         if not self._book.all_upscaled:
             if not ledger.batches and not ledger.frames_forgotten and not self._frames_found:
                 self._report(Stage.EXTRACTING, self._frames_extracted, total)
                 return
             done = self._frames_found + ledger.frames_done
             this_run = ledger.frames_done - self._found_batch_frames
-            self._report(Stage.UPSCALING, done, total, this_run=this_run, elapsed_s=elapsed)
+            self._report(Stage.UPSCALING, done, upscaling_total, this_run=this_run, elapsed_s=elapsed)
         else:
             # The encoding stage's own rate: from when it began, not the upscaling's over the whole run.
             encoded = self._book.frames_in(ChunkStage.ENCODED)

@@ -23,6 +23,7 @@ import hashlib
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -90,8 +91,11 @@ class JobMedia(Protocol):
     def part_done(self, layout: JobLayout, chunk: Chunk) -> bool:
         """Whether chunk ``chunk``'s output part is on disk, whole (an earlier run's)."""
 
-    def make_part(self, layout: JobLayout, chunk: Chunk, frame_format: FrameFormat) -> None:
-        """Turn the chunk's upscaled frames into its output part."""
+    def make_part(
+        self, layout: JobLayout, chunk: Chunk, frame_format: FrameFormat, sources: Sequence[int] | None = None
+    ) -> None:
+        """Turn the chunk's upscaled frames into its output part; ``sources`` (one per frame) name the
+        upscaled frame each is made of (``--dedup``; videos only), default: its own."""
 
     def finish(self, layout: JobLayout, chunks: tuple[Chunk, ...]) -> None:
         """Put the parts together into the output (nothing under the output's name before)."""
@@ -248,10 +252,12 @@ class VideoMedia:
     def part_done(self, layout: JobLayout, chunk: Chunk) -> bool:
         return segment_is_complete(segment_path(layout, chunk), chunk.count)
 
-    def make_part(self, layout: JobLayout, chunk: Chunk, frame_format: FrameFormat) -> None:
+    def make_part(
+        self, layout: JobLayout, chunk: Chunk, frame_format: FrameFormat, sources: Sequence[int] | None = None
+    ) -> None:
         encode_segment(
             self.info, layout.output_dir, chunk.first, chunk.count, segment_path(layout, chunk),
-            settings=self.encode, frame_format=frame_format,
+            settings=self.encode, frame_format=frame_format, sources=sources,
         )  # fmt: skip
 
     def finish(self, layout: JobLayout, chunks: tuple[Chunk, ...]) -> None:
@@ -325,7 +331,11 @@ class ImageMedia:
     def part_done(self, layout: JobLayout, chunk: Chunk) -> bool:
         return all(self._part_file(layout, frame).is_file() for frame in chunk.frames)
 
-    def make_part(self, layout: JobLayout, chunk: Chunk, frame_format: FrameFormat) -> None:
+    def make_part(
+        self, layout: JobLayout, chunk: Chunk, frame_format: FrameFormat, sources: Sequence[int] | None = None
+    ) -> None:
+        if sources is not None:
+            raise ValueError("images are upscaled one by one: no image reuses another's output")
         (layout.segments_dir / "images").mkdir(exist_ok=True)
         for frame in chunk.frames:
             upscaled = read_frame(layout.output_dir / frame_filename(frame, frame_format), frame_format)

@@ -96,8 +96,12 @@ def encode_segment(
     frame_format: FrameFormat = FrameFormat.PNG,
     threads: int | None = None,
     encoder_threads: int | None = None,
+    sources: Sequence[int] | None = None,
 ) -> Path:
     """Encode frames ``first_frame .. first_frame + count - 1`` (1-based) into one video-only segment.
+
+    ``sources`` (one per frame) name the frame file each frame is read from, for held frames that
+    reuse another's upscaled file (``--dedup``); default: its own. Each keeps its own timestamp.
 
     The frames keep the timestamps they have in the source (``info``), and are converted with the
     source's matrix and range and tagged with its colour and SAR (see :mod:`coordinator.encode`).
@@ -116,7 +120,7 @@ def encode_segment(
     if not target.parent.is_dir():
         raise OutputPathError(target, f"cannot be written: directory {target.parent} does not exist")
     settings.check_available()
-    paths = frame_paths(directory, first_frame, count, frame_format)
+    paths = frame_paths(directory, first_frame, count, frame_format, sources)
     bit_depth = info.video.frame_bit_depth
     width, height = frame_size(_read(paths[0], first_frame, frame_format, directory, bit_depth), frame_format)
     settings.check_frame_size(width, height)

@@ -54,6 +54,7 @@ class JobSpec:
     encode: EncodeSettings = field(default_factory=EncodeSettings)
     overwrite: bool = False
     keep_frames: bool = False
+    dedup: bool = False  # held frames (repeats of the last upscaled frame) reuse its upscale
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input", Path(self.input))

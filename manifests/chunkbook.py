@@ -19,8 +19,9 @@ nothing is held (one chunk must be able to run). ``budget=None`` enforces nothin
 
 from __future__ import annotations
 
+import bisect
 import enum
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from manifests.chunks import Chunk, ChunkPlan
@@ -67,9 +68,11 @@ class ChunkBook:
         budget: int | None,
         encoded: Iterable[int] = (),
         outputs_on_disk: Mapping[int, Iterable[int]] | None = None,
+        held: Collection[int] = frozenset(),
     ) -> None:
         """``encoded``: chunk indices whose segment exists; ``outputs_on_disk``: chunk index -> ids of
-        its batches whose output frames all exist. ``batches`` are the job's, in frame order."""
+        its batches whose output frames all exist. ``batches`` are the job's, in frame order; they
+        cover every frame but the ``held`` ones (``--dedup``: frames that reuse another's output)."""
         self.plan = plan
         self.budget = budget
         self.used = 0
@@ -82,7 +85,8 @@ class ChunkBook:
         self._entries: list[_Entry] = []
         for chunk in plan.chunks:
             own = tuple(by_chunk.get(chunk.index, ()))
-            if sum(len(b) for b in own) != chunk.count:
+            held_here = sum(1 for f in chunk.frames if f in held) if held else 0
+            if sum(len(b) for b in own) + held_here != chunk.count:
                 raise ValueError(f"the batches of chunk {chunk.index} do not cover its {chunk.count} frames")
             on_disk = frozenset(found.get(chunk.index, ())) & {b.id for b in own}
             if chunk.index in finished:
@@ -159,11 +163,18 @@ class ChunkBook:
             entry.frames_left.clear()
         return ready
 
-    def frame_extracted(self, frame: int) -> int:
-        """Frame ``frame`` is on disk (or not needed); returns its chunk's index."""
+    def frame_extracted(self, frame: int) -> int | None:
+        """Frame ``frame`` is on disk (or not needed); returns its chunk's index, or None for a held
+        frame (in no batch: nothing waits for it, and its chunk may have moved on already)."""
         entry = self._entries[self.plan.chunk_of(frame).index]
+        if entry.stage > ChunkStage.EXTRACTING and (
+            not entry.batches or self._batch_of(entry, frame) is None
+        ):
+            return None  # held (an encoded chunk has forgotten its batches: only a held frame comes late)
         self._expect(entry, ChunkStage.EXTRACTING)
-        batch = entry.batches[(frame - entry.chunk.first) // self._batch_size(entry)]
+        batch = self._batch_of(entry, frame)
+        if batch is None:
+            return None
         if batch.id in entry.frames_left:
             entry.frames_left[batch.id] -= 1
         return entry.chunk.index
@@ -191,8 +202,15 @@ class ChunkBook:
 
     # -- internals --------------------------------------------------------------------------------
 
-    def _batch_size(self, entry: _Entry) -> int:
-        return len(entry.batches[0])
+    @staticmethod
+    def _batch_of(entry: _Entry, frame: int) -> Batch | None:
+        """The batch of ``entry`` that holds ``frame`` (None: a held frame, in no batch)."""
+        firsts = [b.frames[0] for b in entry.batches]
+        position = bisect.bisect_right(firsts, frame) - 1
+        if position < 0:
+            return None
+        batch = entry.batches[position]
+        return batch if frame in batch.frames else None
 
     def _cost(self, chunk: Chunk) -> int:
         return self.plan.input_cost(chunk) + self.plan.output_cost(chunk)

@@ -226,7 +226,7 @@ def _output_name(source: Path, model: str, scale: float | None, job_id: str, cod
 
 
 COMMON_FIELDS = {"type", "inputs", "upload", "models", "scales", "priority", "output_dir"}
-UPSCALE_FIELDS = COMMON_FIELDS | {"codec", "crf", "preset", "backend"}
+UPSCALE_FIELDS = COMMON_FIELDS | {"codec", "crf", "preset", "backend", "dedup"}
 COMPARE_FIELDS = COMMON_FIELDS | {"frames"}
 
 
@@ -294,6 +294,9 @@ async def _upscale_rows(
     if backend not in BACKENDS:  # before the workers are asked about it
         raise BadRequest("backend", f"must be one of {', '.join(BACKENDS)}, not {backend!r}")
     encode = _encode(body)
+    dedup = body.get("dedup", False)
+    if not isinstance(dedup, bool):
+        raise BadRequest("dedup", f"must be true or false, not {_shown(dedup)}")
     _check_count(len(inputs) * len(models) * len(scales), settings)
     for model in dict.fromkeys(models):
         try:
@@ -309,7 +312,7 @@ async def _upscale_rows(
                 try:
                     spec = JobSpec(
                         input=source, output=output, model=model, backend=backend,
-                        scale=float(scale) if scale is not None else None, encode=encode,
+                        scale=float(scale) if scale is not None else None, encode=encode, dedup=dedup,
                     )  # fmt: skip
                 except SpecError as exc:
                     field = {"scale": "scales", "model": "models"}.get(exc.field, exc.field)

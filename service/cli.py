@@ -294,6 +294,11 @@ def client_parser() -> argparse.ArgumentParser:
     submit.add_argument("--codec", help="libx264 (default), libx265, libsvtav1, ffv1, ...")
     submit.add_argument("--crf", type=int, help="quality (default: per codec)")
     submit.add_argument("--preset", help="encoder preset (default: per codec)")
+    submit.add_argument(
+        "--dedup",
+        action="store_true",
+        help="upscale a held frame once, as esrfarm upscale --dedup (videos only)",
+    )
     submit.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
     submit.add_argument("--output-dir", help="under the service's output directory")
     submit.add_argument(
@@ -359,6 +364,10 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
     for name in ("codec", "crf", "preset", "output_dir", "backend"):
         if getattr(args, name) is not None:
             body[name] = getattr(args, name)
+    if args.dedup:
+        if args.compare:
+            raise ServiceError("--dedup is for upscaling jobs, not --compare")
+        body["dedup"] = True
     since = _last_event_id(client) if args.wait else 0
     batch = client.submit(body)
     for job in batch["jobs"]:

@@ -141,7 +141,7 @@ class JobRow:
         return {
             "id": self.id, "kind": kind, "batch_id": self.batch_id, "input": self.input,
             "output": self.output, "model": self.model, "scale": self.scale, "codec": self.codec,
-            "priority": self.priority,
+            "priority": self.priority, "dedup": bool(self.spec_dict.get("dedup", False)),
             "state": self.state, "stage": self.stage, "frames_done": self.frames_done,
             "frames_total": self.frames_total, "fps": self.fps, "eta_s": self.eta_s, "error": self.error,
             "created_at": self.created_at, "started_at": self.started_at, "finished_at": self.finished_at,

@@ -260,3 +260,81 @@ def hdr10_video(path: Path, *, size: str = "64x48", frames: int = 4) -> Path:
         ]
     )  # fmt: skip
     return path
+
+
+# -- clips for --dedup: held frames, and changes a detector must not call repeats ------------------
+
+
+def held_video(
+    path: Path, source: Path, *, hold: int, frames: int, size: str = "128x72", crf: int = 18, rate: str = "25"
+) -> Path:
+    """``source``'s frames each held for ``hold`` frames (animation "on twos" / "on threes"), scaled
+    to ``size`` and re-encoded with libx264 at ``crf``: the repeats are near, not exact. The clip has
+    ``frames`` frames; frame ``i`` (1-based) shows source frame ``(i - 1) // hold``."""
+    width, height = size.split("x")
+    ffmpeg(
+        [
+            "-i", str(source), "-vf", f"setpts={hold}*PTS,scale={width}:{height},fps={rate}",
+            "-frames:v", str(frames), "-c:v", "libx264", "-preset", "medium", "-crf", str(crf),
+            "-pix_fmt", "yuv420p", str(path),
+        ]
+    )  # fmt: skip
+    return path
+
+
+def still_image(path: Path, *, size: str = "256x144", source: Path | None = None, at: int = 0) -> Path:
+    """One frame as a PNG: frame ``at`` of ``source``, or a ``testsrc2`` frame of ``size``."""
+    inputs = ["-i", str(source)] if source is not None else ["-f", "lavfi", "-i", f"testsrc2=size={size}"]
+    ffmpeg([*inputs, "-vf", f"select=eq(n\\,{at})", "-frames:v", "1", str(path)])
+    return path
+
+
+def pan_video(path: Path, still: Path, *, size: str = "128x72", frames: int = 24, crf: int = 18) -> Path:
+    """A window of ``size`` moving right over ``still`` by 1 pixel per frame (a slow pan)."""
+    width, height = size.split("x")
+    ffmpeg(
+        [
+            "-loop", "1", "-i", str(still), "-vf", f"crop={width}:{height}:n:(ih-{height})/2",
+            "-frames:v", str(frames), "-r", "25", "-c:v", "libx264", "-crf", str(crf),
+            "-pix_fmt", "yuv420p", str(path),
+        ]
+    )  # fmt: skip
+    return path
+
+
+def fade_video(path: Path, still: Path, *, size: str = "128x72", frames: int = 24, crf: int = 18) -> Path:
+    """``still`` (scaled to ``size``) fading out to black over all ``frames`` frames."""
+    width, height = size.split("x")
+    ffmpeg(
+        [
+            "-loop", "1", "-i", str(still), "-vf", f"scale={width}:{height},fade=out:0:{frames}",
+            "-frames:v", str(frames), "-r", "25", "-c:v", "libx264", "-crf", str(crf),
+            "-pix_fmt", "yuv420p", str(path),
+        ]
+    )  # fmt: skip
+    return path
+
+
+def small_change_video(
+    path: Path,
+    still: Path,
+    *,
+    size: str = "128x72",
+    frames: int = 24,
+    crf: int = 18,
+    square: int = 16,
+    opacity: float = 0.3,
+) -> Path:
+    """``still`` (scaled to ``size``) where only a ``square`` x ``square`` pixel area changes every
+    fourth frame: a grey box at ``opacity`` over it shows in frames 5-8, 13-16, ... (1-based). The box
+    lies off the 8-pixel grid (at x = 37, y = 21), across the detector's windows."""
+    width, height = size.split("x")
+    box = f"drawbox=x=37:y=21:w={square}:h={square}:color=gray@{opacity}:t=fill:enable='mod(floor(n/4),2)'"
+    ffmpeg(
+        [
+            "-loop", "1", "-i", str(still), "-vf", f"scale={width}:{height},{box}",
+            "-frames:v", str(frames), "-r", "25", "-c:v", "libx264", "-crf", str(crf),
+            "-pix_fmt", "yuv420p", str(path),
+        ]
+    )  # fmt: skip
+    return path

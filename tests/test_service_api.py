@@ -83,7 +83,7 @@ def test_batch_expands_runs_and_lists(service: ServiceProcess, inputs: Path, mod
     assert sorted((Path(j["input"]).name, j["scale"]) for j in jobs) == [
         ("other.mp4", 2.0), ("other.mp4", 3.0), ("small.mp4", 2.0), ("small.mp4", 3.0),
     ]  # fmt: skip
-    assert all(j["state"] == "queued" and j["output_url"] is None for j in jobs)
+    assert all(j["state"] == "queued" and j["output_url"] is None and not j["dedup"] for j in jobs)
     for job in jobs:
         done = service.wait_state(job["id"], "done", "failed")
         assert done["state"] == "done", done
@@ -142,6 +142,7 @@ def test_bad_input_fails_alone_and_bad_fields_are_refused(
         ({"inputs": [small], "models": [model], "priority": "high"}, "priority"),
         ({"inputs": [small], "colour": "red"}, "colour"),
         ({"inputs": [small], "models": [model], "backend": "vulkan"}, "backend"),
+        ({"inputs": [small], "models": [model], "dedup": "yes"}, "dedup"),
         # These workers run torch: no worker runs the model on ncnn.
         ({"inputs": [small], "models": [model], "backend": "ncnn"}, "models"),
     ):
@@ -383,6 +384,16 @@ def test_events_arrive_in_order_and_replay_after_a_reconnect(
         sse_events(f"{service.url}/api/events", {"Last-Event-ID": str(middle)}, lambda seen: ended(seen))
     )
     assert [(i, j) for i, j in replay] == [(i, j) for i, j in stream if i > middle]
+
+
+def test_submit_with_dedup(service: ServiceProcess, inputs: Path, model: str) -> None:
+    job = service.submit(inputs=[str(inputs / "small.mp4")], models=[model], scales=[2], dedup=True)["jobs"][
+        0
+    ]
+    assert job["dedup"] is True
+    done = service.wait_state(job["id"], "done", "failed")
+    assert done["state"] == "done", done
+    assert probe(Path(done["output"]), full_decode=True).video.frame_count == 10
 
 
 def test_submit_wait_cli(service: ServiceProcess, inputs: Path, model: str) -> None:

@@ -1,0 +1,210 @@
+"""Which decoded frames repeat the last upscaled one (``--dedup``): the detector and its pass.
+
+A frame is compared with the **last frame that was upscaled** (its would-be reference), never merely
+with the previous frame: a slow pan or fade, each step below the threshold, still moves the frame
+away from the reference until one is upscaled again (no drift). The comparison is at full
+resolution and local: the score of a pair is the largest mean absolute difference over windows of
+:data:`BLOCK` x :data:`BLOCK` samples of luma (half that of each 4:2:0 chroma plane, or each RGB
+channel), laid every half window, on the 8-bit scale. A change confined to a small area (a blink,
+a moving mouth, a small object) fills most of one window and scores high; compression noise on a
+held frame is spread thin and scores low. The frame is a duplicate when the score is at most
+:data:`THRESHOLD` and no plane's mean over the whole picture moved by more than
+:data:`SHIFT_THRESHOLD` (a fade moves every sample a little; noise moves the mean hardly at all).
+
+The thresholds are measured (``benchmarks/dedup.py``, RESULTS.md "Held frames (--dedup)"): on
+320x180 frames of Big Buck Bunny, libx264 re-encoding leaves held frames at most 2.8 (CRF 18) and
+4.8 (CRF 28) apart in a window, and their shift in any plane under 0.09; one step of a 1-pixel pan
+scores 5.2 or more, a 16x16 patch swapped for another part of the picture 10.3, and one step of a
+slow fade (about 2 levels a frame at most) shifts a plane by 0.33 or more (a dark blue picture's
+chroma by 0.28). :data:`THRESHOLD` errs towards upscaling: some noisy repeats at CRF 28 are
+upscaled again.
+
+What it cannot see: a change smaller than about a quarter of a window at a few levels (a 2x2 pixel
+dot changing by 40 levels scores 0.6), and a change of the whole picture by less than the threshold
+per step, as long as the accumulated change stays below it.
+
+The map is made in one pass over the decoded frames before any is extracted (the same decode as
+extraction, so the same pixels), chunk by chunk: each chunk's first frame is upscaled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from coordinator.extract import decode_frames
+from coordinator.probe import MediaInfo
+from manifests.chunks import ChunkPlan
+from manifests.dedup import DEDUP_FILE, DuplicateMap
+from manifests.errors import DocumentError
+from manifests.jsonio import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+#: The side of a luma window, in samples (chroma planes of 4:2:0 frames: half of it).
+BLOCK = 16
+#: The largest window mean absolute difference (8-bit levels) of a duplicate.
+THRESHOLD = 3.0
+#: The largest mean signed difference of any plane over the whole picture (8-bit levels) of a duplicate.
+SHIFT_THRESHOLD = 0.2
+
+
+def _planes(frame: np.ndarray, yuv: bool) -> list[tuple[np.ndarray, int]]:
+    """The planes of a frame, each with its window side: Y, U, V of a planar 4:2:0 (H * 3/2, W)
+    array, or the channels of an (H, W, 3) RGB one."""
+    if not yuv:
+        return [(frame[..., channel], BLOCK) for channel in range(frame.shape[2])]
+    height, width = frame.shape[0] * 2 // 3, frame.shape[1]
+    quarter = height * width // 4
+    chroma = frame[height:].reshape(-1)
+    return [
+        (frame[:height], BLOCK),
+        (chroma[:quarter].reshape(height // 2, width // 2), BLOCK // 2),
+        (chroma[quarter:].reshape(height // 2, width // 2), BLOCK // 2),
+    ]
+
+
+def _window_max(diff: np.ndarray, block: int) -> float:
+    """The largest mean of ``diff`` over windows of side ``block`` laid every half window, on two
+    grids: one from the top left corner, one flush with the bottom and right edges (so every sample
+    is in a window). A plane smaller than a window is one window (clipped to the plane)."""
+    rows, cols = diff.shape
+    cell = block // 2
+    if rows < block or cols < block or cell < 1:
+        return float(diff.mean())
+    best = 0
+    for top in dict.fromkeys((0, rows % cell)):
+        for left in dict.fromkeys((0, cols % cell)):
+            height, width = (rows - top) // cell, (cols - left) // cell
+            part = diff[top : top + height * cell, left : left + width * cell]
+            cells = part.reshape(height, cell, width, cell).sum(axis=(1, 3), dtype=np.int64)
+            windows = cells[:-1, :-1] + cells[1:, :-1] + cells[:-1, 1:] + cells[1:, 1:]
+            best = max(best, int(windows.max()))
+    return best / (block * block)
+
+
+@dataclass(frozen=True)
+class Difference:
+    """How far apart two frames are, in 8-bit levels: ``window``, the largest window mean absolute
+    difference of any plane; ``shift``, the mean signed difference over the whole picture of the plane
+    where it is largest (a fade or a change of exposure moves it, compression noise hardly does)."""
+
+    window: float
+    shift: float
+
+    def is_repeat(self, threshold: float = THRESHOLD, shift_threshold: float = SHIFT_THRESHOLD) -> bool:
+        return self.window <= threshold and abs(self.shift) <= shift_threshold
+
+
+def frame_difference(a: np.ndarray, b: np.ndarray, *, yuv: bool, bits: int = 8) -> Difference:
+    """How far apart two frames of one layout are (samples of ``bits`` bits are scaled to 8)."""
+    if a.shape != b.shape:
+        raise ValueError(f"frames of shapes {a.shape} and {b.shape} cannot be compared")
+    worst, shifts = 0.0, []
+    for (plane_a, block), (plane_b, _) in zip(_planes(a, yuv), _planes(b, yuv), strict=True):
+        signed = plane_b.astype(np.int32) - plane_a.astype(np.int32)
+        shifts.append(float(signed.mean()))
+        worst = max(worst, _window_max(np.abs(signed), block))
+    # The largest shift of any plane: a slow fade of a dark blue picture moves luma by a tenth of a
+    # level a frame, but its blue-difference chroma by a quarter or more.
+    shift = max(shifts, key=abs)
+    unit = 1 << (bits - 8)
+    return Difference(worst / unit, shift / unit)
+
+
+class DuplicateFinder:
+    """Frame by frame, in order: which earlier frame of the chunk (if any) each one repeats."""
+
+    def __init__(
+        self,
+        *,
+        yuv: bool,
+        bits: int = 8,
+        threshold: float = THRESHOLD,
+        shift_threshold: float = SHIFT_THRESHOLD,
+    ) -> None:
+        self.yuv, self.bits, self.threshold, self.shift_threshold = yuv, bits, threshold, shift_threshold
+        self._reference: tuple[int, np.ndarray] | None = None
+        self.differences: list[Difference] = []  # each compared frame's, for measurements
+
+    def reference_of(self, index: int, frame: np.ndarray, *, fresh: bool = False) -> int | None:
+        """The upscaled frame that frame ``index`` repeats, or None: it is to be upscaled (and
+        becomes the reference). ``fresh``: a chunk starts here, nothing before it counts."""
+        if self._reference is not None and not fresh:
+            reference, kept = self._reference
+            difference = frame_difference(kept, frame, yuv=self.yuv, bits=self.bits)
+            self.differences.append(difference)
+            if difference.is_repeat(self.threshold, self.shift_threshold):
+                return reference
+        self._reference = (index, frame.copy())
+        return None
+
+
+def find_duplicates(
+    frames: Iterable[np.ndarray],
+    plan: ChunkPlan,
+    *,
+    yuv: bool,
+    bits: int = 8,
+    threshold: float = THRESHOLD,
+    shift_threshold: float = SHIFT_THRESHOLD,
+) -> DuplicateMap:
+    """The duplicate map of ``frames`` (frame 1 first) cut as ``plan`` cuts them."""
+    finder = DuplicateFinder(yuv=yuv, bits=bits, threshold=threshold, shift_threshold=shift_threshold)
+    duplicates: dict[int, int] = {}
+    count = 0
+    first_frames = {chunk.first for chunk in plan.chunks}
+    for index, frame in enumerate(frames, start=1):
+        count = index
+        reference = finder.reference_of(index, frame, fresh=index in first_frames)
+        if reference is not None:
+            duplicates[index] = reference
+    return DuplicateMap(count, plan.chunk_frames, threshold, BLOCK, duplicates)
+
+
+def find_video_duplicates(info: MediaInfo, plan: ChunkPlan, *, yuv: bool, bits: int) -> DuplicateMap:
+    """Decode the video once (as extraction will: YUV or RGB samples) and make its duplicate map."""
+    started = time.monotonic()
+    dedup = find_duplicates(decode_frames(info, yuv=yuv), plan, yuv=yuv, bits=bits)
+    if dedup.frames != info.video.frame_count:
+        raise ValueError(f"{dedup.frames} frames decoded, the probe counted {info.video.frame_count}")
+    log.info(
+        "--dedup: %d of %d frames repeat an upscaled one (found in %.1f s)",
+        len(dedup.duplicates),
+        dedup.frames,
+        time.monotonic() - started,
+    )
+    return dedup
+
+
+__all__ = [
+    "BLOCK",
+    "SHIFT_THRESHOLD",
+    "THRESHOLD",
+    "Difference",
+    "DuplicateFinder",
+    "find_duplicates",
+    "job_duplicate_map",
+]
+
+
+def job_duplicate_map(
+    job_dir: Path, info: MediaInfo, plan: ChunkPlan, *, yuv: bool, bits: int
+) -> DuplicateMap:
+    """The job's duplicate map: the one an earlier run kept in ``job_dir`` (``dedup.json``) if it was
+    made for this chunking and threshold, else a new one, found and written there atomically."""
+    path = job_dir / DEDUP_FILE
+    with contextlib.suppress(OSError, DocumentError):
+        kept = DuplicateMap.from_json(path.read_bytes(), source=path)
+        if kept.matches(info.video.frame_count, plan.chunk_frames) and kept.threshold == THRESHOLD:
+            log.info("--dedup: the duplicate map of an earlier run is used (%s)", path)
+            return kept
+    dedup = find_video_duplicates(info, plan, yuv=yuv, bits=bits)
+    write_json_atomic(path, dedup.to_json())
+    return dedup
