@@ -292,27 +292,13 @@ def still_image(path: Path, *, size: str = "256x144", source: Path | None = None
 def pan_video(path: Path, still: Path, *, size: str = "128x72", frames: int = 24, crf: int = 18) -> Path:
     """A window of ``size`` moving right over ``still`` by 1 pixel per frame (a slow pan)."""
     width, height = size.split("x")
-    ffmpeg(
-        [
-            "-loop", "1", "-i", str(still), "-vf", f"crop={width}:{height}:n:(ih-{height})/2",
-            "-frames:v", str(frames), "-r", "25", "-c:v", "libx264", "-crf", str(crf),
-            "-pix_fmt", "yuv420p", str(path),
-        ]
-    )  # fmt: skip
-    return path
+    return _from_still(path, still, f"crop={width}:{height}:n:(ih-{height})/2", frames, crf)
 
 
 def fade_video(path: Path, still: Path, *, size: str = "128x72", frames: int = 24, crf: int = 18) -> Path:
     """``still`` (scaled to ``size``) fading out to black over all ``frames`` frames."""
     width, height = size.split("x")
-    ffmpeg(
-        [
-            "-loop", "1", "-i", str(still), "-vf", f"scale={width}:{height},fade=out:0:{frames}",
-            "-frames:v", str(frames), "-r", "25", "-c:v", "libx264", "-crf", str(crf),
-            "-pix_fmt", "yuv420p", str(path),
-        ]
-    )  # fmt: skip
-    return path
+    return _from_still(path, still, f"scale={width}:{height},fade=out:0:{frames}", frames, crf)
 
 
 def small_change_video(
@@ -330,11 +316,15 @@ def small_change_video(
     lies off the 8-pixel grid (at x = 37, y = 21), across the detector's windows."""
     width, height = size.split("x")
     box = f"drawbox=x=37:y=21:w={square}:h={square}:color=gray@{opacity}:t=fill:enable='mod(floor(n/4),2)'"
+    return _from_still(path, still, f"scale={width}:{height},{box}", frames, crf)
+
+
+def _from_still(path: Path, still: Path, video_filter: str, frames: int, crf: int) -> Path:
+    """``frames`` frames at 25 fps of ``still`` looped through ``video_filter``, libx264 at ``crf``."""
     ffmpeg(
         [
-            "-loop", "1", "-i", str(still), "-vf", f"scale={width}:{height},{box}",
-            "-frames:v", str(frames), "-r", "25", "-c:v", "libx264", "-crf", str(crf),
-            "-pix_fmt", "yuv420p", str(path),
+            "-loop", "1", "-i", str(still), "-vf", video_filter, "-frames:v", str(frames), "-r", "25",
+            "-c:v", "libx264", "-crf", str(crf), "-pix_fmt", "yuv420p", str(path),
         ]
     )  # fmt: skip
     return path
