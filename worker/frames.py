@@ -14,9 +14,10 @@ frames as fit in it (at least one), and the caller reads the rest in further par
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -113,8 +114,9 @@ def read_batch(
 ) -> np.ndarray:
     """Read the first frames of ``frames`` into one (N, H, W, 3) array (a YUV job: (N, H * 3 / 2,
     W); uint8, or uint16 for ``bit_depth`` 16): all of them, or as many as fit in ``budget_pixels``
-    output pixels (at least one). Raises :class:`FrameError` for the first bad frame (reading stops there) and
-    :class:`ReadCancelled` once ``cancel`` is set."""
+    output pixels (at least one). Raises :class:`FrameError` for the first bad frame (reading stops
+    there) and :class:`ReadCancelled` once ``cancel`` is set. ``on_cpu`` is told the CPU time each
+    reading thread spent."""
 
     def read_one(index: int) -> np.ndarray:
         name = frame_filename(index, frame_format)
@@ -162,10 +164,8 @@ def read_batch(
 
     if cancel is not None and cancel.is_set():
         raise ReadCancelled("the manifest is being stopped")
-    started = time.thread_time()
-    first = read_one(frames[0])
-    if on_cpu is not None:
-        on_cpu(time.thread_time() - started)
+    with _counting(on_cpu):
+        first = read_one(frames[0])
     count = len(frames)
     if budget_pixels is not None:
         first_w, first_h = frame_size(first, frame_format)
@@ -234,10 +234,8 @@ def write_batch(
     try:
         map_threads(write_one, range(len(frames)), threads, on_cpu=on_cpu)
         if fsync:  # durable as a batch: one call, not an fsync (file and directory) per frame
-            started = time.thread_time()
-            output_dir.sync_file_system()
-            if on_cpu is not None:
-                on_cpu(time.thread_time() - started)
+            with _counting(on_cpu):
+                output_dir.sync_file_system()
     except BaseException:
         remove_frames(output_dir, frames, frame_format)
         raise
@@ -271,12 +269,8 @@ def map_threads(
     failed = False
 
     def work() -> None:
-        started = time.thread_time()
-        try:
+        with _counting(on_cpu):
             take()
-        finally:
-            if on_cpu is not None:
-                on_cpu(time.thread_time() - started)
 
     def take() -> None:
         nonlocal position, failed
@@ -309,6 +303,17 @@ def map_threads(
     if position < len(items):
         raise ReadCancelled("stopped before every frame was read")
     return results  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def _counting(on_cpu: CpuReport | None) -> Iterator[None]:
+    """Tell ``on_cpu`` (if any) the calling thread's CPU time inside the block."""
+    started = time.thread_time()
+    try:
+        yield
+    finally:
+        if on_cpu is not None:
+            on_cpu(time.thread_time() - started)
 
 
 def _megapixels(pixels: int) -> str:
