@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -193,15 +194,20 @@ def test_cancel_stops_resets_and_keeps_a_job_that_then_resumes(
 ) -> None:
     root = tmp_path / "root"
     output = tmp_path / "out.mkv"
-    # Each worker stops after 3 of its batches (its manifest in flight until reset), so the cancel
-    # at the first finished segment always finds manifests to reset, however slow the machine.
+    # Each worker stops after 3 of its batches, its manifest in flight until reset: once a segment is
+    # done and a worker stands so, the cancel has manifests to reset, however slow the machine.
     workers = fake_farm(root, 2, batch_delay_s=0.02, freeze_after_batches=3)
-    cancelled_at: list[int] = []
+    cancelling: list[asyncio.Task[None]] = []
+
+    async def cancel_once_a_worker_stands(job: Job) -> None:
+        deadline = time.monotonic() + 120
+        while not any(w.busy and w.batches_done >= 3 for w in workers) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await job.cancel()
 
     async def cancel_half_way(job: Job, event: JobEvent) -> None:
-        if isinstance(event, SegmentDone) and not cancelled_at:
-            cancelled_at.append(sum(w.batches_done for w in workers))
-            await job.cancel()
+        if isinstance(event, SegmentDone) and not cancelling:
+            cancelling.append(asyncio.ensure_future(cancel_once_a_worker_stands(job)))
 
     settings = farm(root, stale_after_s=120.0)  # the frozen workers are never given up meanwhile
     events, job, error = asyncio.run(run(spec(clip, output), workers, settings, during=cancel_half_way))
