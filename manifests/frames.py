@@ -48,7 +48,6 @@ __all__ = [
     "encode_frame_into",
     "frame_file_is_sound",
     "frame_formats_for_depth",
-    "frame_payload",
     "frame_size",
     "read_frame",
     "write_frame",
@@ -139,7 +138,7 @@ def _decode_npy(data: bytes, name: str, max_pixels: int | None, want: np.dtype) 
     return np.frombuffer(data, dtype=dtype, offset=header.tell()).reshape(shape)
 
 
-def _yuv_header(data: bytes | memoryview, name: str) -> tuple[int, int, int]:
+def _yuv_header(data: bytes, name: str) -> tuple[int, int, int]:
     """(bytes per sample, width, height) from a YUV frame file's header; FrameFileError if it has none."""
     if len(data) < YUV_HEADER_BYTES:
         raise FrameFileError(name, "yuv", f"it holds {len(data)} bytes, less than a YUV frame header")
@@ -183,25 +182,6 @@ def frame_size(frame: np.ndarray, frame_format: FrameFormat) -> tuple[int, int]:
     if frame_format is FrameFormat.YUV:
         return i420_size(frame.shape[0], frame.shape[1])
     return frame.shape[1], frame.shape[0]
-
-
-def frame_payload(data: bytes, frame_format: FrameFormat) -> memoryview:
-    """The raw samples of a frame file's ``data`` whose header was already checked (a YUV frame's
-    planes, an npy frame's array): what an encoder takes as it is, without a copy."""
-    view = memoryview(data)
-    if frame_format is FrameFormat.YUV:
-        return view[YUV_HEADER_BYTES:]
-    if frame_format is FrameFormat.NPY:
-        return view[len(data) - _npy_payload_bytes(data) :]
-    raise ValueError("a PNG frame has no raw payload")
-
-
-def _npy_payload_bytes(data: bytes) -> int:
-    header = io.BytesIO(data)
-    version = np.lib.format.read_magic(header)
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, _, dtype = read(header)
-    return math.prod(shape) * dtype.itemsize
 
 
 def _check_pixels(name: str, frame_format: FrameFormat, width: int, height: int, limit: int | None) -> None:
