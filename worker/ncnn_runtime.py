@@ -31,16 +31,19 @@ from typing import Any
 import numpy as np
 
 from worker.models import ModelLoadError, NcnnFiles, resolve_ncnn_model
-from worker.upscaling import MIN_TILE, check_frame_settings, check_frames, resize_frame, scaled_size
+from worker.upscaling import (
+    MIN_TILE,
+    InferenceError,
+    check_frame_settings,
+    check_frames,
+    resize_frame,
+    scaled_size,
+)
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp16", "fp32")
 _PEAKS = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
-
-
-class InferenceError(RuntimeError):
-    """A frame could not be upscaled even after every fallback."""
 
 
 class VulkanUnavailableError(RuntimeError):

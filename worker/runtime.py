@@ -46,7 +46,15 @@ from spandrel import ImageModelDescriptor
 from manifests.colour import YuvSpec, i420_shape, i420_size
 from worker.colour import i420_to_rgb, rgb_to_i420
 from worker.models import ModelLoadError, load_model_file, resolve_model
-from worker.upscaling import MAX_SCALE, MIN_TILE, check_frame_settings, check_frames, resize_taps, scaled_size
+from worker.upscaling import (
+    MAX_SCALE,
+    MIN_TILE,
+    InferenceError,
+    check_frame_settings,
+    check_frames,
+    resize_taps,
+    scaled_size,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +96,6 @@ def from_unit_range(out: torch.Tensor, frame_dtype: torch.dtype) -> torch.Tensor
     """float NCHW in [0, 1] -> NHWC samples of ``frame_dtype`` (uint8 or uint16), rounded."""
     peak = SAMPLE_PEAKS[frame_dtype]
     return out.clamp_(0.0, 1.0).mul_(peak).round_().to(frame_dtype).permute(0, 2, 3, 1).contiguous()
-
-
-class InferenceError(RuntimeError):
-    """A batch could not be upscaled even after every fallback."""
 
 
 @dataclass(frozen=True)

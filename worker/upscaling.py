@@ -1,5 +1,6 @@
 """What both backends (torch: :mod:`worker.runtime`, ncnn: :mod:`worker.ncnn_runtime`) share, in
-pure numpy: the limits of their frame settings and their check, and the antialiased bicubic resize
+pure numpy: the limits of their frame settings and their check, the error of a batch that cannot
+be upscaled, and the antialiased bicubic resize
 of the model output to another scale, as weights. The torch runtime applies these taps per tile on
 the device, the ncnn runtime to the frame on the host (:func:`resize_frame`), so both resize alike.
 """
@@ -10,6 +11,10 @@ import numpy as np
 
 MIN_TILE = 32
 MAX_SCALE = 16.0
+
+
+class InferenceError(RuntimeError):
+    """A batch could not be upscaled even after every fallback (either backend)."""
 
 
 def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
