@@ -237,7 +237,7 @@ class Job:
         self._book: ChunkBook | None = None
         self._plan: ChunkPlan | None = None
         self._scale: float | None = spec.scale
-        self._frame_format: FrameFormat | None = None  # decided once the scale is known
+        self._frame_format: FrameFormat | None = None  # decided once the input is probed
         self._yuv: YuvSpec | None = None
         self._dedup: DuplicateMap | None = None  # --dedup: which frames reuse another's upscale
         self._batch_ids: dict[int, int] = {}  # --dedup: upscaled frame -> its batch
@@ -952,8 +952,8 @@ class Job:
 
     @property
     def frame_format(self) -> FrameFormat:
-        """The format of the job's frame files, decided when the pipeline starts."""
-        assert self._frame_format is not None, "the frame format is decided when the pipeline starts"
+        """The format of the job's frame files, decided once the input is probed."""
+        assert self._frame_format is not None, "the frame format is decided once the input is probed"
         return self._frame_format
 
     def _manifest(self, manifest_id: str, handle: WorkerHandle, batches: tuple[Batch, ...]) -> Manifest:

@@ -13,7 +13,7 @@ above 8 bits, so the model sees the same kind of frame either way.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -23,6 +23,8 @@ from manifests.colour import YuvSpec, i420_shape
 
 
 class RgbUpscaler(Protocol):
+    """What :func:`upscale_i420` needs of an upscaler; one with ``upscale_yuv`` too converts itself."""
+
     def upscale(self, frames: np.ndarray, scale: float | None = None) -> np.ndarray: ...
 
 
@@ -79,7 +81,7 @@ def _downsample(plane: torch.Tensor) -> torch.Tensor:
     return F.avg_pool2d(plane.unsqueeze(1), 2).squeeze(1)
 
 
-def upscale_i420(upscaler: Any, frames: np.ndarray, scale: float | None, spec: YuvSpec) -> np.ndarray:
+def upscale_i420(upscaler: RgbUpscaler, frames: np.ndarray, scale: float | None, spec: YuvSpec) -> np.ndarray:
     """Upscale (N, H * 3 / 2, W) planar 4:2:0 frames into planar 4:2:0 frames of the output size.
 
     An upscaler with its own ``upscale_yuv`` (the torch runtime: conversion on its device) does it
