@@ -47,11 +47,11 @@ from manifests.colour import YuvSpec, i420_shape, i420_size
 from worker.colour import i420_to_rgb, rgb_to_i420
 from worker.models import ModelLoadError, load_model_file, resolve_model
 from worker.upscaling import (
-    MAX_SCALE,
     MIN_TILE,
     InferenceError,
     check_frame_settings,
     check_frames,
+    check_scale,
     resize_taps,
     scaled_size,
 )
@@ -237,7 +237,7 @@ class Upscaler:
             raise TypeError("frames must be a uint8 or uint16 numpy array")
         if frames.ndim != 3 or 0 in frames.shape:
             raise ValueError(f"YUV frames must have shape (N, H * 3 / 2, W), not {frames.shape}")
-        self._check_scale(scale)
+        check_scale(scale)
         width, height = i420_size(frames.shape[1], frames.shape[2])
         i420_shape(*self.output_size(height, width, scale))  # an odd output side: ValueError, up front
         with self._lock, torch.inference_mode():
@@ -249,10 +249,6 @@ class Upscaler:
             host.copy_(upscaled, non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()
         return host.numpy()
-
-    def _check_scale(self, scale: float | None) -> None:
-        if scale is not None and not 0 < scale <= MAX_SCALE:
-            raise ValueError(f"scale must be above 0 and at most {MAX_SCALE:g}, not {scale!r}")
 
     def _upscale_rgb(self, batch: torch.Tensor, scale: float | None, *, on_device: bool) -> torch.Tensor:
         """NHWC uint8/uint16 frames on the device -> upscaled NHWC, on the device (``on_device``) or

@@ -29,14 +29,18 @@ def check_frames(frames: object, scale: float | None) -> None:
         raise TypeError("frames must be a uint8 or uint16 numpy array")
     if frames.ndim != 4 or frames.shape[3] != 3 or 0 in frames.shape:
         raise ValueError(f"frames must have shape (N, H, W, 3) with N, H, W >= 1, not {frames.shape}")
+    check_scale(scale)
+
+
+def check_scale(scale: float | None) -> None:
+    """Raise ValueError unless ``scale`` (an output scale for one call, or None) is in range."""
     if scale is not None and not 0 < scale <= MAX_SCALE:
         raise ValueError(f"scale must be above 0 and at most {MAX_SCALE:g}, not {scale!r}")
 
 
 def check_frame_settings(scale: float | None, tile: int, tile_pad: int, max_pass_pixels: int | None) -> None:
     """Raise ValueError naming the first of these settings (as both backends take them) out of range."""
-    if scale is not None and not 0 < scale <= MAX_SCALE:
-        raise ValueError(f"scale must be above 0 and at most {MAX_SCALE:g}, not {scale!r}")
+    check_scale(scale)
     if tile != 0 and tile < MIN_TILE:
         raise ValueError(f"tile must be 0 (off) or at least {MIN_TILE} pixels, not {tile}")
     if tile_pad < 0:
