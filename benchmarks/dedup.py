@@ -36,8 +36,8 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.pipeline import running_workers, time_upscale  # noqa: E402
 from compare.metrics import flicker_ratio, psnr, temporal_energy  # noqa: E402
-from coordinator.extract import decode_frames  # noqa: E402
 from manifests.dedup import DEDUP_FILE, DuplicateMap  # noqa: E402
+from media.extract import decode_frames  # noqa: E402
 from tests import clips  # noqa: E402
 from tests.model_factory import compact_state_dict, write_official, write_tiny_compact  # noqa: E402
 

@@ -38,8 +38,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.model_throughput import commit  # noqa: E402
-from coordinator.extract import decode_frames  # noqa: E402
 from coordinator.local_workers import spawn_worker, wait_listening  # noqa: E402
+from media.extract import decode_frames  # noqa: E402
 from tests import clips  # noqa: E402
 from tests.model_factory import write_tiny_compact  # noqa: E402
 

@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.model_throughput import commit  # noqa: E402
 from benchmarks.pipeline import start_workers, wait_ready  # noqa: E402
-from coordinator.ffmpeg import find_ffmpeg  # noqa: E402
+from media.ffmpeg import find_ffmpeg  # noqa: E402
 
 COORDINATOR_STAGES = ("decode", "extract_read", "extract_write", "encode_read", "encode_feed")
 WORKER_STAGES = ("read", "compute", "write")

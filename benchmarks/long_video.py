@@ -27,8 +27,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.model_throughput import commit  # noqa: E402
-from coordinator.ffmpeg import run_ffmpeg  # noqa: E402
-from coordinator.probe import probe  # noqa: E402
+from media.ffmpeg import run_ffmpeg  # noqa: E402
+from media.probe import probe  # noqa: E402
 from tests.model_factory import write_tiny_compact  # noqa: E402
 
 

@@ -35,10 +35,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.model_throughput import commit  # noqa: E402
-from coordinator.extract import decode_frames  # noqa: E402
-from coordinator.ffmpeg import run_ffmpeg  # noqa: E402
 from coordinator.local_workers import read_port_file, spawn_worker  # noqa: E402
-from coordinator.probe import probe  # noqa: E402
+from media.extract import decode_frames  # noqa: E402
+from media.ffmpeg import run_ffmpeg  # noqa: E402
+from media.probe import probe  # noqa: E402
 from worker.runtime import RuntimeSettings, load_upscaler  # noqa: E402
 
 

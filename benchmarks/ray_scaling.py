@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.model_throughput import commit  # noqa: E402
-from coordinator.ffmpeg import run_ffmpeg  # noqa: E402
+from media.ffmpeg import run_ffmpeg  # noqa: E402
 
 
 def upscale(source: Path, work: Path, name: str, latency_ms: float, where: list[str]) -> dict[str, Any]:

@@ -33,7 +33,7 @@ else:
 
 from benchmarks.model_throughput import commit  # noqa: E402
 from benchmarks.pipeline import metric_sums, running_workers, time_upscale  # noqa: E402
-from coordinator.ffmpeg import run_ffmpeg  # noqa: E402
+from media.ffmpeg import run_ffmpeg  # noqa: E402
 from tests.serviceutil import FAST, start_service  # noqa: E402
 
 MODEL = "simulated"

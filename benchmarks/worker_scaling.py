@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.model_throughput import commit  # noqa: E402
 from benchmarks.pipeline import running_workers, time_upscale  # noqa: E402
-from coordinator.ffmpeg import run_ffmpeg  # noqa: E402
+from media.ffmpeg import run_ffmpeg  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

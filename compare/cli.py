@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     from compare.results import format_table
     from compare.run import run_comparison, runtime_settings
     from compare.vmaf import VmafError
-    from coordinator.errors import MediaError
+    from media.errors import MediaError
 
     try:
         spec = spec_from_args(args)

@@ -1,7 +1,7 @@
 """The frames a comparison looks at: a contiguous run read from the video, degraded copies, baselines.
 
 :func:`read_run` decodes frames ``first .. first+count-1`` with the coordinator's own RGB conversion
-(:func:`coordinator.extract.rgb_filter`: the pixels ``esrfarm upscale`` gives the model), seeking
+(:func:`media.extract.rgb_filter`: the pixels ``esrfarm upscale`` gives the model), seeking
 to the run instead of decoding the video from its start. :func:`degrade` is the "degrade" half of
 the degrade-then-restore protocol; :class:`PillowUpscaler` gives the bicubic and Lanczos baselines.
 """
@@ -16,10 +16,10 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
-from coordinator.errors import FFmpegError, InputError
-from coordinator.extract import rgb_filter
-from coordinator.ffmpeg import FFmpegProcess
-from coordinator.probe import MediaInfo
+from media.errors import FFmpegError, InputError
+from media.extract import rgb_filter
+from media.ffmpeg import FFmpegProcess
+from media.probe import MediaInfo
 
 
 class FrameUpscaler(Protocol):

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 from compare.results import Machine
-from coordinator.ffmpeg import ffmpeg_version
+from media.ffmpeg import ffmpeg_version
 
 _REPO = Path(__file__).resolve().parent.parent
 GIT_TIMEOUT_S = 10.0

@@ -56,7 +56,7 @@ from compare.metrics import (
 from compare.results import Kind, ModelResult, Report, ReportImages
 from compare.spec import BORDER, MIN_INPUT_SIDE, CompareError, CompareSpec
 from compare.vmaf import vmaf_scores
-from coordinator.probe import MediaInfo, probe
+from media.probe import MediaInfo, probe
 from worker.models import CATALOG, ModelLoadError, locate
 from worker.runtime import InferenceError, RuntimeSettings, load_upscaler, select_device
 

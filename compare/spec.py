@@ -7,7 +7,7 @@ Errors::
     ValueError            a spec that is wrong in itself (raised by CompareSpec and the parsers)
 
 Input problems (missing file, not a video, corrupt) are the coordinator's
-:class:`coordinator.errors.InputError`; a model that cannot load or run is not an error but a
+:class:`media.errors.InputError`; a model that cannot load or run is not an error but a
 skipped row of the report, with the reason.
 """
 

@@ -1,4 +1,4 @@
-"""VMAF and VMAF NEG through the libvmaf filter of the ffmpeg binary (:mod:`coordinator.ffmpeg`).
+"""VMAF and VMAF NEG through the libvmaf filter of the ffmpeg binary (:mod:`media.ffmpeg`).
 
 The ffmpeg shipped by ``imageio-ffmpeg`` is built with libvmaf and its built-in models, so nothing is
 downloaded: ``vmaf_v0.6.1`` (plain VMAF) and ``vmaf_v0.6.1neg`` (the "no enhancement gain" model,
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from coordinator.ffmpeg import run_ffmpeg
+from media.ffmpeg import run_ffmpeg
 
 MODELS = {"vmaf": "vmaf_v0.6.1", "vmaf_neg": "vmaf_v0.6.1neg"}
 #: The smallest frame side scored: libvmaf's multi-scale features shrink the frame four times, and the

@@ -25,7 +25,7 @@ from typing import TextIO
 
 import orjson
 
-from coordinator.errors import CoordinatorError, JobCancelledError, SpecError
+from coordinator.errors import EXPECTED_ERRORS, JobCancelledError, SpecError
 from coordinator.events import Failed, JobEvent, JobResult, Progress, Started
 from coordinator.spec import DEFAULT_MODEL, FarmSettings, JobSpec, default_shared_root
 from manifests.jsonio import write_json_atomic
@@ -350,8 +350,8 @@ def describe(p: Progress) -> str:
 
 def settings_from_args(args: argparse.Namespace) -> tuple[JobSpec, FarmSettings]:
     """The CLI's flags as a job spec and farm settings; raises :class:`SpecError` or ValueError."""
-    from coordinator.encode import EncodeSettings
     from manifests.chunks import parse_size
+    from media.encode import EncodeSettings
 
     encode = EncodeSettings.for_codec(
         args.codec,
@@ -428,7 +428,7 @@ def upscale_main(args: argparse.Namespace) -> int:
         kept = f"its files are kept in {exc.job_dir}; " if exc.job_dir else ""
         sys.stderr.write(f"esrfarm upscale: interrupted ({kept}the same command resumes it)\n")
         return 130
-    except CoordinatorError as exc:
+    except EXPECTED_ERRORS as exc:
         sys.stderr.write(f"esrfarm upscale: error: {exc}\n")
         return 1
     except OSError as exc:

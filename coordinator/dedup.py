@@ -38,12 +38,12 @@ from pathlib import Path
 
 import numpy as np
 
-from coordinator.extract import decode_frames
-from coordinator.probe import MediaInfo
 from manifests.chunks import ChunkPlan
 from manifests.dedup import DEDUP_FILE, DuplicateMap
 from manifests.errors import DocumentError
 from manifests.jsonio import write_json_atomic
+from media.extract import decode_frames
+from media.probe import MediaInfo
 
 log = logging.getLogger(__name__)
 

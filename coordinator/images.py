@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from coordinator.errors import InputError, OutputPathError
-from coordinator.probe import CONTAINER_FORMATS
 from manifests.atomic import atomic_write
+from media.errors import InputError, OutputPathError
+from media.probe import CONTAINER_FORMATS
 
 #: Image suffixes esrfarm reads and writes, and Pillow's format for each.
 IMAGE_FORMATS = {

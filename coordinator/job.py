@@ -24,7 +24,7 @@ Driving it::
         job = Job(spec, fleet).start()
         async for event in job.events():   # Progress, WorkerLost, ..., then Finished/Failed/Cancelled
             ...
-        result = await job.wait()           # JobResult, or raises JobError / a CoordinatorError
+        result = await job.wait()           # JobResult, or raises JobError / one of EXPECTED_ERRORS
     # job.cancel(): stop dealing, reset the workers' manifests, kill the job's ffmpeg processes,
     # keep the job directory (the same job resumes from it)
 
@@ -53,16 +53,10 @@ from typing import IO, Any, TypeVar
 
 import orjson
 
-from coordinator.cputime import METER, grown
 from coordinator.dedup import BLOCK as DEDUP_BLOCK
 from coordinator.dedup import THRESHOLD as DEDUP_THRESHOLD
 from coordinator.dedup import job_duplicate_map
-from coordinator.encode import PART_SUFFIX
-from coordinator.errors import (
-    CoordinatorError,
-    JobCancelledError,
-    JobError,
-)
+from coordinator.errors import EXPECTED_ERRORS, JobCancelledError, JobError
 from coordinator.events import (
     BatchFailed,
     Cancelled,
@@ -76,13 +70,10 @@ from coordinator.events import (
     Started,
     WorkerLost,
 )
-from coordinator.ffmpeg import ProcessGroup, process_group
 from coordinator.fleet import Dispatch, LocalWorkerConfig, WorkerFleet, WorkerHandle
 from coordinator.images import is_image_job, probe_images
 from coordinator.media import ImageMedia, JobMedia, VideoMedia, file_sha256
 from coordinator.memory import release_free_memory
-from coordinator.probe import check_output_path, probe
-from coordinator.segments import SEGMENT_SUFFIX
 from coordinator.spec import FarmSettings, JobSpec
 from manifests.chunkbook import Admission, ChunkBook, ChunkStage
 from manifests.chunks import Chunk, ChunkPlan, format_size, plan_chunks
@@ -98,6 +89,11 @@ from manifests.manifest import Batch, Manifest
 from manifests.planner import plan_batches
 from manifests.progress import ProgressThrottle, job_progress
 from manifests.status import Status
+from media.cputime import METER, grown
+from media.encode import PART_SUFFIX
+from media.ffmpeg import ProcessGroup, process_group
+from media.probe import check_output_path, probe
+from media.segments import SEGMENT_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +282,7 @@ class Job:
                 return
 
     async def wait(self) -> JobResult:
-        """The result; raises :class:`JobError` (or another :class:`CoordinatorError`) if it failed."""
+        """The result; raises :class:`JobError` (or another of :data:`EXPECTED_ERRORS`) if it failed."""
         task = self.start()._task
         assert task is not None
         return await asyncio.shield(task)
@@ -337,7 +333,7 @@ class Job:
                     Failed(str(exc), exc.job_dir, exc.resumable, exc.batch_id, exc.frames, exc.reasons)
                 )
                 raise
-            except CoordinatorError as exc:
+            except EXPECTED_ERRORS as exc:
                 self._emit(Failed(str(exc), self.job_dir, self.job_dir is not None))
                 raise
             except Exception as exc:  # a defect: whoever drives the job still gets a last event
@@ -376,7 +372,7 @@ class Job:
                 if exc.job_dir is not None or not exc.resumable:
                     raise
                 raise exc.kept_in(layout.job_dir) from exc.__cause__
-            except CoordinatorError as exc:
+            except EXPECTED_ERRORS as exc:
                 if not layout.job_dir.is_dir():
                     raise
                 raise JobError(str(exc), layout.job_dir) from exc
@@ -391,7 +387,7 @@ class Job:
             await asyncio.gather(*self._threads, return_exceptions=True)
             await asyncio.to_thread(lock.release)
         self.stats["total_s"] = time.monotonic() - self._begun
-        # CPU seconds of this process by stage while the job ran (coordinator.cputime).
+        # CPU seconds of this process by stage while the job ran (media.cputime).
         for stage, seconds in grown(self._cpu_at_start, METER.snapshot()).items():
             self.stats[f"cpu_{stage}_s"] = seconds
         stats = {key: round(value, 3) for key, value in self.stats.items()}
@@ -654,7 +650,7 @@ class Job:
             media.extract(layout.input_dir, self.frame_format, self.spec.png_compression, gate, on_frame)
         except _Stopped:
             return
-        except CoordinatorError:
+        except EXPECTED_ERRORS:
             if self._stopping:
                 return  # killed on purpose: the job is ending for another reason
             raise

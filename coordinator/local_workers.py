@@ -28,7 +28,7 @@ from pathlib import Path
 import orjson
 
 from coordinator.errors import ModelError, WorkerStartError
-from coordinator.ffmpeg import die_with_parent
+from media.ffmpeg import die_with_parent
 
 log = logging.getLogger(__name__)
 

@@ -28,17 +28,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from coordinator.encode import PART_SUFFIX, EncodeSettings, check_encode, settings_for_depth
-from coordinator.errors import OutputPathError
-from coordinator.extract import YUV_SOURCE_FORMATS, FrameDone, FrameGate, extract_frames
 from coordinator.images import ImageSet, read_rgb, write_image
-from coordinator.probe import MediaInfo
-from coordinator.segments import SEGMENT_SUFFIX, encode_segment, join_segments, segment_is_complete
 from manifests.atomic import atomic_write, leftover_temp_files
 from manifests.chunks import Chunk, frame_file_bytes
 from manifests.colour import YuvSpec
 from manifests.frames import read_frame, write_frame
 from manifests.layout import FrameFormat, JobLayout, frame_filename, frame_formats_for_depth
+from media.encode import PART_SUFFIX, EncodeSettings, check_encode, settings_for_depth
+from media.errors import OutputPathError
+from media.extract import YUV_SOURCE_FORMATS, FrameDone, FrameGate, extract_frames
+from media.probe import MediaInfo
+from media.segments import SEGMENT_SUFFIX, encode_segment, join_segments, segment_is_complete
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def segment_path(layout: JobLayout, chunk: Chunk) -> Path:
 @dataclass
 class VideoMedia:
     """A video. A source of more than 8 bits per sample has 16-bit frames and is encoded at its own
-    depth unless the settings name a pixel format (:func:`~coordinator.encode.settings_for_depth`,
+    depth unless the settings name a pixel format (:func:`~media.encode.settings_for_depth`,
     which refuses a codec that cannot hold it)."""
 
     info: MediaInfo

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coordinator.encode import EncodeSettings
 from coordinator.errors import SpecError
 from manifests.layout import FrameFormat
 from manifests.manifest import BACKENDS, MAX_BATCH_FRAMES, MAX_FRAME_INDEX, MAX_SCALE, MAX_TILE, MIN_SCALE
+from media.encode import EncodeSettings
 
 DEFAULT_MODEL = "realesr-animevideov3"
 DEFAULT_MAX_DISK = 4 << 30

@@ -33,10 +33,10 @@ from aiohttp import BodyPartReader, ClientConnectionError, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Middleware
 
-from coordinator.encode import EncodeSettings
-from coordinator.errors import CoordinatorError, SpecError
+from coordinator.errors import EXPECTED_ERRORS, SpecError
 from coordinator.spec import DEFAULT_MODEL, FarmSettings, JobSpec
 from manifests.manifest import BACKENDS
+from media.encode import EncodeSettings
 from service.comparisons import KIND, CompareJobError, batch_page, compare_spec, is_compare
 from service.preview import PreviewError, render_preview
 from service.scheduler import ModelUnavailableError, Scheduler, SchedulerSettings
@@ -207,7 +207,7 @@ def _encode(body: dict[str, Any]) -> EncodeSettings:
     for name, settings in (("codec", {}), ("crf", {"crf": crf}), ("preset", {"crf": crf, "preset": preset})):
         try:
             encode = EncodeSettings.for_codec(codec, **settings)
-        except CoordinatorError as exc:
+        except EXPECTED_ERRORS as exc:
             raise BadRequest(name, str(exc)) from None
     return encode
 

@@ -1,6 +1,6 @@
 """Before/after previews: frame N of a job's input and of its output side by side, as one PNG.
 
-Frames are decoded by the coordinator's media edge (:func:`coordinator.extract.decode_frames`, the
+Frames are decoded by the coordinator's media edge (:func:`media.extract.decode_frames`, the
 exact pixels the workers were given). Both halves have the output's size, so that they can be
 compared: the input is enlarged to it with nearest-neighbour (its pixels as they are, only bigger),
 on the left; the output on the right.
@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from coordinator.errors import CoordinatorError
-from coordinator.extract import decode_frames
+from coordinator.errors import EXPECTED_ERRORS
+from media.extract import decode_frames
 
 
 class PreviewError(Exception):
@@ -31,7 +31,7 @@ def decoded_frame(path: Path, frame: int) -> np.ndarray:
             found = next(itertools.islice(frames, frame - 1, None), None)
         finally:
             frames.close()  # type: ignore[attr-defined]
-    except CoordinatorError as exc:
+    except EXPECTED_ERRORS as exc:
         raise PreviewError(str(exc)) from None
     if found is None:
         raise PreviewError(f"{path} has fewer than {frame} frames")

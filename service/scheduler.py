@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coordinator.errors import CoordinatorError, FleetError, JobCancelledError
+from coordinator.errors import EXPECTED_ERRORS, FleetError, JobCancelledError
 from coordinator.events import Finished, JobEvent, Progress, Stage, Started
 from coordinator.fleet import LocalWorkerConfig, WorkerFleet, WorkerHandle
 from coordinator.job import Job
@@ -272,7 +272,7 @@ class Scheduler:
         assert self.fleet is not None
         try:
             spec = JobSpec.from_dict(row.spec_dict)
-        except CoordinatorError as exc:  # a stored spec this version cannot read
+        except EXPECTED_ERRORS as exc:  # a stored spec this version cannot read
             await self._end(row.id, JobState.FAILED, error=str(exc))
             return
         # registered before any await: a cancel from now on finds the run (and waits for its task)
@@ -305,7 +305,7 @@ class Scheduler:
                     await self._end(job_id, JobState.CANCELLED)
                 else:  # the service is stopping: the job waits for the next start, and resumes
                     await self._record(job_id, state=JobState.QUEUED, fps=None, eta_s=None)
-            except CoordinatorError as exc:
+            except EXPECTED_ERRORS as exc:
                 workers_failed = isinstance(exc, FleetError) or isinstance(exc.__cause__, FleetError)
                 if workers_failed and row.attempts < self.settings.max_attempts and not self._closing:
                     log.warning("job %s: %s; queued again", job_id, exc)

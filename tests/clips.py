@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from coordinator.ffmpeg import run_ffmpeg
+from media.ffmpeg import run_ffmpeg
 
 X264 = ("-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p")
 

@@ -10,8 +10,8 @@ import pytest
 from compare.frames import PillowUpscaler, degrade, read_run
 from compare.run import frame_window
 from compare.spec import CompareError
-from coordinator.extract import decode_frames
-from coordinator.probe import probe
+from media.extract import decode_frames
+from media.probe import probe
 from tests import clips
 
 GOP_X264 = ("-c:v", "libx264", "-preset", "medium", "-g", "12", "-bf", "3", "-pix_fmt", "yuv420p")

@@ -18,7 +18,7 @@ import numpy as np
 import orjson
 import pytest
 
-from coordinator.extract import decode_frames
+from media.extract import decode_frames
 from tests import clips
 from tests.workerutil import REPO, WorkerProcess, start_worker
 
@@ -215,7 +215,7 @@ def test_ffmpeg_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
     """A coordinator killed by SIGKILL leaves no encoder running (PR_SET_PDEATHSIG)."""
     script = (
         "import sys, time\n"
-        "from coordinator.ffmpeg import FFmpegProcess\n"
+        "from media.ffmpeg import FFmpegProcess\n"
         "p = FFmpegProcess(['-re', '-f', 'lavfi', '-i', 'testsrc2=rate=5', '-f', 'null', '-'], action='x')\n"
         "print(p._proc.pid, flush=True)\n"
         "time.sleep(600)\n"

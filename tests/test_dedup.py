@@ -19,12 +19,12 @@ import pytest
 
 from coordinator.dedup import DuplicateFinder, find_duplicates, frame_difference
 from coordinator.errors import JobError
-from coordinator.extract import decode_frames
-from coordinator.probe import probe
 from manifests.chunkbook import ChunkBook, ChunkStage
 from manifests.chunks import plan_chunks
 from manifests.dedup import DEDUP_FILE, DuplicateMap, chunk_sources, plan_unique_batches
 from manifests.errors import DocumentError
+from media.extract import decode_frames
+from media.probe import probe
 from tests import clips
 from tests.fakeworkers import fake_farm
 from tests.test_images import picture

@@ -19,18 +19,18 @@ import orjson
 import pytest
 import torch
 
-from coordinator.encode import EncodeSettings, settings_for_depth
-from coordinator.errors import CoordinatorError, EncodeSettingsError
-from coordinator.extract import decode_frames
 from coordinator.job import upscale
 from coordinator.media import VideoMedia
-from coordinator.probe import probe
 from coordinator.spec import FarmSettings, JobSpec
 from manifests.chunks import frame_file_bytes
 from manifests.errors import DocumentError, FrameFileError
 from manifests.frames import decode_frame, encode_frame_into, frame_file_is_sound, write_frame
 from manifests.layout import FrameFormat
 from manifests.manifest import Batch, Manifest
+from media.encode import EncodeSettings, settings_for_depth
+from media.errors import EncodeSettingsError
+from media.extract import decode_frames
+from media.probe import probe
 from tests import clips
 from tests.workerutil import WorkerProcess, start_worker
 from worker.runtime import RuntimeSettings, from_unit_range, load_upscaler, to_unit_range
@@ -280,9 +280,9 @@ def test_a_codec_that_cannot_hold_the_depth_is_refused_before_anything_is_upscal
 ) -> None:
     root = tmp_path / "root"
     output = tmp_path / "out.mp4"
-    with pytest.raises(CoordinatorError, match=r"libx264rgb writes at most 8 bits .* use --codec libx264"):
+    with pytest.raises(EncodeSettingsError, match=r"libx264rgb writes at most 8 bits .* use --codec libx264"):
         _upscale(ramp, output, root, worker, tiny_model, encode=EncodeSettings.for_codec("libx264rgb"))
-    with pytest.raises(CoordinatorError, match="this ffmpeg's libx264 cannot write yuv420p12le"):
+    with pytest.raises(EncodeSettingsError, match="this ffmpeg's libx264 cannot write yuv420p12le"):
         _upscale(
             ramp,
             output,

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from coordinator.errors import InputError, JobError, OutputPathError
+from coordinator.errors import JobError
 from coordinator.events import Finished
 from coordinator.images import probe_images
+from media.errors import InputError, OutputPathError
 from tests import clips
 from tests.fakeworkers import fake_farm, nearest
 from tests.test_job_engine import farm, run, spec

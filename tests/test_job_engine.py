@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from coordinator.encode import EncodeSettings
 from coordinator.errors import JobCancelledError, JobError
 from coordinator.events import (
     BatchFailed,
@@ -31,12 +30,13 @@ from coordinator.events import (
     Started,
     WorkerLost,
 )
-from coordinator.extract import decode_frames
 from coordinator.fleet import WorkerFleet
 from coordinator.job import Job, job_id_for
 from coordinator.spec import FarmSettings, JobSpec
 from manifests.atomic import temp_path
 from manifests.layout import FrameFormat, JobLayout
+from media.encode import EncodeSettings
+from media.extract import decode_frames
 from tests import clips
 from tests.fakeworkers import FakeWorker, fake_farm, nearest
 

@@ -16,20 +16,14 @@ import av
 import numpy as np
 import pytest
 
-from coordinator.encode import EncodeSettings, settings_for_depth, subtitle_codec_for
-from coordinator.errors import (
-    EncodeSettingsError,
-    FFmpegError,
-    FramesError,
-    OutputPathError,
-    SegmentError,
-)
-from coordinator.extract import decode_frames, extract_frames
-from coordinator.probe import MediaInfo, SubtitleInfo, probe
-from coordinator.segments import SEGMENT_SUFFIX, encode_segment, join_segments, segment_is_complete
 from manifests.chunks import plan_chunks
 from manifests.frames import read_frame, write_frame
 from manifests.layout import FrameFormat, frame_filename
+from media.encode import EncodeSettings, settings_for_depth, subtitle_codec_for
+from media.errors import EncodeSettingsError, FFmpegError, FramesError, OutputPathError, SegmentError
+from media.extract import decode_frames, extract_frames
+from media.probe import MediaInfo, SubtitleInfo, probe
+from media.segments import SEGMENT_SUFFIX, encode_segment, join_segments, segment_is_complete
 from tests import clips
 from tests.videocheck import assert_faithful_upscale
 

@@ -10,11 +10,11 @@ import av
 import numpy as np
 import pytest
 
-from coordinator.errors import InputError
-from coordinator.extract import decode_frames, extract_frames
-from coordinator.probe import ColorInfo, MediaInfo, probe
 from manifests.frames import read_frame
 from manifests.layout import FrameFormat, frame_filename
+from media.errors import InputError
+from media.extract import decode_frames, extract_frames
+from media.probe import ColorInfo, MediaInfo, probe
 from tests import clips
 
 RGB = (200, 60, 40)  # saturated enough that a BT.601/BT.709 mix-up moves it by > 10 levels

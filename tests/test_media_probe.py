@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.errors import FFmpegError, FFmpegNotFoundError, InputError, OutputPathError
-from coordinator.ffmpeg import FFmpegProcess, find_ffmpeg, run_ffmpeg
-from coordinator.probe import ColorInfo, MediaInfo, check_output_path, probe, rgb_conversion
+from media.errors import FFmpegError, FFmpegNotFoundError, InputError, OutputPathError
+from media.ffmpeg import FFmpegProcess, find_ffmpeg, run_ffmpeg
+from media.probe import ColorInfo, MediaInfo, check_output_path, probe, rgb_conversion
 from tests import clips
 
 

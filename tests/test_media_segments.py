@@ -16,13 +16,13 @@ import av
 import numpy as np
 import pytest
 
-from coordinator.encode import EncodeSettings
-from coordinator.errors import FramesError, MediaError, SegmentError
-from coordinator.extract import decode_frames
-from coordinator.probe import MediaInfo, probe
-from coordinator.segments import encode_segment, join_segments, segment_is_complete
 from manifests.frames import write_frame
 from manifests.layout import FrameFormat, frame_filename
+from media.encode import EncodeSettings
+from media.errors import FramesError, MediaError, SegmentError
+from media.extract import decode_frames
+from media.probe import MediaInfo, probe
+from media.segments import encode_segment, join_segments, segment_is_complete
 from tests import clips
 from tests.test_media_encode import no_leftovers, upscale_frames
 from tests.videocheck import assert_faithful_upscale

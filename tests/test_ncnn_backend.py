@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from coordinator.extract import decode_frames
 from manifests import plan_batches
+from media.extract import decode_frames
 from tests import clips
 from tests.model_factory import compact_state_dict, rrdb_state_dict, write_official
 from tests.videocheck import assert_faithful_upscale

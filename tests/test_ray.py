@@ -27,7 +27,7 @@ import pytest
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install -e '.[ray]' installs it)")
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from coordinator.extract import decode_frames  # noqa: E402
+from media.extract import decode_frames  # noqa: E402
 from tests import clips  # noqa: E402
 from tests.workerutil import REPO  # noqa: E402
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from coordinator.probe import probe
+from media.probe import probe
 from service.preview import decoded_frame
 from tests import clips
 from tests.serviceutil import ServiceProcess, service_command, sse_events, start_service

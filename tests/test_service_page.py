@@ -24,7 +24,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import Select
 
-from coordinator.probe import probe
+from media.probe import probe
 from tests import clips
 from tests.browser import chromium
 from tests.serviceutil import ServiceProcess, cpu_workers, start_service

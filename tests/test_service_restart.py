@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator.extract import decode_frames
+from media.extract import decode_frames
 from service.cli import EXIT_DATABASE
 from tests import clips
 from tests.serviceutil import service_command, start_service

@@ -24,8 +24,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from coordinator.extract import decode_frames
 from manifests import JobLayout
+from media.extract import decode_frames
 from tests import clips
 from tests.workerutil import REPO, WorkerProcess, start_worker
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coordinator.extract import decode_frames
-from coordinator.probe import probe
 from manifests.manifest import read_manifest
+from media.extract import decode_frames
+from media.probe import probe
 from tests import clips
 from tests.workerutil import REPO
 

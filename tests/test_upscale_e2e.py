@@ -19,8 +19,8 @@ import orjson
 import pytest
 from PIL import Image
 
-from coordinator.extract import decode_frames
-from coordinator.probe import probe
+from media.extract import decode_frames
+from media.probe import probe
 from tests import clips
 from tests.videocheck import assert_faithful_upscale
 from tests.workerutil import REPO, WorkerProcess, start_worker

@@ -17,14 +17,14 @@ import orjson
 import pytest
 import torch
 
-from coordinator.encode import EncodeSettings
-from coordinator.extract import decode_frames
-from coordinator.ffmpeg import run_ffmpeg
 from coordinator.job import upscale
-from coordinator.probe import probe
 from coordinator.spec import FarmSettings, JobSpec
 from manifests.colour import YuvSpec
 from manifests.layout import FrameFormat
+from media.encode import EncodeSettings
+from media.extract import decode_frames
+from media.ffmpeg import run_ffmpeg
+from media.probe import probe
 from tests import clips
 from tests.workerutil import start_worker
 from worker.colour import i420_to_rgb, rgb_to_i420, upscale_i420

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import av
 
-from coordinator.probe import MediaInfo, probe
+from media.probe import MediaInfo, probe
 
 
 def packets(path: Path, stream_type: str) -> list[list[tuple[int | None, bytes]]]:

@@ -34,8 +34,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import IO
 
-from coordinator.cputime import METER, ended_process_cpu
-from coordinator.errors import FFmpegError, FFmpegNotFoundError, MediaError
+from media.cputime import METER, ended_process_cpu
+from media.errors import FFmpegError, FFmpegNotFoundError, MediaError
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ class FFmpegProcess:
     ) -> None:
         self.command = ffmpeg_command(args, ffmpeg=ffmpeg)
         self.action = action
-        self.stage = stage  # the CPU stage its CPU is counted in (coordinator.cputime), if any
+        self.stage = stage  # the CPU stage its CPU is counted in (media.cputime), if any
         self._stderr: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 (closed in finish/kill)
         log.debug("starting %s", self.command)
         self._proc = subprocess.Popen(

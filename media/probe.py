@@ -39,7 +39,7 @@ from typing import Any
 import av
 import av.logging
 
-from coordinator.errors import InputError, OutputPathError
+from media.errors import InputError, OutputPathError
 
 log = logging.getLogger(__name__)
 

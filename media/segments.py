@@ -44,7 +44,10 @@ from typing import Any
 
 import av
 
-from coordinator.encode import (
+from manifests.atomic import temp_path
+from manifests.frames import frame_size
+from manifests.layout import FrameFormat
+from media.encode import (
     PART_SUFFIX,
     EncodeSettings,
     FrameFeed,
@@ -64,12 +67,9 @@ from coordinator.encode import (
     output_container,
     run_frame_encoder,
 )
-from coordinator.errors import MediaError, OutputPathError, SegmentError
-from coordinator.ffmpeg import FFmpegProcess
-from coordinator.probe import MediaInfo
-from manifests.atomic import temp_path
-from manifests.frames import frame_size
-from manifests.layout import FrameFormat
+from media.errors import MediaError, OutputPathError, SegmentError
+from media.ffmpeg import FFmpegProcess
+from media.probe import MediaInfo
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def encode_segment(
     reuse another's upscaled file (``--dedup``); default: its own. Each keeps its own timestamp.
 
     The frames keep the timestamps they have in the source (``info``), and are converted with the
-    source's matrix and range and tagged with its colour and SAR (see :mod:`coordinator.encode`).
+    source's matrix and range and tagged with its colour and SAR (see :mod:`media.encode`).
     ``threads`` frame readers run ahead of the encoder; ``encoder_threads`` caps the encoder's own
     threads (``-threads``; useful when several segments are encoded at once). An existing file at
     ``segment_path`` (say, a damaged segment of an earlier run) is replaced. Written under a

@@ -4,10 +4,10 @@ job's ``input/`` directory (:func:`extract_frames`).
 One decoder for both: the ffmpeg binary, ``-fps_mode passthrough`` (exactly one RGB frame per
 decoded frame: nothing resampled, dropped or duplicated), ``-noautorotate`` (frames stay in coded
 orientation; the rotation travels as metadata to the output), converting YUV to 8-bit RGB with the
-matrix and range of :attr:`VideoInfo.conversion <coordinator.probe.VideoInfo.conversion>` (the
+matrix and range of :attr:`VideoInfo.conversion <media.probe.VideoInfo.conversion>` (the
 source's tags, or the documented guess) and accurate rounding. ffmpeg writes raw ``rgb24`` to a
 pipe; a small thread pool encodes PNG / ``.npy`` files. A source with more than 8 bits per sample
-(:attr:`VideoInfo.high_depth <coordinator.probe.VideoInfo.high_depth>`: 10-bit, 12-bit, p010...)
+(:attr:`VideoInfo.high_depth <media.probe.VideoInfo.high_depth>`: 10-bit, 12-bit, p010...)
 is converted to ``rgb48le`` instead, and its frames are uint16 ``.npy`` files: nothing is rounded
 to 8 bits.
 
@@ -33,13 +33,13 @@ from pathlib import Path
 
 import numpy as np
 
-from coordinator.cputime import METER
-from coordinator.errors import FFmpegError, InputError
-from coordinator.ffmpeg import FFmpegProcess
-from coordinator.probe import MediaInfo, VideoInfo, probe
 from manifests.colour import i420_shape
 from manifests.frames import write_frame
 from manifests.layout import FrameFormat, frame_filename
+from media.cputime import METER
+from media.errors import FFmpegError, InputError
+from media.ffmpeg import FFmpegProcess
+from media.probe import MediaInfo, VideoInfo, probe
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Where the coordinator's CPU goes: seconds of CPU per stage, for ``--stats`` and the benchmarks.
 
 Threads add the thread time they spend on a stage (:meth:`CpuMeter.measure`), and each ffmpeg
-adds its own CPU when it ends (:meth:`coordinator.ffmpeg.FFmpegProcess.finish`, read from the
+adds its own CPU when it ends (:meth:`media.ffmpeg.FFmpegProcess.finish`, read from the
 ended process before it is reaped). One meter per process (:data:`METER`): a job reports what it
 grew by while it ran (:meth:`CpuMeter.snapshot`, :func:`grown`); jobs that run at once in one
 process (the job service) share it.

@@ -1,4 +1,4 @@
-"""Encoder settings and the building blocks of the encode that :mod:`coordinator.segments` runs.
+"""Encoder settings and the building blocks of the encode that :mod:`media.segments` runs.
 
 ::
 
@@ -55,10 +55,13 @@ from typing import Any
 import av
 import numpy as np
 
-from coordinator.cputime import METER
-from coordinator.errors import EncodeSettingsError, FFmpegError, FramesError, MediaError
-from coordinator.ffmpeg import FFmpegProcess, available_encoders, encoder_pix_fmts
-from coordinator.probe import (
+from manifests.atomic import atomic_path
+from manifests.frames import frame_size, read_frame
+from manifests.layout import HIGH_BIT_DEPTH, FrameFormat, frame_filename
+from media.cputime import METER
+from media.errors import EncodeSettingsError, FFmpegError, FramesError, MediaError
+from media.ffmpeg import FFmpegProcess, available_encoders, encoder_pix_fmts
+from media.probe import (
     CONTAINER_FORMATS,
     HdrInfo,
     MediaInfo,
@@ -66,9 +69,6 @@ from coordinator.probe import (
     check_output_path,
     pix_fmt_bit_depth,
 )
-from manifests.atomic import atomic_path
-from manifests.frames import frame_size, read_frame
-from manifests.layout import HIGH_BIT_DEPTH, FrameFormat, frame_filename
 
 log = logging.getLogger(__name__)
 
