@@ -32,6 +32,7 @@ run as a job with --dedup would: the held frames show the upscale of the frame t
 model, off and on side by side: frames upscaled, seconds on the run (on: the detector's time
 included) and their ratio, PSNR of on against off (the worst frame, and the run as a whole: a frame
 upscaled either way is the same, so it is the reused frames that lower it) and flicker of each.
+It adds one upscale of the frames that are not held, per model.
 
 Cost: each model upscales the run twice, once degraded (1/scale^2 of the pixels) and once for
 real, so the time grows in proportion to --frames, to the frame's pixels (or --region's) and to
