@@ -6,9 +6,15 @@ From one video (Big Buck Bunny here) it builds, at ``--size``:
   re-encoded with libx264, so repeats are near, not exact;
 - pan: a window moving 1 pixel per frame over a still frame of the full-size video;
 - fade: that still frame fading out to black over the whole clip (about 2 levels a frame at most);
-- square: that still frame where only a 16x16 area changes every fourth frame (a grey box at 30 %).
+- square: that still frame where only a 16x16 area changes every fourth frame (a grey box at 30 %);
+- faint: the same with the box at 10 %;
+- pan, fade, square and faint are at CRF 18, and again at CRF 28 (``-crf28``).
 
-Each clip is upscaled by ``esrfarm upscale`` with ``--dedup`` off and on, on the same running
+With ``--detector-only`` only the detector runs, on each clip's frames as a job with YUV frames
+decodes them (seconds per clip): the frames it would upscale, and the reused frames whose picture
+differs by construction, with the largest window score among them.
+
+Otherwise each clip is upscaled by ``esrfarm upscale`` with ``--dedup`` off and on, on the same running
 workers, to a lossless output (libx264 CRF 0, so the frames compared are the upscaled frames). The
 model is deterministic (seeded weights; ``--model`` for another), so off against off is identical
 (infinite PSNR): any finite PSNR of on against off is a reused frame. Per clip, one JSON line: the
@@ -36,8 +42,10 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.pipeline import running_workers, time_upscale  # noqa: E402
 from compare.metrics import flicker_ratio, psnr, temporal_energy  # noqa: E402
+from coordinator.dedup import DuplicateFinder  # noqa: E402
 from manifests.dedup import DEDUP_FILE, DuplicateMap  # noqa: E402
 from media.extract import decode_frames  # noqa: E402
+from media.probe import probe  # noqa: E402
 from tests import clips  # noqa: E402
 from tests.model_factory import compact_state_dict, write_official, write_tiny_compact  # noqa: E402
 
@@ -55,10 +63,41 @@ def build_clips(source: Path, work: Path, size: str, frames: int) -> dict[str, P
         for hold in (2, 3)
         for crf in (18, 28)
     }
-    made["pan"] = lambda: clips.pan_video(work / "pan.mp4", still, size=size, frames=frames)
-    made["fade"] = lambda: clips.fade_video(work / "fade.mp4", still, size=size, frames=frames)
-    made["square"] = lambda: clips.small_change_video(work / "square.mp4", still, size=size, frames=frames)
+    for crf in (18, 28):
+        tail = "" if crf == 18 else f"-crf{crf}"
+        made[f"pan{tail}"] = lambda t=tail, c=crf: clips.pan_video(
+            work / f"pan{t}.mp4", still, size=size, frames=frames, crf=c
+        )
+        made[f"fade{tail}"] = lambda t=tail, c=crf: clips.fade_video(
+            work / f"fade{t}.mp4", still, size=size, frames=frames, crf=c
+        )
+        for kind, opacity in (("square", 0.3), ("faint", 0.1)):
+            made[f"{kind}{tail}"] = lambda k=kind, o=opacity, t=tail, c=crf: clips.small_change_video(
+                work / f"{k}{t}.mp4", still, size=size, frames=frames, crf=c, opacity=o
+            )
     return {name: make() for name, make in made.items()}
+
+
+def detect(name: str, clip: Path) -> dict[str, object]:
+    """The detector alone on ``clip``'s YUV frames (one chunk): what it would upscale and reuse."""
+    picture = PICTURES[name.split("-")[0]]
+    finder = DuplicateFinder(yuv=True)
+    upscaled, count, wrong = 0, 0, []
+    for count, frame in enumerate(decode_frames(probe(clip), yuv=True), start=1):
+        reference = finder.reference_of(count, frame)
+        if reference is None:
+            upscaled += 1
+        elif picture(count) != picture(reference):
+            wrong.append(finder.differences[-1])
+    return {
+        "clip": name,
+        "frames": count,
+        "upscaled": upscaled,
+        "upscaled_fraction": round(upscaled / count, 3),
+        "reused_across_pictures": len(wrong),
+        "largest_window_of_those": round(max((d.window for d in wrong), default=0.0), 2),
+        "largest_shift_of_those": round(max((abs(d.shift) for d in wrong), default=0.0), 3),
+    }
 
 
 def measure(
@@ -105,6 +144,7 @@ PICTURES: dict[str, Callable[[int], int]] = {
     "pan": lambda f: f,
     "fade": lambda f: f,
     "square": lambda f: (f - 1) // 4,
+    "faint": lambda f: (f - 1) // 4,
 }
 
 
@@ -127,9 +167,17 @@ def main(argv: list[str] | None = None) -> int:
         help="a seeded SRVGGNetCompact of realesr-animevideov3's size (64 features, 16 convs): its cost",
     )
     parser.add_argument("--only", nargs="*", help="clip names to run (default: all)")
+    parser.add_argument(
+        "--detector-only", action="store_true", help="run the detector alone on each clip (no upscale)"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="esrfarm-dedup-") as temp:
         work = Path(temp)
+        if args.detector_only:
+            for name, clip in build_clips(args.source, work, args.size, args.frames).items():
+                if not args.only or name in args.only:
+                    print(orjson.dumps(detect(name, clip)).decode(), flush=True)
+            return 0
         if args.full_size_model:
             state = compact_state_dict(num_feat=64, num_conv=16, seed=0)
             model = str(write_official(work / "compact-x4.pth", state, key="params"))

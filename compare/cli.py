@@ -26,6 +26,14 @@ For each model:
   the look   crops of the most detailed area and a before/after slider.
 The best model by VMAF NEG is named, and the fastest one within 1 point of it.
 
+With --dedup, the held frames of the run are found once, by esrfarm upscale --dedup's own detector
+on the samples a job compares (whole frames, even with --region), and each model also upscales the
+run as a job with --dedup would: the held frames show the upscale of the frame they repeat. Per
+model, off and on side by side: frames upscaled, seconds on the run (on: the detector's time
+included) and their ratio, PSNR of on against off (the worst frame, and the run as a whole: a frame
+upscaled either way is the same, so it is the reused frames that lower it) and flicker of each.
+It adds one upscale of the frames that are not held, per model.
+
 Cost: each model upscales the run twice, once degraded (1/scale^2 of the pixels) and once for
 real, so the time grows in proportion to --frames, to the frame's pixels (or --region's) and to
 the model's cost per pixel. Measured on a 2-core CPU at 320x180 (x2): realesr-animevideov3
@@ -94,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--cpu-threads", type=int, metavar="N", help="CPU threads for models and VMAF")
     run.add_argument(
+        "--dedup",
+        action="store_true",
+        help="also upscale the run as esrfarm upscale --dedup would and report what it changes",
+    )
+    run.add_argument(
         "--no-download",
         action="store_true",
         help="skip models that are not in the cache or the offline source",
@@ -122,6 +135,7 @@ def spec_from_args(args: argparse.Namespace) -> CompareSpec:
         tile=args.tile,
         cpu_threads=args.cpu_threads,
         allow_download=not args.no_download,
+        dedup=args.dedup,
     )
 
 

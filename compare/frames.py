@@ -8,6 +8,7 @@ the degrade-then-restore protocol; :class:`PillowUpscaler` gives the bicubic and
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from fractions import Fraction
@@ -16,8 +17,9 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
+from manifests.colour import i420_shape
 from media.errors import FFmpegError, InputError
-from media.extract import rgb_filter
+from media.extract import YUV_SOURCE_FORMATS, rgb_filter
 from media.ffmpeg import FFmpegProcess
 from media.probe import MediaInfo
 
@@ -96,8 +98,10 @@ def _seek_seconds(info: MediaInfo, index: int) -> Fraction | None:
     return max(Fraction(0), halfway - info.start_time)
 
 
-def read_run(info: MediaInfo, run: range) -> np.ndarray:
-    """Frames ``run`` (0-based, contiguous) of the probed video as ``(N, H, W, 3)`` uint8 RGB.
+def read_run(info: MediaInfo, run: range, *, yuv: bool = False) -> np.ndarray:
+    """Frames ``run`` (0-based, contiguous) of the probed video as ``(N, H, W, 3)`` uint8 RGB, or with
+    ``yuv`` as the decoder's own planar 4:2:0 samples, unconverted (``(N, H * 3/2, W)``, uint16 above
+    8 bits: what :func:`media.extract.decode_frames` gives a job with YUV frames).
 
     ffmpeg seeks (accurately: it decodes from the keyframe before and drops what precedes the seek
     point) to halfway before the first frame of the run, so only the run and its GOP are decoded.
@@ -105,23 +109,28 @@ def read_run(info: MediaInfo, run: range) -> np.ndarray:
     if run.step != 1 or not run or run.start < 0 or run.stop > info.video.frame_count:
         raise ValueError(f"frames {run} are not a contiguous run of the video's {info.video.frame_count}")
     video = info.video
+    if yuv and video.pix_fmt not in YUV_SOURCE_FORMATS:
+        raise ValueError(f"{video.pix_fmt} frames are not planar YUV 4:2:0")
     seek = _seek_seconds(info, run.start)
     args = ["-noautorotate"]
     if seek is not None:
         args += ["-ss", f"{float(seek):.6f}"]
+    output = ["-pix_fmt", str(video.pix_fmt)] if yuv else ["-vf", rgb_filter(video), "-pix_fmt", "rgb24"]
     args += [
         "-i", str(info.path), "-map", f"0:{video.index}", "-an", "-sn", "-dn", "-frames:v", str(len(run)),
-        "-fps_mode", "passthrough", "-vf", rgb_filter(video), "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1",
+        "-fps_mode", "passthrough", *output, "-f", "rawvideo", "pipe:1",
     ]  # fmt: skip
-    frame_bytes = video.width * video.height * 3
-    out = np.empty((len(run), video.height, video.width, 3), dtype=np.uint8)
+    shape = i420_shape(video.height, video.width) if yuv else (video.height, video.width, 3)
+    dtype = np.dtype("<u2") if yuv and video.high_depth else np.dtype(np.uint8)
+    frame_bytes = math.prod(shape) * dtype.itemsize
+    out = np.empty((len(run), *shape), dtype=dtype)
     read = 0
     with FFmpegProcess(args, action=f"decoding frames of {info.path}", stdout=True) as ffmpeg:
         while read < len(run):
             data = ffmpeg.stdout.read(frame_bytes)
             if len(data) != frame_bytes:
                 break
-            out[read] = np.frombuffer(data, dtype=np.uint8).reshape(video.height, video.width, 3)
+            out[read] = np.frombuffer(data, dtype=dtype).reshape(shape)
             read += 1
         try:
             ffmpeg.finish()

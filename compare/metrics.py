@@ -50,7 +50,11 @@ def mse(a: np.ndarray, b: np.ndarray) -> float:
 
 def psnr(a: np.ndarray, b: np.ndarray, peak: float = PEAK) -> float:
     """Peak signal-to-noise ratio in dB; ``inf`` when the arrays are equal."""
-    error = mse(a, b)
+    return psnr_of_mse(mse(a, b), peak)
+
+
+def psnr_of_mse(error: float, peak: float = PEAK) -> float:
+    """The PSNR (dB) of a mean squared error; ``inf`` for 0."""
     return math.inf if error == 0.0 else 10.0 * math.log10(peak * peak / error)
 
 

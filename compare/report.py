@@ -18,10 +18,12 @@ from pathlib import Path
 import orjson
 
 from compare.results import (
+    DEDUP_COLUMNS,
     NEAR_BEST_POINTS,
     TABLE_COLUMNS,
     ModelResult,
     Report,
+    dedup_cells,
     format_fps,
     format_number,
     format_seconds,
@@ -206,6 +208,42 @@ def _table(report: Report) -> str:
     )
 
 
+def _dedup(report: Report) -> str:
+    """The ``--dedup`` section: the held frames of the run, and each row off and on."""
+    held = report.dedup
+    if held is None:
+        return ""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in DEDUP_COLUMNS)
+    body = []
+    for row in report.ok_rows:
+        for cells in dedup_cells(row):
+            tds = "".join(f"<td>{html.escape(cell)}</td>" for cell in cells)
+            name = html.escape(row.name)
+            body.append(f'<tr class="{row.kind}" data-model="{name}" data-dedup="{cells[1]}">{tds}</tr>')
+    pairs = ", ".join(f"{frame} (as {reference})" for frame, reference in held.duplicates) or "none"
+    return f"""
+<h2>Held frames (--dedup)</h2>
+<p id="dedup-found">{held.upscaled} of the run's {held.frames} frames are upscaled with
+<code>--dedup</code>; the others repeat the last frame upscaled and show its upscale:
+{html.escape(pairs)}. Found by the detector of <code>esrfarm upscale --dedup</code> on the whole
+frames' {html.escape(held.samples)} samples, as a job decodes them ({held.block}x{held.block}
+windows, threshold {held.threshold:g} levels, mean shift {held.shift_threshold:g}), in
+{held.seconds:.2g} s; the run's first frame is always upscaled.</p>
+<table id="dedup"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>
+<p>Each model upscaled the run without <code>--dedup</code> (off) and with it (on).
+<b>Frames upscaled</b>: how many went through the model, and their share. <b>Seconds</b>: the
+model's time on the run's frames after the first (the warm-up), on: plus the detector's; on/off
+below 1 is faster (a job also decodes the video once more for the detector, and its decoding and
+encoding do not shrink). <b>PSNR vs off</b> (luma, dB): the worst output frame with
+<code>--dedup</code> against the same frame without it, then the run as a whole (the PSNR of the
+mean squared error over all frames); a frame upscaled either way is the same, so only the reused
+frames lower it, by what differs between a held frame and the frame it repeats (on Big Buck Bunny
+held and re-encoded at CRF 18 to 28, compression noise: 44 to 47 dB at worst); a low worst frame
+says a reused frame shows a change: look at that frame. <b>Flicker</b> as in the results (against
+bicubic): a reused upscale cannot vary from the frame it repeats, so on is usually as steady or
+steadier.</p>"""
+
+
 def _figure(png: bytes, caption: str, size: int) -> str:
     return (
         f'<figure><img src="{_data_uri(png)}" width="{size}" height="{size}" alt="{html.escape(caption)}">'
@@ -327,6 +365,7 @@ def render_html(report: Report) -> str:
 <section id="verdict"><p>{verdict_html}</p></section>
 <h2>Results</h2>
 {_table(report)}
+{_dedup(report)}
 <h2>Speed and quality</h2>
 <p>Up and to the right is better. The ring marks the best by VMAF NEG; the fastest within
 {NEAR_BEST_POINTS:g} point of it is the rightmost point that high.</p>

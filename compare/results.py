@@ -20,6 +20,65 @@ NEAR_BEST_POINTS = 1.0
 
 
 @dataclass(frozen=True)
+class DedupResult:
+    """A row's run upscaled as ``esrfarm upscale --dedup`` would (:mod:`compare.dedup`), against the
+    same row without it ("off").
+
+    ``upscaled`` of ``frames`` frames were given to the model; the others show their reference's
+    upscale. ``seconds_off`` is the model's time on the run's frames after the first (the warm-up),
+    ``seconds_on`` the detector's time on the run plus the model's on the upscaled ones among them.
+    ``psnr_frames`` (dB, luma) is each output frame of on against off's (``inf``: identical),
+    ``psnr_min`` the worst of them and ``psnr_mean`` the PSNR of their mean squared error (the run as
+    a whole). ``flicker`` is on's, measured as the row's own (against bicubic).
+    """
+
+    frames: int
+    upscaled: int
+    seconds_off: float
+    seconds_on: float
+    psnr_min: float
+    psnr_mean: float
+    flicker: float
+    psnr_frames: tuple[float, ...] = ()
+
+    @property
+    def fraction(self) -> float:
+        return self.upscaled / self.frames
+
+    @property
+    def time_ratio(self) -> float | None:
+        """Seconds on over seconds off (below 1: faster); None when off took no measurable time."""
+        return self.seconds_on / self.seconds_off if self.seconds_off > 0 else None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DedupResult:
+        values = {k: _infinite(v) for k, v in data.items() if k in {f.name for f in fields(cls)}}
+        values["psnr_frames"] = tuple(values.get("psnr_frames", ()))
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class DedupRun:
+    """The held frames the detector found in the compared run (``--dedup``): ``duplicates`` pairs a
+    frame with the frame whose upscale it shows (video frame numbers, 1-based), decided on
+    ``samples`` (``yuv420p``...: the decoder's own samples, as a job with YUV frames; ``rgb24``: the
+    RGB frames, as a job with npy or png frames) with the detector's ``block``, ``threshold`` and
+    ``shift_threshold``, in ``seconds``."""
+
+    frames: int
+    duplicates: tuple[tuple[int, int], ...]
+    samples: str
+    block: int
+    threshold: float
+    shift_threshold: float
+    seconds: float
+
+    @property
+    def upscaled(self) -> int:
+        return self.frames - len(self.duplicates)
+
+
+@dataclass(frozen=True)
 class ModelResult:
     """One row of the report: a model (or baseline) and what it scored, or why it was skipped.
 
@@ -28,7 +87,8 @@ class ModelResult:
     that shift added to the PSNR. ``flicker`` is the ratio of temporal energies against bicubic on
     the real upscale. ``fps_measured`` is at the size the model ran on (the region, if any);
     ``fps`` is at the video's full frame size (the same number without a region, else scaled by
-    pixel count), and ``projected_s`` the time for every frame of the video at ``fps``.
+    pixel count), and ``projected_s`` the time for every frame of the video at ``fps``. ``dedup``:
+    the same row with ``--dedup`` (only when the comparison ran with it).
     """
 
     name: str
@@ -50,6 +110,7 @@ class ModelResult:
     ssim_frames: tuple[float, ...] = ()
     vmaf_frames: tuple[float, ...] = ()
     vmaf_neg_frames: tuple[float, ...] = ()
+    dedup: DedupResult | None = None
 
     @property
     def ok(self) -> bool:
@@ -63,6 +124,8 @@ class ModelResult:
         for name in ("shift", "psnr_frames", "ssim_frames", "vmaf_frames", "vmaf_neg_frames"):
             if isinstance(values.get(name), list):
                 values[name] = tuple(values[name])
+        if isinstance(values.get("dedup"), dict):
+            values["dedup"] = DedupResult.from_json(values["dedup"])
         return cls(**values)
 
 
@@ -119,6 +182,7 @@ class Report:
     rows: tuple[ModelResult, ...]
     created: str
     elapsed_s: float
+    dedup: DedupRun | None = None  # the held frames of the run, with --dedup
     images: ReportImages = field(default_factory=ReportImages, compare=False, repr=False)
 
     @property
@@ -245,21 +309,87 @@ def verdict(report: Report) -> list[str]:
                 f"Fastest within {NEAR_BEST_POINTS:g} point of it: {fastest.name} "
                 f"({format_fps(fastest.fps)} fps, {format_seconds(fastest.projected_s)} for the whole video)."
             )
+        lines.extend(_dedup_verdict(report))
     return lines
 
 
-def format_table(report: Report) -> str:
-    """The terminal table: one line per row, skipped rows with their reason, then the verdict."""
-    rows = [list(TABLE_COLUMNS)] + [table_cells(row) for row in report.ok_rows]
-    widths = [max(len(cells[i]) for cells in rows) for i in range(len(TABLE_COLUMNS))]
+DEDUP_COLUMNS = (
+    "model",
+    "--dedup",
+    "frames upscaled",
+    "seconds",
+    "on/off",
+    "PSNR vs off, worst / run",
+    "flicker",
+)
+
+
+def _run_seconds(seconds: float) -> str:
+    return f"{seconds:.3g} s"
+
+
+def dedup_cells(row: ModelResult) -> list[list[str]]:
+    """A row's two lines for :data:`DEDUP_COLUMNS`, ``--dedup`` off then on (none without it)."""
+    d = row.dedup
+    if d is None:
+        return []
+    ratio = d.time_ratio
+    psnr = "identical" if math.isinf(d.psnr_min) else f"{d.psnr_min:.1f} / {d.psnr_mean:.1f} dB"
+    return [
+        [row.name, "off", f"{d.frames} / {d.frames} (1.00)", _run_seconds(d.seconds_off), "", "",
+         format_number(row.flicker, 3)],
+        [row.name, "on", f"{d.upscaled} / {d.frames} ({d.fraction:.2f})", _run_seconds(d.seconds_on),
+         format_number(ratio, 2), psnr, format_number(d.flicker, 3)],
+    ]  # fmt: skip
+
+
+def _dedup_verdict(report: Report) -> list[str]:
+    """What ``--dedup`` did to the best model (by VMAF NEG; a baseline only if no model was scored)."""
+    rows = [row for row in report.ok_rows if row.dedup is not None and row.vmaf_neg is not None]
+    models = [row for row in rows if row.kind == "model"] or rows
+    row = max(models, key=lambda r: r.vmaf_neg or 0.0, default=None)
+    if row is None or row.dedup is None:
+        return []
+    d = row.dedup
+    ratio = d.time_ratio
+    time = f" in {ratio:.2f} of the time" if ratio is not None else ""
+    if math.isinf(d.psnr_min):
+        change = "every output frame is the same as without it"
+    else:
+        change = f"its worst frame is {d.psnr_min:.1f} dB from the output without it"
+    return [
+        f"With --dedup, {row.name} upscales {d.upscaled} of {d.frames} frames ({d.fraction:.2f}){time}; "
+        f"{change}; flicker {format_number(row.flicker, 3)} without, {format_number(d.flicker, 3)} with."
+    ]
+
+
+def _aligned(rows: list[list[str]]) -> list[str]:
+    """Rows of cells as lines: the first column left-aligned, the others right-aligned."""
+    widths = [max(len(cells[i]) for cells in rows) for i in range(len(rows[0]))]
     lines = []
     for cells in rows:
         first = cells[0].ljust(widths[0])
         rest = [cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True)]
         lines.append("  ".join([first, *rest]).rstrip())
+    return lines
+
+
+def format_table(report: Report) -> str:
+    """The terminal table: one line per row, skipped rows with their reason, then the verdict."""
+    lines = _aligned([list(TABLE_COLUMNS)] + [table_cells(row) for row in report.ok_rows])
     for row in report.rows:
         if not row.ok:
             lines.append(f"{row.name}: skipped: {row.reason}")
+    if report.dedup is not None:
+        held = report.dedup
+        lines.append("")
+        lines.append(
+            f"--dedup: {held.upscaled} of {held.frames} frames of the run are upscaled, the others repeat "
+            f"one (found on its {held.samples} samples in {held.seconds:.2g} s):"
+        )
+        lines.extend(
+            _aligned([list(DEDUP_COLUMNS)] + [c for row in report.ok_rows for c in dedup_cells(row)])
+        )
     lines.append("")
     lines.extend(verdict(report))
     m = report.machine

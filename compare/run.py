@@ -10,7 +10,10 @@ For a :class:`~compare.spec.CompareSpec`, :func:`run_comparison`:
    for the sub-pixel shift that best aligns the model's output, with a border left out;
 3. **flicker**, **speed** and **the look** on the real upscale of the run: the ratio of the
    output's frame-to-frame difference energy to a bicubic upscale's, frames per second of the
-   model alone (the first frame, a warm-up, is not timed), and crops of the most detailed area.
+   model alone (the first frame, a warm-up, is not timed), and crops of the most detailed area;
+4. with ``dedup``, the held frames of the run found once by the job's detector, then for each row
+   the run upscaled as ``esrfarm upscale --dedup`` would, against the same row without it
+   (:mod:`compare.dedup`).
 
 A model that cannot load, cannot serve the scale or fails while upscaling becomes a skipped row
 with the reason; nothing about one model stops the others.
@@ -32,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from compare.dedup import HeldFrames, find_held_frames, upscale_with_dedup
 from compare.frames import (
     BASELINES,
     FrameUpscaler,
@@ -53,9 +57,9 @@ from compare.metrics import (
     ssim,
     temporal_energy,
 )
-from compare.results import Kind, ModelResult, Report, ReportImages
+from compare.results import Kind, Machine, ModelResult, Report, ReportImages
 from compare.spec import BORDER, MIN_INPUT_SIDE, CompareError, CompareSpec
-from compare.vmaf import vmaf_scores
+from compare.vmaf import VmafScores, vmaf_scores
 from media.probe import MediaInfo, probe
 from worker.models import CATALOG, ModelLoadError, locate
 from worker.runtime import InferenceError, RuntimeSettings, load_upscaler, select_device
@@ -113,6 +117,7 @@ class _Run:
     middle: int
     bicubic_energy: float
     pixel_factor: float  # full frame pixels / pixels run
+    held: HeldFrames | None  # --dedup: the run's held frames (found on whole frames)
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -140,7 +145,9 @@ def _place_region(spec: CompareSpec, info: MediaInfo, frames: np.ndarray, middle
     return Box(region.y, region.x, region.height, region.width)
 
 
-def _prepare(spec: CompareSpec, info: MediaInfo, frames: np.ndarray, region: Box | None) -> _Run:
+def _prepare(
+    spec: CompareSpec, info: MediaInfo, frames: np.ndarray, region: Box | None, held: HeldFrames | None
+) -> _Run:
     scale = spec.scale
     if region is not None:
         frames = np.ascontiguousarray(region.cut_frames(frames))
@@ -178,6 +185,7 @@ def _prepare(spec: CompareSpec, info: MediaInfo, frames: np.ndarray, region: Box
         middle=middle,
         bicubic_energy=temporal_energy(bicubic),
         pixel_factor=(info.video.width * info.video.height) / (height * width),
+        held=held,
     )
 
 
@@ -190,18 +198,18 @@ class _Upscaled:
     slider: np.ndarray | None = None
 
 
-def _measure(
-    name: str,
-    kind: Kind,
-    description: str,
-    upscaler: FrameUpscaler,
-    spec: CompareSpec,
-    run: _Run,
-    info: MediaInfo,
-    say: ProgressCallback,
-) -> _Upscaled:
-    scale = spec.scale
-    say(f"{name}: fidelity on {len(run.degraded)} degraded frames of {_size(run.degraded)}")
+@dataclass(frozen=True)
+class _Fidelity:
+    """A row's degrade-then-restore scores."""
+
+    psnr_frames: tuple[float, ...]
+    ssim_frames: tuple[float, ...]
+    vmaf: VmafScores
+    shift: tuple[float, float]
+    gain_db: float
+
+
+def _fidelity(upscaler: FrameUpscaler, spec: CompareSpec, run: _Run, info: MediaInfo) -> _Fidelity:
     restored = upscaler.upscale(run.degraded)
     found = search_shift(
         [luma(run.reference[i]) for i in run.search_frames],
@@ -212,8 +220,6 @@ def _measure(
     )
     scored = run.score_box.cut_frames(shift_frames(restored, found.dy, found.dx))
     scored_luma = luma(scored)
-    psnr_frames = tuple(psnr(r, s) for r, s in zip(run.reference_luma, scored_luma, strict=True))
-    ssim_frames = tuple(ssim(r, s) for r, s in zip(run.reference_luma, scored_luma, strict=True))
     vmaf = vmaf_scores(
         run.reference_scored,
         scored,
@@ -224,8 +230,29 @@ def _measure(
     gain = (
         10 * math.log10(found.mse_unshifted / found.mse) if found.mse > 0 and found.mse_unshifted > 0 else 0.0
     )
+    return _Fidelity(
+        psnr_frames=tuple(psnr(r, s) for r, s in zip(run.reference_luma, scored_luma, strict=True)),
+        ssim_frames=tuple(ssim(r, s) for r, s in zip(run.reference_luma, scored_luma, strict=True)),
+        vmaf=vmaf,
+        shift=(found.dy, found.dx),
+        gain_db=gain,
+    )
 
-    say(f"{name}: real upscale of {len(run.frames)} frames of {_size(run.frames)} (x{scale})")
+
+def _measure(
+    name: str,
+    kind: Kind,
+    description: str,
+    upscaler: FrameUpscaler,
+    spec: CompareSpec,
+    run: _Run,
+    info: MediaInfo,
+    say: ProgressCallback,
+) -> _Upscaled:
+    say(f"{name}: fidelity on {len(run.degraded)} degraded frames of {_size(run.degraded)}")
+    fidelity = _fidelity(upscaler, spec, run, info)
+
+    say(f"{name}: real upscale of {len(run.frames)} frames of {_size(run.frames)} (x{spec.scale})")
     first = upscaler.upscale(run.frames[:1])  # warm-up: not timed
     started = time.perf_counter()
     rest = upscaler.upscale(run.frames[1:])
@@ -233,27 +260,30 @@ def _measure(
     real = np.concatenate([first, rest])
     fps_measured = (len(run.frames) - 1) / elapsed if elapsed > 0 else math.inf
     fps = fps_measured / run.pixel_factor
-    energy = temporal_energy(real)
-    flicker = flicker_ratio(energy, run.bicubic_energy)
+    dedup = None
+    if run.held is not None:
+        say(f"{name}: --dedup: {len(run.held.upscaled)} of {len(run.frames)} frames upscaled")
+        dedup = upscale_with_dedup(upscaler, run.frames, run.held, real, elapsed, run.bicubic_energy)
     row = ModelResult(
         name=name,
         kind=kind,
         status="ok",
         description=description,
-        psnr=float(np.mean(psnr_frames)),
-        ssim=float(np.mean(ssim_frames)),
-        vmaf=vmaf.vmaf,
-        vmaf_neg=vmaf.vmaf_neg,
-        shift=(found.dy, found.dx),
-        shift_gain_db=gain,
-        flicker=flicker,
+        psnr=float(np.mean(fidelity.psnr_frames)),
+        ssim=float(np.mean(fidelity.ssim_frames)),
+        vmaf=fidelity.vmaf.vmaf,
+        vmaf_neg=fidelity.vmaf.vmaf_neg,
+        shift=fidelity.shift,
+        shift_gain_db=fidelity.gain_db,
+        flicker=flicker_ratio(temporal_energy(real), run.bicubic_energy),
         fps_measured=fps_measured,
         fps=fps,
         projected_s=info.video.frame_count / fps if fps > 0 else None,
-        psnr_frames=psnr_frames,
-        ssim_frames=ssim_frames,
-        vmaf_frames=vmaf.vmaf_frames,
-        vmaf_neg_frames=vmaf.vmaf_neg_frames,
+        psnr_frames=fidelity.psnr_frames,
+        ssim_frames=fidelity.ssim_frames,
+        vmaf_frames=fidelity.vmaf.vmaf_frames,
+        vmaf_neg_frames=fidelity.vmaf.vmaf_neg_frames,
+        dedup=dedup,
     )
     middle = real[run.middle]
     return _Upscaled(row, crop=run.crop.cut(middle).copy(), slider=run.slider.cut(middle).copy())
@@ -297,9 +327,6 @@ def run_comparison(spec: CompareSpec, progress: ProgressCallback | None = None) 
             progress(text)
 
     runtime = runtime_settings(spec)
-    device = select_device(runtime.device)
-    models = spec.models or default_models()
-
     info = probe(spec.input)
     window = frame_window(info, spec.start, spec.duration)
     if len(window) < spec.frames:
@@ -311,10 +338,52 @@ def run_comparison(spec: CompareSpec, progress: ProgressCallback | None = None) 
     say(f"reading frames {frames_run.start + 1}-{frames_run.stop} of {info.path}")
     frames = read_run(info, frames_run)
     region = _place_region(spec, info, frames, len(frames_run) // 2)
-    run = _prepare(spec, info, frames, region)
+    held = None
+    if spec.dedup:
+        say("--dedup: finding the held frames of the run")
+        held = find_held_frames(info, frames_run, frames)
+    run = _prepare(spec, info, frames, region, held)
 
+    results, machine = _compare_models(spec, runtime, run, info, say)
+    if not any(r.row.ok for r in results):
+        reasons = "; ".join(f"{r.row.name}: {r.row.reason}" for r in results)
+        raise CompareError(f"no model could be compared ({reasons})")
+    height, width = run.reference_scored.shape[1:3]
+    return Report(
+        input=str(info.path),
+        width=info.video.width,
+        height=info.video.height,
+        frame_count=info.video.frame_count,
+        frame_rate=info.video.frame_rate_str,
+        duration_s=float(info.video.duration),
+        scale=spec.scale,
+        seed=spec.seed,
+        window=(window.start + 1, window.stop),
+        run=(frames_run.start + 1, frames_run.stop),
+        region=region,
+        region_automatic=spec.region is not None and spec.region.x is None,
+        fidelity_size=(width, height),
+        max_shift=spec.max_shift,
+        shift_step=spec.shift_step,
+        crop=run.crop,
+        slider=run.slider,
+        slider_frame=frames_run.start + run.middle + 1,
+        machine=machine,
+        rows=tuple(r.row for r in results),
+        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        elapsed_s=time.monotonic() - started,
+        dedup=held.record(frames_run.start + 1) if held is not None else None,
+        images=_images(results, run, spec.scale),
+    )
+
+
+def _compare_models(
+    spec: CompareSpec, runtime: RuntimeSettings, run: _Run, info: MediaInfo, say: ProgressCallback
+) -> tuple[list[_Upscaled], Machine]:
+    """Every model's (and baseline's) row, in the order asked, and where the models ran."""
+    models = spec.models or default_models()
     results: list[_Upscaled] = []
-    device_name, precision = str(device), None
+    device_name, precision = str(select_device(runtime.device)), None
     for position, name in enumerate(models, start=1):
         kind: Kind = "baseline" if name in BASELINES else "model"
         label = _label(name)
@@ -343,37 +412,7 @@ def run_comparison(spec: CompareSpec, progress: ProgressCallback | None = None) 
                 results.append(_skipped(label, kind, f"failed while upscaling: {exc}"))
         del upscaler
         gc.collect()
-
-    if not any(r.row.ok for r in results):
-        reasons = "; ".join(f"{r.row.name}: {r.row.reason}" for r in results)
-        raise CompareError(f"no model could be compared ({reasons})")
-    images = _images(results, run, spec.scale)
-    height, width = run.reference_scored.shape[1:3]
-    return Report(
-        input=str(info.path),
-        width=info.video.width,
-        height=info.video.height,
-        frame_count=info.video.frame_count,
-        frame_rate=info.video.frame_rate_str,
-        duration_s=float(info.video.duration),
-        scale=spec.scale,
-        seed=spec.seed,
-        window=(window.start + 1, window.stop),
-        run=(frames_run.start + 1, frames_run.stop),
-        region=region,
-        region_automatic=spec.region is not None and spec.region.x is None,
-        fidelity_size=(width, height),
-        max_shift=spec.max_shift,
-        shift_step=spec.shift_step,
-        crop=run.crop,
-        slider=run.slider,
-        slider_frame=frames_run.start + run.middle + 1,
-        machine=describe_machine(device_name, precision),
-        rows=tuple(r.row for r in results),
-        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        elapsed_s=time.monotonic() - started,
-        images=images,
-    )
+    return results, describe_machine(device_name, precision)
 
 
 def _images(results: list[_Upscaled], run: _Run, scale: int) -> ReportImages:

@@ -106,7 +106,8 @@ class CompareSpec:
     the window ``start`` .. ``start + duration`` seconds (default: the whole video), at a position
     drawn with ``seed``. ``device``, ``precision``, ``tile`` and ``cpu_threads`` are the model
     runtime's (:class:`worker.runtime.RuntimeSettings`, which checks them when the run starts; this
-    module does not import torch, so a service can build specs cheaply).
+    module does not import torch, so a service can build specs cheaply). ``dedup``: each scored row
+    also upscales the run as ``esrfarm upscale --dedup`` would (:mod:`compare.dedup`).
     """
 
     input: Path
@@ -126,6 +127,7 @@ class CompareSpec:
     cpu_threads: int | None = None
     allow_download: bool = True
     vmaf_timeout_s: float = 600.0
+    dedup: bool = False
 
     def __post_init__(self) -> None:
         if self.scale not in SCALES:

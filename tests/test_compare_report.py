@@ -73,6 +73,7 @@ def test_the_json_has_every_row_and_every_figure(report: tuple[Path, Path, str],
     assert bicubic["shift"] == [0.0, 0.0]  # Pillow's downscale and upscale are aligned
     assert data["best"] in ("tiny-x4", "bicubic") and data["fastest_near_best"] in ("tiny-x4", "bicubic")
     assert data["machine"]["device"] == "cpu" and data["machine"]["commit"] != ""
+    assert data["dedup"] is None and all(row["dedup"] is None for row in data["rows"])  # without --dedup
 
 
 def test_a_json_row_reads_back_as_the_row_that_wrote_it(report: tuple[Path, Path, str]) -> None:
@@ -132,6 +133,7 @@ def test_the_report_opens_offline_in_chromium(
     )
     assert browser.find_element(By.ID, "ba-after").get_attribute("style") == "width: 20%;"
     assert "Best by VMAF NEG" in browser.find_element(By.ID, "verdict").text
+    assert browser.find_elements(By.ID, "dedup") == []  # the --dedup section only with --dedup
     assert browser.save_screenshot(str(tmp_path / "report.png"))
 
 
