@@ -50,15 +50,41 @@ NAME = re.compile(rf"^{PREFIX}[-bvp](\d+)([a-z])")
 _letters = itertools.cycle("abcdefghijklmnopqrstuvwxyz")
 
 
+#: Capability bits (linux/capability.h) that making namespaces, links and mounts needs.
+CAP_NET_ADMIN, CAP_SYS_ADMIN = 12, 21
+
+
+def effective_capabilities() -> int:
+    """This process's effective capability set (``CapEff`` of /proc/self/status); 0 if unknown."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return 0
+    found = re.search(r"^CapEff:\s*([0-9a-f]+)$", status, re.MULTILINE)
+    return int(found.group(1), 16) if found else 0
+
+
 def unavailable(
-    euid: int | None = None, which: Callable[[str], str | None] = shutil.which, platform: str = sys.platform
+    euid: int | None = None,
+    capabilities: int | None = None,
+    which: Callable[[str], str | None] = shutil.which,
+    platform: str = sys.platform,
 ) -> str | None:
-    """Why hosts cannot be made here (not Linux, not root, a tool missing), or None if they can.
-    ``euid`` is this process's effective user id unless given."""
+    """Why hosts cannot be made here (not Linux, not root, a root without the capabilities, as in an
+    unprivileged container, a tool missing), or None if they can. ``euid`` and ``capabilities`` are
+    this process's unless given."""
     if platform != "linux":
         return "network namespaces need Linux"
     if (os.geteuid() if euid is None else euid) != 0:
         return "making network namespaces needs root (CI runs as root)"
+    caps = effective_capabilities() if capabilities is None else capabilities
+    lacking = [
+        name
+        for name, bit in (("CAP_NET_ADMIN", CAP_NET_ADMIN), ("CAP_SYS_ADMIN", CAP_SYS_ADMIN))
+        if not caps >> bit & 1
+    ]
+    if lacking:
+        return f"root here lacks {' and '.join(lacking)} (an unprivileged container?)"
     missing = [tool for tool in TOOLS if which(tool) is None]
     if missing:
         return f"{', '.join(missing)} not found (Debian: apt-get install iproute2 util-linux mount)"

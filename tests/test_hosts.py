@@ -25,7 +25,17 @@ import pytest
 
 from media.extract import decode_frames
 from tests import clips
-from tests.netns import HostNetwork, HostWorker, leftovers, links, namespaces, ours, unavailable
+from tests.netns import (
+    CAP_NET_ADMIN,
+    CAP_SYS_ADMIN,
+    HostNetwork,
+    HostWorker,
+    leftovers,
+    links,
+    namespaces,
+    ours,
+    unavailable,
+)
 from tests.workerutil import REPO
 
 WHY_NOT = unavailable()
@@ -131,19 +141,24 @@ def events(stdout: str) -> list[dict[str, Any]]:
 # -- without hosts ----------------------------------------------------------------------------------
 
 
+ALL = (1 << CAP_NET_ADMIN) | (1 << CAP_SYS_ADMIN)
+
+
 @pytest.mark.parametrize(
-    ("euid", "which", "platform", "expected"),
+    ("euid", "capabilities", "which", "platform", "expected"),
     [
-        (1000, "/usr/bin/tool", "linux", "needs root"),
-        (0, None, "linux", "ip, unshare, nsenter, mount not found"),
-        (0, "/usr/bin/tool", "darwin", "need Linux"),
-        (0, "/usr/bin/tool", "linux", None),
+        (1000, ALL, "/usr/bin/tool", "linux", "needs root"),
+        (0, 1 << CAP_SYS_ADMIN, "/usr/bin/tool", "linux", "lacks CAP_NET_ADMIN (an unprivileged"),
+        (0, 0, "/usr/bin/tool", "linux", "lacks CAP_NET_ADMIN and CAP_SYS_ADMIN"),
+        (0, ALL, None, "linux", "ip, unshare, nsenter, mount not found"),
+        (0, ALL, "/usr/bin/tool", "darwin", "need Linux"),
+        (0, ALL, "/usr/bin/tool", "linux", None),
     ],
 )
 def test_hosts_are_skipped_with_the_reason_where_they_cannot_be_made(
-    euid: int, which: str | None, platform: str, expected: str | None
+    euid: int, capabilities: int, which: str | None, platform: str, expected: str | None
 ) -> None:
-    why = unavailable(euid=euid, which=lambda tool: which, platform=platform)
+    why = unavailable(euid=euid, capabilities=capabilities, which=lambda tool: which, platform=platform)
     if expected is None:
         assert why is None
     else:
