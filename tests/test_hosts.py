@@ -4,7 +4,7 @@ Each host (:mod:`tests.netns`) has its own address and its own mount namespace, 
 root is bind-mounted at a path of its own and the coordinator's path of it is hidden; its worker is
 bound to the host's address with a token. The coordinator runs in the root namespace and reaches
 the workers over the bridge. Outputs are lossless (ffv1, gbrp) and compared frame by frame with the
-same job on local workers. Without root, or without ``ip``/``unshare``/``nsenter``/``mount``, every
+same job on a local worker. Without root, or without ``ip``/``unshare``/``nsenter``/``mount``, every
 test here that needs hosts is skipped with the reason.
 """
 
@@ -73,7 +73,7 @@ def assert_same_frames(output: Path, reference: list[np.ndarray]) -> None:
     assert len(frames) == len(reference) == FRAMES
     for index, (got, expected) in enumerate(zip(frames, reference, strict=True), start=1):
         assert got.shape == expected.shape, f"frame {index}: {got.shape} != {expected.shape}"
-        assert np.array_equal(got, expected), f"frame {index} differs from the local workers' output"
+        assert np.array_equal(got, expected), f"frame {index} differs from the local worker's output"
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +170,7 @@ def test_hosts_are_skipped_with_the_reason_where_they_cannot_be_made(
 
 @needs_hosts
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_a_job_across_three_hosts_is_frame_identical_to_local_workers(
+def test_a_job_across_three_hosts_is_frame_identical_to_a_local_worker(
     transport: str, farm: Farm, source: Path, tiny_model: Path, reference: dict[str, list[np.ndarray]],
     tmp_path: Path,
 ) -> None:  # fmt: skip
