@@ -62,7 +62,7 @@ from coordinator.fleet import LocalWorkerConfig, WorkerFleet, WorkerHandle
 from coordinator.frame_runner import run_frames
 from coordinator.images import is_image_job, probe_images
 from coordinator.media import ImageMedia, JobMedia, VideoMedia, file_sha256
-from coordinator.plan import RunPlan, RunTools
+from coordinator.plan import Runner, RunPlan, RunTools
 from coordinator.progress import ProgressMeter
 from coordinator.spec import FarmSettings, JobSpec
 from coordinator.threads import JobThreads
@@ -363,7 +363,8 @@ class Job:
             scale = await self._scale(media, ready)
             self.plan = RunPlan(self.spec, media, layout, self.run_number, scale, frame_format, yuv)
             tools = RunTools(self.fleet, self._meter, self._emit, self._threads, self._processes, self.stats)
-            return await run_frames(self.plan, tools, ready)
+            runner: Runner = run_frames
+            return await runner(self.plan, tools, ready)
         finally:
             ready.cancel()
 
