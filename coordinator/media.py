@@ -1,10 +1,10 @@
 """What a job does that depends on what it upscales: a video, or still images.
 
-The job engine (:mod:`coordinator.job`) is the same for both: frames go to shared storage, are
-upscaled by the workers chunk by chunk, and each upscaled chunk is turned into its output part;
-the parts are put together at the end. A :class:`JobMedia` says, for one kind of input, how frames
-are extracted, what one chunk's output part is and whether it is already done, and how the parts
-become the output:
+The job engine (:mod:`coordinator.job` and its frames runner, :mod:`coordinator.frame_runner`) is
+the same for both: frames go to shared storage, are upscaled by the workers chunk by chunk, and each
+upscaled chunk is turned into its output part; the parts are put together at the end. A
+:class:`JobMedia` says, for one kind of input, how frames are extracted, what one chunk's output
+part is and whether it is already done, and how the parts become the output:
 
 =================  =====================================  ==========================================
 step               :class:`VideoMedia`                    :class:`ImageMedia`
