@@ -35,7 +35,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.model_throughput import commit  # noqa: E402
-from coordinator.local_workers import read_port_file, spawn_worker  # noqa: E402
+from coordinator.errors import WorkerStartError  # noqa: E402
+from coordinator.local_workers import (  # noqa: E402
+    LocalWorkerProcess,
+    answers_health,
+    spawn_worker,
+    wait_all_listening,
+)
 from media.extract import decode_frames  # noqa: E402
 from media.ffmpeg import run_ffmpeg  # noqa: E402
 from media.probe import probe  # noqa: E402
@@ -44,48 +50,34 @@ from worker.runtime import RuntimeSettings, load_upscaler  # noqa: E402
 
 def start_workers(
     count: int, root: Path, model: str, extra: list[str], logs: Path
-) -> list[subprocess.Popen[bytes]]:
+) -> list[LocalWorkerProcess]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return [
-        spawn_worker(
-            [
-                "--shared-root",
-                str(root),
-                "--model",
-                model,
-                "--port",
-                "0",
-                "--worker-id",
-                f"bench-{i}",
-                *extra,
-            ],
-            port_file=logs / f"worker-{i}.json",
-            log_file=logs / f"worker-{i}.log",
-            env=env,
-            cwd=REPO,
-        )
-        for i in range(count)
-    ]
+    workers = []
+    for i in range(count):
+        args = [
+            "--shared-root",
+            str(root),
+            "--model",
+            model,
+            "--port",
+            "0",
+            "--worker-id",
+            f"bench-{i}",
+            *extra,
+        ]
+        port_file, log_file = logs / f"worker-{i}.json", logs / f"worker-{i}.log"
+        process = spawn_worker(args, port_file=port_file, log_file=log_file, env=env, cwd=REPO)
+        workers.append(LocalWorkerProcess(i, process, port_file, log_file))
+    return workers
 
 
-def wait_ready(logs: Path, count: int, timeout_s: float = 600) -> list[str]:
-    deadline = time.monotonic() + timeout_s
-    urls: list[str] = []
-    for index in range(count):
-        while True:
-            url = read_port_file(logs / f"worker-{index}.json")
-            if url is not None:
-                try:
-                    with urllib.request.urlopen(url + "/health", timeout=5) as response:
-                        if response.status == 200:
-                            urls.append(url)
-                            break
-                except OSError:
-                    pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"worker {index} not ready; see {logs}")
-            time.sleep(0.2)
-    return urls
+def wait_ready(workers: list[LocalWorkerProcess], logs: Path, timeout_s: float = 600) -> list[str]:
+    """The workers' URLs once every one answers /health; SystemExit if one exits or is late."""
+    try:
+        wait_all_listening(workers, timeout_s=timeout_s, poll_s=0.2, ready=answers_health)
+    except WorkerStartError as exc:
+        raise SystemExit(f"worker {exc.index} not ready; see {logs}") from None
+    return [str(w.url) for w in workers]
 
 
 @contextlib.contextmanager
@@ -94,14 +86,14 @@ def running_workers(count: int, root: Path, model: str, extra: list[str], logs: 
     their URLs once every one answers /health, and stops them afterwards."""
     root.mkdir(exist_ok=True)
     logs.mkdir(exist_ok=True)
-    processes = start_workers(count, root, model, extra, logs)
+    workers = start_workers(count, root, model, extra, logs)
     try:
-        yield wait_ready(logs, count)
+        yield wait_ready(workers, logs)
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(timeout=120)
+        for worker in workers:
+            worker.process.terminate()
+        for worker in workers:
+            worker.process.wait(timeout=120)
 
 
 def time_upscale(

@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from coordinator.errors import WorkerStartError
+from coordinator.local_workers import wait_listening
 from tests.workerutil import REPO, Response, WorkerProcess, request, start_worker
 
 START_TIMEOUT_S = 60.0
@@ -87,13 +89,11 @@ def start_service(
     argv = service_command(shared_root, ["--port", "0", "--port-file", port_file, "-v", *args])
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not port_file.exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError(f"the service never listened:\n{log_path.read_text(errors='replace')}")
-        time.sleep(0.05)
-    url = json.loads(port_file.read_text())["url"].replace("0.0.0.0", "127.0.0.1")
+    try:
+        url = wait_listening(process, port_file, log_path, timeout_s=START_TIMEOUT_S)
+    except WorkerStartError:
+        process.kill()
+        raise AssertionError(f"the service never listened:\n{log_path.read_text(errors='replace')}") from None
     service = ServiceProcess(process, url, log_path, token)
     assert service.get("/healthz").status == 200
     return service
