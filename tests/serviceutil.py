@@ -3,7 +3,6 @@ worker processes; helpers to submit jobs and wait for their states over HTTP."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -16,7 +15,7 @@ from typing import Any
 
 from coordinator.errors import WorkerStartError
 from coordinator.local_workers import wait_listening
-from tests.workerutil import REPO, Response, WorkerProcess, request, start_worker
+from tests.workerutil import REPO, Response, WorkerProcess, request
 
 START_TIMEOUT_S = 60.0
 FAST = {"preset": "ultrafast"}
@@ -25,6 +24,8 @@ FAST = {"preset": "ultrafast"}
 class ServiceProcess(WorkerProcess):
     """A service process: a child process with a URL, like a worker (get, post, log and stop are
     the worker's), plus the job API."""
+
+    what = "the service"
 
     def delete(self, path: str) -> Response:
         return request(self.url + path, "DELETE", token=self.token)
@@ -44,34 +45,10 @@ class ServiceProcess(WorkerProcess):
     def wait_job(
         self, job_id: str, predicate: Callable[[dict[str, Any]], bool], timeout: float = 120.0
     ) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            job = self.job(job_id)
-            if predicate(job):
-                return job
-            if self.process.poll() is not None:
-                raise AssertionError(f"the service exited with {self.process.returncode}:\n{self.log()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"job never matched within {timeout}s; last: {job}\n{self.log()}")
-            time.sleep(0.05)
+        return self.wait_for("job", lambda: self.job(job_id), predicate, timeout)
 
     def wait_state(self, job_id: str, *states: str, timeout: float = 120.0) -> dict[str, Any]:
         return self.wait_job(job_id, lambda j: j["state"] in states, timeout)
-
-
-@contextlib.contextmanager
-def cpu_workers(
-    shared_root: Path, model: Path, log_dir: Path, count: int = 2
-) -> Iterator[list[WorkerProcess]]:
-    """``count`` real CPU worker processes on ``shared_root``, stopped on the way out."""
-    started: list[WorkerProcess] = []
-    try:
-        for _ in range(count):
-            started.append(start_worker(shared_root, model, log_dir))
-        yield started
-    finally:
-        for worker in started:
-            worker.stop()
 
 
 def service_command(shared_root: Path, args: Sequence[str | Path]) -> list[str]:

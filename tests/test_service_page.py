@@ -27,8 +27,8 @@ from selenium.webdriver.support.ui import Select
 from media.probe import probe
 from tests import clips
 from tests.browser import chromium
-from tests.serviceutil import ServiceProcess, cpu_workers, start_service
-from tests.workerutil import WorkerProcess
+from tests.serviceutil import ServiceProcess, start_service
+from tests.workerutil import WorkerProcess, cpu_workers
 
 pytestmark = pytest.mark.timeout(300)
 
