@@ -173,15 +173,43 @@ def tmpfs(path: Path, size: str) -> Iterator[bool]:
             subprocess.run(["umount", str(path)], capture_output=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--runs", type=int, default=5, help="runs per fault (default %(default)s)")
     parser.add_argument("--frames", type=int, default=120, help="frames of the clip (default %(default)s)")
     parser.add_argument("--seed", type=int, default=1)
-    args = parser.parse_args(argv)
-    rng = random.Random(args.seed)
+    return parser
+
+
+@dataclass
+class Bench:
+    """What every fault's runs share: the clip, the farm, the uninterrupted run's frames and time."""
+
+    work: Path
+    source: Path
+    output: Path
+    root: Path
+    model: Path
+    logs: Path
+    farm: Farm
+    runs: int
+    rng: random.Random
+    reference: list[np.ndarray]
+    clean_s: float
+
+    def command(self, root: Path | None = None, farm: Farm | None = None) -> list[str]:
+        farm = farm or self.farm
+        return upscale_command(self.source, self.output, root or self.root, self.model, farm.urls)
+
+    def at(self) -> float:
+        """A random moment of an uninterrupted run."""
+        return self.rng.uniform(0.1, 0.9) * self.clean_s
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="esrfarm-faults-"))
     model = write_tiny_compact(work / "tiny.pth")
     out_dir = work / "out"
@@ -202,83 +230,21 @@ def main(argv: list[str] | None = None) -> int:
         reference = list(decode_frames(output))
         output.unlink()
         print(f"uninterrupted run: {clean_s:.1f} s, {len(reference)} frames", file=sys.stderr)
-
-        def at() -> float:
-            return rng.uniform(0.1, 0.9) * clean_s
-
-        for name, sig in (("worker SIGKILL", signal.SIGKILL), ("worker SIGSTOP", signal.SIGSTOP)):
-            tally = Tally(name)
-            for _ in range(args.runs):
-                victim = farm.processes[rng.randrange(2)]
-                code, stderr = run_until(
-                    upscale_command(source, output, root, model, farm.urls),
-                    lambda _p, v=victim, s=sig: v.send_signal(s),
-                    at(),
-                )
-                judge(tally, code, stderr, output, reference)
-                output.unlink(missing_ok=True)
-                farm.heal()
-            tallies.append(tally)
-
-        for name, sig in (
-            ("coordinator SIGKILL, rerun", signal.SIGKILL),
-            ("coordinator SIGTERM, rerun", signal.SIGTERM),
-        ):
-            tally = Tally(name)
-            for _ in range(args.runs):
-                command = upscale_command(source, output, root, model, farm.urls)
-                code, _ = run_until(command, lambda p, s=sig: p.send_signal(s), at())
-                if code != 0:
-                    code, stderr = run_until(command, None, 0)
-                judge(tally, code, stderr if code else "", output, reference)
-                output.unlink(missing_ok=True)
-                farm.heal()
-            tallies.append(tally)
-
-        full, room = Tally("disk full"), Tally("... then room: the same command")
-        small = work / "small"
-        with tmpfs(small, "160k") as mounted:
-            if not mounted:
-                full.note = room.note = "not run: this machine does not allow mount"
-            else:
-                small_farm = Farm(small, model, logs)
-                try:
-                    for _ in range(args.runs):
-                        subprocess.run(["mount", "-o", "remount,size=160k", str(small)], check=True)
-                        command = upscale_command(source, output, small, model, small_farm.urls)
-                        code, stderr = run_until(command, None, 0)
-                        judge(full, code, stderr, output, reference)
-                        subprocess.run(["mount", "-o", "remount,size=256M", str(small)], check=True)
-                        code, stderr = run_until(command, None, 0)
-                        judge(room, code, stderr, output, reference)
-                        output.unlink(missing_ok=True)
-                        small_farm.heal()
-                finally:
-                    small_farm.stop()
-        tallies += [full, room]
-
-        tally = Tally("three concurrent jobs")
-        sources = [
-            clips.video(out_dir / f"c{i}.mp4", size="64x36", frames=args.frames // 2 + i) for i in range(3)
-        ]
-        outputs = [out_dir / f"c{i}.mkv" for i in range(3)]
-        references = []
-        for src, out in zip(sources, outputs, strict=True):
-            code, stderr = run_until(upscale_command(src, out, root, model, farm.urls), None, 0)
-            assert code == 0, stderr
-            references.append(list(decode_frames(out)))
-            out.unlink()
-        for _ in range(args.runs):
-            processes = [
-                subprocess.Popen(upscale_command(src, out, root, model, farm.urls), stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
-                for src, out in zip(sources, outputs, strict=True)
-            ]  # fmt: skip
-            for process, out, ref in zip(processes, outputs, references, strict=True):
-                _, stderr = process.communicate(timeout=600)
-                judge(tally, process.returncode, stderr, out, ref)
-                out.unlink(missing_ok=True)
-        tallies.append(tally)
+        bench = Bench(
+            work,
+            source,
+            output,
+            root,
+            model,
+            logs,
+            farm,
+            args.runs,
+            random.Random(args.seed),
+            reference,
+            clean_s,
+        )
+        tallies += worker_faults(bench) + coordinator_faults(bench) + disk_full(bench)
+        tallies.append(concurrent_jobs(bench, out_dir, args.frames))
     finally:
         farm.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -290,6 +256,97 @@ def main(argv: list[str] | None = None) -> int:
     for tally in tallies:
         print(tally.row())
     return 0
+
+
+def worker_faults(bench: Bench) -> list[Tally]:
+    """One of the two workers SIGKILLed or SIGSTOPped mid-job."""
+    tallies = []
+    for name, sig in (("worker SIGKILL", signal.SIGKILL), ("worker SIGSTOP", signal.SIGSTOP)):
+        tally = Tally(name)
+        for _ in range(bench.runs):
+            victim = bench.farm.processes[bench.rng.randrange(2)]
+            code, stderr = run_until(
+                bench.command(), lambda _p, v=victim, s=sig: v.send_signal(s), bench.at()
+            )
+            judge(tally, code, stderr, bench.output, bench.reference)
+            bench.output.unlink(missing_ok=True)
+            bench.farm.heal()
+        tallies.append(tally)
+    return tallies
+
+
+def coordinator_faults(bench: Bench) -> list[Tally]:
+    """The coordinator SIGKILLed or SIGTERMed mid-job, then the same command again."""
+    tallies = []
+    for name, sig in (
+        ("coordinator SIGKILL, rerun", signal.SIGKILL),
+        ("coordinator SIGTERM, rerun", signal.SIGTERM),
+    ):
+        tally = Tally(name)
+        for _ in range(bench.runs):
+            command = bench.command()
+            code, _ = run_until(command, lambda p, s=sig: p.send_signal(s), bench.at())
+            if code != 0:
+                code, stderr = run_until(command, None, 0)
+            judge(tally, code, stderr if code else "", bench.output, bench.reference)
+            bench.output.unlink(missing_ok=True)
+            bench.farm.heal()
+        tallies.append(tally)
+    return tallies
+
+
+def disk_full(bench: Bench) -> list[Tally]:
+    """A shared root too small for the job (a tmpfs), then the same command with room enough."""
+    full, room = Tally("disk full"), Tally("... then room: the same command")
+    small = bench.work / "small"
+    with tmpfs(small, "160k") as mounted:
+        if not mounted:
+            full.note = room.note = "not run: this machine does not allow mount"
+            return [full, room]
+        small_farm = Farm(small, bench.model, bench.logs)
+        try:
+            for _ in range(bench.runs):
+                subprocess.run(["mount", "-o", "remount,size=160k", str(small)], check=True)
+                command = bench.command(small, small_farm)
+                code, stderr = run_until(command, None, 0)
+                judge(full, code, stderr, bench.output, bench.reference)
+                subprocess.run(["mount", "-o", "remount,size=256M", str(small)], check=True)
+                code, stderr = run_until(command, None, 0)
+                judge(room, code, stderr, bench.output, bench.reference)
+                bench.output.unlink(missing_ok=True)
+                small_farm.heal()
+        finally:
+            small_farm.stop()
+    return [full, room]
+
+
+def concurrent_jobs(bench: Bench, out_dir: Path, frames: int) -> Tally:
+    """Three jobs at once on the same two workers."""
+    tally = Tally("three concurrent jobs")
+    sources = [clips.video(out_dir / f"c{i}.mp4", size="64x36", frames=frames // 2 + i) for i in range(3)]
+    outputs = [out_dir / f"c{i}.mkv" for i in range(3)]
+    commands = [
+        upscale_command(src, out, bench.root, bench.model, bench.farm.urls)
+        for src, out in zip(sources, outputs, strict=True)
+    ]
+    references = []
+    for command, out in zip(commands, outputs, strict=True):
+        code, stderr = run_until(command, None, 0)
+        assert code == 0, stderr
+        references.append(list(decode_frames(out)))
+        out.unlink()
+    for _ in range(bench.runs):
+        processes = [
+            subprocess.Popen(
+                command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO
+            )
+            for command in commands
+        ]
+        for process, out, ref in zip(processes, outputs, references, strict=True):
+            _, stderr = process.communicate(timeout=600)
+            judge(tally, process.returncode, stderr, out, ref)
+            out.unlink(missing_ok=True)
+    return tally
 
 
 if __name__ == "__main__":

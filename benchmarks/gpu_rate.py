@@ -119,13 +119,13 @@ def _size(clip: Path) -> tuple[int, int]:
 def one_worker(root: Path, logs: Path, model: str, extra: list[str]) -> Iterator[tuple[str, int]]:
     root.mkdir(parents=True, exist_ok=True)
     logs.mkdir(parents=True, exist_ok=True)
-    (process,) = start_workers(1, root, model, extra, logs)
+    (worker,) = start_workers(1, root, model, extra, logs)
     try:
-        (url,) = wait_ready(logs, 1)
-        yield url, process.pid
+        (url,) = wait_ready([worker], logs)
+        yield url, worker.process.pid
     finally:
-        process.terminate()
-        process.wait(timeout=120)
+        worker.process.terminate()
+        worker.process.wait(timeout=120)
 
 
 def measure(

@@ -60,7 +60,7 @@ def tree_bytes(directory: Path) -> int:
     return total
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -72,24 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frame-format", default="npy", choices=["png", "npy"])
     parser.add_argument("--scale", default="2")
     parser.add_argument("--work", type=Path, help="work directory (default: a temporary one)")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="esrfarm-long-"))
     work.mkdir(parents=True, exist_ok=True)
-    source = work / f"long-{args.minutes:g}min.mp4"
-    seconds = args.minutes * 60
-    if not source.exists():
-        started = time.monotonic()
-        run_ffmpeg(
-            [
-                "-y", "-f", "lavfi", "-i", f"testsrc2=size={args.size}:rate={args.rate}:duration={seconds}",
-                "-f", "lavfi", "-i", f"sine=frequency=440:duration={seconds}",
-                "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p",
-                "-c:a", "aac", "-b:a", "32k", str(source),
-            ],
-            action="generating the long test video",
-        )  # fmt: skip
-        sys.stderr.write(f"generated {source} in {time.monotonic() - started:.0f} s\n")
+    source = make_source(work, args.size, args.rate, args.minutes)
     frames = probe(source).frame_count
     model = write_tiny_compact(work / "tiny.pth")
     root = work / "root"
@@ -100,10 +90,60 @@ def main(argv: list[str] | None = None) -> int:
         "--local-workers", str(args.workers), "--worker-arg=--cpu-threads=1", "--max-disk", args.max_disk,
         "--frame-format", args.frame_format, "--preset", "ultrafast", "-q",
     ]  # fmt: skip
+    returncode, stderr, wall, samples = run_sampled(command, root)
+    if returncode != 0:
+        sys.stderr.write(stderr)
+        return returncode
+    out_frames = probe(output).frame_count
+    record = {
+        "benchmark": "long_video",
+        "input": f"{args.size} {args.rate} fps, {args.minutes:g} min",
+        "frames": frames,
+        "output_frames": out_frames,
+        "frame_count_ok": out_frames == frames,
+        "workers": args.workers,
+        "max_disk": args.max_disk,
+        "frame_format": args.frame_format,
+        "wall_s": round(wall, 1),
+        "fps": round(frames / wall, 1),
+        **summarise(samples, frames),
+        "commit": commit(),
+    }
+    sys.stdout.write(orjson.dumps(record).decode() + "\n")
+    (work / "long_video_samples.json").write_bytes(orjson.dumps(samples))
+    return 0 if out_frames == frames else 1
+
+
+def make_source(work: Path, size: str, rate: str, minutes: float) -> Path:
+    """The test video (testsrc2 and a sine), generated unless ``work`` holds it from an earlier run."""
+    source = work / f"long-{minutes:g}min.mp4"
+    seconds = minutes * 60
+    if not source.exists():
+        started = time.monotonic()
+        run_ffmpeg(
+            [
+                "-y", "-f", "lavfi", "-i", f"testsrc2=size={size}:rate={rate}:duration={seconds}",
+                "-f", "lavfi", "-i", f"sine=frequency=440:duration={seconds}",
+                "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p",
+                "-c:a", "aac", "-b:a", "32k", str(source),
+            ],
+            action="generating the long test video",
+        )  # fmt: skip
+        sys.stderr.write(f"generated {source} in {time.monotonic() - started:.0f} s\n")
+    return source
+
+
+Sample = dict[str, object]
+
+
+def run_sampled(command: list[str], root: Path) -> tuple[int, str, float, list[Sample]]:
+    """Run the coordinator ``command`` on the shared ``root``, sampling once a second the bytes in
+    its job directories and the RSS of the coordinator and its workers: (exit code, stderr, wall
+    seconds, samples)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     started = time.monotonic()
     process = subprocess.Popen(command, env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
-    samples: list[dict[str, object]] = []
+    samples: list[Sample] = []
 
     def sample() -> None:
         while process.poll() is None:
@@ -128,69 +168,58 @@ def main(argv: list[str] | None = None) -> int:
     _, stderr = process.communicate()
     wall = time.monotonic() - started
     sampler.join(timeout=5)
-    if process.returncode != 0:
-        sys.stderr.write(stderr)
-        return process.returncode
-    out_frames = probe(output).frame_count
+    return process.returncode, stderr, wall, samples
 
-    def rss_at(fraction: float, key: str) -> object:
-        if not samples:
-            return None
-        return samples[min(len(samples) - 1, int(fraction * len(samples)))][key]
 
-    def median_by_tenth(key: str) -> list[int | None]:
-        """The median RSS in each tenth of the run (for workers: of the largest worker's RSS).
-
-        Medians, because RSS moves by a few MB from second to second as buffers come and go; the
-        first tenth holds start-up (model load, planning) and the last the join.
-        """
-        medians: list[int | None] = []
-        for tenth in range(10):
-            values = []
-            for s in samples[tenth * len(samples) // 10 : (tenth + 1) * len(samples) // 10]:
-                value = s[key]
-                if isinstance(value, list):
-                    value = max(value) if value and None not in value else None
-                if value is not None:
-                    values.append(int(value))  # type: ignore[call-overload]
-            medians.append(sorted(values)[len(values) // 2] if values else None)
-        return medians
-
-    def growth_per_frame(medians: list[int | None]) -> float | None:
-        """RSS growth from the 2nd to the 9th tenth of the run, in bytes per frame processed."""
-        first, last = medians[1], medians[8]
-        if first is None or last is None:
-            return None
-        return round((last - first) / (frames * 7 / 10), 2)
-
-    coordinator_medians = median_by_tenth("coordinator_rss")
-    worker_medians = median_by_tenth("worker_rss")
-    record = {
-        "benchmark": "long_video",
-        "input": f"{args.size} {args.rate} fps, {args.minutes:g} min",
-        "frames": frames,
-        "output_frames": out_frames,
-        "frame_count_ok": out_frames == frames,
-        "workers": args.workers,
-        "max_disk": args.max_disk,
-        "frame_format": args.frame_format,
-        "wall_s": round(wall, 1),
-        "fps": round(frames / wall, 1),
+def summarise(samples: list[Sample], frames: int) -> dict[str, object]:
+    """Peak disk and RSS, RSS at 10/50/90% of the run, its median by tenth and its growth per frame."""
+    coordinator_medians = median_by_tenth(samples, "coordinator_rss")
+    worker_medians = median_by_tenth(samples, "worker_rss")
+    return {
         "peak_job_dir_bytes": max((int(s["disk"]) for s in samples), default=0),  # type: ignore[call-overload]
         "peak_frame_data_bytes": max((int(s["frame_data"]) for s in samples), default=0),  # type: ignore[call-overload]
-        "coordinator_rss_at_10_50_90_pct": [rss_at(f, "coordinator_rss") for f in (0.1, 0.5, 0.9)],
-        "worker_rss_at_10_50_90_pct": [rss_at(f, "worker_rss") for f in (0.1, 0.5, 0.9)],
+        "coordinator_rss_at_10_50_90_pct": [rss_at(samples, f, "coordinator_rss") for f in (0.1, 0.5, 0.9)],
+        "worker_rss_at_10_50_90_pct": [rss_at(samples, f, "worker_rss") for f in (0.1, 0.5, 0.9)],
         "coordinator_rss_median_by_tenth": coordinator_medians,
         "worker_rss_median_by_tenth": worker_medians,
-        "coordinator_rss_growth_bytes_per_frame": growth_per_frame(coordinator_medians),
-        "worker_rss_growth_bytes_per_frame": growth_per_frame(worker_medians),
+        "coordinator_rss_growth_bytes_per_frame": growth_per_frame(coordinator_medians, frames),
+        "worker_rss_growth_bytes_per_frame": growth_per_frame(worker_medians, frames),
         "peak_coordinator_rss": max((s["coordinator_rss"] or 0 for s in samples), default=0),  # type: ignore[type-var]
         "peak_worker_rss": max((max(s["worker_rss"] or [0]) for s in samples), default=0),  # type: ignore[type-var,arg-type]
-        "commit": commit(),
     }
-    sys.stdout.write(orjson.dumps(record).decode() + "\n")
-    (work / "long_video_samples.json").write_bytes(orjson.dumps(samples))
-    return 0 if out_frames == frames else 1
+
+
+def rss_at(samples: list[Sample], fraction: float, key: str) -> object:
+    if not samples:
+        return None
+    return samples[min(len(samples) - 1, int(fraction * len(samples)))][key]
+
+
+def median_by_tenth(samples: list[Sample], key: str) -> list[int | None]:
+    """The median RSS in each tenth of the run (for workers: of the largest worker's RSS).
+
+    Medians, because RSS moves by a few MB from second to second as buffers come and go; the
+    first tenth holds start-up (model load, planning) and the last the join.
+    """
+    medians: list[int | None] = []
+    for tenth in range(10):
+        values = []
+        for s in samples[tenth * len(samples) // 10 : (tenth + 1) * len(samples) // 10]:
+            value = s[key]
+            if isinstance(value, list):
+                value = max(value) if value and None not in value else None
+            if value is not None:
+                values.append(int(value))  # type: ignore[call-overload]
+        medians.append(sorted(values)[len(values) // 2] if values else None)
+    return medians
+
+
+def growth_per_frame(medians: list[int | None], frames: int) -> float | None:
+    """RSS growth from the 2nd to the 9th tenth of the run, in bytes per frame processed."""
+    first, last = medians[1], medians[8]
+    if first is None or last is None:
+        return None
+    return round((last - first) / (frames * 7 / 10), 2)
 
 
 def _cmdline(pid: int) -> str:

@@ -35,57 +35,49 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.model_throughput import commit  # noqa: E402
-from coordinator.local_workers import read_port_file, spawn_worker  # noqa: E402
+from coordinator.errors import WorkerStartError  # noqa: E402
+from coordinator.local_workers import (  # noqa: E402
+    LocalWorkerProcess,
+    answers_health,
+    spawn_worker,
+    wait_all_listening,
+)
 from media.extract import decode_frames  # noqa: E402
 from media.ffmpeg import run_ffmpeg  # noqa: E402
-from media.probe import probe  # noqa: E402
+from media.probe import MediaInfo, probe  # noqa: E402
 from worker.runtime import RuntimeSettings, load_upscaler  # noqa: E402
 
 
 def start_workers(
     count: int, root: Path, model: str, extra: list[str], logs: Path
-) -> list[subprocess.Popen[bytes]]:
+) -> list[LocalWorkerProcess]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return [
-        spawn_worker(
-            [
-                "--shared-root",
-                str(root),
-                "--model",
-                model,
-                "--port",
-                "0",
-                "--worker-id",
-                f"bench-{i}",
-                *extra,
-            ],
-            port_file=logs / f"worker-{i}.json",
-            log_file=logs / f"worker-{i}.log",
-            env=env,
-            cwd=REPO,
-        )
-        for i in range(count)
-    ]
+    workers = []
+    for i in range(count):
+        args = [
+            "--shared-root",
+            str(root),
+            "--model",
+            model,
+            "--port",
+            "0",
+            "--worker-id",
+            f"bench-{i}",
+            *extra,
+        ]
+        port_file, log_file = logs / f"worker-{i}.json", logs / f"worker-{i}.log"
+        process = spawn_worker(args, port_file=port_file, log_file=log_file, env=env, cwd=REPO)
+        workers.append(LocalWorkerProcess(i, process, port_file, log_file))
+    return workers
 
 
-def wait_ready(logs: Path, count: int, timeout_s: float = 600) -> list[str]:
-    deadline = time.monotonic() + timeout_s
-    urls: list[str] = []
-    for index in range(count):
-        while True:
-            url = read_port_file(logs / f"worker-{index}.json")
-            if url is not None:
-                try:
-                    with urllib.request.urlopen(url + "/health", timeout=5) as response:
-                        if response.status == 200:
-                            urls.append(url)
-                            break
-                except OSError:
-                    pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"worker {index} not ready; see {logs}")
-            time.sleep(0.2)
-    return urls
+def wait_ready(workers: list[LocalWorkerProcess], logs: Path, timeout_s: float = 600) -> list[str]:
+    """The workers' URLs once every one answers /health; SystemExit if one exits or is late."""
+    try:
+        wait_all_listening(workers, timeout_s=timeout_s, poll_s=0.2, ready=answers_health)
+    except WorkerStartError as exc:
+        raise SystemExit(f"worker {exc.index} not ready; see {logs}") from None
+    return [str(w.url) for w in workers]
 
 
 @contextlib.contextmanager
@@ -94,14 +86,14 @@ def running_workers(count: int, root: Path, model: str, extra: list[str], logs: 
     their URLs once every one answers /health, and stops them afterwards."""
     root.mkdir(exist_ok=True)
     logs.mkdir(exist_ok=True)
-    processes = start_workers(count, root, model, extra, logs)
+    workers = start_workers(count, root, model, extra, logs)
     try:
-        yield wait_ready(logs, count)
+        yield wait_ready(workers, logs)
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(timeout=120)
+        for worker in workers:
+            worker.process.terminate()
+        for worker in workers:
+            worker.process.wait(timeout=120)
 
 
 def time_upscale(
@@ -130,7 +122,7 @@ def metric_sums(url: str) -> dict[str, float]:
     return sums
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -145,69 +137,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frame-format", default="png", choices=["png", "npy"])
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--work", type=Path)
-    args = parser.parse_args(argv)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="esrfarm-pipeline-"))
     work.mkdir(parents=True, exist_ok=True)
-    source = Path(args.video)
-    if args.size != "keep":
-        width, height = args.size.split("x")
-        resized = work / f"input-{args.size}.mp4"
-        run_ffmpeg(
-            ["-y", "-i", str(source), "-vf", f"scale={width}:{height}", "-c:v", "libx264", "-crf", "16",
-             "-c:a", "copy", str(resized)],
-            action="resizing the benchmark input",
-        )  # fmt: skip
-        source = resized
+    source = resized_input(Path(args.video), args.size, work)
     info = probe(source)
     frames = list(decode_frames(info))
     count = len(frames)
-
-    # (a) model only, in this process, one frame per call (the CPU default of the worker).
-    upscaler = load_upscaler(args.model, RuntimeSettings(), allow_download=False)
-    upscaler.warmup(info.video.height, info.video.width)
-    started = time.perf_counter()
-    for frame in frames:
-        upscaler.upscale(frame[None], args.scale)
-    model_s = time.perf_counter() - started
-    device = upscaler.device_name
-    del upscaler
-
-    # (b) esrfarm upscale against running workers.
-    output = work / "esrfarm.mp4"
-    stats_file = work / "stats.json"
-    with running_workers(
-        args.workers, work / "root", args.model, args.worker_args.split(), work / "logs"
-    ) as urls:
-        esrfarm_s = time_upscale(
-            source, output, urls, work / "root", args.model, f"{args.scale:g}",
-            "--codec", args.codec, "--preset", args.preset, "--frame-format", args.frame_format,
-            "--stats", str(stats_file),
-        )  # fmt: skip
-        worker_stages = [metric_sums(url) for url in urls]
-    stats = orjson.loads(stats_file.read_bytes())
-    assert probe(output).frame_count == count
-
-    # (c) the naive way.
-    naive_s = None
-    if not args.skip_naive:
-        naive = work / "naive"
-        (naive / "in").mkdir(parents=True, exist_ok=True)
-        (naive / "out").mkdir(exist_ok=True)
-        started = time.perf_counter()
-        run_ffmpeg(["-y", "-i", str(source), str(naive / "in" / "%08d.png")], action="naive extraction")
-        upscaler = load_upscaler(args.model, RuntimeSettings(), allow_download=False)
-        for path in sorted((naive / "in").glob("*.png")):
-            frame = np.asarray(Image.open(path).convert("RGB"))
-            Image.fromarray(upscaler.upscale(frame[None], args.scale)[0]).save(naive / "out" / path.name)
-        run_ffmpeg(
-            ["-y", "-framerate", info.video.frame_rate_str, "-i", str(naive / "out" / "%08d.png"),
-             "-i", str(source), "-map", "0:v", "-map", "1:a?", "-c:a", "copy", "-c:v", args.codec,
-             "-preset", args.preset, "-pix_fmt", "yuv420p", str(naive / "naive.mp4")],
-            action="naive encode",
-        )  # fmt: skip
-        naive_s = time.perf_counter() - started
-
+    model_s, device = time_model_only(frames, info, args.model, args.scale)
+    esrfarm_s, stats, worker_stages = time_esrfarm(source, count, work, args)
+    naive_s = None if args.skip_naive else time_naive(source, info, work, args)
     sums = {
         stage: round(sum(w.get(stage, 0.0) for w in worker_stages), 2)
         for stage in ("read", "compute", "write")
@@ -232,6 +175,71 @@ def main(argv: list[str] | None = None) -> int:
     }
     sys.stdout.write(orjson.dumps(record).decode() + "\n")
     return 0
+
+
+def resized_input(source: Path, size: str, work: Path) -> Path:
+    """``source`` resized to ``size`` (WxH) in ``work``, or itself for ``keep``."""
+    if size == "keep":
+        return source
+    width, height = size.split("x")
+    resized = work / f"input-{size}.mp4"
+    run_ffmpeg(
+        ["-y", "-i", str(source), "-vf", f"scale={width}:{height}", "-c:v", "libx264", "-crf", "16",
+         "-c:a", "copy", str(resized)],
+        action="resizing the benchmark input",
+    )  # fmt: skip
+    return resized
+
+
+def time_model_only(frames: list[np.ndarray], info: MediaInfo, model: str, scale: float) -> tuple[float, str]:
+    """(a) Seconds the model alone takes, in this process, one frame per call (the CPU default of
+    the worker); and the device it ran on."""
+    upscaler = load_upscaler(model, RuntimeSettings(), allow_download=False)
+    upscaler.warmup(info.video.height, info.video.width)
+    started = time.perf_counter()
+    for frame in frames:
+        upscaler.upscale(frame[None], scale)
+    return time.perf_counter() - started, upscaler.device_name
+
+
+def time_esrfarm(
+    source: Path, count: int, work: Path, args: argparse.Namespace
+) -> tuple[float, object, list[dict[str, float]]]:
+    """(b) ``esrfarm upscale`` against running workers: seconds, its --stats, each worker's stage sums."""
+    output = work / "esrfarm.mp4"
+    stats_file = work / "stats.json"
+    with running_workers(
+        args.workers, work / "root", args.model, args.worker_args.split(), work / "logs"
+    ) as urls:
+        esrfarm_s = time_upscale(
+            source, output, urls, work / "root", args.model, f"{args.scale:g}",
+            "--codec", args.codec, "--preset", args.preset, "--frame-format", args.frame_format,
+            "--stats", str(stats_file),
+        )  # fmt: skip
+        worker_stages = [metric_sums(url) for url in urls]
+    stats = orjson.loads(stats_file.read_bytes())
+    assert probe(output).frame_count == count
+    return esrfarm_s, stats, worker_stages
+
+
+def time_naive(source: Path, info: MediaInfo, work: Path, args: argparse.Namespace) -> float:
+    """(c) Seconds the naive way takes: every frame to PNG, upscaled one by one, encoded again."""
+    naive = work / "naive"
+    (naive / "in").mkdir(parents=True, exist_ok=True)
+    (naive / "out").mkdir(exist_ok=True)
+    started = time.perf_counter()
+    run_ffmpeg(["-y", "-i", str(source), str(naive / "in" / "%08d.png")], action="naive extraction")
+    upscaler = load_upscaler(args.model, RuntimeSettings(), allow_download=False)
+    for path in sorted((naive / "in").glob("*.png")):
+        frame = np.asarray(Image.open(path).convert("RGB"))
+        Image.fromarray(upscaler.upscale(frame[None], args.scale)[0]).save(naive / "out" / path.name)
+    run_ffmpeg(
+        ["-y", "-framerate", info.video.frame_rate_str, "-i", str(naive / "out" / "%08d.png"),
+         "-i", str(source), "-map", "0:v", "-map", "1:a?", "-c:a", "copy", "-c:v", args.codec,
+         "-preset", args.preset, "-pix_fmt", "yuv420p", str(naive / "naive.mp4")],
+        action="naive encode",
+    )  # fmt: skip
+    return time.perf_counter() - started
 
 
 if __name__ == "__main__":

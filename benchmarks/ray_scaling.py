@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.model_throughput import commit  # noqa: E402
-from media.ffmpeg import run_ffmpeg  # noqa: E402
+from tests import clips  # noqa: E402
 
 
 def upscale(source: Path, work: Path, name: str, latency_ms: float, where: list[str]) -> dict[str, Any]:
@@ -65,12 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = args.work or Path(tempfile.mkdtemp(prefix="esrfarm-ray-scaling-"))
     work.mkdir(parents=True, exist_ok=True)
-    source = work / "input.mp4"
-    run_ffmpeg(
-        ["-y", "-f", "lavfi", "-i", f"testsrc2=size={args.size}:rate=25", "-frames:v", str(args.frames),
-         "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(source)],
-        action="generating the scaling input",
-    )  # fmt: skip
+    source = clips.video(work / "input.mp4", size=args.size, rate="25", frames=args.frames)
     slots = math.ceil(max(args.counts) / args.nodes)
     started = time.perf_counter()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})

@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.model_throughput import commit  # noqa: E402
 from benchmarks.pipeline import running_workers, time_upscale  # noqa: E402
-from media.ffmpeg import run_ffmpeg  # noqa: E402
+from tests import clips  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,12 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = args.work or Path(tempfile.mkdtemp(prefix="esrfarm-scaling-"))
     work.mkdir(parents=True, exist_ok=True)
-    source = work / "input.mp4"
-    run_ffmpeg(
-        ["-y", "-f", "lavfi", "-i", f"testsrc2=size={args.size}:rate=25", "-frames:v", str(args.frames),
-         "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(source)],
-        action="generating the scaling input",
-    )  # fmt: skip
+    source = clips.video(work / "input.mp4", size=args.size, rate="25", frames=args.frames)
     base = None
     for count in args.counts:
         root = work / f"root-{count}"

@@ -18,12 +18,17 @@ import os
 import signal
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from coordinator.local_workers import LocalWorkerProcess, read_port_file, spawn_worker
+from coordinator.errors import WorkerStartError
+from coordinator.local_workers import (
+    LocalWorkerProcess,
+    answers_health,
+    log_tail,
+    spawn_worker,
+    wait_all_listening,
+)
 from manifests import write_json_atomic
 
 PID_FILE = "workers.json"
@@ -94,34 +99,27 @@ def _spawn(
 
 
 def _wait_healthy(launched: list[LocalWorkerProcess], timeout_s: float, poll_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    pending = list(launched)
-    while pending:
-        for item in list(pending):
-            code = item.process.poll()
-            if code is not None:
-                raise LaunchError(f"worker {item.index} exited with status {code}:\n{_tail(item.log_file)}")
-            if item.url is None:
-                item.url = read_port_file(item.port_file)
-            if item.url is not None and _healthy(item.url):
-                print(f"worker {item.index}: {item.url} (pid {item.process.pid})", flush=True)
-                pending.remove(item)
-        if not pending:
-            return
-        if time.monotonic() > deadline:
-            names = ", ".join(str(item.index) for item in pending)
-            raise LaunchError(
-                f"worker(s) {names} not healthy after {timeout_s:g}s; see {pending[0].log_file}"
-            )
-        time.sleep(poll_s)
+    healthy: set[int] = set()
 
+    def report(item: LocalWorkerProcess) -> None:
+        print(f"worker {item.index}: {item.url} (pid {item.process.pid})", flush=True)
+        healthy.add(item.index)
 
-def _healthy(url: str) -> bool:
     try:
-        with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-            return bool(response.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
+        wait_all_listening(
+            launched, timeout_s=timeout_s, poll_s=poll_s, ready=answers_health, on_ready=report
+        )
+    except WorkerStartError as exc:
+        item = next(w for w in launched if w.index == exc.index)
+        code = item.process.returncode
+        if code is not None:
+            tail = log_tail(item.log_file, 20, "\n") or "(no log)"
+            raise LaunchError(f"worker {item.index} exited with status {code}:\n{tail}") from None
+        pending = [w for w in launched if w.index not in healthy]
+        names = ", ".join(str(w.index) for w in pending)
+        raise LaunchError(
+            f"worker(s) {names} not healthy after {timeout_s:g}s; see {pending[0].log_file}"
+        ) from None
 
 
 def stop(*, run_dir: Path, timeout_s: float) -> int:
@@ -189,12 +187,6 @@ def _alive(pid: int) -> bool:
         if Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z"):
             return False  # a zombie waiting for a parent that is not us
     return True
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    with contextlib.suppress(OSError):
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    return "(no log)"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,7 +2,8 @@
 
 A local worker is a ``python -m worker`` process with ``--port-file``: once it listens, it writes
 its URL there. :func:`spawn_worker` starts one; :func:`read_port_file` reads the URL it reported;
-:func:`wait_listening` waits for it (for scripts and tests); :class:`LocalWorkerPool` starts, watches
+:func:`take_listening` looks whether workers listen yet, for :func:`wait_all_listening` and
+:func:`wait_listening` (scripts and tests) and the pool; :class:`LocalWorkerPool` starts, watches
 and stops the workers of a :class:`coordinator.fleet.WorkerFleet`. The same functions serve
 ``esrfarm upscale`` without ``--workers``, ``scripts/start_workers.sh`` (:mod:`coordinator.launcher`),
 the benchmarks and the tests.
@@ -21,6 +22,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,35 +137,28 @@ def read_port_file(port_file: Path) -> str | None:
     return url.replace("://0.0.0.0:", "://127.0.0.1:").replace("://[::]:", "://[::1]:")
 
 
-def log_tail(log_file: Path, lines: int = 5) -> str:
-    """The last ``lines`` lines of a worker's log, joined with `` | `` (empty if unreadable)."""
+def log_tail(log_file: Path, lines: int = 5, sep: str = " | ") -> str:
+    """The last ``lines`` lines of a worker's log, joined with ``sep`` (empty if unreadable)."""
     try:
         text = log_file.read_text(errors="replace").strip().splitlines()
     except OSError:
         return ""
-    return " | ".join(text[-lines:])
+    return sep.join(text[-lines:])
 
 
-def wait_listening(
-    process: subprocess.Popen[bytes],
-    port_file: Path,
-    log_file: Path,
-    *,
-    index: int = 0,
-    timeout_s: float,
-    poll_s: float = 0.05,
-) -> str:
-    """Block until the worker reports its URL; :class:`WorkerStartError` if it exits or times out."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        url = read_port_file(port_file)
-        if url is not None:
-            return url
-        if process.poll() is not None:
-            raise WorkerStartError(index, f"exited with code {process.returncode}", log_tail(log_file))
-        if time.monotonic() > deadline:
-            raise WorkerStartError(index, f"was not listening after {timeout_s:g} s", log_tail(log_file))
-        time.sleep(poll_s)
+def exit_reason(what: str, process: subprocess.Popen[bytes], log_file: Path) -> str:
+    """``<what> exited with code N``, and the end of its log if there is one."""
+    tail = log_tail(log_file)
+    return f"{what} exited with code {process.returncode}" + (f"; its log ends: {tail}" if tail else "")
+
+
+def answers_health(url: str, timeout_s: float = 5.0) -> bool:
+    """Whether ``url/health`` answers 200 (blocking: for scripts and benchmarks, not the event loop)."""
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout_s) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
 
 
 @dataclass
@@ -180,10 +176,73 @@ class LocalWorkerProcess:
         return self.process.poll() is None
 
     def exit_reason(self) -> str:
-        tail = log_tail(self.log_file)
-        return f"local worker {self.index} exited with code {self.process.returncode}" + (
-            f"; its log ends: {tail}" if tail else ""
-        )
+        return exit_reason(f"local worker {self.index}", self.process, self.log_file)
+
+
+def take_listening(
+    pending: list[LocalWorkerProcess],
+    *,
+    deadline: float,
+    timeout_s: float,
+    ready: Callable[[str], bool] | None = None,
+) -> list[LocalWorkerProcess]:
+    """One look at workers starting up: each that reported its URL gets it (``url``); those that
+    listen (and for which ``ready(url)`` holds) are taken out of ``pending`` and returned.
+
+    Raises :class:`WorkerStartError` for one that exited, or, once ``time.monotonic()`` is past
+    ``deadline``, for the first one still pending (``pending`` then holds those left).
+    """
+    taken = []
+    for worker in list(pending):
+        if worker.url is None:
+            worker.url = read_port_file(worker.port_file)
+        if worker.url is not None and (ready is None or ready(worker.url)):
+            pending.remove(worker)
+            taken.append(worker)
+        elif not worker.alive:
+            reason = f"exited with code {worker.process.returncode}"
+            raise WorkerStartError(worker.index, reason, log_tail(worker.log_file))
+    if pending and time.monotonic() > deadline:
+        first = pending[0]
+        reason = f"was not listening after {timeout_s:g} s"
+        raise WorkerStartError(first.index, reason, log_tail(first.log_file))
+    return taken
+
+
+def wait_all_listening(
+    workers: Sequence[LocalWorkerProcess],
+    *,
+    timeout_s: float,
+    poll_s: float = 0.05,
+    ready: Callable[[str], bool] | None = None,
+    on_ready: Callable[[LocalWorkerProcess], None] = lambda worker: None,
+) -> None:
+    """Block until every worker listens (see :func:`take_listening`), calling ``on_ready`` for each as
+    it does; :class:`WorkerStartError` if one exits or ``timeout_s`` passes first."""
+    pending, deadline = list(workers), time.monotonic() + timeout_s
+    while True:
+        for worker in take_listening(pending, deadline=deadline, timeout_s=timeout_s, ready=ready):
+            on_ready(worker)
+        if not pending:
+            return
+        time.sleep(poll_s)
+
+
+def wait_listening(
+    process: subprocess.Popen[bytes],
+    port_file: Path,
+    log_file: Path,
+    *,
+    index: int = 0,
+    timeout_s: float,
+    poll_s: float = 0.05,
+) -> str:
+    """Block until the process (a worker, or anything that reports its URL in a port file the same
+    way) reports its URL; :class:`WorkerStartError` if it exits or times out."""
+    worker = LocalWorkerProcess(index, process, port_file, log_file)
+    wait_all_listening([worker], timeout_s=timeout_s, poll_s=poll_s)
+    assert worker.url is not None
+    return worker.url
 
 
 @dataclass
@@ -218,24 +277,11 @@ class LocalWorkerPool:
             process = spawn_worker(args, port_file=port_file, log_file=log_file, new_session=True)
             log.info("started local worker %d (pid %d, %s)", index, process.pid, " ".join(device))
             self.workers.append(LocalWorkerProcess(index, process, port_file, log_file))
-        await asyncio.gather(*(self._wait_listening(w, startup_timeout_s) for w in self.workers))
-        return [w.url for w in self.workers if w.url]
-
-    async def _wait_listening(self, worker: LocalWorkerProcess, timeout_s: float) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while worker.url is None:
-            worker.url = read_port_file(worker.port_file)
-            if worker.url is not None:
-                return
-            if not worker.alive:
-                raise WorkerStartError(
-                    worker.index, f"exited with code {worker.process.returncode}", log_tail(worker.log_file)
-                )
-            if loop.time() > deadline:
-                raise WorkerStartError(
-                    worker.index, f"was not listening after {timeout_s:g} s", log_tail(worker.log_file)
-                )
+        pending, deadline = list(self.workers), time.monotonic() + startup_timeout_s
+        while True:
+            take_listening(pending, deadline=deadline, timeout_s=startup_timeout_s)
+            if not pending:
+                return [w.url for w in self.workers if w.url]
             await asyncio.sleep(0.05)
 
     def worker_at(self, url: str) -> LocalWorkerProcess | None:

@@ -44,7 +44,7 @@ import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from coordinator.errors import RayClusterError, WorkerStartError
-from coordinator.local_workers import log_tail, spawn_worker, wait_listening
+from coordinator.local_workers import exit_reason, log_tail, spawn_worker, wait_listening
 from manifests.tokens import TOKEN_ENV
 
 log = logging.getLogger(__name__)
@@ -121,10 +121,7 @@ class WorkerActor:
         """Returns, once the worker process has exited, why."""
         while self.process.poll() is None:
             await asyncio.sleep(0.2)
-        tail = log_tail(self.log_file)
-        return f"its worker process exited with code {self.process.returncode}" + (
-            f"; its log ends: {tail}" if tail else ""
-        )
+        return exit_reason("its worker process", self.process, self.log_file)
 
     async def stop(self, timeout_s: float) -> int | None:
         """SIGTERM the worker (it finishes its batch), SIGKILL it after ``timeout_s``; its exit code."""

@@ -567,11 +567,33 @@ def _media_info(
     pts_list: list[int | None],
     decoded: _Decoded,
 ) -> MediaInfo:
-    streams = container.streams
+    video = _video_info(stream, packets, pts_list, decoded)
+    start_time = Fraction(container.start_time, av.time_base) if container.start_time is not None else None
+    if start_time is None:
+        start_time = video.frame_pts[0] * video.time_base
+    duration = Fraction(container.duration, av.time_base) if container.duration else None
+    _check_header_duration(source, video, stream)
+    return MediaInfo(
+        path=source,
+        format_name=container.format.name,
+        duration=duration,
+        start_time=start_time,
+        video=video,
+        audio=_audio_infos(container.streams.audio),
+        subtitles=_subtitle_infos(container.streams.subtitles),
+        chapters=_chapter_infos(container.chapters()),
+        attachments=len(container.streams.attachments),
+        metadata=MappingProxyType(dict(container.metadata)),
+    )
+
+
+def _video_info(
+    stream: Any, packets: list[_Packet], pts_list: list[int | None], decoded: _Decoded
+) -> VideoInfo:
     frame_pts, frame_rate, is_vfr, last_duration = _frame_timing(pts_list, packets, stream)
     ctx = stream.codec_context
     sar = stream.sample_aspect_ratio
-    video = VideoInfo(
+    return VideoInfo(
         index=stream.index,
         codec=ctx.name,
         width=ctx.width,
@@ -595,7 +617,10 @@ def _media_info(
         bit_depth=pix_fmt_bit_depth(ctx.pix_fmt),
         hdr=HdrInfo(decoded.mastering, decoded.content_light, tuple(sorted(decoded.dynamic))),
     )
-    audio = tuple(
+
+
+def _audio_infos(streams: Any) -> tuple[AudioInfo, ...]:
+    return tuple(
         AudioInfo(
             index=s.index,
             codec=s.codec_context.name,
@@ -604,41 +629,30 @@ def _media_info(
             language=s.metadata.get("language"),
             title=s.metadata.get("title"),
         )
-        for s in streams.audio
+        for s in streams
     )
-    subtitles = tuple(
+
+
+def _subtitle_infos(streams: Any) -> tuple[SubtitleInfo, ...]:
+    return tuple(
         SubtitleInfo(
             index=s.index,
             codec=s.codec_context.name if s.codec_context is not None else s.codec.name,
             language=s.metadata.get("language"),
             title=s.metadata.get("title"),
         )
-        for s in streams.subtitles
+        for s in streams
     )
-    chapters = tuple(
+
+
+def _chapter_infos(chapters: list[dict[str, Any]]) -> tuple[ChapterInfo, ...]:
+    return tuple(
         ChapterInfo(
             start=chapter["start"] * Fraction(chapter["time_base"] or 1),
             end=chapter["end"] * Fraction(chapter["time_base"] or 1),
             title=chapter["metadata"].get("title"),
         )
-        for chapter in container.chapters()
-    )
-    start_time = Fraction(container.start_time, av.time_base) if container.start_time is not None else None
-    if start_time is None:
-        start_time = frame_pts[0] * video.time_base
-    duration = Fraction(container.duration, av.time_base) if container.duration else None
-    _check_header_duration(source, video, stream)
-    return MediaInfo(
-        path=source,
-        format_name=container.format.name,
-        duration=duration,
-        start_time=start_time,
-        video=video,
-        audio=audio,
-        subtitles=subtitles,
-        chapters=chapters,
-        attachments=len(streams.attachments),
-        metadata=MappingProxyType(dict(container.metadata)),
+        for chapter in chapters
     )
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny seeded model, a shared root, one real worker process for the session."""
+"""Shared fixtures: a tiny seeded model, a shared root, one real worker process for the session, and
+a farm of two for a module."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.model_factory import write_tiny_compact
-from tests.workerutil import WorkerProcess, start_worker
+from tests.workerutil import WorkerProcess, cpu_workers, start_worker
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +51,19 @@ def idle_worker(worker: WorkerProcess) -> Iterator[WorkerProcess]:
     yield worker
     if worker.get("/health").json()["state"] != "idle":
         worker.post("/reset")
+
+
+@pytest.fixture(scope="module")
+def farm_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared root of this module's :func:`farm`."""
+    return tmp_path_factory.mktemp("farm")
+
+
+@pytest.fixture(scope="module")
+def farm(
+    farm_root: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[list[WorkerProcess]]:
+    """Two worker processes sharing one root, as two GPUs of a host would, for one module (its
+    tests may kill or stop one)."""
+    with cpu_workers(farm_root, tiny_model, tmp_path_factory.mktemp("farm-logs")) as workers:
+        yield workers

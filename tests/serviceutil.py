@@ -3,7 +3,6 @@ worker processes; helpers to submit jobs and wait for their states over HTTP."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -14,7 +13,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from tests.workerutil import REPO, Response, WorkerProcess, request, start_worker
+from coordinator.errors import WorkerStartError
+from coordinator.local_workers import wait_listening
+from tests.workerutil import REPO, Response, WorkerProcess, request
 
 START_TIMEOUT_S = 60.0
 FAST = {"preset": "ultrafast"}
@@ -23,6 +24,8 @@ FAST = {"preset": "ultrafast"}
 class ServiceProcess(WorkerProcess):
     """A service process: a child process with a URL, like a worker (get, post, log and stop are
     the worker's), plus the job API."""
+
+    what = "the service"
 
     def delete(self, path: str) -> Response:
         return request(self.url + path, "DELETE", token=self.token)
@@ -42,34 +45,10 @@ class ServiceProcess(WorkerProcess):
     def wait_job(
         self, job_id: str, predicate: Callable[[dict[str, Any]], bool], timeout: float = 120.0
     ) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            job = self.job(job_id)
-            if predicate(job):
-                return job
-            if self.process.poll() is not None:
-                raise AssertionError(f"the service exited with {self.process.returncode}:\n{self.log()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"job never matched within {timeout}s; last: {job}\n{self.log()}")
-            time.sleep(0.05)
+        return self.wait_for("job", lambda: self.job(job_id), predicate, timeout)
 
     def wait_state(self, job_id: str, *states: str, timeout: float = 120.0) -> dict[str, Any]:
         return self.wait_job(job_id, lambda j: j["state"] in states, timeout)
-
-
-@contextlib.contextmanager
-def cpu_workers(
-    shared_root: Path, model: Path, log_dir: Path, count: int = 2
-) -> Iterator[list[WorkerProcess]]:
-    """``count`` real CPU worker processes on ``shared_root``, stopped on the way out."""
-    started: list[WorkerProcess] = []
-    try:
-        for _ in range(count):
-            started.append(start_worker(shared_root, model, log_dir))
-        yield started
-    finally:
-        for worker in started:
-            worker.stop()
 
 
 def service_command(shared_root: Path, args: Sequence[str | Path]) -> list[str]:
@@ -87,13 +66,11 @@ def start_service(
     argv = service_command(shared_root, ["--port", "0", "--port-file", port_file, "-v", *args])
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not port_file.exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError(f"the service never listened:\n{log_path.read_text(errors='replace')}")
-        time.sleep(0.05)
-    url = json.loads(port_file.read_text())["url"].replace("0.0.0.0", "127.0.0.1")
+    try:
+        url = wait_listening(process, port_file, log_path, timeout_s=START_TIMEOUT_S)
+    except WorkerStartError:
+        process.kill()
+        raise AssertionError(f"the service never listened:\n{log_path.read_text(errors='replace')}") from None
     service = ServiceProcess(process, url, log_path, token)
     assert service.get("/healthz").status == 200
     return service

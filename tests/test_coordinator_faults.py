@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ import pytest
 
 from media.extract import decode_frames
 from tests import clips
-from tests.workerutil import REPO, WorkerProcess, start_worker
+from tests.workerutil import REPO, WorkerProcess
 
 LOSSLESS = ["--codec", "ffv1", "--pix-fmt", "gbrp"]
 
@@ -32,23 +31,6 @@ def coordinator(*args: str | Path) -> list[str]:
 def run(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
-
-
-@pytest.fixture(scope="module")
-def farm_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("faults-farm")
-
-
-@pytest.fixture(scope="module")
-def farm(
-    farm_root: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[list[WorkerProcess]]:
-    logs = tmp_path_factory.mktemp("faults-logs")
-    workers = [start_worker(farm_root, tiny_model, logs) for _ in range(2)]
-    yield workers
-    for worker in workers:
-        if worker.process.poll() is None:
-            worker.stop()
 
 
 def on_farm(farm: list[WorkerProcess], root: Path, model: Path, *args: str | Path) -> list[str]:

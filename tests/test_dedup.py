@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,7 @@ from tests.test_job_engine import farm as fake_farm_settings
 from tests.test_job_engine import run, spec
 from tests.test_upscale_e2e import esrfarm
 from tests.videocheck import assert_faithful_upscale
-from tests.workerutil import REPO, WorkerProcess, start_worker
+from tests.workerutil import REPO, WorkerProcess
 
 # -- the map and the batches it leaves (pure) --------------------------------------------------------
 
@@ -192,23 +191,6 @@ def test_the_comparison_is_with_the_last_upscaled_frame_not_the_previous_one() -
 
 
 # -- esrfarm upscale --dedup, real workers ---------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def farm_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("dedup-farm")
-
-
-@pytest.fixture(scope="module")
-def farm(
-    farm_root: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[list[WorkerProcess]]:
-    logs = tmp_path_factory.mktemp("dedup-farm-logs")
-    workers = [start_worker(farm_root, tiny_model, logs) for _ in range(2)]
-    yield workers
-    for worker in workers:
-        if worker.process.poll() is None:
-            worker.stop()
 
 
 LOSSLESS = ["--codec", "libx264", "--crf", "0", "--preset", "ultrafast"]  # YUV frames, exact output

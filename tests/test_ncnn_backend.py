@@ -23,7 +23,6 @@ from tests.videocheck import assert_faithful_upscale
 from tests.workerutil import REPO, make_job, read_frame, start_worker
 from worker.models import CATALOG, ModelLoadError, load_model_file, resolve_ncnn_model
 from worker.ncnn_runtime import (
-    InferenceError,
     NcnnSettings,
     NcnnUpscaler,
     _OutOfMemory,
@@ -32,6 +31,7 @@ from worker.ncnn_runtime import (
 )
 from worker.ncnn_weights import official_state_dict
 from worker.runtime import RuntimeSettings, load_upscaler
+from worker.upscaling import InferenceError
 
 pytestmark = pytest.mark.skipif(
     not vulkan_devices(), reason="no Vulkan device: install mesa-vulkan-drivers (lavapipe)"

@@ -27,8 +27,8 @@ from selenium.webdriver.support.ui import Select
 from media.probe import probe
 from tests import clips
 from tests.browser import chromium
-from tests.serviceutil import ServiceProcess, cpu_workers, start_service
-from tests.workerutil import WorkerProcess
+from tests.serviceutil import ServiceProcess, start_service
+from tests.workerutil import WorkerProcess, cpu_workers
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -137,6 +137,14 @@ def severe_errors(browser: webdriver.Chrome) -> list[dict[str, Any]]:
     return [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
 
 
+def open_page(browser: webdriver.Chrome, url: str) -> None:
+    """Open ``url`` with an empty browser log: what an earlier page left there (its requests to a
+    service that has stopped since) stays out of this test's errors."""
+    browser.get("about:blank")
+    browser.get_log("browser")
+    browser.get(url)
+
+
 def test_a_job_submitted_through_the_form_runs_live_and_downloads(
     root: Path, inputs: Path, logs: Path, workers: list[WorkerProcess], tiny_model: Path,
     browser: webdriver.Chrome, tmp_path: Path,
@@ -228,9 +236,7 @@ def test_with_a_token_the_page_asks_for_it_once(
         token="page-secret",
     )
     try:
-        browser.get("about:blank")
-        browser.get_log("browser")  # what an earlier page left there
-        browser.get(service.url + "/")
+        open_page(browser, service.url + "/")
         form = browser.find_element(By.ID, "token-form")
         wait_for("the token form", form.is_displayed, 30)
         browser.find_element(By.ID, "token-input").send_keys("wrong")
@@ -275,7 +281,7 @@ def test_a_comparison_submitted_through_the_form_links_its_report_and_batch_page
         "--compare-arg=--cpu-threads=1",
     )  # fmt: skip
     try:
-        browser.get(service.url + "/")
+        open_page(browser, service.url + "/")
         Select(browser.find_element(By.ID, "job-type")).select_by_value("compare")
         assert not browser.find_element(By.ID, "codec").is_enabled(), "a comparison has no codec"
         submit_through_the_form(browser, inputs / "clip.mp4", tiny_model, "2", models=f"{tiny_model},bicubic")

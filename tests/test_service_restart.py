@@ -20,7 +20,7 @@ from service.cli import EXIT_DATABASE
 from tests import clips
 from tests.serviceutil import service_command, start_service
 from tests.test_service_store import HeldLock
-from tests.workerutil import REPO, WorkerProcess, start_worker
+from tests.workerutil import REPO, WorkerProcess, cpu_workers, start_worker
 
 pytestmark = pytest.mark.timeout(900)
 LOADED = 400.0  # seconds a job of these tests may take on a loaded 2-core machine
@@ -31,11 +31,8 @@ def farm(
     tmp_path_factory: pytest.TempPathFactory, tiny_model: Path
 ) -> Iterator[tuple[Path, list[WorkerProcess]]]:
     root = tmp_path_factory.mktemp("restart-root")
-    logs = tmp_path_factory.mktemp("restart-logs")
-    workers = [start_worker(root, tiny_model, logs) for _ in range(2)]
-    yield root, workers
-    for worker in workers:
-        worker.stop()
+    with cpu_workers(root, tiny_model, tmp_path_factory.mktemp("restart-logs")) as workers:
+        yield root, workers
 
 
 def test_killed_service_resumes_its_jobs(

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -39,24 +39,6 @@ def esrfarm(*args: str | Path, timeout: float = 300) -> subprocess.CompletedProc
         env=env,
         cwd=REPO,
     )
-
-
-@pytest.fixture(scope="module")
-def farm_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("farm")
-
-
-@pytest.fixture(scope="module")
-def farm(
-    farm_root: Path, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[list[WorkerProcess]]:
-    """Two worker processes sharing one root, as two GPUs of a host would."""
-    logs = tmp_path_factory.mktemp("farm-logs")
-    workers = [start_worker(farm_root, tiny_model, logs) for _ in range(2)]
-    yield workers
-    for worker in workers:
-        if worker.process.poll() is None:
-            worker.stop()
 
 
 @pytest.fixture(scope="module")

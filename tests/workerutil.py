@@ -18,10 +18,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -33,6 +33,7 @@ from manifests import Batch, FrameFormat, JobLayout, Manifest, frame_filename, w
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 120.0
 POLL_S = 0.02
+T = TypeVar("T")
 
 
 @dataclass
@@ -67,6 +68,7 @@ class WorkerProcess:
     url: str
     log_path: Path
     token: str | None = None
+    what: ClassVar[str] = "worker"  # what the process is, in failures
 
     @property
     def pid(self) -> int:
@@ -88,15 +90,19 @@ class WorkerProcess:
     def wait_status(
         self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 60.0
     ) -> dict[str, Any]:
+        return self.wait_for("status", self.status, predicate, timeout)
+
+    def wait_for(self, name: str, read: Callable[[], T], predicate: Callable[[T], bool], timeout: float) -> T:
+        """``read()`` once it satisfies ``predicate``; fails if the process exits or ``timeout`` passes."""
         deadline = time.monotonic() + timeout
         while True:
-            current = self.status()
+            current = read()
             if predicate(current):
                 return current
             if self.process.poll() is not None:
-                raise AssertionError(f"worker exited with {self.process.returncode}:\n{self.log()}")
+                raise AssertionError(f"{self.what} exited with {self.process.returncode}:\n{self.log()}")
             if time.monotonic() > deadline:
-                raise AssertionError(f"status never matched within {timeout}s; last: {current}\n{self.log()}")
+                raise AssertionError(f"{name} never matched within {timeout}s; last: {current}\n{self.log()}")
             time.sleep(POLL_S)
 
     def wait_final(
@@ -170,6 +176,21 @@ def start_worker(
             raise AssertionError(f"worker never became healthy:\n{worker.log()}")
         time.sleep(POLL_S)
     return worker
+
+
+@contextlib.contextmanager
+def cpu_workers(
+    shared_root: Path, model: Path, log_dir: Path, count: int = 2
+) -> Iterator[list[WorkerProcess]]:
+    """``count`` real CPU worker processes on ``shared_root``, stopped on the way out."""
+    started: list[WorkerProcess] = []
+    try:
+        for _ in range(count):
+            started.append(start_worker(shared_root, model, log_dir))
+        yield started
+    finally:
+        for worker in started:
+            worker.stop()
 
 
 # -- jobs on the shared root ---------------------------------------------------------------------

@@ -119,48 +119,9 @@ def read_batch(
     reading thread spent."""
 
     def read_one(index: int) -> np.ndarray:
-        name = frame_filename(index, frame_format)
-        shown = f"{label}/{name}"
-        try:
-            data = input_dir.read_bytes(
-                name,
-                max_bytes=limits.max_file_bytes,
-                pipes=True,
-                cancelled=cancel.is_set if cancel is not None else None,
-            )
-        except FileNotFoundError:
-            raise FrameError(index, f"input frame {shown} is missing") from None
-        except InterruptedError:
-            raise ReadCancelled(f"reading {shown} was abandoned") from None
-        except FileTooLargeError as exc:
-            reason = f"input frame {shown} holds {exc.size} bytes, more than a frame may ({exc.limit})"
-            raise FrameError(index, reason) from None
-        except SymlinkRefusedError:
-            reason = (
-                f"input frame {shown} is a symbolic link; frames are read only from regular files, never "
-                "through a link (one could lead outside the shared root)"
-            )
-            raise FrameError(index, reason) from None
-        except UnsafeFileError as exc:
-            raise FrameError(index, f"input frame {shown} {exc.problem}") from None
-        except OSError as exc:
-            raise FrameError(index, f"input frame {shown} cannot be read: {exc.strerror or exc}") from None
-        try:
-            array = decode_frame(
-                data, frame_format, name=shown, max_pixels=limits.max_input_pixels, bit_depth=bit_depth
-            )
-            limits.check(shown, *frame_size(array, frame_format))
-        except FrameTooLargeError as exc:
-            try:
-                limits.check(shown, exc.width, exc.height)
-            except ValueError as too_large:
-                raise FrameError(index, str(too_large)) from None
-            raise FrameError(index, f"input {exc}") from None
-        except FrameFileError as exc:
-            raise FrameError(index, f"input {exc}") from None
-        except ValueError as exc:
-            raise FrameError(index, str(exc)) from None
-        return array
+        shown = f"{label}/{frame_filename(index, frame_format)}"
+        data = _read_frame_file(input_dir, index, frame_format, shown, limits, cancel)
+        return _decode_frame(data, index, frame_format, shown, limits, bit_depth)
 
     if cancel is not None and cancel.is_set():
         raise ReadCancelled("the manifest is being stopped")
@@ -185,6 +146,64 @@ def read_batch(
                 f"the same batch is {first_w}x{first_h}",
             )
     return np.stack(arrays)
+
+
+def _read_frame_file(
+    input_dir: Directory,
+    index: int,
+    frame_format: FrameFormat,
+    shown: str,
+    limits: FrameLimits,
+    cancel: threading.Event | None,
+) -> bytes:
+    """The bytes of input frame ``index`` (``shown`` is its name in messages); :class:`FrameError`
+    says why it cannot be read, :class:`ReadCancelled` that ``cancel`` was set meanwhile."""
+    try:
+        return input_dir.read_bytes(
+            frame_filename(index, frame_format),
+            max_bytes=limits.max_file_bytes,
+            pipes=True,
+            cancelled=cancel.is_set if cancel is not None else None,
+        )
+    except FileNotFoundError:
+        raise FrameError(index, f"input frame {shown} is missing") from None
+    except InterruptedError:
+        raise ReadCancelled(f"reading {shown} was abandoned") from None
+    except FileTooLargeError as exc:
+        reason = f"input frame {shown} holds {exc.size} bytes, more than a frame may ({exc.limit})"
+        raise FrameError(index, reason) from None
+    except SymlinkRefusedError:
+        reason = (
+            f"input frame {shown} is a symbolic link; frames are read only from regular files, never "
+            "through a link (one could lead outside the shared root)"
+        )
+        raise FrameError(index, reason) from None
+    except UnsafeFileError as exc:
+        raise FrameError(index, f"input frame {shown} {exc.problem}") from None
+    except OSError as exc:
+        raise FrameError(index, f"input frame {shown} cannot be read: {exc.strerror or exc}") from None
+
+
+def _decode_frame(
+    data: bytes, index: int, frame_format: FrameFormat, shown: str, limits: FrameLimits, bit_depth: int
+) -> np.ndarray:
+    """Input frame ``index`` decoded and checked against ``limits``; :class:`FrameError` if it cannot be."""
+    try:
+        array = decode_frame(
+            data, frame_format, name=shown, max_pixels=limits.max_input_pixels, bit_depth=bit_depth
+        )
+        limits.check(shown, *frame_size(array, frame_format))
+    except FrameTooLargeError as exc:
+        try:
+            limits.check(shown, exc.width, exc.height)
+        except ValueError as too_large:
+            raise FrameError(index, str(too_large)) from None
+        raise FrameError(index, f"input {exc}") from None
+    except FrameFileError as exc:
+        raise FrameError(index, f"input {exc}") from None
+    except ValueError as exc:
+        raise FrameError(index, str(exc)) from None
+    return array
 
 
 def write_batch(

@@ -23,7 +23,6 @@ and Apple GPUs (through MoltenVK) as on NVIDIA, and on the CPU through Mesa's la
 from __future__ import annotations
 
 import logging
-import math
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -33,11 +32,10 @@ import numpy as np
 from worker.models import ModelLoadError, NcnnFiles, resolve_ncnn_model
 from worker.upscaling import (
     MIN_TILE,
-    InferenceError,
+    Tiling,
     check_frame_settings,
     check_frames,
     resize_frame,
-    scaled_size,
 )
 
 log = logging.getLogger(__name__)
@@ -110,7 +108,7 @@ def default_tile(heap_budget_mb: int) -> int:
     return MIN_TILE
 
 
-class NcnnUpscaler:
+class NcnnUpscaler(Tiling):
     """One model on one Vulkan device. ``upscale`` is thread-safe (one batch runs at a time)."""
 
     backend = "ncnn"
@@ -136,20 +134,12 @@ class NcnnUpscaler:
             log.warning("%s has no fp16 storage; running in fp32", self.device_name)
         self._fp32_net: Any = None
         self._tile = settings.tile
+        self._tile_pad = settings.tile_pad
         budget = self._vulkan.get_heap_budget()
         self._pass_pixels = settings.max_pass_pixels or default_tile(budget) ** 2
         self._lock = threading.Lock()
 
     # -- public ---------------------------------------------------------------------------------
-
-    @property
-    def tile(self) -> int:
-        """Tile edge now (0 = by the pixel budget); set by out-of-memory fallbacks if not configured."""
-        return self._tile
-
-    def output_size(self, height: int, width: int, scale: float | None = None) -> tuple[int, int]:
-        """(height, width) of the output for an input of that size, at ``scale`` or the default."""
-        return scaled_size(height, width, self.scale if scale is None else scale)
 
     def upscale(self, frames: np.ndarray, scale: float | None = None) -> np.ndarray:
         """``(N, H, W, 3)`` uint8 (uint16) RGB frames -> ``(N, H*scale, W*scale, 3)`` of the same dtype."""
@@ -191,14 +181,6 @@ class NcnnUpscaler:
             raise ModelLoadError(f"ncnn cannot load {self.files.param} and {self.files.weights}")
         return net
 
-    def _tile_edge(self, height: int, width: int) -> int:
-        """The tile edge for a frame of that size; 0 for the whole frame."""
-        if self._tile:
-            return 0 if self._tile >= height and self._tile >= width else self._tile
-        if height * width <= self._pass_pixels:
-            return 0
-        return max(MIN_TILE, math.isqrt(self._pass_pixels) - 2 * self.settings.tile_pad)
-
     def _frame(self, chw: np.ndarray) -> np.ndarray:
         """One frame, float CHW in [0, 1] -> its float output at native scale, tiled if it must be."""
         while True:
@@ -207,19 +189,12 @@ class NcnnUpscaler:
             try:
                 return self._tiled(chw, tile) if tile else self._native(chw)
             except _OutOfMemory as exc:
-                current = tile or max(height, width)
-                smaller = max(MIN_TILE, current // 2)
-                if smaller >= current:
-                    raise InferenceError(
-                        f"out of Vulkan memory upscaling one {width}x{height} frame even with "
-                        f"{current}-pixel tiles (ncnn status {exc.status})"
-                    ) from None
-                self._tile = smaller
-                log.warning("out of Vulkan memory on one frame; tiling it with %d-pixel tiles", smaller)
+                status = exc.status
+            self._halve_tile(height, width, "Vulkan memory", f" (ncnn status {status})")
 
     def _tiled(self, chw: np.ndarray, tile: int) -> np.ndarray:
         height, width = chw.shape[1:]
-        scale, pad = self.native_scale, self.settings.tile_pad
+        scale, pad = self.native_scale, self._tile_pad
         out = np.empty((3, height * scale, width * scale), dtype=np.float32)
         for y0 in range(0, height, tile):
             y1 = min(y0 + tile, height)

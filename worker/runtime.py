@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import re
 import threading
 from dataclasses import dataclass
@@ -47,13 +46,13 @@ from manifests.colour import YuvSpec, i420_shape, i420_size
 from worker.colour import i420_to_rgb, rgb_to_i420
 from worker.models import ModelLoadError, load_model_file, resolve_model
 from worker.upscaling import (
-    MIN_TILE,
     InferenceError,
+    Tiling,
     check_frame_settings,
     check_frames,
     check_scale,
     resize_taps,
-    scaled_size,
+    round_up,
 )
 
 log = logging.getLogger(__name__)
@@ -142,11 +141,7 @@ def select_device(spec: str) -> torch.device:
     return device
 
 
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
-
-
-class Upscaler:
+class Upscaler(Tiling):
     """One model on one device. ``upscale`` is thread-safe (one batch runs at a time)."""
 
     backend = "torch"
@@ -184,10 +179,8 @@ class Upscaler:
         if on_cuda:
             torch.backends.cudnn.benchmark = True  # frame sizes repeat for a whole job
 
-        reqs = descriptor.size_requirements
-        self._multiple = max(1, reqs.multiple_of)
-        self._minimum = max(1, reqs.minimum)
-        self._square = reqs.square
+        self._size = descriptor.size_requirements  # spandrel's: minimum, multiple_of, square
+        self._multiple = self._size.multiple_of
         self._channels_last = settings.channels_last if settings.channels_last is not None else on_cuda
 
         model = descriptor.model.eval()
@@ -198,6 +191,7 @@ class Upscaler:
 
         self._micro_batch = settings.max_batch or (1 if not on_cuda else 0)  # 0: the whole batch
         self._tile = settings.tile
+        self._tile_pad = settings.tile_pad
         default_budget = 0 if on_cuda else DEFAULT_CPU_PASS_PIXELS
         self._pass_pixels = settings.max_pass_pixels or default_budget  # 0: no bound
         self._lock = threading.Lock()
@@ -208,15 +202,6 @@ class Upscaler:
     def micro_batch(self) -> int:
         """Frames per forward pass now (0 = the whole batch); lowered by out-of-memory fallbacks."""
         return self._micro_batch
-
-    @property
-    def tile(self) -> int:
-        """Tile edge now (0 = whole frames); set by out-of-memory fallbacks if not configured."""
-        return self._tile
-
-    def output_size(self, height: int, width: int, scale: float | None = None) -> tuple[int, int]:
-        """(height, width) of the output for an input of that size, at ``scale`` or the default."""
-        return scaled_size(height, width, self.scale if scale is None else scale)
 
     def upscale(self, frames: np.ndarray, scale: float | None = None) -> np.ndarray:
         """Upscale ``(N, H, W, 3)`` uint8 RGB frames to ``(N, H*scale, W*scale, 3)`` uint8, or uint16
@@ -336,14 +321,11 @@ class Upscaler:
         return self._pad(to_unit_range(chunk, dtype))
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        """Pad NCHW at the bottom and right to a size the network takes (``SizeRequirements``)."""
         height, width = x.shape[2:]
-        pad_h = _round_up(max(height, self._minimum), self._multiple)
-        pad_w = _round_up(max(width, self._minimum), self._multiple)
-        if self._square:
-            pad_h = pad_w = max(pad_h, pad_w)
-        if (pad_h, pad_w) == (height, width):
+        right, bottom = self._size.get_padding(width, height)
+        if not (right or bottom):
             return x
-        bottom, right = pad_h - height, pad_w - width
         mode = "reflect" if bottom < height and right < width else "replicate"
         return F.pad(x, (0, right, 0, bottom), mode=mode)
 
@@ -360,20 +342,6 @@ class Upscaler:
             return 1 << 30
         return max(1, self._pass_pixels // (height * width))
 
-    def _tile_edge(self, height: int, width: int) -> int:
-        """The tile edge (input pixels) a frame of that size is upscaled with; 0 for the whole frame.
-
-        The configured or out-of-memory tile; else, for a frame above the pixel budget, the largest
-        tile whose padded piece fits in the budget.
-        """
-        if self._tile:
-            return 0 if self._tile >= height and self._tile >= width else self._tile
-        if not self._pass_pixels or height * width <= self._pass_pixels:
-            return 0
-        pad = _round_up(self.settings.tile_pad, self._multiple)
-        edge = math.isqrt(self._pass_pixels) - 2 * pad
-        return max(MIN_TILE, edge // self._multiple * self._multiple)
-
     def _upscale_tiled(self, chunk: torch.Tensor, out_size: tuple[int, int], tile: int) -> torch.Tensor:
         """Upscale tile by tile, each finished to samples at once: memory follows the tile, not the frame.
 
@@ -386,8 +354,8 @@ class Upscaler:
         """
         count, height, width = chunk.shape[:3]
         scale = self.native_scale
-        tile = max(_round_up(tile, self._multiple), self._minimum)
-        pad = _round_up(self.settings.tile_pad, self._multiple)
+        tile += self._size.get_padding(tile, tile)[0]  # a size the network takes
+        pad = round_up(self._tile_pad, self._multiple)
         out_h, out_w = out_size
         result = torch.empty((count, out_h, out_w, 3), dtype=chunk.dtype, device=chunk.device)
         rows = _tile_spans(height * scale, out_h, tile * scale, chunk.device)
@@ -425,14 +393,7 @@ class Upscaler:
                 "out of memory at %d frame(s) per pass; retrying with %d", effective, self._micro_batch
             )
             return
-        current = self._tile_edge(height, width) or max(height, width)
-        smaller = max(MIN_TILE, _round_up(current // 2, self._multiple))
-        if smaller >= current:
-            raise InferenceError(
-                f"out of memory upscaling one {width}x{height} frame even with {current}-pixel tiles"
-            )
-        self._tile = smaller
-        log.warning("out of memory on one frame; tiling it with %d-pixel tiles", smaller)
+        self._halve_tile(height, width)
 
 
 def load_upscaler(

@@ -1,11 +1,14 @@
 """What both backends (torch: :mod:`worker.runtime`, ncnn: :mod:`worker.ncnn_runtime`) share, in
 pure numpy: the limits of their frame settings and their check, the error of a batch that cannot
-be upscaled, and the antialiased bicubic resize
+be upscaled, the output size and the tile choice (:class:`Tiling`), and the antialiased bicubic resize
 of the model output to another scale, as weights. The torch runtime applies these taps per tile on
 the device, the ncnn runtime to the frame on the host (:func:`resize_frame`), so both resize alike.
 """
 
 from __future__ import annotations
+
+import logging
+import math
 
 import numpy as np
 
@@ -15,6 +18,11 @@ MAX_SCALE = 16.0
 
 class InferenceError(RuntimeError):
     """A batch could not be upscaled even after every fallback (either backend)."""
+
+
+def round_up(value: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` that is at least ``value``."""
+    return -(-value // multiple) * multiple
 
 
 def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
@@ -47,6 +55,56 @@ def check_frame_settings(scale: float | None, tile: int, tile_pad: int, max_pass
         raise ValueError(f"tile_pad must be 0 or more, not {tile_pad}")
     if max_pass_pixels is not None and max_pass_pixels < 1:
         raise ValueError(f"max_pass_pixels must be at least 1, not {max_pass_pixels}")
+
+
+class Tiling:
+    """What both backends' upscalers share (a base class): the output size at a scale, and the
+    tile edge a frame is upscaled with, configured, lowered after running out of memory, or
+    chosen to fit the pixel budget. Each upscaler sets the attributes below."""
+
+    scale: float  # the default output scale
+    _tile: int  # the tile edge now; 0: whole frames, or tiles by the pixel budget
+    _pass_pixels: int  # input pixels one pass may take (a tile's pad included); 0: no bound
+    _tile_pad: int  # context each tile carries on every side, in input pixels
+    _multiple: int = 1  # tile edges and pads are multiples of this (the network's size multiple)
+
+    @property
+    def tile(self) -> int:
+        """Tile edge now (0 = whole frames, or by the pixel budget); set by out-of-memory fallbacks
+        if not configured."""
+        return self._tile
+
+    def output_size(self, height: int, width: int, scale: float | None = None) -> tuple[int, int]:
+        """(height, width) of the output for an input of that size, at ``scale`` or the default."""
+        return scaled_size(height, width, self.scale if scale is None else scale)
+
+    def _tile_edge(self, height: int, width: int) -> int:
+        """The tile edge (input pixels) a frame of that size is upscaled with; 0 for the whole frame.
+
+        The configured or out-of-memory tile; else, for a frame above the pixel budget, the largest
+        tile whose padded piece fits in the budget.
+        """
+        if self._tile:
+            return 0 if self._tile >= height and self._tile >= width else self._tile
+        if not self._pass_pixels or height * width <= self._pass_pixels:
+            return 0
+        pad = round_up(self._tile_pad, self._multiple)
+        edge = math.isqrt(self._pass_pixels) - 2 * pad
+        return max(MIN_TILE, edge // self._multiple * self._multiple)
+
+    def _halve_tile(self, height: int, width: int, memory: str = "memory", detail: str = "") -> None:
+        """After running out of ``memory`` on one frame of that size: tile frames with tiles half as
+        large from now on. Raises :class:`InferenceError` (``detail`` appended) if tiles are as small
+        as they get."""
+        current = self._tile_edge(height, width) or max(height, width)
+        smaller = max(MIN_TILE, round_up(current // 2, self._multiple))
+        if smaller >= current:
+            frame = f"one {width}x{height} frame"
+            raise InferenceError(f"out of {memory} upscaling {frame} even with {current}-pixel tiles{detail}")
+        self._tile = smaller
+        logging.getLogger(type(self).__module__).warning(
+            "out of %s on one frame; tiling it with %d-pixel tiles", memory, smaller
+        )
 
 
 def resize_taps(native: int, out: int, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:

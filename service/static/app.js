@@ -11,6 +11,17 @@
   const WORKER_POLL_MS = 2000;
   const RECONNECT_MS = 2000;
   const FINISHED = new Set(["done", "failed", "cancelled"]);
+  // Each table's columns, declared once: [cell class, header]. The header row is built from this list
+  // (its cells get the class "<name>-col") and every row gets one cell per column, in this order.
+  const JOB = [["id", "job"], ["input", "input"], ["model", "model"], ["scale", "x"]];
+  const COLUMNS = {
+    running: [...JOB, ["stage", "stage"], ["progress", "progress"], ["frames", "frames"], ["fps", "fps"],
+      ["eta", "ETA"], ["actions", ""]],
+    queue: [...JOB, ["priority", "priority"], ["created", "submitted"], ["actions", ""]],
+    workers: [["url", "worker"], ["state", "state"], ["model", "model"], ["memory", "GPU memory"], ["batch", "batch"]],
+    finished: [...JOB, ["result", "result"], ["duration", "duration"], ["preview", "preview (input | output)"],
+      ["actions", ""]],
+  };
 
   const jobs = new Map(); // id -> job JSON, as the API last gave it
   const rows = new Map(); // id -> {tr, table, cells}
@@ -239,41 +250,34 @@
     return "finished";
   }
 
-  function newRow(job, table) {
-    const tr = el("tr", { "data-job-id": job.id });
-    const cells = {};
-    const add = (name, node) => {
-      const td = el("td", { class: name });
-      if (node) td.appendChild(node);
-      tr.appendChild(td);
-      cells[name] = td;
-      return td;
-    };
-    add("id", el("code", {}, String(job.id).slice(0, 8))).title = job.id;
-    add("input").title = job.input || "";
-    add("model");
-    add("scale");
-    if (table === "running") {
-      add("stage");
-      const bar = el("div", { class: "bar" });
-      const progress = el("div", { class: "progress", role: "progressbar", "aria-valuemin": "0", "aria-valuemax": "100" });
-      progress.appendChild(bar);
-      progress.appendChild(el("span", { class: "label" }));
-      add("progress", progress);
-      add("frames");
-      add("fps");
-      add("eta");
-      add("actions", button("cancel", "cancel", jobAction(job.id, "cancel")));
-    } else if (table === "queue") {
-      add("priority");
-      add("created");
-      add("actions", button("cancel", "cancel", jobAction(job.id, "cancel")));
-    } else {
-      add("result");
-      add("duration");
-      add("preview");
-      add("actions");
+  function buildHeaders() {
+    for (const [table, columns] of Object.entries(COLUMNS)) {
+      const tr = el("tr");
+      for (const [name, header] of columns) tr.appendChild(el("th", { class: name + "-col" }, header));
+      document.querySelector("#" + table + " thead").replaceChildren(tr);
     }
+  }
+
+  // One <td class="name"> per column of the table, in order: {tr, cells: name -> td}.
+  function rowCells(table, attributes) {
+    const tr = el("tr", attributes);
+    const cells = {};
+    for (const [name] of COLUMNS[table]) cells[name] = tr.appendChild(el("td", { class: name }));
+    return { tr, cells };
+  }
+
+  function newRow(job, table) {
+    const { tr, cells } = rowCells(table, { "data-job-id": job.id });
+    cells.id.appendChild(el("code", {}, String(job.id).slice(0, 8)));
+    cells.id.title = job.id;
+    cells.input.title = job.input || "";
+    if (cells.progress) {
+      const progress = el("div", { class: "progress", role: "progressbar", "aria-valuemin": "0", "aria-valuemax": "100" });
+      progress.appendChild(el("div", { class: "bar" }));
+      progress.appendChild(el("span", { class: "label" }));
+      cells.progress.appendChild(progress);
+    }
+    if (table !== "finished") cells.actions.appendChild(button("cancel", "cancel", jobAction(job.id, "cancel")));
     return { tr, table, cells, state: null };
   }
 
@@ -381,17 +385,17 @@
     const body = $("#workers tbody");
     body.replaceChildren();
     for (const worker of list) {
-      const tr = el("tr", { "data-state": worker.state || "" });
-      tr.appendChild(el("td", { class: "url" }, worker.url || ""));
-      tr.appendChild(el("td", { class: "state" }, worker.state || ""));
-      tr.appendChild(el("td", { class: "model", title: worker.model || "" }, modelName(worker.model)));
+      const { tr, cells } = rowCells("workers", { "data-state": worker.state || "" });
       const used = worker.gpu_memory_used;
       const total = worker.gpu_memory_total;
-      const memory = used === null || used === undefined ? "—" : bytes(used) + (total ? " / " + bytes(total) : "");
-      tr.appendChild(el("td", { class: "memory" }, memory));
       let batch = worker.batch;
       if (batch && typeof batch === "object") batch = batch.id || batch.batch_id || JSON.stringify(batch);
-      tr.appendChild(el("td", { class: "batch" }, batch === null || batch === undefined ? "" : String(batch)));
+      setText(cells.url, worker.url || "");
+      setText(cells.state, worker.state || "");
+      setText(cells.model, modelName(worker.model));
+      cells.model.title = worker.model || "";
+      setText(cells.memory, used === null || used === undefined ? "—" : bytes(used) + (total ? " / " + bytes(total) : ""));
+      setText(cells.batch, batch === null || batch === undefined ? "" : String(batch));
       body.appendChild(tr);
     }
     setText($("#workers-count"), list.length);
@@ -527,6 +531,7 @@
   }
 
   document.addEventListener("DOMContentLoaded", () => {
+    buildHeaders();
     $("#submit-form").addEventListener("submit", submit);
     // A comparison writes a report: the codec is for upscaling jobs only.
     $("#job-type").addEventListener("change", (event) => ($("#codec").disabled = event.target.value === "compare"));
