@@ -131,6 +131,62 @@ def in_daemon_thread(fn: Callable[..., R], *args: Any) -> asyncio.Future[R]:
     return future
 
 
+class StatusFile:
+    """A run's status file: replaced atomically after every change, one write at a time. A write
+    error is logged and reported (``on_unwritable``), never raised, except for the first write."""
+
+    def __init__(
+        self,
+        status: Status,
+        dirs: RunDirs,
+        io: Callable[..., asyncio.Future[Any]],
+        name: str,
+        on_unwritable: Callable[[OSError], None] | None,
+    ) -> None:
+        self.status, self.data = status, status.to_json()
+        self._dirs, self._io, self._name, self._on_unwritable = dirs, io, name, on_unwritable
+        self._lock = asyncio.Lock()
+        self._replaced_logged = False
+
+    async def write_first(self, now: float) -> None:
+        """Write the initial status. Raises OSError if it cannot be written (the status then says
+        ``failed``, as /status shows it)."""
+        try:
+            await self._io(self._dirs.status.write_bytes_atomic, self._dirs.status_name, self.data)
+        except OSError as exc:
+            message = f"cannot write the status file: {exc.strerror or exc}"
+            self.status = self.status.evolve(state=WorkerState.FAILED, finished_at=now, message=message)
+            self.data = self.status.to_json()
+            if self._on_unwritable is not None:
+                self._on_unwritable(exc)
+            raise
+
+    async def publish(self, **changes: Any) -> None:
+        """The status with ``changes``, written over the file. Serialised; a write error is logged."""
+        async with self._lock:
+            status = self.status.evolve(**changes)
+            data = status.to_json()
+            directory = self._dirs.status
+            try:
+                await asyncio.shield(self._io(directory.write_bytes_atomic, self._dirs.status_name, data))
+            except OSError as exc:
+                log.error(
+                    "%s: cannot write status file %s: %s", self._name, loggable(self._dirs.status_file), exc
+                )
+                if self._on_unwritable is not None:
+                    # Nobody can see what this run claims: the service says so over HTTP and stops it.
+                    self._on_unwritable(exc)
+            if not self._replaced_logged and directory.replaced():
+                self._replaced_logged = True
+                log.error(
+                    "%s: the status directory %s was replaced after the manifest was accepted; the status "
+                    "is still written into the directory opened then, never through what replaced it",
+                    self._name,
+                    loggable(directory.path),
+                )
+            self.status, self.data = status, data
+
+
 class ManifestRun:
     """One manifest being processed. ``start()`` writes the first status, ``run()`` does the rest.
 
@@ -168,19 +224,16 @@ class ManifestRun:
         self._io_threads = io_threads
         self._fsync = fsync_frames
         self._clock = clock
-        self._on_status_unwritable = on_status_unwritable
         self._stop = asyncio.Event()
         self._cancel_reads = threading.Event()  # seen by the reader threads, between frames and in pipes
         self._stop_reason = ""
-        self._lock = asyncio.Lock()
         self._done: list[int] = []
         self._failed: set[int] = set()
         self._partial: dict[int, list[int]] = {}  # frames written of batches not claimed (yet)
-        self._status_replaced_logged = False
         self._errors: list[BatchError] = []
         self._frames_done = 0
         self._computing: int | None = None
-        self.status = Status(
+        status = Status(
             state=WorkerState.PROCESSING,
             worker=identity,
             updated_at=clock(),
@@ -190,7 +243,7 @@ class ManifestRun:
             frames_total=manifest.frame_count,
             started_at=clock(),
         )
-        self.status_bytes = self.status.to_json()
+        self._status = StatusFile(status, dirs, self._io, self._name, on_status_unwritable)
         self._label_in = manifest.input_dir.rstrip("/")
         self._label_out = manifest.output_dir.rstrip("/")
 
@@ -207,6 +260,15 @@ class ManifestRun:
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
+
+    @property
+    def status(self) -> Status:
+        """The status as last written (or as it would have been, if the write failed)."""
+        return self._status.status
+
+    @property
+    def status_bytes(self) -> bytes:
+        return self._status.data
 
     def _io(self, fn: Callable[..., R], *args: Any) -> asyncio.Future[R]:
         """``fn(*args)`` on a daemon thread that holds the manifest's directories while it runs."""
@@ -231,17 +293,7 @@ class ManifestRun:
     async def start(self) -> None:
         """Write the initial ``processing`` status. Raises OSError if the status file cannot be written
         (the run is then ``failed`` as /status shows it)."""
-        try:
-            await self._io(self.dirs.status.write_bytes_atomic, self.dirs.status_name, self.status_bytes)
-        except OSError as exc:
-            message = f"cannot write the status file: {exc.strerror or exc}"
-            self.status = self.status.evolve(
-                state=WorkerState.FAILED, finished_at=self._clock(), message=message
-            )
-            self.status_bytes = self.status.to_json()
-            if self._on_status_unwritable is not None:
-                self._on_status_unwritable(exc)
-            raise
+        await self._status.write_first(self._clock())
         log.info(
             "%s: started, %d batch(es), %d frame(s)",
             self._name,
@@ -439,36 +491,15 @@ class ManifestRun:
         await self._publish()
 
     async def _publish(self, **final: Any) -> None:
-        """Replace the status file with the current state. Serialised; a write error is logged."""
-        async with self._lock:
-            status = self.status.evolve(
-                done_batches=tuple(self._done),
-                frames_done=self._frames_done,
-                errors=tuple(self._errors),
-                current_batch=self._computing,
-                updated_at=self._clock(),
-                **final,
-            )
-            data = status.to_json()
-            directory = self.dirs.status
-            try:
-                await asyncio.shield(self._io(directory.write_bytes_atomic, self.dirs.status_name, data))
-            except OSError as exc:
-                log.error(
-                    "%s: cannot write status file %s: %s", self._name, loggable(self.dirs.status_file), exc
-                )
-                if self._on_status_unwritable is not None:
-                    # Nobody can see what this run claims: the service says so over HTTP and stops it.
-                    self._on_status_unwritable(exc)
-            if not self._status_replaced_logged and directory.replaced():
-                self._status_replaced_logged = True
-                log.error(
-                    "%s: the status directory %s was replaced after the manifest was accepted; the status "
-                    "is still written into the directory opened then, never through what replaced it",
-                    self._name,
-                    loggable(directory.path),
-                )
-            self.status, self.status_bytes = status, data
+        """Replace the status file with the current state (see :class:`StatusFile`)."""
+        await self._status.publish(
+            done_batches=tuple(self._done),
+            frames_done=self._frames_done,
+            errors=tuple(self._errors),
+            current_batch=self._computing,
+            updated_at=self._clock(),
+            **final,
+        )
 
     async def _discard_unclaimed(self) -> None:
         """Remove what was written for batches that were never claimed: no half batch stays on disk."""
