@@ -24,6 +24,12 @@ its device between the YUV frames and the model's RGB (:class:`manifests.colour.
 of a release without it refuses such a manifest (an unknown frame format and field), never
 misreads its frames.
 
+A segment job's manifest (``--transport segments``) also holds a ``segment`` record
+(:class:`manifests.segment.SegmentWork`): the worker decodes the range from the source video
+instead of reading frame files, and encodes it into one segment file. Its batches must cover the
+range's frames exactly, in order, and its ``frame_format`` (``yuv`` or ``npy``) says in which
+layout the decoded frames reach the model; ``input_dir`` and ``output_dir`` are not used.
+
 A batch is a contiguous range ``[start, end)`` of frame indices, or an explicit list. Frame ``i``
 is read from ``<input_dir>/<frame_filename(i)>`` and written to ``<output_dir>/`` under the same name.
 
@@ -39,11 +45,13 @@ knows the job's frame count (``job.json``) also refuses frames beyond it
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import orjson
 
 from manifests._fields import Fields, check_format, decode
@@ -58,6 +66,7 @@ from manifests.layout import (
     frame_formats_for_depth,
     is_safe_name,
 )
+from manifests.segment import SegmentWork
 
 MANIFEST_FORMAT = "esrfarm.manifest/1"
 DEFAULT_PNG_COMPRESSION = 1
@@ -157,6 +166,8 @@ class Manifest:
     input_dir: str = "input"
     output_dir: str = "output"
     status_file: str = field(default="")
+    #: The segment transport's range (:mod:`manifests.segment`); None: the frames transport.
+    segment: SegmentWork | None = None
 
     def __post_init__(self) -> None:
         # Manifests built in code get the same checks as manifests read from disk.
@@ -190,6 +201,7 @@ class Manifest:
             "output_dir": self.output_dir,
             "status_file": self.status_file,
             "batches": [batch.to_dict() for batch in self.batches],
+            **({} if self.segment is None else {"segment": msgspec.to_builtins(self.segment)}),
         }
 
     def to_json(self) -> bytes:
@@ -208,7 +220,7 @@ class Manifest:
             {
                 "format", "job_id", "manifest_id", "worker_id", "model", "scale", "tile", "tile_pad",
                 "frame_format", "png_compression", "bit_depth", "yuv", "input_dir", "output_dir",
-                "status_file", "batches",
+                "status_file", "batches", "segment",
             }
         )  # fmt: skip
         frame_format = f.data.get("frame_format", FrameFormat.PNG.value)
@@ -239,6 +251,7 @@ class Manifest:
             "output_dir": f.string("output_dir"),
             "status_file": f.opt_string("status_file") or "",
             "batches": _batches(f),
+            "segment": _segment(f),
         }
         if not values["status_file"]:
             values["status_file"] = f"status/{values['manifest_id']}.json"
@@ -279,6 +292,20 @@ def _batches(f: Fields) -> tuple[Batch, ...]:
             f.fail("batches", f"hold more than {MAX_MANIFEST_FRAMES} frames, the most a manifest may hold")
         batches.append(batch)
     return tuple(batches)
+
+
+def _segment(f: Fields) -> SegmentWork | None:
+    """The manifest's segment record (absent or null: a frames manifest), checked by its Struct."""
+    document = f.data.get("segment")
+    if document is None:
+        return None
+    try:
+        return msgspec.convert(document, SegmentWork)
+    except msgspec.ValidationError as exc:
+        problem, _, where = str(exc).partition(" - at `$")
+        problem = re.sub(r"^Expected ", "must be ", problem)
+        problem = re.sub(r"^Object ", "", problem)
+        f.fail("segment" + where.rstrip("`"), problem)
 
 
 def job_frame_count(job_file: bytes) -> int | None:
@@ -376,3 +403,23 @@ def _validate(manifest: Manifest, *, source: str | Path | None) -> None:
         if overlap:
             fail(f"batches[{i}]", f"repeats frame {min(overlap)}, already in an earlier batch")
         frames.update(batch.frames)
+    if manifest.segment is not None:
+        _validate_segment(manifest, fail)
+
+
+def _validate_segment(manifest: Manifest, fail: Callable[[str, str], None]) -> None:
+    """A segment manifest hands decoded frames to the model as ``yuv`` or ``npy`` frames (no PNG files
+    are involved), and its batches are the range's frames, in order, each once."""
+    segment = manifest.segment
+    if not isinstance(segment, SegmentWork):
+        fail("segment", f"must be a SegmentWork, not {type(segment).__name__}")
+        return
+    if manifest.frame_format not in (FrameFormat.YUV, FrameFormat.NPY):
+        fail("frame_format", f"must be yuv or npy for a segment job, not {manifest.frame_format.value}")
+    covered = [frame for batch in manifest.batches for frame in batch.frames]
+    if covered != list(segment.frames):
+        fail(
+            "batches",
+            f"must cover the segment's frames {segment.first_frame}-{segment.last_frame} exactly, "
+            "in order, each once",
+        )
