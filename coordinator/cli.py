@@ -31,6 +31,8 @@ from coordinator.spec import DEFAULT_MODEL, FarmSettings, JobSpec, default_share
 from manifests.jsonio import write_json_atomic
 from manifests.layout import FrameFormat
 from manifests.manifest import BACKENDS
+from manifests.ranges import DEFAULT_SEGMENT_FRAMES
+from manifests.segment import FRAMES_TRANSPORT, TRANSPORTS
 from manifests.tokens import TOKEN_ENV, read_token
 
 #: Subcommands of other packages: command -> the ``python -m`` argument list that runs them.
@@ -188,6 +190,23 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="upscale a held frame once: a frame that repeats the last upscaled one (up to compression "
         "noise) reuses its upscaled frame; every frame and timestamp is kept (videos only; README: --dedup)",
+    )
+    work.add_argument(
+        "--transport",
+        choices=list(TRANSPORTS),
+        default=FRAMES_TRANSPORT,
+        help="how frames reach the workers: frames (this host decodes and encodes; raw frames cross "
+        "the shared storage) or segments (each worker decodes a range of the source on the shared root "
+        "and encodes it: only compressed video crosses it; for many hosts on NFS; README: Choosing a "
+        "transport) (default %(default)s)",
+    )
+    work.add_argument(
+        "--segment-frames",
+        type=int,
+        default=DEFAULT_SEGMENT_FRAMES,
+        metavar="N",
+        help="--transport segments: source frames per worker range, one segment file each, redone from "
+        "its start if its worker fails (default %(default)s)",
     )
     work.add_argument(
         "--unreachable-timeout",
@@ -377,6 +396,8 @@ def settings_from_args(args: argparse.Namespace) -> tuple[JobSpec, FarmSettings]
         overwrite=args.overwrite,
         keep_frames=args.keep_frames,
         dedup=args.dedup,
+        transport=args.transport,
+        segment_frames=args.segment_frames,
     )
     return spec, farm_settings_from_args(args, read_token(args.token_file))
 

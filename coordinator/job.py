@@ -74,6 +74,7 @@ from coordinator.fleet import Dispatch, LocalWorkerConfig, WorkerFleet, WorkerHa
 from coordinator.images import is_image_job, probe_images
 from coordinator.media import ImageMedia, JobMedia, VideoMedia, file_sha256
 from coordinator.memory import release_free_memory
+from coordinator.segment_run import SegmentRun
 from coordinator.spec import FarmSettings, JobSpec
 from manifests.chunkbook import Admission, ChunkBook, ChunkStage
 from manifests.chunks import Chunk, ChunkPlan, format_size, plan_chunks
@@ -88,6 +89,7 @@ from manifests.ledger import JobLedger
 from manifests.manifest import Batch, Manifest
 from manifests.planner import plan_batches
 from manifests.progress import ProgressThrottle, job_progress
+from manifests.segment import FRAMES_TRANSPORT, SEGMENTS_TRANSPORT
 from manifests.status import Status
 from media.cputime import METER, grown
 from media.encode import PART_SUFFIX
@@ -123,6 +125,8 @@ def job_identity(spec: JobSpec, media: JobMedia, yuv_frames: bool = False) -> di
         identity["backend"] = spec.backend
     if spec.dedup:  # named only when on: other jobs keep their ids
         identity["dedup"] = {"block": DEDUP_BLOCK, "threshold": DEDUP_THRESHOLD}
+    if spec.transport != FRAMES_TRANSPORT:  # named only when not frames: other jobs keep their ids
+        identity["transport"] = spec.transport
     return identity
 
 
@@ -347,6 +351,8 @@ class Job:
         spec = self.spec
         self._report(Stage.PROBING, 0, 0)
         media = await self._in_thread(self._probe)
+        if spec.transport == SEGMENTS_TRANSPORT and not isinstance(media, VideoMedia):
+            raise JobError("cannot start: --transport segments is for videos (use frames)", resumable=False)
         if spec.dedup and not isinstance(media, VideoMedia):
             raise JobError("cannot start: --dedup is for videos (no image repeats another)", resumable=False)
         # The frame files' format, decided once: every model's native scale is a whole number, which
@@ -366,8 +372,11 @@ class Job:
             self.layout, self.media = layout, media
             self._emit(Started(layout.job_id, layout.job_dir, media.frame_count, self.run_number))
             try:
-                await self._upscale_frames()
-                await self._join()
+                if spec.transport == SEGMENTS_TRANSPORT:
+                    await self._upscale_segments()
+                else:
+                    await self._upscale_frames()
+                    await self._join()
             except JobError as exc:
                 if exc.job_dir is not None or not exc.resumable:
                     raise
@@ -393,6 +402,18 @@ class Job:
         stats = {key: round(value, 3) for key, value in self.stats.items()}
         found = min(media.frame_count, self._frames_found + self._found_batch_frames)
         return JobResult(layout.job_id, spec.output, media.frame_count, self.run_number > 1, stats, found)
+
+    async def _upscale_segments(self) -> None:
+        """The segment transport: the workers decode and encode (:mod:`coordinator.segment_run`)."""
+        assert self.layout is not None and isinstance(self.media, VideoMedia)
+        run = SegmentRun(
+            self.spec, self.fleet, self.layout, self.media, self.run_number, frame_format=self.frame_format,
+            yuv=self._yuv, emit=self._emit, report=self._report, in_thread=self._in_thread, stats=self.stats,
+        )  # fmt: skip
+        try:
+            await run.run()
+        finally:
+            self._frames_found = run.frames_found
 
     def _probe(self) -> JobMedia:
         """What the input is (a video, an image, a folder of images), checked with the output."""
