@@ -143,6 +143,7 @@ def test_bad_input_fails_alone_and_bad_fields_are_refused(
         ({"inputs": [small], "colour": "red"}, "colour"),
         ({"inputs": [small], "models": [model], "backend": "vulkan"}, "backend"),
         ({"inputs": [small], "models": [model], "dedup": "yes"}, "dedup"),
+        ({"inputs": [small], "models": [model], "transport": "pigeon"}, "transport"),
         # These workers run torch: no worker runs the model on ncnn.
         ({"inputs": [small], "models": [model], "backend": "ncnn"}, "models"),
     ):
