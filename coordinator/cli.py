@@ -205,8 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_SEGMENT_FRAMES,
         metavar="N",
-        help="--transport segments: source frames per worker range, one segment file each, redone from "
-        "its start if its worker fails (default %(default)s)",
+        help="--transport segments: source frames per worker range (rounded up to whole batches), one "
+        "segment file each, redone from its start if its worker fails (default %(default)s)",
     )
     work.add_argument(
         "--unreachable-timeout",

@@ -7,6 +7,10 @@ names, checks and join serve both transports. Batch ids number the batches of th
 0 in frame order, as :func:`~manifests.planner.plan_batches` does, so a range's batches keep their
 ids when the range goes to another worker.
 
+Range edges fall on batch edges (``--segment-frames`` is rounded up to whole batches), so a
+segment job's batches are the frames design's: the model sees the same frames together, and the
+outputs of both transports are the same frame for frame.
+
 How long a range should be (``--segment-frames``, default :data:`DEFAULT_SEGMENT_FRAMES`): each
 range costs its worker a seek to the keyframe before its first frame (up to a GOP of frames
 decoded and dropped: 250 for x264's default; decoding is a few ms a frame against tens to
@@ -55,14 +59,17 @@ def plan_ranges(
     frame_count: int, segment_frames: int, batch_size: int, *, first_frame: int = DEFAULT_FIRST_FRAME
 ) -> RangePlan:
     """Cut frames ``first_frame .. first_frame + frame_count - 1`` into ranges of ``segment_frames``
-    (the last may be shorter) and each range into batches of ``batch_size`` (a range's last batch
-    may be shorter)."""
+    rounded up to a whole number of batches (the last range may be shorter), and each range into
+    batches of ``batch_size``. Range edges fall on batch edges, so the batches are the frames
+    design's (:func:`~manifests.planner.plan_batches`), ids included: the model sees the same
+    frames together whichever the transport."""
     if frame_count < 1:
         raise PlanningError(f"a segment job needs at least one frame, not {frame_count}")
     if segment_frames < 1:
         raise PlanningError(f"segment frames must be at least 1, not {segment_frames}")
     if batch_size < 1:
         raise PlanningError(f"batch size must be at least 1, not {batch_size}")
+    segment_frames = -(-segment_frames // batch_size) * batch_size
     end = first_frame + frame_count
     ranges: list[Chunk] = []
     batches: list[tuple[Batch, ...]] = []

@@ -23,6 +23,7 @@ from coordinator.spec import JobSpec
 from manifests.errors import PlanningError
 from manifests.layout import JobLayout
 from manifests.ledger import JobLedger
+from manifests.planner import plan_batches
 from manifests.ranges import plan_ranges
 from media.encode import EncodeSettings
 from media.probe import probe
@@ -35,10 +36,13 @@ from tests import clips
     ("frames", "segment_frames", "batch", "ranges", "batches"),
     [
         (10, 64, 8, [(1, 10)], [[(0, 1, 8), (1, 9, 2)]]),
-        (20, 6, 4, [(1, 6), (7, 6), (13, 6), (19, 2)],
-         [[(0, 1, 4), (1, 5, 2)], [(2, 7, 4), (3, 11, 2)], [(4, 13, 4), (5, 17, 2)], [(6, 19, 2)]]),
+        (20, 6, 4, [(1, 8), (9, 8), (17, 4)],  # 6 rounds up to 2 batches
+         [[(0, 1, 4), (1, 5, 4)], [(2, 9, 4), (3, 13, 4)], [(4, 17, 4)]]),
+        (20, 6, 3, [(1, 6), (7, 6), (13, 6), (19, 2)],
+         [[(0, 1, 3), (1, 4, 3)], [(2, 7, 3), (3, 10, 3)], [(4, 13, 3), (5, 16, 3)], [(6, 19, 2)]]),
         (16, 8, 8, [(1, 8), (9, 8)], [[(0, 1, 8)], [(1, 9, 8)]]),
-        (3, 1, 8, [(1, 1), (2, 1), (3, 1)], [[(0, 1, 1)], [(1, 2, 1)], [(2, 3, 1)]]),
+        (3, 1, 1, [(1, 1), (2, 1), (3, 1)], [[(0, 1, 1)], [(1, 2, 1)], [(2, 3, 1)]]),
+        (3, 1, 8, [(1, 3)], [[(0, 1, 3)]]),
     ],
 )  # fmt: skip
 def test_plan_ranges_table(
@@ -62,9 +66,9 @@ def test_ranges_cover_every_frame_once_in_order(frames: int, segment_frames: int
     for chunk, own in zip(plan.ranges, plan.batches, strict=True):
         assert [f for b in own for f in b.frames] == list(chunk.frames)  # what a segment manifest needs
         assert all(len(b) <= batch for b in own)
-        assert chunk.count <= segment_frames
-    ids = [b.id for own in plan.batches for b in own]
-    assert ids == list(range(len(ids)))
+        assert chunk.count <= segment_frames + batch - 1
+    # The frames design's batches, ids included: the model sees the same frames together.
+    assert [b for own in plan.batches for b in own] == list(plan_batches(frames, batch, ["w"]).batches)
 
 
 @pytest.mark.parametrize(("frames", "segment_frames", "batch"), [(0, 8, 8), (10, 0, 8), (10, 8, 0)])
