@@ -4,18 +4,21 @@ ffmpeg and real worker processes, compared frame by frame with the frames design
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from coordinator.errors import JobError, SpecError
+from coordinator.errors import JobCancelledError, JobError, SpecError
+from coordinator.events import Failed, Finished, JobEvent, SegmentDone, Started, WorkerLost
 from coordinator.fleet import WorkerHandle
-from coordinator.job import job_identity
+from coordinator.job import Job, job_identity
 from coordinator.media import VideoMedia
 from coordinator.segment_run import TransportError, refuse_workers_without_segments, segment_encode
 from coordinator.source_share import share_source, shared_source_path
@@ -23,11 +26,21 @@ from coordinator.spec import JobSpec
 from manifests.errors import PlanningError
 from manifests.layout import JobLayout
 from manifests.ledger import JobLedger
+from manifests.manifest import Manifest, read_manifest
 from manifests.planner import plan_batches
 from manifests.ranges import plan_ranges
 from media.encode import EncodeSettings
+from media.extract import decode_frames
 from media.probe import probe
 from tests import clips
+from tests.fakeworkers import FakeWorker, fake_farm, nearest
+from tests.test_job_engine import assert_same_frames, frames_of
+from tests.test_job_engine import farm as engine_farm
+from tests.test_job_engine import run as run_engine
+from tests.test_job_engine import spec as engine_spec
+
+#: H.264 with B-frames and a keyframe every 12 frames.
+H264_B_FRAMES = ("-c:v", "libx264", "-preset", "veryfast", "-g", "12", "-pix_fmt", "yuv420p")
 
 # -- planning ---------------------------------------------------------------------------------
 
@@ -186,3 +199,129 @@ def test_the_source_is_copied_whole_across_file_systems_and_kept_while_it_matche
         assert share_source(source, layout).stat().st_ino != inode
     finally:
         shutil.rmtree(shm, ignore_errors=True)
+
+
+# -- the coordinator's side, against in-process workers (tests/fakeworkers.py) ----------------
+
+ENGINE_FRAMES = 40
+
+
+@pytest.fixture(scope="module")
+def engine_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("segment-engine")
+    return clips.video(folder / "clip.mp4", size="32x24", frames=ENGINE_FRAMES, codec=H264_B_FRAMES)
+
+
+@pytest.fixture(scope="module")
+def engine_expected(engine_clip: Path) -> list[np.ndarray]:
+    return [nearest(frame, 2) for frame in decode_frames(engine_clip)]
+
+
+def segments_spec(source: Path, output: Path, **overrides: Any) -> JobSpec:
+    return engine_spec(source, output, transport="segments", segment_frames=12, **overrides)
+
+
+def manifests_of(worker: FakeWorker) -> list[Manifest]:
+    return [read_manifest(worker.shared_root / path) for path in worker.manifests]
+
+
+def test_a_segments_job_moves_no_frame_file_and_joins_its_segments(
+    engine_clip: Path, engine_expected: list[np.ndarray], tmp_path: Path
+) -> None:
+    root, output = tmp_path / "root", tmp_path / "out.mkv"
+    workers = fake_farm(root, 2)
+    events, job, error = asyncio.run(
+        run_engine(segments_spec(engine_clip, output, keep_frames=True), workers, engine_farm(root))
+    )
+    assert error is None
+    assert_same_frames(frames_of(output), engine_expected)
+    done = [(e.index, e.first_frame, e.last_frame) for e in events if isinstance(e, SegmentDone)]
+    assert sorted(done) == [(0, 1, 12), (1, 13, 24), (2, 25, 36), (3, 37, 40)]
+    assert isinstance(events[-1], Finished) and events[-1].result.frames == ENGINE_FRAMES
+    assert job.job_dir is not None
+    (source,) = (job.job_dir / "input").iterdir()  # the source, hard-linked: no frame file anywhere
+    assert source.name == "source.mp4" and source.stat().st_ino == engine_clip.stat().st_ino
+    assert not list((job.job_dir / "output").iterdir())
+    segments = sorted(p.name for p in (job.job_dir / "segments").glob("*.mp4"))
+    assert segments == ["000000.mp4", "000001.mp4", "000002.mp4", "000003.mp4"]
+    manifests = [m for w in workers for m in manifests_of(w)]
+    assert sorted(m.segment.first_frame for m in manifests if m.segment is not None) == [1, 13, 25, 37]
+    assert all(m.segment is not None and m.segment.source == "input/source.mp4" for m in manifests)
+    assert all(manifests_of(w) for w in workers), "both workers got ranges"
+
+
+def test_a_worker_lost_mid_range_loses_the_whole_range_to_the_other(
+    engine_clip: Path, engine_expected: list[np.ndarray], tmp_path: Path
+) -> None:
+    root, output = tmp_path / "root", tmp_path / "out.mkv"
+    workers = fake_farm(root, 2)
+    workers[1].die_after_batches = 1  # one batch of its first range done, then gone
+    job_spec = segments_spec(engine_clip, output, keep_frames=True)  # keeps the manifests
+    events, _, error = asyncio.run(run_engine(job_spec, workers, engine_farm(root)))
+    assert error is None
+    assert_same_frames(frames_of(output), engine_expected)
+    lost = [e for e in events if isinstance(e, WorkerLost)]
+    assert len(lost) == 1 and lost[0].worker == "w1" and lost[0].batches_returned == 1
+    (dead_range,) = [m.segment for m in manifests_of(workers[1]) if m.segment is not None]
+    redone = [m for m in manifests_of(workers[0]) if m.segment == dead_range]
+    assert len(redone) == 1, "the survivor did the dead worker's range"
+    assert [f for b in redone[0].batches for f in b.frames] == list(dead_range.frames), "from its start"
+
+
+def test_a_range_that_fails_on_two_workers_fails_the_job_naming_it(engine_clip: Path, tmp_path: Path) -> None:
+    root, output = tmp_path / "root", tmp_path / "out.mkv"
+    workers = fake_farm(root, 2, fail_batches={4})  # batch 4: frames 17-20, in range 1 (13-24)
+    events, _, error = asyncio.run(run_engine(segments_spec(engine_clip, output), workers, engine_farm(root)))
+    assert isinstance(error, JobError)
+    assert "range 1 (frames 13-24) failed on 2 different workers" in str(error)
+    assert isinstance(events[-1], Failed) and events[-1].resumable
+    assert not output.exists()
+
+
+def test_a_stopped_segments_job_resumes_keeping_its_finished_segments(
+    engine_clip: Path, engine_expected: list[np.ndarray], tmp_path: Path
+) -> None:
+    root, output = tmp_path / "root", tmp_path / "out.mkv"
+
+    async def cancel_after_first_segment(job: Job, event: JobEvent) -> None:
+        if isinstance(event, SegmentDone):
+            await job.cancel()
+
+    first = fake_farm(root, 1, batch_delay_s=0.05)
+    events, job, error = asyncio.run(
+        run_engine(
+            segments_spec(engine_clip, output), first, engine_farm(root), during=cancel_after_first_segment
+        )
+    )
+    assert isinstance(error, JobCancelledError) and job.job_dir is not None
+    kept = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (job.job_dir / "segments").glob("*.mp4")}
+    assert 0 < len(kept) < 4
+    again = fake_farm(root, 2)
+    job_spec = segments_spec(engine_clip, output, keep_frames=True)  # keeps the manifests
+    events, job, error = asyncio.run(run_engine(job_spec, again, engine_farm(root)))
+    assert error is None
+    assert_same_frames(frames_of(output), engine_expected)
+    assert next(e for e in events if isinstance(e, Started)).run == 2
+    firsts = sorted(m.segment.first_frame for w in again for m in manifests_of(w) if m.segment is not None)
+    assert len(firsts) == 4 - len(kept), "finished ranges are not dealt again"
+    for name in kept:
+        assert int(name[:6]) * 12 + 1 not in firsts
+    finished = next(e for e in events if isinstance(e, Finished)).result
+    assert finished.resumed and finished.frames_found == 12 * len(kept)
+
+
+def test_workers_without_segments_get_no_range_and_none_at_all_is_one_line(
+    engine_clip: Path, engine_expected: list[np.ndarray], tmp_path: Path
+) -> None:
+    root, output = tmp_path / "root", tmp_path / "out.mkv"
+    workers = fake_farm(root, 2)
+    workers[0].transports = ("frames",)
+    _, _, error = asyncio.run(run_engine(segments_spec(engine_clip, output), workers, engine_farm(root)))
+    assert error is None and not workers[0].manifests and workers[1].manifests
+    assert_same_frames(frames_of(output), engine_expected)
+    old = fake_farm(tmp_path / "root2", 1, transports=("frames",))
+    _, _, error = asyncio.run(
+        run_engine(segments_spec(engine_clip, tmp_path / "out2.mkv"), old, engine_farm(tmp_path / "root2"))
+    )
+    assert isinstance(error, TransportError)
+    assert str(error).startswith("no worker supports the segments transport (w0 supports frames)")
