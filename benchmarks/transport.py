@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("video")
     parser.add_argument("--size", default="1280x720", help="the clip's size (WxH) before the x2 upscale")
-    parser.add_argument("--frames", type=int, default=132)
+    parser.add_argument("--frames", type=int, default=66)
     parser.add_argument("--scale", type=int, default=2)
     parser.add_argument("--preset", default="veryfast", help="libx264 preset of the output (both transports)")
     parser.add_argument("--gpu-fps", type=float, default=30.0, help="one host's GPU rate for the projection")

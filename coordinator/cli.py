@@ -53,6 +53,7 @@ FLAGS = {
     "local_workers": "--local-workers", "shared_root": "--shared-root", "ray_address": "--ray",
     "ray_workers": "--ray-workers",
     "unreachable_after_s": "--unreachable-timeout", "stale_after_s": "--stale-timeout",
+    "transport": "--transport", "segment_frames": "--segment-frames", "dedup": "--dedup",
 }  # fmt: skip
 
 log = logging.getLogger("esrfarm")
@@ -78,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Upscale INPUT into OUTPUT: probe it, extract its frames into a job directory under the "
             "shared root, upscale them on the workers, and encode the result once, carrying over every "
-            "audio stream (copied), subtitles, chapters, metadata, timing and colour. Without --workers, "
+            "audio stream (copied), subtitles, chapters, metadata, timing and colour (with --transport "
+            "segments the workers decode and encode ranges of the source instead). Without --workers, "
             "local workers are started (one per GPU, or one on the CPU) and stopped afterwards. "
             "Interrupted (Ctrl-C, SIGTERM, a crash), the same command resumes the job."
         ),
