@@ -5,6 +5,10 @@
     frames (PNG / .npy) --read, in order--> PyAV NUT muxer (rawvideo rgb24, exact pts) --pipe-->
     ffmpeg -f nut -i pipe:0 (run_frame_encoder) --> temp file --> checked (packet count) --> renamed
 
+Frames may come from files (PNG / ``.npy``, read ahead on threads: :func:`read_frames`) or from
+memory (a worker of the segment transport feeds its upscaled frames as they come); the feed is the
+same :class:`FrameFeed` either way.
+
 This module owns :class:`EncodeSettings` (codecs, quality, presets, pixel formats, and the checks
 that fail a job up front: :func:`check_encode`), reading frame files, feeding them to ffmpeg, and
 the pieces of the ffmpeg command line: the timing and colour of the video encode (used by every
@@ -44,7 +48,7 @@ import logging
 import os
 import subprocess
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
@@ -559,18 +563,20 @@ def atomic_output(target: Path) -> contextlib.AbstractContextManager[Path]:
 
 @dataclass(frozen=True)
 class FrameFeed:
-    """Frame files ``paths`` (frame numbers ``first_frame``, ``first_frame + 1``...) of one size,
-    with the pts ``timing.pts`` (one per path), to be fed to ffmpeg by :func:`run_frame_encoder`."""
+    """Frames of one size (arrays in ``frame_format``'s layout, holding ``pix_fmt`` samples), frame
+    numbers ``first_frame``, ``first_frame + 1``..., one per pts of ``timing.pts``, to be fed to
+    ffmpeg by :func:`run_frame_encoder`. A frame of another size raises :class:`FramesError` in
+    ``where`` (the frames' directory, or the video they come from), naming the frame by its
+    ``names`` entry (its file) when given."""
 
-    paths: Sequence[Path]
+    frames: Iterable[np.ndarray]
     frame_format: FrameFormat
-    directory: Path
     size: tuple[int, int]
     timing: _Timing
+    where: Path
     first_frame: int = 1
-    threads: int | None = None
-    bit_depth: int = 8
-    pix_fmt: str = "rgb24"  # what the frame files hold (:func:`frames_pix_fmt`)
+    pix_fmt: str = "rgb24"  # what the frames hold (:func:`frames_pix_fmt`)
+    names: Sequence[str] | None = None
 
 
 def run_frame_encoder(args: Sequence[str], action: str, feed: FrameFeed) -> None:
@@ -633,15 +639,17 @@ def _read(
         raise FramesError(directory, f"{path.name} can't be read: {exc}", frame=index) from exc
 
 
-def _read_ahead(
+def read_frames(
     paths: Sequence[Path],
     frame_format: FrameFormat,
     directory: Path,
-    threads: int,
+    threads: int | None,
     first_frame: int,
     bit_depth: int,
 ) -> Iterator[np.ndarray]:
-    """The frames in order, read by ``threads`` threads up to ``2 * threads`` frames ahead."""
+    """The frames in order, read by ``threads`` threads (default: the CPU count, at most 4) up to
+    ``2 * threads`` frames ahead; :class:`FramesError` names a frame that cannot be read."""
+    threads = threads or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="encode-read") as pool:
         pending: deque[Future[np.ndarray]] = deque()
         next_index = 0
@@ -677,9 +685,11 @@ def frames_pix_fmt(frame_format: FrameFormat, source_pix_fmt: str | None, bit_de
 
 def _feed(ffmpeg: FFmpegProcess, feed: FrameFeed) -> None:
     """Mux every frame's samples as they are, with its pts, as rawvideo packets (``feed.pix_fmt``)
-    into NUT on ffmpeg's stdin: no conversion and no copy beyond the packet's."""
+    into NUT on ffmpeg's stdin: no conversion and no copy beyond the packet's. The frames'
+    iterator is closed at the end, however it ends."""
     width, height = feed.size
     timing = feed.timing
+    frames = iter(feed.frames)
     muxer: Any = av.open(ffmpeg.stdin, mode="w", format="nut")
     try:
         stream = muxer.add_stream("rawvideo", rate=timing.rate)
@@ -688,27 +698,34 @@ def _feed(ffmpeg: FFmpegProcess, feed: FrameFeed) -> None:
         stream.pix_fmt = feed.pix_fmt
         stream.time_base = timing.time_base
         stream.codec_context.time_base = timing.time_base
-        workers = feed.threads or min(4, os.cpu_count() or 1)
-        frames = _read_ahead(
-            feed.paths, feed.frame_format, feed.directory, workers, feed.first_frame, feed.bit_depth
-        )
-        for index, array in enumerate(frames, start=1):
+        fed = 0
+        for array in frames:
             with METER.measure("encode_feed"):
+                number = feed.first_frame + fed
+                if fed == len(timing.pts):
+                    raise MediaError(f"more frames than the {fed} of frames {feed.first_frame}-{number - 1}")
                 if frame_size(array, feed.frame_format) != (width, height):
                     got_w, got_h = frame_size(array, feed.frame_format)
+                    name = feed.names[fed] if feed.names is not None else f"frame {number}"
                     raise FramesError(
-                        feed.directory,
-                        f"{feed.paths[index - 1].name} is {got_w}x{got_h}, "
-                        f"but frame {feed.first_frame} is {width}x{height}",
-                        frame=feed.first_frame + index - 1,
+                        feed.where,
+                        f"{name} is {got_w}x{got_h}, but frame {feed.first_frame} is {width}x{height}",
+                        frame=number,
                     )
                 packet = av.Packet(np.ascontiguousarray(array).data)  # type: ignore[arg-type]
                 packet.stream = stream
-                packet.pts = packet.dts = timing.pts[index - 1]
+                packet.pts = packet.dts = timing.pts[fed]
                 packet.time_base = timing.time_base
                 packet.is_keyframe = True
                 muxer.mux(packet)
+                fed += 1
+        if fed != len(timing.pts):
+            last = feed.first_frame + len(timing.pts) - 1
+            raise MediaError(f"only {fed} frames came of frames {feed.first_frame}-{last}")
     finally:
+        close = getattr(frames, "close", None)
+        if close is not None:
+            close()
         with contextlib.suppress(Exception):
             muxer.close()
 

@@ -1,5 +1,5 @@
-"""Decode the input video into RGB frames: in memory (:func:`decode_frames`) or as files in a
-job's ``input/`` directory (:func:`extract_frames`).
+"""Decode the input video into RGB frames: in memory (:func:`decode_frames`, or a range of them:
+:func:`decode_range`) or as files in a job's ``input/`` directory (:func:`extract_frames`).
 
 One decoder for both: the ffmpeg binary, ``-fps_mode passthrough`` (exactly one RGB frame per
 decoded frame: nothing resampled, dropped or duplicated), ``-noautorotate`` (frames stay in coded
@@ -22,15 +22,18 @@ and renamed into place, so a crash never leaves a truncated frame under its fina
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
+import av
 import numpy as np
 
 from manifests.colour import i420_shape
@@ -90,22 +93,9 @@ def decode_frames(source: MediaInfo | str | Path, *, yuv: bool = False) -> Itera
     reports a decoding error.
     """
     info = source if isinstance(source, MediaInfo) else probe(source)
-    video = info.video
-    dtype = np.dtype("<u2") if video.high_depth else np.dtype(np.uint8)
-    if yuv:
-        if video.pix_fmt not in YUV_SOURCE_FORMATS:
-            raise ValueError(f"{video.pix_fmt} frames are not planar YUV 4:2:0")
-        shape: tuple[int, ...] = i420_shape(video.height, video.width)
-        # The decoder's samples as they are: no filter, no conversion (the worker's device converts).
-        output = ["-f", "rawvideo", "-pix_fmt", video.pix_fmt, "pipe:1"]
-    else:
-        shape = (video.height, video.width, 3)
-        output = ["-vf", rgb_filter(video), "-f", "rawvideo", "-pix_fmt", rgb_pix_fmt(video), "pipe:1"]
+    shape, dtype, output = _raw_frames(info.video, yuv)
     frame_bytes = math.prod(shape) * dtype.itemsize
-    args = [
-        "-noautorotate", "-i", str(info.path), "-map", f"0:{video.index}", "-an", "-sn", "-dn",
-        "-fps_mode", "passthrough", "-enc_time_base:v", _ratio(video.time_base), *output,
-    ]  # fmt: skip
+    args = [*_decode_args(info, ()), *output, "-f", "rawvideo", "pipe:1"]
     with FFmpegProcess(args, action=f"decoding {info.path}", stdout=True, stage="decode") as ffmpeg:
         while True:
             with METER.measure("extract_read"):
@@ -122,6 +112,113 @@ def decode_frames(source: MediaInfo | str | Path, *, yuv: bool = False) -> Itera
     if stderr.strip():
         first = stderr.strip().splitlines()[0]
         raise InputError(info.path, f"is corrupt: ffmpeg reported a decoding error ({first})")
+
+
+def _raw_frames(video: VideoInfo, yuv: bool) -> tuple[tuple[int, ...], np.dtype[Any], list[str]]:
+    """(frame shape, sample type, ffmpeg output options) of the raw frames decoded from ``video``:
+    the decoder's own planes for ``yuv``, else RGB through :func:`rgb_filter`."""
+    dtype = np.dtype("<u2") if video.high_depth else np.dtype(np.uint8)
+    if yuv:
+        if video.pix_fmt not in YUV_SOURCE_FORMATS:
+            raise ValueError(f"{video.pix_fmt} frames are not planar YUV 4:2:0")
+        # The decoder's samples as they are: no filter, no conversion (the worker's device converts).
+        return i420_shape(video.height, video.width), dtype, ["-pix_fmt", video.pix_fmt]
+    shape = (video.height, video.width, 3)
+    return shape, dtype, ["-vf", rgb_filter(video), "-pix_fmt", rgb_pix_fmt(video)]
+
+
+def _decode_args(info: MediaInfo, seek: Sequence[str]) -> list[str]:
+    """The input side of a decode: the video stream alone, every frame passed through with its
+    timestamp (``seek``: input options placed before ``-i``)."""
+    video = info.video
+    return [
+        "-noautorotate", *seek, "-i", str(info.path), "-map", f"0:{video.index}", "-an", "-sn", "-dn",
+        "-fps_mode", "passthrough", "-enc_time_base:v", _ratio(video.time_base),
+    ]  # fmt: skip
+
+
+def decode_range(info: MediaInfo, first_frame: int, count: int, *, yuv: bool = False) -> Iterator[np.ndarray]:
+    """Yield frames ``first_frame .. first_frame + count - 1`` (1-based, display order) of the probed
+    input, exactly as :func:`decode_frames` gives them (same binary, same filter, same layout: RGB
+    (H, W, 3) uint8/uint16, or the decoder's 4:2:0 planes for ``yuv``), without decoding the rest.
+
+    ffmpeg seeks to the keyframe at or before the first frame's timestamp (``-noaccurate_seek``:
+    nothing is trimmed by ffmpeg), keeps every timestamp (``-copyts``) and hands the frames over in
+    NUT; frames before the first are decoded and dropped here, by timestamp. Where the keyframe a
+    demuxer seeks to comes after the frame (B-frames displayed before their GOP's keyframe), it
+    seeks again further back, down to the start of the stream. Frame ``i`` must come with the
+    timestamp the probe counted for it (``info.video.frame_pts``, display order): a frame missing,
+    repeated or out of place raises :class:`InputError` naming the frame, as does a decoding error.
+    Closing the generator early stops ffmpeg.
+    """
+    video = info.video
+    total = video.frame_count
+    if count < 1 or first_frame < 1 or first_frame + count - 1 > total:
+        raise ValueError(f"frames {first_frame}..{first_frame + count - 1} are not within 1..{total}")
+    wanted = [p * video.time_base for p in video.frame_pts[first_frame - 1 : first_frame - 1 + count]]
+    half_tick = video.time_base / 2
+    seek_frame, step = first_frame, 8
+    while True:
+        frames = _decode_from(info, video.frame_pts[seek_frame - 1] if seek_frame > 1 else None, yuv)
+        with contextlib.closing(frames):
+            given = 0
+            for seconds, frame in frames:
+                if given == 0 and seconds < wanted[0] - half_tick:
+                    continue  # before the range: decoded only to reach it
+                if given == 0 and seconds > wanted[0] + half_tick and seek_frame > 1:
+                    break  # the keyframe sought came after the first frame: seek further back
+                if abs(seconds - wanted[given]) > half_tick:
+                    raise InputError(
+                        info.path,
+                        f"could not be decoded as probed: frame {first_frame + given} should be at "
+                        f"{float(wanted[given]):.6f} s, but the decoder gave one at {float(seconds):.6f} s",
+                    )
+                yield frame
+                given += 1
+                if given == count:
+                    return
+            else:
+                raise InputError(
+                    info.path,
+                    f"could not be decoded: it ended after {given} of frames {first_frame}-"
+                    f"{first_frame + count - 1} (frame {first_frame + given} is missing)",
+                )
+        log.debug("%s: the seek for frame %d landed after it; seeking further back", info.path, first_frame)
+        seek_frame, step = max(1, seek_frame - step), step * 2
+
+
+def _decode_from(info: MediaInfo, pts: int | None, yuv: bool) -> Generator[tuple[Fraction, np.ndarray]]:
+    """(timestamp in seconds, frame) of every frame ffmpeg decodes from the keyframe at or before
+    ``pts`` (stream ticks; None: from the start), in display order."""
+    video = info.video
+    shape, dtype, output = _raw_frames(video, yuv)
+    seek: list[str] = []
+    if pts is not None:
+        # -seek_timestamp: -ss is the stream's own time, not relative to the file's start.
+        seek = ["-seek_timestamp", "1", "-ss", f"{float(pts * video.time_base):.6f}", "-noaccurate_seek"]
+    args = [*_decode_args(info, [*seek, "-copyts"]), *output, "-c:v", "rawvideo", "-f", "nut", "pipe:1"]
+    with FFmpegProcess(args, action=f"decoding {info.path}", stdout=True, stage="decode") as ffmpeg:
+        try:
+            with av.open(f"pipe:{ffmpeg.stdout.fileno()}", format="nut") as container:
+                stream = container.streams.video[0]
+                time_base = Fraction(stream.time_base or 1)
+                for packet in container.demux(stream):
+                    if not packet.size:
+                        continue
+                    if packet.pts is None:
+                        raise InputError(
+                            info.path, "could not be decoded: ffmpeg gave a frame without a timestamp"
+                        )
+                    with METER.measure("extract_read"):
+                        frame = np.frombuffer(bytes(packet), dtype=dtype).reshape(shape)
+                    yield packet.pts * time_base, frame
+        except av.error.FFmpegError as exc:
+            if ffmpeg.running():
+                raise InputError(info.path, f"could not be decoded: {exc}") from exc
+        try:
+            ffmpeg.finish()
+        except FFmpegError as exc:
+            raise InputError(info.path, f"is corrupt: decoding failed ({exc.last_line})") from exc
 
 
 def _ratio(value: Fraction) -> str:

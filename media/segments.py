@@ -3,6 +3,7 @@
 ::
 
     frames a..b --(encode_segment, one ffmpeg per segment, several in parallel)--> seg-0001.mp4 ...
+    (or frames in memory, a worker's segment: encode_segment_frames)
     segments, in order --(join_segments: packets copied, exact timestamps)--> .video.part (MP4)
     .video.part + source --ffmpeg: -c:v copy; audio, subtitles, chapters, metadata, rotation, colour
     tags carried over once from the source--> temp file --> checked --> output
@@ -36,13 +37,14 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import av
+import numpy as np
 
 from manifests.atomic import temp_path
 from manifests.frames import frame_size
@@ -55,7 +57,6 @@ from media.encode import (
     _color_args,
     _container_args,
     _input_args,
-    _read,
     _Timing,
     _timing,
     _video_encode_args,
@@ -65,6 +66,7 @@ from media.encode import (
     frame_paths,
     frames_pix_fmt,
     output_container,
+    read_frames,
     run_frame_encoder,
 )
 from media.errors import MediaError, OutputPathError, SegmentError
@@ -102,48 +104,89 @@ def encode_segment(
 
     ``sources`` (one per frame) name the frame file each frame is read from, for held frames that
     reuse another's upscaled file (``--dedup``); default: its own. Each keeps its own timestamp.
+    ``threads`` frame readers run ahead of the encoder. Otherwise :func:`encode_segment_frames`,
+    with the frames read from ``frames_dir``.
+    """
+    _check_range(info, first_frame, count)
+    directory = Path(frames_dir)
+    paths = frame_paths(directory, first_frame, count, frame_format, sources)
+    frames = read_frames(paths, frame_format, directory, threads, first_frame, info.video.frame_bit_depth)
+    return encode_segment_frames(
+        info, frames, first_frame, count, segment_path, settings=settings, frame_format=frame_format,
+        encoder_threads=encoder_threads, where=directory, names=[path.name for path in paths],
+    )  # fmt: skip
+
+
+def encode_segment_frames(
+    info: MediaInfo,
+    frames: Iterable[np.ndarray],
+    first_frame: int,
+    count: int,
+    segment_path: str | Path,
+    *,
+    settings: EncodeSettings,
+    frame_format: FrameFormat,
+    encoder_threads: int | None = None,
+    where: str | Path | None = None,
+    names: Sequence[str] | None = None,
+) -> Path:
+    """Encode ``frames`` (``count`` arrays: the upscaled frames ``first_frame ..`` in the layout
+    frame files of ``frame_format`` hold for this source: (H, W, 3) uint8 / uint16 RGB, or I420
+    planes (H * 3 / 2, W) of the source's own pixel format for ``yuv``) into one video-only segment.
 
     The frames keep the timestamps they have in the source (``info``), and are converted with the
     source's matrix and range and tagged with its colour and SAR (see :mod:`media.encode`).
-    ``threads`` frame readers run ahead of the encoder; ``encoder_threads`` caps the encoder's own
-    threads (``-threads``; useful when several segments are encoded at once). An existing file at
-    ``segment_path`` (say, a damaged segment of an earlier run) is replaced. Written under a
-    temporary name, checked (``count`` packets) and renamed; on failure nothing is left and
-    :class:`FramesError`, :class:`FFmpegError`, :class:`EncodeSettingsError` or
-    :class:`MediaError` is raised. Returns ``segment_path``.
+    ``encoder_threads`` caps the encoder's own threads (``-threads``; useful when several segments
+    are encoded at once). ``where`` and ``names`` say what an error names the frames by (default:
+    the source, and "frame N"). An existing file at ``segment_path`` (say, a damaged segment of an
+    earlier run) is replaced. Written under a temporary name, checked (``count`` packets) and
+    renamed; on failure (an exception out of ``frames`` included) nothing is left and
+    :class:`FramesError`, :class:`FFmpegError`, :class:`EncodeSettingsError` or :class:`MediaError`
+    is raised. ``frames`` is closed, however this ends. Returns ``segment_path``.
     """
     target = Path(segment_path)
-    directory = Path(frames_dir)
+    iterator = iter(frames)
+    try:
+        _check_range(info, first_frame, count)
+        if not target.parent.is_dir():
+            raise OutputPathError(target, f"cannot be written: directory {target.parent} does not exist")
+        settings.check_available()
+        head = next(iterator, None)
+        if head is None:
+            raise MediaError(f"no frames came for segment {target}")
+        width, height = frame_size(head, frame_format)
+        settings.check_frame_size(width, height)
+        pix_fmt = frames_pix_fmt(frame_format, info.video.pix_fmt, info.video.frame_bit_depth)
+        timing = segment_timing(info, first_frame, count)
+        action = f"encoding frames {first_frame}-{first_frame + count - 1} into segment {target}"
+        log.info("%s with %s", action, settings.codec)
+        with atomic_output(target) as tmp:
+            # -copyts: the frames keep their place in the source timeline (ffmpeg would restart at 0).
+            args = ["-y", "-copyts", "-f", "nut", "-i", "pipe:0", "-map", "0:v:0"]
+            args += _video_encode_args(info, settings, timing, pix_fmt)
+            if encoder_threads:
+                args += ["-threads:v", str(encoder_threads)]
+            # One timescale for the track and the movie (its edit list): the source ticks, kept exact.
+            scale = str(timing.time_base.denominator)
+            args += ["-video_track_timescale", scale, "-movie_timescale", scale, "-map_metadata", "-1"]
+            args += ["-f", SEGMENT_FORMAT, str(tmp)]
+            feed = FrameFeed(
+                itertools.chain([head], iterator), frame_format, (width, height), timing,
+                Path(where if where is not None else info.path), first_frame, pix_fmt, names,
+            )  # fmt: skip
+            run_frame_encoder(args, action, feed)
+            check_packet_count(tmp, target, count)
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
+    return target
+
+
+def _check_range(info: MediaInfo, first_frame: int, count: int) -> None:
     total = info.video.frame_count
     if count < 1 or first_frame < 1 or first_frame + count - 1 > total:
         raise ValueError(f"frames {first_frame}..{first_frame + count - 1} are not within 1..{total}")
-    if not target.parent.is_dir():
-        raise OutputPathError(target, f"cannot be written: directory {target.parent} does not exist")
-    settings.check_available()
-    paths = frame_paths(directory, first_frame, count, frame_format, sources)
-    bit_depth = info.video.frame_bit_depth
-    width, height = frame_size(_read(paths[0], first_frame, frame_format, directory, bit_depth), frame_format)
-    settings.check_frame_size(width, height)
-    pix_fmt = frames_pix_fmt(frame_format, info.video.pix_fmt, bit_depth)
-    timing = segment_timing(info, first_frame, count)
-    action = f"encoding frames {first_frame}-{first_frame + count - 1} into segment {target}"
-    log.info("%s with %s", action, settings.codec)
-    with atomic_output(target) as tmp:
-        # -copyts: the frames keep their place in the source timeline (ffmpeg would restart at 0).
-        args = ["-y", "-copyts", "-f", "nut", "-i", "pipe:0", "-map", "0:v:0"]
-        args += _video_encode_args(info, settings, timing, pix_fmt)
-        if encoder_threads:
-            args += ["-threads:v", str(encoder_threads)]
-        # One timescale for the track and the movie (its edit list): the source ticks, kept exact.
-        scale = str(timing.time_base.denominator)
-        args += ["-video_track_timescale", scale, "-movie_timescale", scale, "-map_metadata", "-1"]
-        args += ["-f", SEGMENT_FORMAT, str(tmp)]
-        feed = FrameFeed(
-            paths, frame_format, directory, (width, height), timing, first_frame, threads, bit_depth, pix_fmt
-        )
-        run_frame_encoder(args, action, feed)
-        check_packet_count(tmp, target, count)
-    return target
 
 
 def segment_is_complete(path: str | Path, expected_count: int) -> bool:
@@ -366,6 +409,7 @@ __all__ = [
     "SEGMENT_SUFFIX",
     "SegmentError",
     "encode_segment",
+    "encode_segment_frames",
     "join_segments",
     "segment_is_complete",
     "segment_timing",
