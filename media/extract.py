@@ -137,7 +137,9 @@ def _decode_args(info: MediaInfo, seek: Sequence[str]) -> list[str]:
     ]  # fmt: skip
 
 
-def decode_range(info: MediaInfo, first_frame: int, count: int, *, yuv: bool = False) -> Iterator[np.ndarray]:
+def decode_range(
+    info: MediaInfo, first_frame: int, count: int, *, yuv: bool = False
+) -> Generator[np.ndarray]:
     """Yield frames ``first_frame .. first_frame + count - 1`` (1-based, display order) of the probed
     input, exactly as :func:`decode_frames` gives them (same binary, same filter, same layout: RGB
     (H, W, 3) uint8/uint16, or the decoder's 4:2:0 planes for ``yuv``), without decoding the rest.

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import threading
 import time
@@ -133,7 +132,15 @@ def in_daemon_thread(fn: Callable[..., R], *args: Any) -> asyncio.Future[R]:
 
 
 class ManifestRun:
-    """One manifest being processed. ``start()`` writes the first status, ``run()`` does the rest."""
+    """One manifest being processed. ``start()`` writes the first status, ``run()`` does the rest.
+
+    The frames transport's I/O is :meth:`_read_part`, :meth:`_write_part` and
+    :meth:`_discard_unclaimed`; the segment transport (:class:`worker.segments.SegmentRun`)
+    replaces those three and keeps the rest: the pipeline, the claims and the status file.
+    """
+
+    #: Whether one failed batch ends the run (``failed``) instead of letting the others go on.
+    stops_at_first_failure = False
 
     def __init__(
         self,
@@ -294,7 +301,8 @@ class ManifestRun:
             await self._finish(cancelled=True)
             raise
         handled = len(self._done) + len(self.status.failed_batches)
-        await self._finish(cancelled=handled < len(batches))
+        gave_up = self.stops_at_first_failure and bool(self._errors)
+        await self._finish(cancelled=handled < len(batches) and not gave_up)
         return self.status
 
     def _read_at(self, position: int, offset: int) -> tuple[int, int, asyncio.Future[np.ndarray]] | None:
@@ -306,23 +314,32 @@ class ManifestRun:
         frames = batches[position].frames[offset:]
 
         def read() -> np.ndarray:
-            array = read_batch(
-                self.dirs.input,
-                frames,
-                self.manifest.frame_format,
-                threads=self._io_threads,
-                label=self._label_in,
-                limits=self._limits,
-                # 16-bit frames hold 2 bytes per sample: half as many pixels in the same memory.
-                budget_pixels=self._part_pixels // (2 if self.manifest.bit_depth == HIGH_BIT_DEPTH else 1),
-                cancel=self._cancel_reads,
-                bit_depth=self.manifest.bit_depth,
-                on_cpu=self._metrics.cpu_seconds.labels(stage="read").inc,
-            )
+            array = self._read_part(frames)
             self._metrics.batch_seconds.labels(stage="read").observe(time.perf_counter() - started)
             return array
 
         return position, offset, self._io(read)
+
+    def _read_part(self, frames: tuple[int, ...]) -> np.ndarray:
+        """The first of ``frames`` (as many as the part budget holds, at least one) as one array.
+        Blocking, on a daemon thread; raises :class:`FrameError` or :class:`ReadCancelled`."""
+        return read_batch(
+            self.dirs.input,
+            frames,
+            self.manifest.frame_format,
+            threads=self._io_threads,
+            label=self._label_in,
+            limits=self._limits,
+            budget_pixels=self._budget_pixels,
+            cancel=self._cancel_reads,
+            bit_depth=self.manifest.bit_depth,
+            on_cpu=self._metrics.cpu_seconds.labels(stage="read").inc,
+        )
+
+    @property
+    def _budget_pixels(self) -> int:
+        """Output pixels one part may hold: 16-bit frames hold 2 bytes per sample, so half as many."""
+        return self._part_pixels // (2 if self.manifest.bit_depth == HIGH_BIT_DEPTH else 1)
 
     async def _ready_or_stopped(self, reading: asyncio.Future[np.ndarray]) -> bool:
         """Wait for the next batch's frames; False if a stop came first (the boundary is here)."""
@@ -365,21 +382,9 @@ class ManifestRun:
     ) -> None:
         """Write one part of a batch; claim the batch once its last part is written and none failed."""
         started = time.perf_counter()
+        final = last and batch is self.manifest.batches[-1]
         try:
-            await self._io(
-                functools.partial(
-                    write_batch,
-                    self.dirs.output,
-                    part,
-                    upscaled,
-                    self.manifest.frame_format,
-                    self.manifest.png_compression,
-                    threads=self._io_threads,
-                    fsync=self._fsync,
-                    label=self._label_out,
-                    on_cpu=self._metrics.cpu_seconds.labels(stage="write").inc,
-                )
-            )
+            await self._io(self._write_part, part, upscaled, final)
         except FrameError as exc:
             await self._fail(batch, exc.frame, exc.reason, "write")
             return
@@ -407,12 +412,30 @@ class ManifestRun:
         )
         await self._publish()
 
+    def _write_part(self, part: tuple[int, ...], upscaled: np.ndarray, final: bool) -> None:
+        """Write one part's upscaled frames (``final``: the manifest's last). Blocking, on a daemon
+        thread; raises :class:`FrameError` (or any exception: the batch fails)."""
+        write_batch(
+            self.dirs.output,
+            part,
+            upscaled,
+            self.manifest.frame_format,
+            self.manifest.png_compression,
+            threads=self._io_threads,
+            fsync=self._fsync,
+            label=self._label_out,
+            on_cpu=self._metrics.cpu_seconds.labels(stage="write").inc,
+        )
+
     async def _fail(self, batch: Batch, frame: int | None, reason: str, stage: str) -> None:
         error = BatchError(batch.id, frame, reason)
         log.warning("%s: batch %d failed: %s", self._name, batch.id, loggable(error))
         self._failed.add(batch.id)
         self._metrics.batch_failures.labels(stage=stage).inc()
         self._errors.append(error)
+        if self.stops_at_first_failure:
+            self._stop.set()  # no stop reason: the run ends failed, not cancelled
+            self._cancel_reads.set()
         await self._publish()
 
     async def _publish(self, **final: Any) -> None:
@@ -447,13 +470,17 @@ class ManifestRun:
                 )
             self.status, self.status_bytes = status, data
 
-    async def _finish(self, *, cancelled: bool) -> None:
-        if self._partial:  # parts of batches that were never claimed: no half batch stays on disk
+    async def _discard_unclaimed(self) -> None:
+        """Remove what was written for batches that were never claimed: no half batch stays on disk."""
+        if self._partial:
             partial, self._partial = self._partial, {}
             for frames in partial.values():
                 await asyncio.shield(
                     self._io(remove_frames, self.dirs.output, frames, self.manifest.frame_format)
                 )
+
+    async def _finish(self, *, cancelled: bool) -> None:
+        await self._discard_unclaimed()
         if cancelled:
             state, message = WorkerState.CANCELLED, self._stop_reason or "cancelled"
         elif self._errors:

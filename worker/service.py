@@ -76,11 +76,13 @@ from manifests import (
 from manifests.atomic import Directory
 from manifests.errors import FileTooLargeError, SymlinkRefusedError, UnsafeFileError
 from manifests.manifest import check_frames_within_job, job_frame_count
+from manifests.segment import TRANSPORTS
 from worker.frames import FrameLimits
 from worker.gpuinfo import GpuMemoryProbe
 from worker.logsafe import loggable
 from worker.metrics import WorkerMetrics
 from worker.processing import ManifestRun, RunDirs, Upscaler, in_daemon_thread
+from worker.segments import ProbeCache, SegmentRun, check_segment_manifest
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -162,6 +164,7 @@ class WorkerService:
         self.fatal = asyncio.Event()  # set when the model cannot be loaded: the process should exit
         self.storage_error: str | None = None  # why the shared root cannot be written, while it cannot
         self._storage_probe: asyncio.Task[None] | None = None
+        self.probes = ProbeCache()  # segment jobs: each source probed once, not once per range
 
     def set_worker_id(self, worker_id: str) -> None:
         self.identity = WorkerIdentity(worker_id, self.identity.host, self.identity.pid)
@@ -266,7 +269,11 @@ class WorkerService:
             self._submitting = False
         settings = self.settings
         scale = manifest.scale if manifest.scale is not None else self.upscaler.scale
-        run = ManifestRun(
+        segment: dict[str, Any] = {}
+        if manifest.segment is not None:
+            names = (Path(manifest.segment.source).name, Path(manifest.segment.file).name)
+            segment = {"source_name": names[0], "segment_name": names[1], "probes": self.probes}
+        run = (SegmentRun if segment else ManifestRun)(
             manifest,
             dirs,
             self.upscaler,
@@ -278,6 +285,7 @@ class WorkerService:
             io_threads=settings.io_threads,
             fsync_frames=settings.fsync_frames,
             on_status_unwritable=self.storage_unwritable,
+            **segment,
         )
         self.run, self.task = run, asyncio.create_task(self._process(run))
         return run
@@ -298,19 +306,38 @@ class WorkerService:
                     except DocumentError as exc:
                         raise RequestError(400, str(exc)) from None
                 status_file = self._resolve(job.job_dir / manifest.status_file, "status_file")
+                # A segment job reads its source's directory and writes its segment's instead of frames.
+                reads: tuple[str, str | Path] = ("input_dir", manifest.input_dir)
+                writes: tuple[str, str | Path] = ("output_dir", manifest.output_dir)
+                if manifest.segment is not None:
+                    try:
+                        check_segment_manifest(manifest)
+                    except ValueError as exc:
+                        raise RequestError(400, f"manifest {loggable(manifest_path)}: {exc}") from None
+                    source = self._segment_file(job.job_dir, manifest.segment.source, "segment.source")
+                    file = self._segment_file(job.job_dir, manifest.segment.file, "segment.file")
+                    reads, writes = ("segment.source", source.parent), ("segment.file", file.parent)
                 input_dir, output_dir, status_dir = (
                     opened.enter_context(
                         self._open(root, self._resolve(job.job_dir / relative, field), field, create)
                     )
                     for field, relative, create in (
-                        ("input_dir", manifest.input_dir, False),
-                        ("output_dir", manifest.output_dir, True),
+                        (*reads, False),
+                        (*writes, True),
                         ("status_file", status_file.parent, True),
                     )
                 )
                 opened.pop_all()
         job_dir.close()
         return manifest, RunDirs(input_dir, output_dir, status_dir, status_file.name)
+
+    def _segment_file(self, job_dir: Path, relative: str, field: str) -> Path:
+        """A segment manifest's file ``relative`` to the job directory: its directory resolved inside the
+        shared root (403 otherwise); the file itself is opened by name, never through a symlink."""
+        path = job_dir / relative
+        if path.name in {"", ".", ".."}:
+            raise RequestError(400, f"manifest field '{field}' must name a file, not {loggable(relative)}")
+        return self._resolve(path.parent, field) / path.name
 
     def _read_manifest(self, root: Directory, path: Path, given: str) -> Manifest:
         shown = loggable(given)
@@ -436,6 +463,7 @@ class WorkerService:
             "gpu_memory": memory,
             "tile": self.settings.tile,
             "tile_pad": self.settings.tile_pad,
+            "transports": list(TRANSPORTS),
             "storage_writable": self.storage_error is None,
             "storage_error": self.storage_error,
             "job_id": current.job_id if current else None,
