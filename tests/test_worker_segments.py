@@ -17,21 +17,43 @@ from manifests import Batch, FrameFormat, JobLayout, Manifest, Status, write_jso
 from manifests.colour import YuvSpec
 from manifests.segment import SegmentEncode, SegmentWork
 from media.encode import EncodeSettings
-from media.extract import decode_frames, extract_frames
+from media.extract import YUV_SOURCE_FORMATS, decode_frames, extract_frames
 from media.probe import MediaInfo, probe
 from media.segments import encode_segment, segment_is_complete
 from tests import clips
 from tests.workerutil import WorkerProcess
 
 GOPS = ("-c:v", "libx264", "-preset", "ultrafast", "-bf", "3", "-g", "7", "-pix_fmt", "yuv420p")
-FIRST, COUNT = 9, 11  # frame 9 is inside the second GOP (keyframes at 1, 8, 15...: checked below)
+HEVC_OPEN_GOPS = (
+    "-c:v", "libx265", "-preset", "ultrafast", "-pix_fmt", "yuv420p",
+    "-x265-params", "log-level=error:keyint=8:min-keyint=8:bframes=3:open-gop=1:scenecut=0",
+)  # fmt: skip
+#: Frame 7 is not a keyframe: the last of the first GOP (H.264, keyframes at 1, 8, 15...), or, in the
+#: open-GOP HEVC clip, a leading frame shown before the keyframe it is decoded after (frame 9).
+FIRST, COUNT = 7, 11
+#: The clips a range is checked on (each 30 frames; frame 7 is not a keyframe in any).
+CLIPS = {
+    "h264": lambda p: clips.video(p / "h264.mp4", frames=30, codec=GOPS),
+    "hevc-open-gop": lambda p: clips.video(p / "hevc.mkv", frames=30, codec=HEVC_OPEN_GOPS),
+    "vfr": lambda p: clips.vfr_video(p / "vfr.mp4", frames=30),
+    "hdr10": lambda p: clips.hdr10_video(p / "hdr10.mp4", frames=30),
+    "late-start": lambda p: clips.video(
+        p / "late.ts", frames=30, codec=GOPS, extra=("-output_ts_offset", "1.5")
+    ),
+}
 
 _jobs = iter(range(1_000_000))
 
 
 @pytest.fixture(scope="module")
-def clip(tmp_path_factory: pytest.TempPathFactory) -> MediaInfo:
-    return probe(clips.video(tmp_path_factory.mktemp("segment-clips") / "source.mp4", frames=30, codec=GOPS))
+def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, MediaInfo]:
+    directory = tmp_path_factory.mktemp("segment-clips")
+    return {name: probe(make(directory)) for name, make in CLIPS.items()}
+
+
+@pytest.fixture(scope="module")
+def clip(sources: dict[str, MediaInfo]) -> MediaInfo:
+    return sources["h264"]
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +77,15 @@ def contiguous(first: int, count: int, size: int = 4) -> tuple[Batch, ...]:
 
 
 def layout_options(info: MediaInfo, frame_format: FrameFormat) -> dict[str, object]:
+    """The frame layout the coordinator would choose: 16-bit frames above 8 bits, YUV as decoded."""
+    video = info.video
+    options: dict[str, object] = {"frame_format": frame_format, "bit_depth": video.frame_bit_depth}
     if frame_format is FrameFormat.YUV:
-        conversion = info.video.conversion
-        return {"frame_format": frame_format, "yuv": YuvSpec(conversion.scale_matrix, conversion.range, 8)}
-    return {"frame_format": frame_format}
+        conversion = video.conversion
+        options["yuv"] = YuvSpec(
+            conversion.scale_matrix, conversion.range, YUV_SOURCE_FORMATS[video.pix_fmt or ""]
+        )
+    return options
 
 
 def submit(worker: WorkerProcess, layout: JobLayout, manifest: Manifest) -> str:
@@ -79,12 +106,13 @@ def segment_manifest(
     count: int = COUNT,
     source: str = "input/source.mp4",
     batch_size: int = 4,
+    manifest_id: str = "r1",
 ) -> Manifest:
-    segment = SegmentWork(
-        source=source, first_frame=first, count=count, file="segments/r1.mp4", encode=encode
-    )
+    """A segment manifest for frames ``first..`` of the job's ``source``, into segments/<id>.mp4."""
+    file = f"segments/{manifest_id}.mp4"
+    segment = SegmentWork(source=source, first_frame=first, count=count, file=file, encode=encode)
     return Manifest(
-        job_id=layout.job_id, manifest_id="r1", worker_id="test-worker", model="tiny-x4",
+        job_id=layout.job_id, manifest_id=manifest_id, worker_id="test-worker", model="tiny-x4",
         batches=contiguous(first, count, batch_size), segment=segment, **layout_options(info, frame_format),  # type: ignore[arg-type]
     )  # fmt: skip
 
@@ -118,28 +146,50 @@ def timestamps(path: Path) -> list[float]:
         return sorted(float(p.pts * stream.time_base) for p in container.demux(stream) if p.size)
 
 
-def test_the_range_starts_inside_a_gop(clip: MediaInfo) -> None:
+def source_timestamps(info: MediaInfo, first: int, count: int) -> list[float]:
+    """The range's frame times in the source, from its first frame (where segments count from)."""
+    video = info.video
+    origin = video.frame_pts[0]
+    times = [float((p - origin) * video.time_base) for p in video.frame_pts[first - 1 : first - 1 + count]]
+    return pytest.approx(times, abs=1e-6)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("name", list(CLIPS))
+def test_the_range_starts_inside_a_gop(sources: dict[str, MediaInfo], name: str) -> None:
+    clip = sources[name]
     with av.open(str(clip.path)) as container:
         keyframes = {p.pts for p in container.demux(video=0) if p.size and p.is_keyframe}
     assert clip.video.frame_pts[FIRST - 1] not in keyframes
-    assert any(pts in keyframes for pts in clip.video.frame_pts[1 : FIRST - 1])  # a keyframe before it
+
+
+RGB = SegmentEncode(codec="ffv1", threads=1)  # npy frames (RGB), a lossless RGB segment
+RGB16 = SegmentEncode(codec="ffv1", pix_fmt="gbrp16le", threads=1)  # uint16 npy frames
+YUV8 = SegmentEncode(codec="ffv1", pix_fmt="yuv420p", threads=1)  # the source's own YUV, lossless
+YUV10 = SegmentEncode(codec="ffv1", pix_fmt="yuv420p10le", threads=1)
 
 
 @pytest.mark.parametrize(
-    ("frame_format", "encode"),
+    ("name", "frame_format", "encode"),
     [
-        (FrameFormat.NPY, SegmentEncode(codec="ffv1", threads=1)),  # RGB frames, lossless RGB segment
-        (FrameFormat.YUV, SegmentEncode(codec="ffv1", pix_fmt="yuv420p", threads=1)),  # the source's YUV
+        ("h264", FrameFormat.NPY, RGB),
+        ("h264", FrameFormat.YUV, YUV8),
+        ("hevc-open-gop", FrameFormat.YUV, YUV8),
+        ("vfr", FrameFormat.NPY, RGB),
+        ("hdr10", FrameFormat.NPY, RGB16),
+        ("hdr10", FrameFormat.YUV, YUV10),
+        ("late-start", FrameFormat.YUV, YUV8),
     ],
-    ids=["npy", "yuv"],
+    ids=["h264-npy", "h264-yuv", "hevc-open-gop-yuv", "vfr-npy", "hdr10-npy", "hdr10-yuv", "late-start-yuv"],
 )
 def test_a_segment_holds_exactly_what_the_frames_design_gives(
     idle_worker: WorkerProcess,
     shared_root: Path,
-    clip: MediaInfo,
+    sources: dict[str, MediaInfo],
+    name: str,
     frame_format: FrameFormat,
     encode: SegmentEncode,
 ) -> None:
+    clip = sources[name]
     layout = new_job(shared_root, clip.path)
     manifest = segment_manifest(layout, clip, frame_format, encode)
     final = idle_worker.wait_final(submit(idle_worker, layout, manifest), layout.job_id)
@@ -159,8 +209,7 @@ def test_a_segment_holds_exactly_what_the_frames_design_gives(
     for offset, (a, b) in enumerate(zip(got, expected, strict=True)):
         np.testing.assert_array_equal(a, b, err_msg=f"frame {FIRST + offset}")
     assert timestamps(segment) == timestamps(reference)
-    first_pts = clip.video.frame_pts[FIRST - 1] * clip.video.time_base
-    assert timestamps(segment)[0] == pytest.approx(float(first_pts))
+    assert timestamps(segment) == source_timestamps(clip, FIRST, COUNT)
 
 
 def test_a_long_range_is_encoded_whole(
@@ -175,8 +224,7 @@ def test_a_long_range_is_encoded_whole(
     assert final["state"] == "completed", final
     segment = layout.job_dir / "segments" / "r1.mp4"
     assert segment_is_complete(segment, 400)
-    video = long_clip.video
-    assert timestamps(segment) == [float(p * video.time_base) for p in video.frame_pts[102:502]]
+    assert timestamps(segment) == source_timestamps(long_clip, 103, 400)
 
 
 def test_a_stop_mid_range_leaves_no_segment(
@@ -227,3 +275,19 @@ def test_health_names_the_transports_and_bad_encoder_settings_are_refused(
     response = idle_worker.post("/process_manifest", {"manifest_path": str(path.relative_to(shared_root))})
     assert response.status == 400
     assert "field 'segment.encode': crf 60 is out of range for libx264 (0 to 51)" in response.json()["error"]
+
+
+def test_a_source_is_probed_once_per_job(
+    idle_worker: WorkerProcess, shared_root: Path, clip: MediaInfo
+) -> None:
+    layout = new_job(shared_root, clip.path)
+    encode = SegmentEncode(codec="libx264", preset="ultrafast")
+    for manifest_id, first, count in (("r1", 1, 10), ("r2", 11, 20)):
+        manifest = segment_manifest(
+            layout, clip, FrameFormat.YUV, encode, first=first, count=count, manifest_id=manifest_id
+        )
+        final = idle_worker.wait_final(submit(idle_worker, layout, manifest), layout.job_id)
+        assert final["state"] == "completed", final
+    probes = idle_worker.log_path.read_text().count(f"probed input/source.mp4 of job {layout.job_id}:")
+    assert probes == 1
+    assert sorted(p.name for p in (layout.job_dir / "segments").iterdir()) == ["r1.mp4", "r2.mp4"]

@@ -130,6 +130,7 @@ class ProbeCache:
                 self._entries.move_to_end(key)
                 return dataclasses.replace(info, path=path)
         info = prober(path)
+        log.info("probed %s of job %s: %d frames", key[1], key[0], info.video.frame_count)
         with self._lock:
             self._entries[key] = info
             while len(self._entries) > self._keep:
