@@ -275,6 +275,14 @@ def test_health_names_the_transports_and_bad_encoder_settings_are_refused(
     response = idle_worker.post("/process_manifest", {"manifest_path": str(path.relative_to(shared_root))})
     assert response.status == 400
     assert "field 'segment.encode': crf 60 is out of range for libx264 (0 to 51)" in response.json()["error"]
+    # a segment is an MP4 file: a manifest cannot make the worker replace anything else
+    other = Manifest.from_dict(
+        {**manifest.to_dict(), "segment": {**manifest.to_dict()["segment"], "file": "job.json"}}
+    )
+    write_json_atomic(path, other.to_json())
+    response = idle_worker.post("/process_manifest", {"manifest_path": str(path.relative_to(shared_root))})
+    assert response.status == 400
+    assert "field 'segment.file' must name a .mp4 file, not 'job.json'" in response.json()["error"]
 
 
 def test_a_source_is_probed_once_per_job(

@@ -53,7 +53,7 @@ from media.errors import MediaError
 from media.extract import YUV_SOURCE_FORMATS, decode_range
 from media.ffmpeg import ProcessGroup, process_group
 from media.probe import MediaInfo, probe
-from media.segments import encode_segment_frames
+from media.segments import SEGMENT_SUFFIX, encode_segment_frames
 from worker.frames import FrameError, ReadCancelled
 from worker.processing import ManifestRun
 
@@ -104,11 +104,20 @@ def segment_settings(encode: SegmentEncode, bit_depth: int = 8) -> EncodeSetting
 
 
 def check_segment_manifest(manifest: Manifest) -> None:
-    """Raise ValueError (a sentence for a 400) unless this worker can run ``manifest``'s segment: its
-    encoder settings are valid and its ffmpeg has the encoder. Blocking (asks ffmpeg once)."""
-    assert manifest.segment is not None
+    """Raise ValueError (a sentence for a 400) unless this worker can run ``manifest``'s segment: it
+    writes an MP4 segment (so a manifest cannot make it replace any other kind of file), not its own
+    source, and its encoder settings are valid and its ffmpeg has the encoder. Blocking (asks ffmpeg
+    once)."""
+    segment = manifest.segment
+    assert segment is not None
+    if not segment.file.endswith(SEGMENT_SUFFIX):
+        raise ValueError(
+            f"manifest field 'segment.file' must name a {SEGMENT_SUFFIX} file, not {segment.file!r}"
+        )
+    if os.path.normpath(segment.file) == os.path.normpath(segment.source):
+        raise ValueError("manifest field 'segment.file' names the source itself")
     try:
-        segment_settings(manifest.segment.encode).check_available()
+        segment_settings(segment.encode).check_available()
     except MediaError as exc:
         raise ValueError(f"manifest field 'segment.encode': {exc}") from None
 
