@@ -7,10 +7,16 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -31,6 +37,7 @@ from manifests.planner import plan_batches
 from manifests.ranges import plan_ranges
 from media.encode import EncodeSettings
 from media.extract import decode_frames
+from media.ffmpeg import ffmpeg_command
 from media.probe import probe
 from tests import clips
 from tests.fakeworkers import FakeWorker, fake_farm, nearest
@@ -38,6 +45,8 @@ from tests.test_job_engine import assert_same_frames, frames_of
 from tests.test_job_engine import farm as engine_farm
 from tests.test_job_engine import run as run_engine
 from tests.test_job_engine import spec as engine_spec
+from tests.videocheck import packets
+from tests.workerutil import REPO, WorkerProcess, start_worker
 
 #: H.264 with B-frames and a keyframe every 12 frames.
 H264_B_FRAMES = ("-c:v", "libx264", "-preset", "veryfast", "-g", "12", "-pix_fmt", "yuv420p")
@@ -325,3 +334,194 @@ def test_workers_without_segments_get_no_range_and_none_at_all_is_one_line(
     )
     assert isinstance(error, TransportError)
     assert str(error).startswith("no worker supports the segments transport (w0 supports frames)")
+
+
+# -- whole jobs: frames against segments ------------------------------------------------------
+
+#: Ranges of 6 frames in batches of 2: most ranges start at a frame that is not a keyframe.
+SMALL_RANGES = ("--segment-frames", "6", "--batch-size", "2")
+
+CASES: dict[str, Callable[[Path], Path]] = {
+    "h264-cfr.mp4": lambda p: clips.video(p, frames=23, rate="30000/1001", codec=H264_B_FRAMES),
+    "hevc-open-gop.mkv": lambda p: clips.hevc_open_gop_video(p, frames=26, keyint=8),
+    "vfr.mp4": lambda p: clips.vfr_video(p, frames=24),
+    "hdr10.mkv": lambda p: clips.hdr10_video(p, frames=13),
+    "late-start.mp4": lambda p: clips.late_start_video(p, frames=17, start_s=1.5, keyint=5),
+    "audio.mp4": lambda p: clips.video_with_audio(p, rate="25", seconds=0.84),
+}
+
+
+def esrfarm(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "coordinator.cli", *map(str, args)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO,
+    )  # fmt: skip
+
+
+def framemd5(path: Path) -> list[str]:
+    """ffmpeg's framemd5 of the video: every frame's timestamps, size and pixel hash, as decoded
+    (``passthrough``: no frame dropped or repeated to make a VFR stream constant)."""
+    args = ["-v", "error", "-i", str(path), "-map", "0:v", "-fps_mode", "passthrough", "-f", "framemd5", "-"]
+    command = ffmpeg_command(args)
+    result = subprocess.run(command, capture_output=True, text=True, check=True, timeout=120)
+    return [line for line in result.stdout.splitlines() if not line.startswith("#")]
+
+
+def audio_bytes(path: Path) -> list[list[bytes]]:
+    """Every audio stream's packets (their timestamps are the container's: MKV keeps milliseconds)."""
+    return [[data for _, data in stream] for stream in packets(path, "audio")]
+
+
+def upscale_args(
+    source: Path, output: Path, root: Path, model: Path, workers: list[WorkerProcess]
+) -> list[str]:
+    return [
+        "upscale", str(source), str(output), "--model", str(model), "--scale", "2", "--codec", "ffv1",
+        "--workers", ",".join(w.url for w in workers), "--shared-root", str(root),
+        "--unreachable-timeout", "3",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def farm(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model: Path
+) -> Iterator[tuple[Path, list[WorkerProcess]]]:
+    root = tmp_path_factory.mktemp("segment-farm")
+    logs = tmp_path_factory.mktemp("segment-farm-logs")
+    workers = [start_worker(root, tiny_model, logs) for _ in range(2)]
+    yield root, workers
+    for worker in workers:
+        if worker.process.poll() is None:
+            worker.stop()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_segments_are_frame_identical_to_frames(
+    name: str, tmp_path: Path, tiny_model: Path, farm: tuple[Path, list[WorkerProcess]]
+) -> None:
+    root, workers = farm
+    source = CASES[name](tmp_path / name)
+    outputs = {}
+    for transport in ("frames", "segments"):
+        output = outputs[transport] = tmp_path / f"{transport}.mkv"
+        result = esrfarm(*upscale_args(source, output, root, tiny_model, workers), "--transport", transport,
+                         *SMALL_RANGES)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+    frames, segments = framemd5(outputs["frames"]), framemd5(outputs["segments"])
+    assert len(frames) == probe(source).video.frame_count
+    assert segments == frames
+    assert packets(outputs["segments"], "audio") == packets(outputs["frames"], "audio")
+    assert audio_bytes(outputs["segments"]) == audio_bytes(source)  # copied, not re-encoded
+    assert not list((root / "jobs").iterdir()), "each job directory is removed after success"
+
+
+def _status_files(root: Path) -> list[Path]:
+    return sorted(root.glob("jobs/*/status/*.json"))
+
+
+def _coordinator(args: list[str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "coordinator.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO,
+    )  # fmt: skip
+
+
+def _wait_for(what: str, condition: Callable[[], bool], coordinator: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 300
+    while not condition():
+        if coordinator.poll() is not None or time.monotonic() > deadline:
+            coordinator.kill()
+            _, stderr = coordinator.communicate(timeout=60)
+            raise AssertionError(f"{what} never happened:\n{stderr}")
+        time.sleep(0.005)
+
+
+def test_a_worker_killed_mid_range_costs_that_range_a_retry(tmp_path: Path, tiny_model: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    workers = [start_worker(root, tiny_model, tmp_path / "logs") for _ in range(2)]
+    victim = workers[1]
+    try:
+        source = clips.video(tmp_path / "in.mp4", size="96x54", frames=60, codec=H264_B_FRAMES)
+        output = tmp_path / "segments.mkv"
+        args = upscale_args(source, output, root, tiny_model, workers)
+        coordinator = _coordinator(
+            [*args, "--transport", "segments", "--segment-frames", "20", "--batch-size", "2"]
+        )
+
+        def victim_part_way() -> bool:
+            for path in _status_files(root):
+                try:
+                    status = orjson.loads(path.read_bytes())
+                except (OSError, ValueError):
+                    continue
+                if (
+                    status["worker"]["pid"] == victim.pid
+                    and 0 < status["batches_done"] < status["batches_total"]
+                ):
+                    os.kill(victim.pid, signal.SIGKILL)
+                    return True
+            return False
+
+        _wait_for("the second worker part way through its range", victim_part_way, coordinator)
+        _, stderr = coordinator.communicate(timeout=600)
+        assert coordinator.returncode == 0, stderr
+        assert "lost worker" in stderr and "go to the others" in stderr
+        reference = tmp_path / "frames.mkv"
+        frames = esrfarm(*upscale_args(source, reference, root, tiny_model, workers[:1]))
+        assert frames.returncode == 0, frames.stderr
+        assert framemd5(output) == framemd5(reference)
+    finally:
+        for worker in workers:
+            if worker.process.poll() is None:
+                worker.stop()
+
+
+def test_a_coordinator_killed_mid_job_resumes_keeping_its_finished_segments(
+    tmp_path: Path, tiny_model: Path, farm: tuple[Path, list[WorkerProcess]]
+) -> None:
+    root, workers = farm
+    source = clips.video(tmp_path / "in.mp4", size="96x54", frames=48, codec=H264_B_FRAMES)
+    output = tmp_path / "segments.mkv"
+    args = [*upscale_args(source, output, root, tiny_model, workers), "--transport", "segments",
+            "--segment-frames", "8", "--batch-size", "2", "--keep-frames", "-v"]  # fmt: skip
+    coordinator = _coordinator(args)
+
+    def some_segments() -> bool:
+        return bool(list(root.glob("jobs/*/segments/0*.mp4")))
+
+    _wait_for("a finished segment", some_segments, coordinator)
+    coordinator.send_signal(signal.SIGKILL)
+    coordinator.communicate(timeout=60)
+    kept = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in root.glob("jobs/*/segments/0*.mp4")}
+    assert 0 < len(kept) < 6, "killed part way"
+    rerun = esrfarm(*args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resuming: " in rerun.stderr and "of 6 segments done" in rerun.stderr
+    for path, (inode, mtime) in kept.items():
+        if path.is_file():  # a segment whole when it was seen is kept as it was
+            assert (path.stat().st_ino, path.stat().st_mtime_ns) == (inode, mtime), f"{path.name} was redone"
+    job_dir = next((root / "jobs").iterdir())
+    try:
+        reference = tmp_path / "frames.mkv"
+        frames = esrfarm(*upscale_args(source, reference, root, tiny_model, workers))
+        assert frames.returncode == 0, frames.stderr
+        assert framemd5(output) == framemd5(reference)
+    finally:
+        shutil.rmtree(job_dir, ignore_errors=True)
+
+
+def test_local_workers_run_a_segments_job(tmp_path: Path, tiny_model: Path) -> None:
+    """Without --workers, the workers started here run the segment transport as well."""
+    source = clips.video_with_audio(tmp_path / "in.mp4", rate="25", seconds=0.6)
+    outputs = {}
+    for transport in ("frames", "segments"):
+        output = outputs[transport] = tmp_path / f"{transport}.mkv"
+        result = esrfarm(
+            "upscale", source, output, "--model", tiny_model, "--scale", "2", "--codec", "ffv1",
+            "--shared-root", tmp_path / "root", "--local-workers", "1", "--worker-arg=--cpu-threads=1",
+            "--transport", transport, *SMALL_RANGES,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+    assert framemd5(outputs["segments"]) == framemd5(outputs["frames"])
+    assert audio_bytes(outputs["segments"]) == audio_bytes(source) != []
