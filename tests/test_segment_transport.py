@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -46,7 +45,7 @@ from tests.test_job_engine import farm as engine_farm
 from tests.test_job_engine import run as run_engine
 from tests.test_job_engine import spec as engine_spec
 from tests.videocheck import packets
-from tests.workerutil import REPO, WorkerProcess, start_worker
+from tests.workerutil import REPO, WorkerProcess, part_way, start_worker
 
 #: H.264 with B-frames and a keyframe every 12 frames.
 H264_B_FRAMES = ("-c:v", "libx264", "-preset", "veryfast", "-g", "12", "-pix_fmt", "yuv420p")
@@ -415,10 +414,6 @@ def test_segments_are_frame_identical_to_frames(
     assert not list((root / "jobs").iterdir()), "each job directory is removed after success"
 
 
-def _status_files(root: Path) -> list[Path]:
-    return sorted(root.glob("jobs/*/status/*.json"))
-
-
 def _coordinator(args: list[str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "coordinator.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -450,17 +445,9 @@ def test_a_worker_killed_mid_range_costs_that_range_a_retry(tmp_path: Path, tiny
         )
 
         def victim_part_way() -> bool:
-            for path in _status_files(root):
-                try:
-                    status = orjson.loads(path.read_bytes())
-                except (OSError, ValueError):
-                    continue
-                if (
-                    status["worker"]["pid"] == victim.pid
-                    and 0 < status["batches_done"] < status["batches_total"]
-                ):
-                    os.kill(victim.pid, signal.SIGKILL)
-                    return True
+            if part_way(root, victim.pid):
+                os.kill(victim.pid, signal.SIGKILL)
+                return True
             return False
 
         _wait_for("the second worker part way through its range", victim_part_way, coordinator)
