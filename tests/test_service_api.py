@@ -397,6 +397,14 @@ def test_submit_with_dedup(service: ServiceProcess, inputs: Path, model: str) ->
     assert probe(Path(done["output"]), full_decode=True).video.frame_count == 10
 
 
+def test_submit_with_the_segments_transport(service: ServiceProcess, inputs: Path, model: str) -> None:
+    job = service.submit(inputs=[str(inputs / "small.mp4")], models=[model], scales=[2], transport="segments")
+    done = service.wait_state(job["jobs"][0]["id"], "done", "failed")
+    assert done["state"] == "done", done
+    assert probe(Path(done["output"]), full_decode=True).video.frame_count == 10
+    assert "coordinator.segment_run" in service.log(), "the workers decoded and encoded its ranges"
+
+
 def test_submit_wait_cli(service: ServiceProcess, inputs: Path, model: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "ESRFARM_SERVICE": service.url}
     good = subprocess.run(
