@@ -155,7 +155,7 @@ class SegmentRun:
         succeeded = False
         try:
             started = time.monotonic()
-            shared = await self._in_thread(share_source, spec.input, layout)
+            shared = await self._in_thread(share_source, spec.input, layout, self._copy_progress())
             self._source = str(shared.relative_to(layout.job_dir))
             self.stats["share_source_s"] = time.monotonic() - started
             self._report(Stage.LOADING, 0, 0)
@@ -173,6 +173,18 @@ class SegmentRun:
             if not succeeded:
                 await self._stop()
         await self._join()
+
+    def _copy_progress(self) -> Callable[[int, int], None]:
+        """Progress of a copy of the source (a thread) as the job's extracting stage, in frames."""
+        loop, frames = asyncio.get_running_loop(), self.media.frame_count
+
+        def copied(done: int, total: int) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: the job is over
+                loop.call_soon_threadsafe(
+                    self._report, Stage.EXTRACTING, frames * done // max(total, 1), frames
+                )
+
+        return copied
 
     def _start(self) -> None:
         """Plan the ranges and take in the segments an earlier run finished (a thread)."""

@@ -36,7 +36,7 @@ def _same_file_data(a: os.stat_result, b: os.stat_result) -> bool:
 
 
 def share_source(
-    source: Path, layout: JobLayout, *, on_progress: Callable[[int, int], None] | None = None
+    source: Path, layout: JobLayout, on_progress: Callable[[int, int], None] | None = None
 ) -> Path:
     """Put ``source`` at :func:`shared_source_path` (a hard link, else a copy) and return that path;
     a file already there with the source's size and modification time is kept. ``on_progress``

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from coordinator.errors import JobCancelledError, JobError, SpecError
-from coordinator.events import Failed, Finished, JobEvent, SegmentDone, Started, WorkerLost
+from coordinator.events import Failed, Finished, JobEvent, Progress, SegmentDone, Started, WorkerLost
 from coordinator.fleet import WorkerHandle
 from coordinator.job import Job, job_identity
 from coordinator.media import VideoMedia
@@ -185,10 +186,13 @@ def test_the_source_is_hard_linked_and_reused_on_resume(tmp_path: Path) -> None:
     assert share_source(source, layout).stat().st_ino == source.stat().st_ino
 
 
-@pytest.mark.skipif(
-    not Path("/dev/shm").is_dir() or os.stat("/dev/shm").st_dev == os.stat(Path.cwd()).st_dev,
-    reason="needs /dev/shm on another file system than the working directory",
+ON_ANOTHER_FILE_SYSTEM = pytest.mark.skipif(
+    not Path("/dev/shm").is_dir() or os.stat("/dev/shm").st_dev == os.stat(tempfile.gettempdir()).st_dev,
+    reason="needs /dev/shm on another file system than the temporary directory",
 )
+
+
+@ON_ANOTHER_FILE_SYSTEM
 def test_the_source_is_copied_whole_across_file_systems_and_kept_while_it_matches(tmp_path: Path) -> None:
     source = clips.video(tmp_path / "in.mkv", frames=5)
     shm = Path("/dev/shm") / f"esrfarm-test-{os.getpid()}"
@@ -316,6 +320,30 @@ def test_a_stopped_segments_job_resumes_keeping_its_finished_segments(
         assert int(name[:6]) * 12 + 1 not in firsts
     finished = next(e for e in events if isinstance(e, Finished)).result
     assert finished.resumed and finished.frames_found == 12 * len(kept)
+
+
+@ON_ANOTHER_FILE_SYSTEM
+def test_a_source_on_another_file_system_is_copied_and_the_copy_shows_as_progress(
+    engine_clip: Path, engine_expected: list[np.ndarray], tmp_path: Path
+) -> None:
+    root = Path("/dev/shm") / f"esrfarm-test-{os.getpid()}-job"
+    try:
+        output = tmp_path / "out.mkv"
+        workers = fake_farm(root, 2)
+        events, job, error = asyncio.run(
+            run_engine(segments_spec(engine_clip, output, keep_frames=True), workers, engine_farm(root))
+        )
+        assert error is None
+        assert_same_frames(frames_of(output), engine_expected)
+        assert job.job_dir is not None
+        copy = job.job_dir / "input" / "source.mp4"
+        assert (
+            copy.read_bytes() == engine_clip.read_bytes() and copy.stat().st_ino != engine_clip.stat().st_ino
+        )
+        copying = [e for e in events if isinstance(e, Progress) and e.stage == "extracting"]
+        assert copying and copying[-1].done == copying[-1].total == ENGINE_FRAMES
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_workers_without_segments_get_no_range_and_none_at_all_is_one_line(
