@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import asdict
 from typing import Any
 
@@ -150,8 +150,23 @@ class SegmentRun:
     # -- the run ----------------------------------------------------------------------------------
 
     async def run(self) -> None:
+        """Produce every segment, then join them into the output."""
+        ready = asyncio.ensure_future(self.fleet.wait_ready(self.spec.model, self.spec.backend))
+        try:
+            ranges = await self.produce(ready)
+        finally:
+            ready.cancel()
+        await self._join(ranges)
+
+    async def produce(
+        self, ready: Awaitable[list[WorkerHandle]], scale: float | None = None
+    ) -> tuple[Chunk, ...]:
+        """Share the source, deal the ranges until every segment is on disk, and return the ranges
+        in order (what :meth:`VideoMedia.finish` joins). ``ready`` gives the workers once they have
+        loaded their model; ``scale``, when known, is the job's (else the workers' model's)."""
         spec, layout = self.spec, self.layout
-        ready = asyncio.ensure_future(self.fleet.wait_ready(spec.model, spec.backend))
+        if scale is not None:
+            self.scale = scale
         succeeded = False
         try:
             started = time.monotonic()
@@ -160,19 +175,18 @@ class SegmentRun:
             self.stats["share_source_s"] = time.monotonic() - started
             self._report(Stage.LOADING, 0, 0)
             handles = refuse_workers_without_segments(await ready)
-            self.stats["workers_ready_s"] = time.monotonic() - started
             if self.scale is None:
                 self.scale = handles[0].scale
-            await self._in_thread(self.media.check_output, self.scale)
+                await self._in_thread(self.media.check_output, self.scale)
             await self._in_thread(self._start)
             self._started_at = asyncio.get_running_loop().time()
             await self._loop()
             succeeded = True
         finally:
-            ready.cancel()
             if not succeeded:
                 await self._stop()
-        await self._join()
+        assert self.plan is not None
+        return self.plan.ranges
 
     def _copy_progress(self) -> Callable[[int, int], None]:
         """Progress of a copy of the source (a thread) as the job's extracting stage, in frames."""
@@ -256,13 +270,12 @@ class SegmentRun:
         for manifest_id, handle in self._holders.items():
             self.fleet.release(handle, manifest_id)
 
-    async def _join(self) -> None:
-        assert self.plan is not None
+    async def _join(self, ranges: tuple[Chunk, ...]) -> None:
         started = time.monotonic()
         self._report(Stage.JOINING, 0, 1)
-        await self._in_thread(self.media.finish, self.layout, self.plan.ranges)
+        await self._in_thread(self.media.finish, self.layout, ranges)
         self.stats["join_s"] = time.monotonic() - started
-        log.info("joined %d segment(s) into %s", len(self.plan.ranges), self.spec.output)
+        log.info("joined %d segment(s) into %s", len(ranges), self.spec.output)
         self._report(Stage.JOINING, 1, 1)
 
     # -- workers ----------------------------------------------------------------------------------
