@@ -410,7 +410,7 @@ def upscale_args(
 
 
 @pytest.fixture(scope="module")
-def farm(
+def segment_farm(
     tmp_path_factory: pytest.TempPathFactory, tiny_model: Path
 ) -> Iterator[tuple[Path, list[WorkerProcess]]]:
     root = tmp_path_factory.mktemp("segment-farm")
@@ -424,9 +424,9 @@ def farm(
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_segments_are_frame_identical_to_frames(
-    name: str, tmp_path: Path, tiny_model: Path, farm: tuple[Path, list[WorkerProcess]]
+    name: str, tmp_path: Path, tiny_model: Path, segment_farm: tuple[Path, list[WorkerProcess]]
 ) -> None:
-    root, workers = farm
+    root, workers = segment_farm
     source = CASES[name](tmp_path / name)
     outputs = {}
     for transport in ("frames", "segments"):
@@ -493,9 +493,9 @@ def test_a_worker_killed_mid_range_costs_that_range_a_retry(tmp_path: Path, tiny
 
 
 def test_a_coordinator_killed_mid_job_resumes_keeping_its_finished_segments(
-    tmp_path: Path, tiny_model: Path, farm: tuple[Path, list[WorkerProcess]]
+    tmp_path: Path, tiny_model: Path, segment_farm: tuple[Path, list[WorkerProcess]]
 ) -> None:
-    root, workers = farm
+    root, workers = segment_farm
     source = clips.video(tmp_path / "in.mp4", size="96x54", frames=48, codec=H264_B_FRAMES)
     output = tmp_path / "segments.mkv"
     args = [*upscale_args(source, output, root, tiny_model, workers), "--transport", "segments",
