@@ -31,6 +31,8 @@ from coordinator.spec import DEFAULT_MODEL, FarmSettings, JobSpec, default_share
 from manifests.jsonio import write_json_atomic
 from manifests.layout import FrameFormat
 from manifests.manifest import BACKENDS
+from manifests.ranges import DEFAULT_SEGMENT_FRAMES
+from manifests.segment import FRAMES_TRANSPORT, TRANSPORTS
 from manifests.tokens import TOKEN_ENV, read_token
 
 #: Subcommands of other packages: command -> the ``python -m`` argument list that runs them.
@@ -51,6 +53,7 @@ FLAGS = {
     "local_workers": "--local-workers", "shared_root": "--shared-root", "ray_address": "--ray",
     "ray_workers": "--ray-workers",
     "unreachable_after_s": "--unreachable-timeout", "stale_after_s": "--stale-timeout",
+    "transport": "--transport", "segment_frames": "--segment-frames", "dedup": "--dedup",
 }  # fmt: skip
 
 log = logging.getLogger("esrfarm")
@@ -76,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Upscale INPUT into OUTPUT: probe it, extract its frames into a job directory under the "
             "shared root, upscale them on the workers, and encode the result once, carrying over every "
-            "audio stream (copied), subtitles, chapters, metadata, timing and colour. Without --workers, "
+            "audio stream (copied), subtitles, chapters, metadata, timing and colour (with --transport "
+            "segments the workers decode and encode ranges of the source instead). Without --workers, "
             "local workers are started (one per GPU, or one on the CPU) and stopped afterwards. "
             "Interrupted (Ctrl-C, SIGTERM, a crash), the same command resumes the job."
         ),
@@ -188,6 +192,23 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="upscale a held frame once: a frame that repeats the last upscaled one (up to compression "
         "noise) reuses its upscaled frame; every frame and timestamp is kept (videos only; README: --dedup)",
+    )
+    work.add_argument(
+        "--transport",
+        choices=list(TRANSPORTS),
+        default=FRAMES_TRANSPORT,
+        help="how frames reach the workers: frames (this host decodes and encodes; raw frames cross "
+        "the shared storage) or segments (each worker decodes a range of the source on the shared root "
+        "and encodes it: only compressed video crosses it; for many hosts on NFS; README: Choosing a "
+        "transport) (default %(default)s)",
+    )
+    work.add_argument(
+        "--segment-frames",
+        type=int,
+        default=DEFAULT_SEGMENT_FRAMES,
+        metavar="N",
+        help="--transport segments: source frames per worker range (rounded up to whole batches), one "
+        "segment file each, redone from its start if its worker fails (default %(default)s)",
     )
     work.add_argument(
         "--unreachable-timeout",
@@ -377,6 +398,8 @@ def settings_from_args(args: argparse.Namespace) -> tuple[JobSpec, FarmSettings]
         overwrite=args.overwrite,
         keep_frames=args.keep_frames,
         dedup=args.dedup,
+        transport=args.transport,
+        segment_frames=args.segment_frames,
     )
     return spec, farm_settings_from_args(args, read_token(args.token_file))
 

@@ -42,6 +42,7 @@ from coordinator.client import HttpWorkerClient, WorkerBusyError, WorkerRequestE
 from coordinator.errors import FleetError, NoWorkerError
 from coordinator.local_workers import LocalWorkerPool, check_model, visible_gpu_count
 from coordinator.spec import FarmSettings
+from manifests.segment import FRAMES_TRANSPORT
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,14 @@ class WorkerHandle:
     def serves(self, model: str, backend: str = "torch") -> bool:
         """It runs ``model`` on ``backend``: a job's workers all run one backend (their outputs differ)."""
         return self.model in {model, Path(model).stem} and self.backend == backend
+
+    @property
+    def transports(self) -> tuple[str, ...]:
+        """The transports its /health names (``"transports"``; a worker from before them: frames only)."""
+        named = self.health.get("transports")
+        if not isinstance(named, list):
+            return (FRAMES_TRANSPORT,)
+        return tuple(str(name) for name in named)
 
     @property
     def storage_error(self) -> str | None:

@@ -64,6 +64,7 @@ from coordinator.images import is_image_job, probe_images
 from coordinator.media import ImageMedia, JobMedia, VideoMedia, file_sha256
 from coordinator.plan import Runner, RunPlan, RunTools
 from coordinator.progress import ProgressMeter
+from coordinator.segment_run import run_segments
 from coordinator.spec import FarmSettings, JobSpec
 from coordinator.threads import JobThreads
 from manifests.chunks import Chunk
@@ -72,6 +73,7 @@ from manifests.errors import DocumentError
 from manifests.jobrecord import JobRecord
 from manifests.jsonio import write_json_atomic
 from manifests.layout import FrameFormat, JobLayout
+from manifests.segment import FRAMES_TRANSPORT, SEGMENTS_TRANSPORT
 from media.cputime import METER, grown
 from media.ffmpeg import ProcessGroup, process_group
 from media.probe import check_output_path, probe
@@ -101,6 +103,8 @@ def job_identity(spec: JobSpec, media: JobMedia, yuv_frames: bool = False) -> di
         identity["backend"] = spec.backend
     if spec.dedup:  # named only when on: other jobs keep their ids
         identity["dedup"] = {"block": DEDUP_BLOCK, "threshold": DEDUP_THRESHOLD}
+    if spec.transport != FRAMES_TRANSPORT:  # named only when not frames: other jobs keep their ids
+        identity["transport"] = spec.transport
     return identity
 
 
@@ -281,6 +285,8 @@ class Job:
         spec = self.spec
         self._meter.report(Stage.PROBING, 0, 0)
         media = await self._threads.run(self._probe)
+        if spec.transport == SEGMENTS_TRANSPORT and not isinstance(media, VideoMedia):
+            raise JobError("cannot start: --transport segments is for videos (use frames)", resumable=False)
         if spec.dedup and not isinstance(media, VideoMedia):
             raise JobError("cannot start: --dedup is for videos (no image repeats another)", resumable=False)
         frame_format, yuv = self._frame_layout(media)
@@ -363,7 +369,7 @@ class Job:
             scale = await self._scale(media, ready)
             self.plan = RunPlan(self.spec, media, layout, self.run_number, scale, frame_format, yuv)
             tools = RunTools(self.fleet, self._meter, self._emit, self._threads, self._processes, self.stats)
-            runner: Runner = run_frames
+            runner: Runner = run_segments if self.spec.transport == SEGMENTS_TRANSPORT else run_frames
             return await runner(self.plan, tools, ready)
         finally:
             ready.cancel()

@@ -20,6 +20,8 @@ from typing import Any
 from coordinator.errors import SpecError
 from manifests.layout import FrameFormat
 from manifests.manifest import BACKENDS, MAX_BATCH_FRAMES, MAX_FRAME_INDEX, MAX_SCALE, MAX_TILE, MIN_SCALE
+from manifests.ranges import DEFAULT_SEGMENT_FRAMES
+from manifests.segment import FRAMES_TRANSPORT, MAX_SEGMENT_FRAMES, TRANSPORTS
 from media.encode import EncodeSettings
 
 DEFAULT_MODEL = "realesr-animevideov3"
@@ -55,6 +57,8 @@ class JobSpec:
     overwrite: bool = False
     keep_frames: bool = False
     dedup: bool = False  # held frames (repeats of the last upscaled frame) reuse its upscale
+    transport: str = FRAMES_TRANSPORT  # "frames" or "segments" (manifests.segment)
+    segment_frames: int = DEFAULT_SEGMENT_FRAMES  # segments transport: source frames per worker range
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input", Path(self.input))
@@ -88,6 +92,12 @@ class JobSpec:
             raise SpecError("max_chunk_frames", f"must be above 0, not {self.max_chunk_frames}")
         if self.encoders is not None and self.encoders < 1:
             raise SpecError("encoders", f"must be at least 1, not {self.encoders}")
+        if self.transport not in TRANSPORTS:
+            raise SpecError("transport", f"must be one of {', '.join(TRANSPORTS)}, not {self.transport!r}")
+        if self.dedup and self.transport != FRAMES_TRANSPORT:
+            raise SpecError("dedup", f"is for the frames transport, not {self.transport}")
+        if not 1 <= self.segment_frames <= MAX_SEGMENT_FRAMES:
+            raise SpecError("segment_frames", f"must be 1 to {MAX_SEGMENT_FRAMES}, not {self.segment_frames}")
 
     @property
     def encoder_count(self) -> int:

@@ -157,6 +157,17 @@ class JobLedger:
             self.release(manifest_id)
         return newly
 
+    def record_done(self, manifest_id: str) -> list[Batch]:
+        """Every batch ``manifest_id`` holds is done (checked on disk by the caller, not read from a
+        status file: a segment job's unit is its range, done when its segment file is whole)."""
+        worker_id = self.manifests[manifest_id]
+        finished = self.held_by(manifest_id)
+        for batch in finished:
+            del self.assigned[batch.id]
+            self.done.add(batch.id)
+            self.done_by[batch.id] = worker_id
+        return finished
+
     def release(self, manifest_id: str) -> list[Batch]:
         """A manifest holds nothing any more (it ended, or its worker is lost): its batches go back."""
         returned = self.held_by(manifest_id)

@@ -36,6 +36,7 @@ from aiohttp.typedefs import Middleware
 from coordinator.errors import EXPECTED_ERRORS, SpecError
 from coordinator.spec import DEFAULT_MODEL, FarmSettings, JobSpec
 from manifests.manifest import BACKENDS
+from manifests.segment import FRAMES_TRANSPORT
 from media.encode import EncodeSettings
 from service.comparisons import KIND, CompareJobError, batch_page, compare_spec, is_compare
 from service.preview import PreviewError, render_preview
@@ -226,7 +227,7 @@ def _output_name(source: Path, model: str, scale: float | None, job_id: str, cod
 
 
 COMMON_FIELDS = {"type", "inputs", "upload", "models", "scales", "priority", "output_dir"}
-UPSCALE_FIELDS = COMMON_FIELDS | {"codec", "crf", "preset", "backend", "dedup"}
+UPSCALE_FIELDS = COMMON_FIELDS | {"codec", "crf", "preset", "backend", "dedup", "transport"}
 COMPARE_FIELDS = COMMON_FIELDS | {"frames"}
 
 
@@ -313,6 +314,7 @@ async def _upscale_rows(
                     spec = JobSpec(
                         input=source, output=output, model=model, backend=backend,
                         scale=float(scale) if scale is not None else None, encode=encode, dedup=dedup,
+                        transport=body.get("transport", FRAMES_TRANSPORT),
                     )  # fmt: skip
                 except SpecError as exc:
                     field = {"scale": "scales", "model": "models"}.get(exc.field, exc.field)

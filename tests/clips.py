@@ -95,6 +95,29 @@ def vfr_video(path: Path, *, frames: int = 30) -> Path:
     return path
 
 
+def hevc_open_gop_video(path: Path, *, frames: int = 30, keyint: int = 8) -> Path:
+    """HEVC with B-frames and open GOPs: a CRA every ``keyint`` frames, whose leading (RASL) frames
+    refer to the GOP before it, so a decoder that starts at a CRA cannot show them."""
+    params = f"log-level=error:keyint={keyint}:min-keyint={keyint}:scenecut=0:open-gop=1:bframes=3:b-adapt=0"
+    ffmpeg(
+        [
+            "-f", "lavfi", "-i", "testsrc2=size=64x36:rate=24", "-frames:v", str(frames),
+            "-c:v", "libx265", "-preset", "ultrafast", "-x265-params", params, "-pix_fmt", "yuv420p",
+            str(path),
+        ]
+    )  # fmt: skip
+    return path
+
+
+def late_start_video(path: Path, *, frames: int = 20, start_s: float = 1.5, keyint: int = 6) -> Path:
+    """H.264 with B-frames whose first frame (a keyframe) is at ``start_s``, not at time zero."""
+    return video(
+        path, frames=frames, rate="25",
+        codec=("-c:v", "libx264", "-preset", "veryfast", "-g", str(keyint), "-pix_fmt", "yuv420p"),
+        extra=("-output_ts_offset", str(start_s)),
+    )  # fmt: skip
+
+
 SRT = """1
 00:00:00,100 --> 00:00:00,800
 Hello, subtitles.

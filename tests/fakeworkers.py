@@ -4,8 +4,11 @@
 ``process_manifest`` and ``reset`` as it would call a worker over HTTP, and it does on the shared
 root what a worker does: reads the manifest, reads each batch's input frames, "upscales" them
 (nearest neighbour, so the expected output of any input is easy to compute), writes the output
-frames and replaces the status file after every batch, all with the protocol's own modules. It
-can be told to misbehave the ways real workers do: fail some batches, die, freeze, answer busy.
+frames and replaces the status file after every batch, all with the protocol's own modules. Given a
+segment manifest (``--transport segments``), it decodes the range from the job's source, writes
+its upscaled frames to a scratch folder of its own and encodes them into the segment file with the
+frames design's encoder. It can be told to misbehave the ways real workers do: fail some batches,
+die, freeze, answer busy.
 
 It is a fake at a boundary the project owns (the fleet's client protocol), as httpx's
 ``MockTransport`` is; it is never used for a test that claims to check the worker itself.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +30,12 @@ from coordinator.client import WorkerBusyError, WorkerRequestError
 from manifests import BatchError, Status, WorkerIdentity, WorkerState, read_manifest, write_json_atomic
 from manifests.colour import YuvSpec
 from manifests.frames import read_frame, write_frame
-from manifests.layout import frame_filename
+from manifests.layout import FrameFormat, frame_filename
 from manifests.manifest import Manifest
+from media.encode import EncodeSettings, settings_for_depth
+from media.extract import decode_frames
+from media.probe import probe
+from media.segments import encode_segment
 from worker.benchmarking import SimulatedUpscaler
 
 
@@ -51,6 +59,7 @@ class FakeWorker:
     freeze_after_batches: int | None = None  # then it answers /health but its status stands still
     busy_answers: int = 0  # the next N manifests are answered 409
     status_format: str | None = None  # write status files in this format instead
+    transports: tuple[str, ...] = ("frames", "segments")  # what its /health names
     posts: int = 0
     resets: int = 0
     manifests: list[str] = field(default_factory=list)  # accepted manifest paths
@@ -72,6 +81,7 @@ class FakeWorker:
             "state": "processing" if busy else "idle", "model": self.model, "scale": float(self.scale),
             "worker_id": self.url.removeprefix("fake://"), "job_id": current.job_id if current else None,
             "manifest_id": current.manifest_id if current else None, "backend": self.backend,
+            "transports": list(self.transports),
         }  # fmt: skip
 
     async def process_manifest(self, manifest_path: str) -> None:
@@ -143,18 +153,51 @@ class FakeWorker:
             )
             await self._publish(status_path, status)
         handled = len(done) + len(errors) == len(manifest.batches)
+        if manifest.segment is not None and handled and not errors:
+            await asyncio.to_thread(self._encode_segment, manifest, job_dir)
         state = (
             WorkerState.CANCELLED if not handled else WorkerState.FAILED if errors else WorkerState.COMPLETED
         )
         await self._publish(status_path, status.evolve(state=state, finished_at=time.time()))
 
     def _upscale(self, manifest: Manifest, job_dir: Path, frames: tuple[int, ...]) -> None:
+        if manifest.segment is not None:
+            self._upscale_range(manifest, job_dir, frames)
+            return
         for index in frames:
             name = frame_filename(index, manifest.frame_format)
             frame = read_frame(job_dir / manifest.input_dir / name, manifest.frame_format)
             output = job_dir / manifest.output_dir / name
             upscaled = nearest(frame, self.scale, manifest.yuv)
             write_frame(output, upscaled, manifest.frame_format, png_compression=1)
+
+    def _scratch(self, manifest: Manifest, job_dir: Path) -> Path:
+        return job_dir / f"fake-{manifest.manifest_id}"
+
+    def _upscale_range(self, manifest: Manifest, job_dir: Path, frames: tuple[int, ...]) -> None:
+        """A segment manifest's batch: its frames decoded from the source, upscaled into scratch files."""
+        assert manifest.segment is not None
+        scratch = self._scratch(manifest, job_dir)
+        scratch.mkdir(exist_ok=True)
+        decoded = list(decode_frames(job_dir / manifest.segment.source))
+        for index in frames:
+            upscaled = nearest(decoded[index - 1], self.scale)
+            write_frame(
+                scratch / frame_filename(index, FrameFormat.NPY), upscaled, FrameFormat.NPY, png_compression=1
+            )
+
+    def _encode_segment(self, manifest: Manifest, job_dir: Path) -> None:
+        work = manifest.segment
+        assert work is not None
+        scratch = self._scratch(manifest, job_dir)
+        encode = work.encode
+        settings = EncodeSettings(encode.codec, encode.crf, encode.preset, encode.pix_fmt, encode.extra_args)
+        info = probe(job_dir / work.source)
+        encode_segment(
+            info, scratch, work.first_frame, work.count, job_dir / work.file,
+            settings=settings_for_depth(settings, info.video.bit_depth), frame_format=FrameFormat.NPY,
+        )  # fmt: skip
+        shutil.rmtree(scratch)
 
     async def _publish(self, path: Path, status: Status) -> None:
         data = status.to_json()

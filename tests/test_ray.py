@@ -203,6 +203,19 @@ def test_a_job_on_actors_over_two_nodes_is_frame_identical_to_local_workers(
     ], "every actor is gone after the job"
 
 
+def test_a_segments_job_on_actors_gives_the_frames_jobs_frames(
+    cluster: Cluster, work: Path, tiny_model: Path, slow_source: Path, slow_reference: list[np.ndarray]
+) -> None:
+    """The actors run the ordinary worker: the segment transport works on them as on any worker."""
+    output = work / "segments-ray.mkv"
+    segments = ["--transport", "segments", "--segment-frames", "12", "--worker-arg=--simulate-latency-ms=1"]
+    done = run(on_ray(cluster, slow_source, output, work / "segments-root", tiny_model, "--ray-workers", "2",
+                      *segments))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert [e["event"] for e in events(done.stdout)].count("segment_done") == 4
+    assert_same_frames(output, slow_reference)
+
+
 def test_the_only_actor_killed_mid_manifest_is_restarted_and_the_job_ends_right(
     cluster: Cluster, work: Path, tiny_model: Path, slow_source: Path, slow_reference: list[np.ndarray]
 ) -> None:

@@ -143,6 +143,7 @@ def test_bad_input_fails_alone_and_bad_fields_are_refused(
         ({"inputs": [small], "colour": "red"}, "colour"),
         ({"inputs": [small], "models": [model], "backend": "vulkan"}, "backend"),
         ({"inputs": [small], "models": [model], "dedup": "yes"}, "dedup"),
+        ({"inputs": [small], "models": [model], "transport": "pigeon"}, "transport"),
         # These workers run torch: no worker runs the model on ncnn.
         ({"inputs": [small], "models": [model], "backend": "ncnn"}, "models"),
     ):
@@ -394,6 +395,14 @@ def test_submit_with_dedup(service: ServiceProcess, inputs: Path, model: str) ->
     done = service.wait_state(job["id"], "done", "failed")
     assert done["state"] == "done", done
     assert probe(Path(done["output"]), full_decode=True).video.frame_count == 10
+
+
+def test_submit_with_the_segments_transport(service: ServiceProcess, inputs: Path, model: str) -> None:
+    job = service.submit(inputs=[str(inputs / "small.mp4")], models=[model], scales=[2], transport="segments")
+    done = service.wait_state(job["jobs"][0]["id"], "done", "failed")
+    assert done["state"] == "done", done
+    assert probe(Path(done["output"]), full_decode=True).video.frame_count == 10
+    assert "coordinator.segment_run" in service.log(), "the workers decoded and encoded its ranges"
 
 
 def test_submit_wait_cli(service: ServiceProcess, inputs: Path, model: str) -> None:

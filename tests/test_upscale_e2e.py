@@ -23,7 +23,7 @@ from media.extract import decode_frames
 from media.probe import probe
 from tests import clips
 from tests.videocheck import assert_faithful_upscale
-from tests.workerutil import REPO, WorkerProcess, start_worker
+from tests.workerutil import REPO, WorkerProcess, part_way, start_worker
 from worker.runtime import RuntimeSettings, load_upscaler
 
 FAST = ["--preset", "ultrafast"]
@@ -149,10 +149,6 @@ def test_a_scale_above_the_models_own_is_a_resize_and_says_so(
     assert quiet.returncode == 0 and "resizes its" not in quiet.stderr, quiet.stderr
 
 
-def _status_files(root: Path) -> list[Path]:
-    return sorted(root.glob("jobs/*/status/*.json"))
-
-
 def test_a_worker_killed_mid_job_loses_its_batches_to_the_other(
     clip_dir: Path, tmp_path: Path, tiny_model: Path
 ) -> None:
@@ -173,18 +169,9 @@ def test_a_worker_killed_mid_job_loses_its_batches_to_the_other(
         deadline = time.monotonic() + 120
         killed_after = None
         while killed_after is None and time.monotonic() < deadline and coordinator.poll() is None:
-            for path in _status_files(root):
-                try:
-                    status = orjson.loads(path.read_bytes())
-                except (OSError, ValueError):
-                    continue
-                if (
-                    status["worker"]["pid"] == victim.pid
-                    and 0 < status["batches_done"] < status["batches_total"]
-                ):
-                    os.kill(victim.pid, signal.SIGKILL)
-                    killed_after = status["batches_done"]
-                    break
+            if part_way(root, victim.pid):
+                os.kill(victim.pid, signal.SIGKILL)
+                killed_after = True
             time.sleep(0.005)
         if killed_after is None:
             coordinator.kill()

@@ -330,3 +330,16 @@ class FifoGate:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def part_way(root: Path, pid: int) -> bool:
+    """Whether a status file under ``root`` shows worker ``pid`` part way through its manifest (at
+    least one batch done, more to go): the moment a fault test kills it."""
+    for path in sorted(root.glob("jobs/*/status/*.json")):
+        try:
+            status = json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            continue
+        if status["worker"]["pid"] == pid and 0 < status["batches_done"] < status["batches_total"]:
+            return True
+    return False
