@@ -77,10 +77,10 @@ def test_manifest_json_uses_ranges_for_contiguous_batches() -> None:
         ({"format": ...}, "has no 'format' field"),
         ({"job_id": "../etc"}, "field 'job_id' must be a safe name"),
         ({"job_id": ...}, "field 'job_id' is missing"),
-        ({"model": ""}, "field 'model' must be a non-empty string"),
+        ({"model": ""}, "field 'model' must not be empty"),
         ({"input_dir": "in\x00put"}, "field 'input_dir' must not contain a NUL character"),
-        ({"scale": 0}, "field 'scale' must be above 0"),
-        ({"scale": "2"}, "field 'scale' must be a finite number or null"),
+        ({"scale": 0}, "field 'scale' must be at least 0.0625, not 0"),
+        ({"scale": "2"}, "field 'scale' must be a number or null, not '2'"),
         ({"tile": -1}, "field 'tile' must be at least 0"),
         ({"png_compression": 10}, "field 'png_compression' must be at most 9"),
         ({"frame_format": "jpg"}, "field 'frame_format' must be one of png, npy, yuv"),
@@ -92,7 +92,7 @@ def test_manifest_json_uses_ranges_for_contiguous_batches() -> None:
         ),
         (
             {"frame_format": "yuv", "yuv": {"matrix": "bt709", "range": "full", "bits": 8}},
-            "field 'yuv.range' must be tv or pc",
+            "field 'yuv.range' must be tv or pc, not 'full'",
         ),
         (
             {"frame_format": "yuv", "yuv": {"matrix": "bt709", "range": "tv", "bits": 10}},
@@ -102,7 +102,7 @@ def test_manifest_json_uses_ranges_for_contiguous_batches() -> None:
             {"frame_format": "yuv", "yuv": {"matrix": "bt709", "range": "tv", "bits": 8, "x": 1}},
             "unknown field(s) in 'yuv': x",
         ),
-        ({"batches": []}, "field 'batches' must hold at least one batch"),
+        ({"batches": []}, "field 'batches' must not be empty"),
         (
             {"batches": [{"id": 0, "start": 5, "end": 5}]},
             "field 'batches[0].end' must be greater than start (5)",
@@ -116,7 +116,10 @@ def test_manifest_json_uses_ranges_for_contiguous_batches() -> None:
             "'batches[1]' repeats frame 2",
         ),
         ({"batches": [{"id": 0, "frames": [1, 1]}]}, "'batches[0].frames' lists a frame twice"),
-        ({"batches": [{"id": 0, "frames": [True]}]}, "must hold only integers >= 0"),
+        (
+            {"batches": [{"id": 0, "frames": [True]}]},
+            "field 'batches[0].frames[0]' must be an integer, not True",
+        ),
         ({"batches": [{"id": 0, "start": 1, "end": 3, "step": 2}]}, "unknown field(s) in 'batches[0]': step"),
         ({"extra": 1}, "unknown field(s): extra"),
         # what a manifest may ask is bounded, checked before any range is expanded
@@ -127,17 +130,23 @@ def test_manifest_json_uses_ranges_for_contiguous_batches() -> None:
         ),
         (
             {"batches": [{"id": 0, "frames": list(range(4097))}]},
-            "lists 4097 frames; a batch holds at most 4096",
+            "field 'batches[0].frames' holds 4097 items; at most 4096 are allowed",
         ),
-        ({"batches": [{"id": 0, "frames": [10**8]}]}, "names frame 100000000; frame indices end at 99999999"),
-        ({"batches": [{"id": i, "frames": [i]} for i in range(65_537)]}, "a manifest holds at most 65536"),
+        (
+            {"batches": [{"id": 0, "frames": [10**8]}]},
+            "field 'batches[0].frames[0]' must be at most 99999999, not 100000000",
+        ),
+        (
+            {"batches": [{"id": i, "frames": [i]} for i in range(65_537)]},
+            "field 'batches' holds 65537 items; at most 65536 are allowed",
+        ),
         (
             {"batches": [{"id": i, "start": 4096 * i, "end": 4096 * (i + 1)} for i in range(257)]},
             "hold more than 1048576 frames",
         ),
-        ({"scale": 16.5}, "field 'scale' must be between 0.0625 and 16, not 16.5"),
-        ({"scale": 0.05}, "field 'scale' must be between 0.0625 and 16"),
-        ({"scale": 1e308}, "field 'scale' must be between"),
+        ({"scale": 16.5}, "field 'scale' must be at most 16.0, not 16.5"),
+        ({"scale": 0.05}, "field 'scale' must be at least 0.0625, not 0.05"),
+        ({"scale": 1e308}, "field 'scale' must be at most 16.0, not 1e+308"),
         ({"tile": 65_537}, "field 'tile' must be at most 65536"),
         ({"tile_pad": 1025}, "field 'tile_pad' must be at most 1024"),
         ({"model": "m" * 4097}, "field 'model' is 4097 characters long; at most 4096"),
@@ -166,12 +175,17 @@ def test_non_json_or_non_object_is_refused(text: bytes) -> None:
 def test_manifests_built_in_code_are_validated_too() -> None:
     with pytest.raises(DocumentError, match="job_id"):
         manifest(job_id="a/b")
-    with pytest.raises(ValueError, match=r"end .* must be greater"):
+    with pytest.raises(DocumentError, match=r"field 'end' must be greater than start \(4\), not 4"):
         Batch.range(0, 4, 4)
-    with pytest.raises(DocumentError, match="holds 5000 frames; a batch holds at most 4096"):
+    with pytest.raises(DocumentError, match="makes a batch of 5000 frames; a batch holds at most 4096"):
         manifest(batches=(Batch.range(0, 1, 5001),))
-    with pytest.raises(DocumentError, match="field 'scale' must be between"):
+    # limits declared on the fields hold for records built in code, naming the field
+    with pytest.raises(DocumentError, match=r"field 'scale' must be at most 16.0, not 32.0"):
         manifest(scale=32.0)
+    with pytest.raises(DocumentError, match=r"field 'frames\[0\]' must be at most 99999999"):
+        manifest(batches=(Batch(0, (10**8, 1)),))
+    with pytest.raises(DocumentError, match=r"field 'png_compression' must be at most 9, not 10"):
+        manifest(png_compression=10)
 
 
 def test_a_manifest_is_checked_against_the_jobs_frame_count() -> None:
