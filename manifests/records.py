@@ -36,10 +36,13 @@ _decoding = contextvars.ContextVar("_decoding", default=False)
 
 class Record(msgspec.Struct, forbid_unknown_fields=True):
     """A protocol record. Subclasses set ``KIND`` (how errors name the document) and may add
-    cross-field checks in :meth:`_check`. Treat instances as immutable: change one with
-    :func:`msgspec.structs.replace`, which checks the copy again."""
+    cross-field checks in :meth:`_check`. Fields named in ``OMIT_DEFAULT`` are written only when
+    they differ from their default (so a field added later leaves older documents as they were).
+    Treat instances as immutable: change one with :func:`msgspec.structs.replace`, which checks
+    the copy again."""
 
     KIND: ClassVar[str] = "record"
+    OMIT_DEFAULT: ClassVar[frozenset[str]] = frozenset()
 
     def __post_init__(self) -> None:
         self._check()
@@ -53,15 +56,24 @@ class Record(msgspec.Struct, forbid_unknown_fields=True):
         """The error for a bad ``field`` of this record (raise it)."""
         return DocumentError(self.KIND, problem, field=field)
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values (lists, not tuples), as the record is written."""
+        document: dict[str, Any] = orjson.loads(self.to_json())
+        return document
+
+    def to_json(self) -> bytes:
+        """The record as every esrfarm file is written (indented, trailing newline)."""
+        document: dict[str, Any] = msgspec.to_builtins(self)
+        for name in self.OMIT_DEFAULT:
+            if getattr(self, name) == _default(type(self), name):
+                del document[name]
+        return dumps(document)
+
 
 class Document(Record, kw_only=True):
-    """A record kept as a file of its own: a ``format`` field first, checked before anything else.
-
-    Fields named in ``OMIT_DEFAULT`` are written only when they differ from their default (so a
-    field added later leaves older documents byte for byte as they were)."""
+    """A record kept as a file of its own: a ``format`` field first, checked before anything else."""
 
     FORMAT: ClassVar[str] = ""
-    OMIT_DEFAULT: ClassVar[frozenset[str]] = frozenset()
 
     format: str = ""
 
@@ -72,17 +84,6 @@ class Document(Record, kw_only=True):
             # Decoded from a document without a format or with another one: said in _explain.
             raise self.fail("format", f"has format {self.format!r}, not {self.FORMAT!r}")
         super().__post_init__()
-
-    def to_dict(self) -> dict[str, Any]:
-        document: dict[str, Any] = msgspec.to_builtins(self)
-        for name in self.OMIT_DEFAULT:
-            if getattr(self, name) == _default(type(self), name):
-                del document[name]
-        return document
-
-    def to_json(self) -> bytes:
-        """The document as every esrfarm file is written (indented, trailing newline)."""
-        return dumps(self.to_dict())
 
     @classmethod
     def from_json(cls: type[D], data: bytes | str, *, source: str | Path | None = None) -> D:
