@@ -598,7 +598,7 @@ class Job:
         assert self.layout is not None
         encode = asdict(self.spec.encode)
         record = SegmentsRecord(
-            plan.chunk_frames, {**encode, "extra_args": list(self.spec.encode.extra_args)}
+            chunk_frames=plan.chunk_frames, encode={**encode, "extra_args": list(self.spec.encode.extra_args)}
         )
         record_file = self.layout.segments_dir / "segments.json"
         previous: SegmentsRecord | None = None

@@ -153,7 +153,7 @@ def _parsed(data: bytes | str) -> Any:
 _AT = re.compile(r"^(?P<message>.*?)(?: - at `\$(?P<path>.*)`)?$", re.DOTALL)
 _STEP = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
 _BOUND = re.compile(r"^Expected `(?P<type>\w+)` (?P<op>>=|>|<=|<) (?P<limit>\S+)$")
-_LENGTH = re.compile(r"^Expected `(?P<type>\w+)` of length (?P<op>>=|<=) (?P<limit>\d+)$")
+_LENGTH = re.compile(r"^Expected `(?P<type>\w+)` of length (?:(?P<op>>=|<=) )?(?P<limit>\d+)$")
 _TYPE = re.compile(r"^Expected `(?P<types>[^`]+)`, got `\w+`$")
 _NAMED = re.compile(r"^Object (?P<what>missing required|contains unknown) field `(?P<name>[^`]+)`$")
 _OPS = {">=": "at least", ">": "above", "<=": "at most", "<": "below"}
@@ -204,6 +204,8 @@ def _problem(cls: type[Record], message: str, path: list[str | int], value: Any)
         return f"must be {_OPS[bound['op']]} {bound['limit']}, not {_show(value)}"
     if length := _LENGTH.match(message):
         limit, is_text = int(length["limit"]), length["type"] == "str"
+        if length["op"] is None:
+            return f"must hold {limit} items, not {_show(value)}"
         if length["op"] == ">=":
             return "must not be empty" if limit == 1 else f"must hold at least {limit} items"
         size = len(value) if isinstance(value, str | list) else "more than that"

@@ -36,6 +36,8 @@ from manifests import (
     write_status_atomic,
 )
 from manifests.colour import YUV_MATRICES, YuvSpec
+from manifests.dedup import DuplicateMap
+from manifests.jobrecord import JobRecord, SegmentsRecord
 from manifests.manifest import check_frames_within_job, job_frame_count
 
 IDENTITY = WorkerIdentity("host-a:8090", "host-a", 4242, "0", "NVIDIA H100")
@@ -538,3 +540,51 @@ def test_progress_before_any_frame_and_after_the_last() -> None:
     later = progress([done], now=1000.0)  # the rate stops at the last finish, not at now
     assert (later.fps, later.eta_s) == (pytest.approx(2.0), 0.0)
     assert progress([], now=5.0).eta_s == 0.0
+
+
+# -- resume records (job.json, segments.json, dedup.json) -----------------------------------------
+
+RECORDS: list[Any] = [
+    JobRecord(
+        identity={"input_sha256": "ab", "model": {"name": "m"}},
+        input="/v/in.mp4",
+        output="/v/out.mp4",
+        frames=240,
+        runs=2,
+        updated_at=1718000000.5,
+    ),
+    SegmentsRecord(chunk_frames=256, encode={"codec": "libx264", "crf": None, "extra_args": []}),
+    DuplicateMap.of(8, 4, 3.0, 16, {3: 1, 2: 1, 8: 5}),
+]
+
+
+@pytest.mark.parametrize("record", RECORDS, ids=lambda r: type(r).__name__)
+def test_resume_records_round_trip(record: Any) -> None:
+    assert type(record).from_json(record.to_json()) == record
+
+
+@pytest.mark.parametrize(
+    ("record", "changes", "message"),
+    [
+        (RECORDS[0], {"frames": 0}, "job record j.json: field 'frames' must be at least 1, not 0"),
+        (RECORDS[0], {"identity": []}, "job record j.json: field 'identity' must be an object, not []"),
+        (RECORDS[0], {"input": ""}, "job record j.json: field 'input' must not be empty"),
+        (RECORDS[0], {"format": "esrfarm.job/2"}, "has format 'esrfarm.job/2', but this esrfarm reads only"),
+        (RECORDS[1], {"chunk_frames": -1}, "segments record j.json: field 'chunk_frames' must be at least 1"),
+        (RECORDS[1], {"crf": 18}, "segments record j.json: has unknown field(s): crf"),
+        (RECORDS[2], {"block": 0}, "duplicate map j.json: field 'block' must be at least 1, not 0"),
+        (
+            RECORDS[2],
+            {"duplicates": [[2, 1, 0]]},
+            "duplicate map j.json: field 'duplicates[0]' must hold 2 items, not [2, 1, 0]",
+        ),
+        (RECORDS[2], {"duplicates": [[2, 3]]}, "field 'duplicates' frame 2 cannot repeat frame 3"),
+    ],
+)
+def test_invalid_resume_records_are_refused_naming_the_field(
+    record: Any, changes: dict, message: str
+) -> None:
+    document = {**record.to_dict(), **changes}
+    with pytest.raises(DocumentError) as info:
+        type(record).from_json(json.dumps(document), source="j.json")
+    assert message in str(info.value)
