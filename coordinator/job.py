@@ -442,8 +442,8 @@ class Job:
 
     def _warn_if_resized(self, handle: WorkerHandle) -> None:
         """A scale above the model's own is its output resized: say so (no detail is added)."""
-        native, scale = handle.health.get("native_scale"), self.spec.scale
-        if isinstance(native, int | float) and native > 0 and scale is not None and scale > native:
+        native, scale = handle.health.native_scale if handle.health else None, self.spec.scale
+        if native is not None and scale is not None and scale > native:
             log.warning(
                 "%s is a x%g model: scale %g resizes its x%g output by %g (plain resampling adds no "
                 "detail; a x%g model, or scale %g, keeps what the model gives)",
@@ -890,10 +890,12 @@ class Job:
         """A worker still busy with this job's manifest of an earlier, killed run is reset (once)."""
         assert self.layout is not None
         for handle in self.fleet.serving(self.spec.model, self.spec.backend):
-            manifest_id = str(handle.health.get("manifest_id") or "")
+            health = handle.health
+            manifest_id = (health.manifest_id if health else None) or ""
             if (
                 handle.busy_elsewhere
-                and handle.health.get("job_id") == self.layout.job_id
+                and health is not None
+                and health.job_id == self.layout.job_id
                 and not manifest_id.startswith(f"r{self.run_number:02d}-")
                 and handle.url not in self._reset_orphans
             ):

@@ -56,6 +56,22 @@ class Record(msgspec.Struct, forbid_unknown_fields=True):
         """The error for a bad ``field`` of this record (raise it)."""
         return DocumentError(self.KIND, problem, field=field)
 
+    @classmethod
+    def from_json(cls: type[R], data: bytes | str, *, source: str | Path | None = None) -> R:
+        """Parse and validate; raises :class:`DocumentError` (or its :class:`FormatVersionError`)."""
+        return decode(cls, data, source=source)
+
+    @classmethod
+    def from_dict(cls: type[R], document: Any, *, source: str | Path | None = None) -> R:
+        """Validate decoded JSON values (the output of :meth:`to_dict`); raises :class:`DocumentError`."""
+        token = _decoding.set(True)
+        try:
+            return msgspec.convert(document, cls)
+        except msgspec.ValidationError as exc:
+            raise _explain(cls, exc, document, source) from None
+        finally:
+            _decoding.reset(token)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values (lists, not tuples), as the record is written."""
         document: dict[str, Any] = orjson.loads(self.to_json())
@@ -84,25 +100,6 @@ class Document(Record, kw_only=True):
             # Decoded from a document without a format or with another one: said in _explain.
             raise self.fail("format", f"has format {self.format!r}, not {self.FORMAT!r}")
         super().__post_init__()
-
-    @classmethod
-    def from_json(cls: type[D], data: bytes | str, *, source: str | Path | None = None) -> D:
-        """Parse and validate; raises :class:`DocumentError` (or its :class:`FormatVersionError`)."""
-        return decode(cls, data, source=source)
-
-    @classmethod
-    def from_dict(cls: type[D], document: Any, *, source: str | Path | None = None) -> D:
-        """Validate decoded JSON values (the output of :meth:`to_dict`); raises :class:`DocumentError`."""
-        token = _decoding.set(True)
-        try:
-            return msgspec.convert(document, cls)
-        except msgspec.ValidationError as exc:
-            raise _explain(cls, exc, document, source) from None
-        finally:
-            _decoding.reset(token)
-
-
-D = TypeVar("D", bound=Document)
 
 
 def decode(cls: type[R], data: bytes | str, *, source: str | Path | None = None) -> R:

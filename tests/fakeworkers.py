@@ -26,6 +26,7 @@ from coordinator.client import WorkerBusyError, WorkerRequestError
 from manifests import BatchError, Status, WorkerIdentity, WorkerState, read_manifest, write_json_atomic
 from manifests.colour import YuvSpec
 from manifests.frames import read_frame, write_frame
+from manifests.health import Health
 from manifests.layout import frame_filename
 from manifests.manifest import Manifest
 from worker.benchmarking import SimulatedUpscaler
@@ -63,16 +64,16 @@ class FakeWorker:
 
     # -- the client protocol ----------------------------------------------------------------------
 
-    async def health(self) -> dict[str, Any]:
+    async def health(self) -> Health:
         if self.dead:
             raise WorkerRequestError(self.url, "health check", None, "ConnectionRefusedError")
         busy = self.busy
         current = self._current if busy else None
-        return {
-            "state": "processing" if busy else "idle", "model": self.model, "scale": float(self.scale),
-            "worker_id": self.url.removeprefix("fake://"), "job_id": current.job_id if current else None,
-            "manifest_id": current.manifest_id if current else None, "backend": self.backend,
-        }  # fmt: skip
+        return Health(
+            state="processing" if busy else "idle", model=self.model, scale=float(self.scale),
+            worker_id=self.url.removeprefix("fake://"), job_id=current.job_id if current else None,
+            manifest_id=current.manifest_id if current else None, backend=self.backend,
+        )  # fmt: skip
 
     async def process_manifest(self, manifest_path: str) -> None:
         if self.dead:

@@ -37,6 +37,7 @@ from manifests import (
 )
 from manifests.colour import YUV_MATRICES, YuvSpec
 from manifests.dedup import DuplicateMap
+from manifests.health import Health
 from manifests.jobrecord import JobRecord, SegmentsRecord
 from manifests.manifest import check_frames_within_job, job_frame_count
 
@@ -588,3 +589,20 @@ def test_invalid_resume_records_are_refused_naming_the_field(
     with pytest.raises(DocumentError) as info:
         type(record).from_json(json.dumps(document), source="j.json")
     assert message in str(info.value)
+
+
+# -- a worker's /health answer ----------------------------------------------------------------------
+
+
+def test_health_answers_of_other_releases_are_read_and_limits_hold() -> None:
+    older = Health.from_dict({"state": "idle", "model": "m", "scale": 2})  # no backend: torch
+    assert (older.backend, older.scale, older.storage_writable) == ("torch", 2.0, True)
+    newer = Health.from_dict({"state": "idle", "model": "m", "queue_depth": 3})  # a field added later
+    assert newer.model == "m"
+    with pytest.raises(DocumentError) as info:
+        Health.from_dict({"state": "idle", "tile": -1}, source="http://127.0.0.1:8090")
+    assert str(info.value) == "health answer http://127.0.0.1:8090: field 'tile' must be at least 0, not -1"
+    with pytest.raises(DocumentError, match=r"field 'gpu_memory\.total' must be an integer or null, not 'x'"):
+        Health.from_dict({"state": "idle", "gpu_memory": {"used": 1, "total": "x"}})
+    with pytest.raises(DocumentError, match="field 'state' is missing"):
+        Health.from_dict({"model": "m"})
