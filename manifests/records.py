@@ -45,9 +45,19 @@ class Record(msgspec.Struct, forbid_unknown_fields=True):
     OMIT_DEFAULT: ClassVar[frozenset[str]] = frozenset()
 
     def __post_init__(self) -> None:
-        self._check()
-        if not _decoding.get():
-            check_declared(self)
+        try:
+            self._check()
+            if not _decoding.get():
+                check_declared(self)
+        except DocumentError as exc:
+            if _decoding.get():
+                raise  # msgspec adds where the record is; _explain says it
+            raise self._refused(exc) from None
+
+    @classmethod
+    def _refused(cls, error: DocumentError) -> Exception:
+        """The exception a bad record raises (settings records raise their own kind)."""
+        return error
 
     def _check(self) -> None:
         """Checks spanning several fields (and normalisation); raise :class:`DocumentError`."""
@@ -59,16 +69,19 @@ class Record(msgspec.Struct, forbid_unknown_fields=True):
     @classmethod
     def from_json(cls: type[R], data: bytes | str, *, source: str | Path | None = None) -> R:
         """Parse and validate; raises :class:`DocumentError` (or its :class:`FormatVersionError`)."""
-        return decode(cls, data, source=source)
+        try:
+            return decode(cls, data, source=source)
+        except DocumentError as exc:
+            raise cls._refused(exc) from None
 
     @classmethod
     def from_dict(cls: type[R], document: Any, *, source: str | Path | None = None) -> R:
         """Validate decoded JSON values (the output of :meth:`to_dict`); raises :class:`DocumentError`."""
         token = _decoding.set(True)
         try:
-            return msgspec.convert(document, cls)
+            return msgspec.convert(document, cls, dec_hook=_dec_hook)
         except msgspec.ValidationError as exc:
-            raise _explain(cls, exc, document, source) from None
+            raise cls._refused(_explain(cls, exc, document, source)) from None
         finally:
             _decoding.reset(token)
 
@@ -79,7 +92,7 @@ class Record(msgspec.Struct, forbid_unknown_fields=True):
 
     def to_json(self) -> bytes:
         """The record as every esrfarm file is written (indented, trailing newline)."""
-        document: dict[str, Any] = msgspec.to_builtins(self)
+        document: dict[str, Any] = msgspec.to_builtins(self, enc_hook=_enc_hook)
         for name in self.OMIT_DEFAULT:
             if getattr(self, name) == _default(type(self), name):
                 del document[name]
@@ -118,10 +131,10 @@ def decode(cls: type[R], data: bytes | str, *, source: str | Path | None = None)
 
 def check_declared(record: Record) -> None:
     """Check a record built in code against its declaration (types and ``Meta`` limits)."""
-    document = msgspec.to_builtins(record)
+    document = msgspec.to_builtins(record, enc_hook=_enc_hook)
     token = _decoding.set(True)
     try:
-        msgspec.convert(document, type(record))
+        msgspec.convert(document, type(record), dec_hook=_dec_hook)
     except msgspec.ValidationError as exc:
         raise _explain(type(record), exc, document, None) from None
     finally:
@@ -130,7 +143,22 @@ def check_declared(record: Record) -> None:
 
 @functools.cache
 def _decoder(cls: type[R]) -> msgspec.json.Decoder[R]:
-    return msgspec.json.Decoder(cls)
+    return msgspec.json.Decoder(cls, dec_hook=_dec_hook)
+
+
+def _enc_hook(value: Any) -> Any:
+    """Values msgspec does not know: a path is written as its string."""
+    if isinstance(value, Path):
+        return str(value)
+    raise NotImplementedError(f"{type(value).__name__} is not a JSON value")
+
+
+def _dec_hook(kind: type, value: Any) -> Any:
+    if kind is Path:
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"must be a path, not {_show(value)}")
+        return Path(value)
+    raise NotImplementedError(f"cannot decode a {kind.__name__}")
 
 
 def _default(cls: type[Record], name: str) -> Any:
