@@ -23,12 +23,10 @@ from coordinator.errors import SpecError
 from manifests.errors import DocumentError
 from manifests.layout import FrameFormat
 from manifests.manifest import BACKENDS, MAX_BATCH_FRAMES, MAX_FRAME_INDEX, MAX_SCALE, MAX_TILE, MIN_SCALE
-from manifests.records import Record
+from manifests.records import Positive, Record, Seconds
 from media.encode import EncodeSettings
 
 DEFAULT_MODEL = "realesr-animevideov3"
-#: A timeout or an interval: a finite number of seconds above 0.
-Seconds = Annotated[float, Meta(gt=0, le=1e9)]
 DEFAULT_MAX_DISK = 4 << 30
 
 
@@ -59,9 +57,9 @@ class JobSpec(Record):
     batch_size: Annotated[int, Meta(ge=1, le=MAX_BATCH_FRAMES)] = 8
     frame_format: FrameFormat | None = None  # None: the fastest that holds the job's frames
     png_compression: Annotated[int, Meta(ge=0, le=9)] = 1
-    max_disk: Annotated[int, Meta(ge=1)] = DEFAULT_MAX_DISK  # bytes of input and output frames at once
+    max_disk: Positive = DEFAULT_MAX_DISK  # bytes of input and output frames at once
     max_chunk_frames: Annotated[int, Meta(ge=1, le=MAX_FRAME_INDEX)] = 256
-    encoders: Annotated[int, Meta(ge=1)] | None = None  # segments encoded at once; None: by CPU count
+    encoders: Positive | None = None  # segments encoded at once; None: by CPU count
     encode: EncodeSettings = msgspec.field(default_factory=EncodeSettings)
     overwrite: bool = False
     keep_frames: bool = False
@@ -90,14 +88,15 @@ class FarmSettings(Record):
     """The workers a job runs on, and how they are watched (a record like :class:`JobSpec`)."""
 
     KIND = "farm"
+    HIDDEN = frozenset({"token"})
 
     workers: tuple[str, ...] = ()  # worker URLs; empty: start local workers
-    local_workers: Annotated[int, Meta(ge=1)] | None = None  # None: one per visible GPU, or one on the CPU
+    local_workers: Positive | None = None  # None: one per visible GPU, or one on the CPU
     local_worker_args: tuple[str, ...] = ()  # extra flags for started workers (e.g. --cpu-threads 1)
     ray_address: str | None = None  # start the workers as actors on this Ray cluster ("auto" or host:port)
-    ray_workers: Annotated[int, Meta(ge=1)] | None = None  # how many actors; None: one per GPU (ray_fleet)
+    ray_workers: Positive | None = None  # how many actors; None: one per GPU (ray_fleet)
     shared_root: Path | None = None  # None: default_shared_root()
-    token: str | None = None  # left out of repr()
+    token: str | None = None
     poll_interval_s: Seconds = 0.02
     health_interval_s: Seconds = 2.0
     startup_timeout_s: Seconds = 600.0  # local workers: model load and warm-up
@@ -134,13 +133,6 @@ class FarmSettings(Record):
     @classmethod
     def _refused(cls, error: DocumentError) -> Exception:
         return SpecError(error.field or cls.KIND, error.problem)
-
-    def __repr__(self) -> str:
-        token = "" if self.token is None else "<hidden>"
-        shown = ", ".join(
-            f"{name}={getattr(self, name)!r}" for name in self.__struct_fields__ if name != "token"
-        )
-        return f"FarmSettings({shown}, token={token!r})"
 
     @property
     def root(self) -> Path:

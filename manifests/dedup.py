@@ -20,20 +20,16 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Annotated
 
 import msgspec
-from msgspec import Meta
 
 from manifests.chunks import Chunk, ChunkPlan
 from manifests.manifest import Batch
-from manifests.records import Document
+from manifests.records import Document, Positive
 
 DEDUP_FORMAT = "esrfarm.dedup/1"
 DEDUP_FILE = "dedup.json"
 _KIND = "duplicate map"
-
-Positive = Annotated[int, Meta(ge=1)]
 
 
 class DuplicateMap(Document, kw_only=True, dict=True):

@@ -12,9 +12,7 @@ from typing import Annotated
 from msgspec import Meta
 
 from manifests.manifest import MAX_TILE, MAX_TILE_PAD
-from manifests.records import Record
-
-Count = Annotated[int, Meta(ge=0)]
+from manifests.records import Count, Record
 
 
 class GpuMemory(Record, forbid_unknown_fields=False):

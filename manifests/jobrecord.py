@@ -15,17 +15,12 @@ unknown format) starts the directory, or the segments, afresh::
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from msgspec import Meta
-
-from manifests.records import Document
+from manifests.records import Document, NonEmpty, Positive
 
 JOB_FORMAT = "esrfarm.job/1"
 SEGMENTS_FORMAT = "esrfarm.segments/1"
-
-Positive = Annotated[int, Meta(ge=1)]
-NonEmpty = Annotated[str, Meta(min_length=1)]
 
 
 class JobRecord(Document, kw_only=True):

@@ -20,15 +20,23 @@ import contextvars
 import functools
 import re
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 import msgspec
 import orjson
+from msgspec import Meta
 
 from manifests.errors import DocumentError, FormatVersionError
 from manifests.jsonio import dumps
 
 R = TypeVar("R", bound="Record")
+
+#: The limits records share (each record's own sit beside its fields).
+Count = Annotated[int, Meta(ge=0)]
+Positive = Annotated[int, Meta(ge=1)]
+NonEmpty = Annotated[str, Meta(min_length=1)]
+#: A timeout or an interval: a finite number of seconds above 0.
+Seconds = Annotated[float, Meta(gt=0, le=1e9)]
 
 #: True while msgspec decodes (or converts) a record: its limits are being checked by msgspec.
 _decoding = contextvars.ContextVar("_decoding", default=False)
@@ -37,12 +45,14 @@ _decoding = contextvars.ContextVar("_decoding", default=False)
 class Record(msgspec.Struct, forbid_unknown_fields=True):
     """A protocol record. Subclasses set ``KIND`` (how errors name the document) and may add
     cross-field checks in :meth:`_check`. Fields named in ``OMIT_DEFAULT`` are written only when
-    they differ from their default (so a field added later leaves older documents as they were).
+    they differ from their default (so a field added later leaves older documents as they were);
+    fields in ``HIDDEN`` are left out of ``repr()``.
     Treat instances as immutable: change one with :func:`msgspec.structs.replace`, which checks
     the copy again."""
 
     KIND: ClassVar[str] = "record"
     OMIT_DEFAULT: ClassVar[frozenset[str]] = frozenset()
+    HIDDEN: ClassVar[frozenset[str]] = frozenset()  # fields repr() leaves out (a token)
 
     def __post_init__(self) -> None:
         try:
@@ -58,6 +68,13 @@ class Record(msgspec.Struct, forbid_unknown_fields=True):
     def _refused(cls, error: DocumentError) -> Exception:
         """The exception a bad record raises (settings records raise their own kind)."""
         return error
+
+    def __repr__(self) -> str:
+        shown = (
+            f"{name}={'<hidden>' if name in self.HIDDEN and value is not None else repr(value)}"
+            for name, value in msgspec.structs.asdict(self).items()
+        )
+        return f"{type(self).__name__}({', '.join(shown)})"
 
     def _check(self) -> None:
         """Checks spanning several fields (and normalisation); raise :class:`DocumentError`."""

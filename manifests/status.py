@@ -25,19 +25,15 @@ from __future__ import annotations
 
 import enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import msgspec
-from msgspec import Meta
 
 from manifests.jsonio import write_json_atomic
-from manifests.records import Document, Record
+from manifests.records import Count, Document, NonEmpty, Record
 
 STATUS_FORMAT = "esrfarm.status/1"
 _KIND = "status"
-
-Count = Annotated[int, Meta(ge=0)]
-NonEmpty = Annotated[str, Meta(min_length=1)]
 
 
 class WorkerState(enum.StrEnum):
