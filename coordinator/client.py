@@ -11,6 +11,8 @@ from typing import Any
 import aiohttp
 
 from coordinator.errors import CoordinatorError
+from manifests.errors import DocumentError
+from manifests.health import Health
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +77,15 @@ class HttpWorkerClient:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise WorkerRequestError(self.url, what, None, f"{type(exc).__name__}: {exc}".strip()) from exc
 
-    async def health(self) -> dict[str, Any]:
-        """The worker's /health document; raises unless it is 200 (model loaded, serving)."""
+    async def health(self) -> Health:
+        """The worker's /health answer; raises unless it is 200 (model loaded, serving) and readable."""
         status, body, _ = await self._request("GET", "/health", "health check")
         if status != 200:
             raise WorkerRequestError(self.url, "health check", status, _detail(body))
-        return dict(body)
+        try:
+            return Health.from_dict(body, source=self.url)
+        except DocumentError as exc:
+            raise WorkerRequestError(self.url, "health check", status, str(exc)) from None
 
     async def process_manifest(self, manifest_path: str) -> None:
         status, body, retry_later = await self._request(

@@ -165,7 +165,7 @@ def find_duplicates(
         reference = finder.reference_of(index, frame, fresh=index in first_frames)
         if reference is not None:
             duplicates[index] = reference
-    return DuplicateMap(count, plan.chunk_frames, threshold, BLOCK, duplicates)
+    return DuplicateMap.of(count, plan.chunk_frames, threshold, BLOCK, duplicates)
 
 
 def find_video_duplicates(info: MediaInfo, plan: ChunkPlan, *, yuv: bool, bits: int) -> DuplicateMap:

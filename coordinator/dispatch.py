@@ -208,10 +208,12 @@ class Dispatcher:
         """A worker still busy with this job's manifest of an earlier, killed run is reset (once)."""
         run_prefix = f"r{self._plan.run:02d}-"
         for handle in self._fleet.serving(self._model, self._backend):
-            manifest_id = str(handle.health.get("manifest_id") or "")
+            health = handle.health
+            manifest_id = (health.manifest_id if health else None) or ""
             if (
                 handle.busy_elsewhere
-                and handle.health.get("job_id") == self._plan.layout.job_id
+                and health is not None
+                and health.job_id == self._plan.layout.job_id
                 and not manifest_id.startswith(run_prefix)
                 and handle.url not in self._reset_orphans
             ):

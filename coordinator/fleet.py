@@ -32,16 +32,18 @@ import logging
 import secrets
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import aiohttp
+import msgspec
 
 from coordinator.client import HttpWorkerClient, WorkerBusyError, WorkerRequestError
 from coordinator.errors import FleetError, NoWorkerError
 from coordinator.local_workers import LocalWorkerPool, check_model, visible_gpu_count
 from coordinator.spec import FarmSettings
+from manifests.health import Health
 from manifests.segment import FRAMES_TRANSPORT
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,7 @@ class WorkerClient(Protocol):
 
     url: str
 
-    async def health(self) -> dict[str, Any]: ...
+    async def health(self) -> Health: ...
 
     async def process_manifest(self, manifest_path: str) -> None: ...
 
@@ -114,7 +116,7 @@ class WorkerHandle:
 
     url: str
     client: WorkerClient
-    health: dict[str, Any] = field(default_factory=dict)  # its last /health answer
+    health: Health | None = None  # its last /health answer
     alive: bool = True
     lost_reason: str | None = None
     unreachable_since: float | None = None  # loop time of the first failed health check in a row
@@ -125,26 +127,24 @@ class WorkerHandle:
 
     @property
     def worker_id(self) -> str:
-        return str(self.health.get("worker_id") or self.url)
+        return (self.health.worker_id if self.health else None) or self.url
 
     @property
     def ready(self) -> bool:
-        return self.alive and bool(self.health)
+        return self.alive and self.health is not None
 
     @property
     def model(self) -> str | None:
-        model = self.health.get("model")
-        return str(model) if model is not None else None
+        return self.health.model if self.health else None
 
     @property
     def scale(self) -> float | None:
-        scale = self.health.get("scale")
-        return float(scale) if scale is not None else None
+        return self.health.scale if self.health else None
 
     @property
     def backend(self) -> str:
         """Its backend, as its /health names it (a worker from before backends existed: torch)."""
-        return str(self.health.get("backend") or "torch")
+        return self.health.backend if self.health else "torch"
 
     def serves(self, model: str, backend: str = "torch") -> bool:
         """It runs ``model`` on ``backend``: a job's workers all run one backend (their outputs differ)."""
@@ -152,23 +152,25 @@ class WorkerHandle:
 
     @property
     def transports(self) -> tuple[str, ...]:
-        """The transports its /health names (``"transports"``; a worker from before them: frames only)."""
-        named = self.health.get("transports")
-        if not isinstance(named, list):
-            return (FRAMES_TRANSPORT,)
-        return tuple(str(name) for name in named)
+        """The transports its /health names (a worker from before them: frames only)."""
+        return self.health.transports if self.health is not None else (FRAMES_TRANSPORT,)
 
     @property
     def storage_error(self) -> str | None:
         """Why the worker cannot write the shared root, as its last /health says; None if it can."""
-        if self.health.get("storage_writable", True) is not False:
+        if self.health is None or self.health.storage_writable:
             return None
-        return str(self.health.get("storage_error") or "the shared storage is not writable from it")
+        return self.health.storage_error or "the shared storage is not writable from it"
 
     @property
     def busy_elsewhere(self) -> bool:
         """Its last /health shows a manifest this fleet did not give it (another coordinator's)."""
-        return self.holding is None and self.health.get("state") == "processing"
+        return self.holding is None and self.health is not None and self.health.state == "processing"
+
+    def now_in_state(self, state: str) -> None:
+        """What this fleet did (dispatched, released) makes its state ``state`` until it answers again."""
+        if self.health is not None:
+            self.health = msgspec.structs.replace(self.health, state=state)
 
 
 class WorkerFleet:
@@ -315,7 +317,7 @@ class WorkerFleet:
         started = loop.time()
         problems: dict[str, str] = {}
         answered: set[str] = set()
-        pending = {url for url, h in self.handles.items() if h.alive and not h.health}
+        pending = {url for url, h in self.handles.items() if h.alive and h.health is None}
         while pending:
             for url in sorted(pending):
                 handle = self.handles[url]
@@ -392,7 +394,7 @@ class WorkerFleet:
             return Dispatch.REFUSED
         handle.backoff_s = 0.0
         handle.changes += 1
-        handle.health = {**handle.health, "state": "processing"}
+        handle.now_in_state("processing")
         return Dispatch.ACCEPTED
 
     def release(self, handle: WorkerHandle, manifest_id: str) -> None:
@@ -400,7 +402,7 @@ class WorkerFleet:
         if handle.holding == manifest_id:
             handle.holding = None
             handle.changes += 1
-            handle.health = {**handle.health, "state": "idle"}
+            handle.now_in_state("idle")
 
     async def reset(self, handle: WorkerHandle) -> None:
         """Ask the worker to stop its manifest at the next batch boundary (errors are logged)."""
@@ -430,7 +432,7 @@ class WorkerFleet:
         answers = await asyncio.gather(*(h.client.health() for h in lost), return_exceptions=True)
         revived = []
         for handle, answer in zip(lost, answers, strict=True):
-            if isinstance(answer, dict):
+            if isinstance(answer, Health):
                 handle.alive, handle.lost_reason, handle.unreachable_since = True, None, None
                 handle.health, handle.holding, handle.busy_until = answer, None, 0.0
                 handle.changes += 1
@@ -448,7 +450,7 @@ class WorkerFleet:
         for handle, result in zip(joining, results, strict=True):
             if not handle.alive:
                 self._joining.pop(handle.url, None)
-            elif isinstance(result, dict):
+            elif isinstance(result, Health):
                 handle.health = result
                 self._joining.pop(handle.url, None)
                 log.info("worker %s is ready", handle.worker_id)
@@ -484,10 +486,11 @@ class WorkerFleet:
         results = await asyncio.gather(*(h.client.health() for h in handles), return_exceptions=True)
         now = loop.time()
         for handle, before, result in zip(handles, changes, results, strict=True):
-            if isinstance(result, dict):
+            if isinstance(result, Health):
                 handle.unreachable_since = None
-                if handle.changes != before:  # dispatched or released meanwhile: its state is ours
-                    result = {**result, "state": handle.health.get("state")}
+                if handle.changes != before and handle.health is not None:
+                    # dispatched or released meanwhile: its state is ours
+                    result = msgspec.structs.replace(result, state=handle.health.state)
                 handle.health = result
             elif isinstance(result, WorkerRequestError) and result.status is not None:
                 handle.unreachable_since = None  # it answers (503 while it reloads, say): not lost

@@ -393,8 +393,8 @@ class Job:
 
     def _warn_if_resized(self, handle: WorkerHandle) -> None:
         """A scale above the model's own is its output resized: say so (no detail is added)."""
-        native, scale = handle.health.get("native_scale"), self.spec.scale
-        if isinstance(native, int | float) and native > 0 and scale is not None and scale > native:
+        native, scale = handle.health.native_scale if handle.health else None, self.spec.scale
+        if native is not None and scale is not None and scale > native:
             log.warning(
                 "%s is a x%g model: scale %g resizes its x%g output by %g (plain resampling adds no "
                 "detail; a x%g model, or scale %g, keeps what the model gives)",

@@ -187,7 +187,9 @@ def _scan_earlier_runs(
 def _check_segments_record(run: RunPlan, chunks: ChunkPlan) -> None:
     """Segments of an earlier run count only if cut and encoded the same way."""
     segments_dir, encode = run.layout.segments_dir, run.spec.encode
-    record = SegmentsRecord(chunks.chunk_frames, {**asdict(encode), "extra_args": list(encode.extra_args)})
+    record = SegmentsRecord(
+        chunk_frames=chunks.chunk_frames, encode={**asdict(encode), "extra_args": list(encode.extra_args)}
+    )
     record_file = segments_dir / "segments.json"
     previous: SegmentsRecord | None = None
     with contextlib.suppress(OSError, DocumentError):

@@ -231,8 +231,8 @@ class SegmentRun:
     def _check_segments_record(self, plan: RangePlan) -> None:
         """Segments of an earlier run count only if cut and encoded the same way."""
         record = SegmentsRecord(
-            plan.segment_frames,
-            {
+            chunk_frames=plan.segment_frames,
+            encode={
                 "transport": SEGMENTS_TRANSPORT,
                 **asdict(self.media.encode),
                 "extra_args": list(self.media.encode.extra_args),
@@ -306,10 +306,12 @@ class SegmentRun:
     async def _reset_orphaned_manifests(self) -> None:
         """A worker still busy with this job's manifest of an earlier, killed run is reset (once)."""
         for handle in self.fleet.serving(self.spec.model, self.spec.backend):
-            manifest_id = str(handle.health.get("manifest_id") or "")
+            health = handle.health
+            manifest_id = (health.manifest_id if health else None) or ""
             if (
                 handle.busy_elsewhere
-                and handle.health.get("job_id") == self.layout.job_id
+                and health is not None
+                and health.job_id == self.layout.job_id
                 and not manifest_id.startswith(f"r{self.run_number:02d}-")
                 and handle.url not in self._reset_orphans
             ):

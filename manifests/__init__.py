@@ -1,6 +1,6 @@
 """The shared-storage protocol: job layout, manifest and status formats, planning, progress.
 
-Pure code: stdlib and orjson only. No torch, no aiohttp, no subprocess.
+Pure code: stdlib, orjson and msgspec only. No torch, no aiohttp, no subprocess.
 """
 
 from manifests.errors import (

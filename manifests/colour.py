@@ -15,8 +15,12 @@ block, as swscale takes it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Annotated
+
+from msgspec import Meta
+
+from manifests.records import Record
 
 #: (Kr, Kb) of each matrix: Y = Kr R + (1 - Kr - Kb) G + Kb B.
 YUV_MATRICES = MappingProxyType(
@@ -33,21 +37,21 @@ YUV_RANGES = ("tv", "pc")
 MIN_YUV_BITS, MAX_YUV_BITS = 8, 16
 
 
-@dataclass(frozen=True)
-class YuvSpec:
-    """The conversion of a job's YUV frames: matrix, range and significant bits per sample."""
+class YuvSpec(Record):
+    """The conversion of a job's YUV frames: matrix, range and significant bits per sample (the
+    manifest's ``yuv``; a bad one is a :class:`~manifests.errors.DocumentError`, a ValueError)."""
 
-    matrix: str
-    range: str
-    bits: int
+    KIND = "manifest"
 
-    def __post_init__(self) -> None:
+    matrix: str  # one of YUV_MATRICES
+    range: str  # one of YUV_RANGES
+    bits: Annotated[int, Meta(ge=MIN_YUV_BITS, le=MAX_YUV_BITS)]
+
+    def _check(self) -> None:
         if self.matrix not in YUV_MATRICES:
-            raise ValueError(f"matrix must be one of {', '.join(YUV_MATRICES)}, not {self.matrix!r}")
+            raise self.fail("matrix", f"must be one of {', '.join(YUV_MATRICES)}, not {self.matrix!r}")
         if self.range not in YUV_RANGES:
-            raise ValueError(f"range must be tv or pc, not {self.range!r}")
-        if not MIN_YUV_BITS <= self.bits <= MAX_YUV_BITS:
-            raise ValueError(f"bits must be from {MIN_YUV_BITS} to {MAX_YUV_BITS}, not {self.bits!r}")
+            raise self.fail("range", f"must be tv or pc, not {self.range!r}")
 
     @property
     def sample_bits(self) -> int:

@@ -17,43 +17,62 @@ for the chunk size it was made for (``chunk_frames``); another one is made for a
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
 from types import MappingProxyType
 
-from manifests._fields import Fields, check_format, decode
+import msgspec
+
 from manifests.chunks import Chunk, ChunkPlan
-from manifests.jsonio import dumps
 from manifests.manifest import Batch
+from manifests.records import Document, Positive
 
 DEDUP_FORMAT = "esrfarm.dedup/1"
 DEDUP_FILE = "dedup.json"
 _KIND = "duplicate map"
 
 
-@dataclass(frozen=True)
-class DuplicateMap:
-    """Which frames of a job repeat an upscaled one: ``duplicates`` maps a frame to its reference
-    (a frame upscaled, earlier in the same chunk). Frames not in it are upscaled."""
+class DuplicateMap(Document, kw_only=True, dict=True):
+    """Which frames of a job repeat an upscaled one: ``pairs`` (``"duplicates"`` in the file) maps a
+    frame to its reference (a frame upscaled, earlier in the same chunk); :attr:`duplicates` is the
+    same as a mapping. Frames not in it are upscaled."""
 
-    frames: int
-    chunk_frames: int
-    threshold: float
-    block: int
-    duplicates: Mapping[int, int] = field(default_factory=dict)
+    KIND = _KIND
+    FORMAT = DEDUP_FORMAT
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "duplicates", MappingProxyType(dict(sorted(self.duplicates.items()))))
-        if self.frames < 1 or self.chunk_frames < 1 or self.block < 1:
-            raise ValueError("a duplicate map needs at least one frame, one frame per chunk and a block")
-        for frame, reference in self.duplicates.items():
+    frames: Positive
+    chunk_frames: Positive
+    threshold: float = 0.0
+    block: Positive
+    pairs: tuple[tuple[Positive, Positive], ...] = msgspec.field(default=(), name="duplicates")
+
+    def _check(self) -> None:
+        self.pairs = tuple(sorted((frame, reference) for frame, reference in self.pairs))
+        duplicates = dict(self.pairs)
+        if len(duplicates) != len(self.pairs):
+            raise self.fail("duplicates", "names a frame twice")
+        for frame, reference in self.pairs:
             if not 1 <= reference < frame <= self.frames:
-                raise ValueError(f"frame {frame} cannot repeat frame {reference}")
-            if reference in self.duplicates:
-                raise ValueError(f"frame {frame}'s reference {reference} is itself a duplicate")
+                raise self.fail("duplicates", f"frame {frame} cannot repeat frame {reference}")
+            if reference in duplicates:
+                raise self.fail("duplicates", f"frame {frame}'s reference {reference} is itself a duplicate")
             if (frame - 1) // self.chunk_frames != (reference - 1) // self.chunk_frames:
-                raise ValueError(f"frame {frame} repeats frame {reference} of another chunk")
+                raise self.fail("duplicates", f"frame {frame} repeats frame {reference} of another chunk")
+
+    @classmethod
+    def of(
+        cls, frames: int, chunk_frames: int, threshold: float, block: int, duplicates: Mapping[int, int]
+    ) -> DuplicateMap:
+        """The map of ``duplicates`` (frame: reference)."""
+        return cls(
+            frames=frames, chunk_frames=chunk_frames, threshold=threshold, block=block,
+            pairs=tuple(duplicates.items()),
+        )  # fmt: skip
+
+    @functools.cached_property
+    def duplicates(self) -> Mapping[int, int]:
+        """Each duplicate frame's reference."""
+        return MappingProxyType(dict(self.pairs))
 
     def source(self, frame: int) -> int:
         """The frame whose upscaled output is frame ``frame``'s output (itself unless a duplicate)."""
@@ -61,47 +80,11 @@ class DuplicateMap:
 
     @property
     def upscaled_count(self) -> int:
-        return self.frames - len(self.duplicates)
+        return self.frames - len(self.pairs)
 
     def matches(self, frames: int, chunk_frames: int) -> bool:
         """Whether this map was made for a job of ``frames`` frames cut in chunks of ``chunk_frames``."""
         return self.frames == frames and self.chunk_frames == chunk_frames
-
-    def to_json(self) -> bytes:
-        return dumps(
-            {
-                "format": DEDUP_FORMAT,
-                "frames": self.frames,
-                "chunk_frames": self.chunk_frames,
-                "threshold": self.threshold,
-                "block": self.block,
-                "duplicates": [[frame, reference] for frame, reference in self.duplicates.items()],
-            }
-        )
-
-    @classmethod
-    def from_json(cls, data: bytes, *, source: str | Path | None = None) -> DuplicateMap:
-        """Parse and validate; raises :class:`DocumentError` (or :class:`FormatVersionError`)."""
-        document = decode(_KIND, data, source)
-        check_format(_KIND, document, DEDUP_FORMAT, source)
-        f = Fields(_KIND, document, source=source)
-        f.reject_unknown({"format", "frames", "chunk_frames", "threshold", "block", "duplicates"})
-        pairs = f.data.get("duplicates")
-        if not isinstance(pairs, list) or not all(
-            isinstance(p, list) and len(p) == 2 and all(type(v) is int for v in p) for p in pairs
-        ):
-            f.fail("duplicates", "must be a list of [frame, reference] pairs of integers")
-        threshold = f.opt_number("threshold")
-        try:
-            return cls(
-                frames=f.integer("frames", minimum=1),
-                chunk_frames=f.integer("chunk_frames", minimum=1),
-                threshold=0.0 if threshold is None else threshold,
-                block=f.integer("block", minimum=1),
-                duplicates={frame: reference for frame, reference in pairs},
-            )
-        except ValueError as exc:
-            f.fail("duplicates", str(exc))
 
 
 def plan_unique_batches(plan: ChunkPlan, dedup: DuplicateMap | None, batch_size: int) -> tuple[Batch, ...]:

@@ -15,65 +15,29 @@ unknown format) starts the directory, or the segments, afresh::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from manifests._fields import Fields, check_format, decode
-from manifests.jsonio import dumps
+from manifests.records import Document, NonEmpty, Positive
 
 JOB_FORMAT = "esrfarm.job/1"
 SEGMENTS_FORMAT = "esrfarm.segments/1"
 
 
-@dataclass(frozen=True)
-class JobRecord:
-    identity: dict[str, Any]
-    input: str
-    output: str
-    frames: int
-    runs: int
-    updated_at: float
+class JobRecord(Document, kw_only=True):
+    KIND = "job record"
+    FORMAT = JOB_FORMAT
 
-    def to_json(self) -> bytes:
-        return dumps({"format": JOB_FORMAT, **self.__dict__})
-
-    @classmethod
-    def from_json(cls, data: bytes, *, source: str | Path | None = None) -> JobRecord:
-        """Parse and validate; raises :class:`DocumentError` (or :class:`FormatVersionError`)."""
-        document = decode("job record", data, source)
-        check_format("job record", document, JOB_FORMAT, source)
-        f = Fields("job record", document, source=source)
-        f.reject_unknown({"format", "identity", "input", "output", "frames", "runs", "updated_at"})
-        identity = f.data.get("identity")
-        if not isinstance(identity, dict):
-            f.fail("identity", "must be an object")
-        updated_at = f.opt_number("updated_at")
-        return cls(
-            identity=identity,
-            input=f.string("input"),
-            output=f.string("output"),
-            frames=f.integer("frames", minimum=1),
-            runs=f.integer("runs", minimum=1),
-            updated_at=0.0 if updated_at is None else updated_at,
-        )
+    identity: dict[str, Any]  # what decides the upscaled frames (input hash, model, scale, ...)
+    input: NonEmpty
+    output: NonEmpty
+    frames: Positive
+    runs: Positive
+    updated_at: float = 0.0
 
 
-@dataclass(frozen=True)
-class SegmentsRecord:
-    chunk_frames: int
+class SegmentsRecord(Document, kw_only=True):
+    KIND = "segments record"
+    FORMAT = SEGMENTS_FORMAT
+
+    chunk_frames: Positive
     encode: dict[str, Any]  # the encoder settings, as plain JSON values
-
-    def to_json(self) -> bytes:
-        return dumps({"format": SEGMENTS_FORMAT, "chunk_frames": self.chunk_frames, "encode": self.encode})
-
-    @classmethod
-    def from_json(cls, data: bytes, *, source: str | Path | None = None) -> SegmentsRecord:
-        document = decode("segments record", data, source)
-        check_format("segments record", document, SEGMENTS_FORMAT, source)
-        f = Fields("segments record", document, source=source)
-        f.reject_unknown({"format", "chunk_frames", "encode"})
-        encode = f.data.get("encode")
-        if not isinstance(encode, dict):
-            f.fail("encode", "must be an object")
-        return cls(chunk_frames=f.integer("chunk_frames", minimum=1), encode=encode)

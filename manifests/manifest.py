@@ -45,19 +45,16 @@ knows the job's frame count (``job.json``) also refuses frames beyond it
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated
 
 import msgspec
 import orjson
+from msgspec import Meta
 
-from manifests._fields import Fields, check_format, decode
-from manifests.colour import YUV_MATRICES, YUV_RANGES, YuvSpec
+from manifests.colour import YuvSpec
 from manifests.errors import DocumentError
-from manifests.jsonio import dumps
 from manifests.layout import (
     BIT_DEPTHS,
     DEFAULT_FIRST_FRAME,
@@ -66,6 +63,7 @@ from manifests.layout import (
     frame_formats_for_depth,
     is_safe_name,
 )
+from manifests.records import Document, Record
 from manifests.segment import SegmentWork
 
 MANIFEST_FORMAT = "esrfarm.manifest/1"
@@ -84,228 +82,183 @@ BACKENDS = ("torch", "ncnn")
 MAX_STRING = 4096
 _KIND = "manifest"
 
+FrameIndex = Annotated[int, Meta(ge=0, le=MAX_FRAME_INDEX)]
+#: A non-empty string of at most :data:`MAX_STRING` characters.
+Text = Annotated[str, Meta(min_length=1, max_length=MAX_STRING)]
+Scale = Annotated[float, Meta(ge=MIN_SCALE, le=MAX_SCALE)]
+Tile = Annotated[int, Meta(ge=0, le=MAX_TILE)]
+TilePad = Annotated[int, Meta(ge=0, le=MAX_TILE_PAD)]
 
-@dataclass(frozen=True)
-class Batch:
-    """A batch of frames, upscaled together. ``frames`` are frame indices in processing order."""
 
-    id: int
-    frames: tuple[int, ...]
+class Batch(Record, omit_defaults=True):
+    """A batch of frames, upscaled together: the contiguous range ``[start, end)``, or the frames
+    ``listed`` (``"frames"`` in JSON) in processing order. ``Batch(id, frames)`` keeps a contiguous
+    list as a range, so it is written ``{"id": 0, "start": 1, "end": 9}``."""
 
-    def __post_init__(self) -> None:
-        if self.id < 0:
-            raise ValueError(f"batch id must be >= 0, not {self.id}")
-        if not self.frames:
-            raise ValueError(f"batch {self.id} has no frames")
-        if min(self.frames) < 0:
-            raise ValueError(f"batch {self.id} has a negative frame index")
-        if len(set(self.frames)) != len(self.frames):
-            raise ValueError(f"batch {self.id} lists a frame twice")
+    KIND = _KIND
+
+    id: Annotated[int, Meta(ge=0)]
+    listed: Annotated[tuple[FrameIndex, ...], Meta(min_length=1, max_length=MAX_BATCH_FRAMES)] | None = (
+        msgspec.field(default=None, name="frames")
+    )
+    start: FrameIndex | None = None
+    end: Annotated[int, Meta(ge=0, le=MAX_FRAME_INDEX + 1)] | None = None
+
+    def _check(self) -> None:
+        if self.listed is not None:
+            if self.start is not None or self.end is not None:
+                raise self.fail("frames", "cannot be given with start and end")
+            self.listed = tuple(self.listed)
+            if not self.listed:
+                raise self.fail("frames", "must not be empty")
+            if len(set(self.listed)) != len(self.listed):
+                raise self.fail("frames", "lists a frame twice")
+            first, count = self.listed[0], len(self.listed)
+            if self.listed == tuple(range(first, first + count)):
+                self.listed, self.start, self.end = None, first, first + count
+            return
+        if self.start is None or self.end is None:
+            raise self.fail("start" if self.start is None else "end", "is missing (or give frames)")
+        if self.end <= self.start:
+            raise self.fail("end", f"must be greater than start ({self.start}), not {self.end}")
+        if self.end - self.start > MAX_BATCH_FRAMES:
+            raise self.fail(
+                "end",
+                f"makes a batch of {self.end - self.start} frames; a batch holds at most {MAX_BATCH_FRAMES}",
+            )
 
     @classmethod
     def range(cls, batch_id: int, start: int, end: int) -> Batch:
         """The contiguous batch of frames ``start, start + 1, ..., end - 1``."""
-        if end <= start:
-            raise ValueError(f"batch {batch_id}: end ({end}) must be greater than start ({start})")
-        return cls(batch_id, tuple(range(start, end)))
+        return cls(batch_id, start=start, end=end)
+
+    @property
+    def frames(self) -> tuple[int, ...]:
+        """The batch's frame indices, in processing order."""
+        if self.listed is not None:
+            return self.listed
+        assert self.start is not None and self.end is not None  # _check made it a range
+        return tuple(range(self.start, self.end))
 
     @property
     def is_contiguous(self) -> bool:
-        return self.frames == tuple(range(self.frames[0], self.frames[0] + len(self.frames)))
+        return self.listed is None
 
     def __len__(self) -> int:
-        return len(self.frames)
-
-    def to_dict(self) -> dict[str, Any]:
-        if self.is_contiguous:
-            return {"id": self.id, "start": self.frames[0], "end": self.frames[-1] + 1}
-        return {"id": self.id, "frames": list(self.frames)}
-
-    @classmethod
-    def _from_fields(cls, f: Fields) -> Batch:
-        batch_id = f.integer("id", minimum=0)
-        if "frames" in f.data:
-            f.reject_unknown({"id", "frames"})
-            listed = f.data["frames"]
-            if isinstance(listed, list) and len(listed) > MAX_BATCH_FRAMES:
-                f.fail("frames", f"lists {len(listed)} frames; a batch holds at most {MAX_BATCH_FRAMES}")
-            frames = f.int_list("frames")
-            if not frames:
-                f.fail("frames", "must not be empty")
-            if max(frames) > MAX_FRAME_INDEX:
-                f.fail("frames", f"names frame {max(frames)}; frame indices end at {MAX_FRAME_INDEX}")
-            if len(set(frames)) != len(frames):
-                f.fail("frames", "lists a frame twice")
-            return cls(batch_id, frames)
-        f.reject_unknown({"id", "start", "end"})
-        start = f.integer("start", minimum=0, maximum=MAX_FRAME_INDEX)
-        end = f.integer("end", maximum=MAX_FRAME_INDEX + 1)
-        if end <= start:
-            f.fail("end", f"must be greater than start ({start}), not {end}")
-        if end - start > MAX_BATCH_FRAMES:
-            f.fail("end", f"makes a batch of {end - start} frames; a batch holds at most {MAX_BATCH_FRAMES}")
-        return cls.range(batch_id, start, end)
+        if self.listed is not None:
+            return len(self.listed)
+        assert self.start is not None and self.end is not None
+        return self.end - self.start
 
 
-@dataclass(frozen=True)
-class Manifest:
+class Manifest(Document, kw_only=True):
     """One worker's share of a job; ``status_file`` defaults to ``status/<manifest_id>.json``."""
 
-    job_id: str
-    manifest_id: str
-    worker_id: str
-    model: str
-    batches: tuple[Batch, ...]
-    scale: float | None = None
-    tile: int | None = None
-    tile_pad: int | None = None
+    KIND = _KIND
+    FORMAT = MANIFEST_FORMAT
+    OMIT_DEFAULT = frozenset({"bit_depth", "yuv", "segment"})
+
+    job_id: Text  # a safe name (manifests.layout.is_safe_name)
+    manifest_id: Text  # a safe name
+    worker_id: Text
+    model: Text
+    scale: Scale | None = None
+    tile: Tile | None = None
+    tile_pad: TilePad | None = None
     frame_format: FrameFormat = FrameFormat.PNG
-    png_compression: int = DEFAULT_PNG_COMPRESSION
-    bit_depth: int = 8
+    png_compression: Annotated[int, Meta(ge=0, le=9)] = DEFAULT_PNG_COMPRESSION
+    bit_depth: int = 8  # one of BIT_DEPTHS
     yuv: YuvSpec | None = None
-    input_dir: str = "input"
-    output_dir: str = "output"
-    status_file: str = field(default="")
+    input_dir: Text = "input"
+    output_dir: Text = "output"
+    status_file: Text = ""
+    batches: Annotated[tuple[Batch, ...], Meta(min_length=1, max_length=MAX_MANIFEST_BATCHES)]
     #: The segment transport's range (:mod:`manifests.segment`); None: the frames transport.
     segment: SegmentWork | None = None
 
-    def __post_init__(self) -> None:
-        # Manifests built in code get the same checks as manifests read from disk.
-        object.__setattr__(self, "batches", tuple(self.batches))
-        object.__setattr__(self, "frame_format", FrameFormat(self.frame_format))
+    def _check(self) -> None:
+        self.frame_format = FrameFormat(self.frame_format)
+        self.batches = tuple(self.batches)
         if not self.status_file:
-            object.__setattr__(self, "status_file", f"status/{self.manifest_id}.json")
-        _validate(self, source=None)
+            self.status_file = f"status/{self.manifest_id}.json"
+        for name in ("job_id", "manifest_id"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not is_safe_name(value):
+                raise self.fail(
+                    name, f"must be a safe name (letters, digits, '.', '_', '-'; at most 128), not {value!r}"
+                )
+        for name in ("input_dir", "output_dir", "status_file"):
+            if "\x00" in getattr(self, name):
+                raise self.fail(name, "must not contain a NUL character")
+        if self.bit_depth not in BIT_DEPTHS:
+            raise self.fail("bit_depth", f"must be 8 or 16, not {self.bit_depth!r}")
+        if self.frame_format not in frame_formats_for_depth(self.bit_depth):
+            raise self.fail(
+                "frame_format", f"must be npy or yuv for 16-bit frames, not {self.frame_format.value}"
+            )
+        if (self.frame_format is FrameFormat.YUV) != (self.yuv is not None):
+            raise self.fail(
+                "yuv", "must be given exactly when frame_format is yuv (the conversion the worker applies)"
+            )
+        if self.yuv is not None and self.yuv.sample_bits != self.bit_depth:
+            raise self.fail(
+                "yuv", f"holds {self.yuv.bits}-bit samples, which a {self.bit_depth}-bit frame cannot"
+            )
+        self._check_batches()
+        if self.segment is not None:
+            self._check_segment(self.segment)
+
+    def _check_segment(self, segment: SegmentWork) -> None:
+        """A segment manifest hands decoded frames to the model as ``yuv`` or ``npy`` frames (no PNG
+        files are involved), and its batches are the range's frames, in order, each once."""
+        if self.frame_format not in (FrameFormat.YUV, FrameFormat.NPY):
+            raise self.fail(
+                "frame_format", f"must be yuv or npy for a segment job, not {self.frame_format.value}"
+            )
+        covered = [frame for batch in self.batches for frame in batch.frames]
+        if covered != list(segment.frames):
+            raise self.fail(
+                "batches",
+                f"must cover the segment's frames {segment.first_frame}-{segment.last_frame} exactly, "
+                "in order, each once",
+            )
+
+    def _check_batches(self) -> None:
+        """Frame counts first (without expanding a range), then ids and frames given once."""
+        if sum(len(batch) for batch in self.batches) > MAX_MANIFEST_FRAMES:
+            raise self.fail(
+                "batches", f"hold more than {MAX_MANIFEST_FRAMES} frames, the most a manifest may hold"
+            )
+        ids: set[int] = set()
+        spans: list[tuple[int, int, int]] = []  # [first, end) of frames, batch index
+        for i, batch in enumerate(self.batches):
+            if batch.id in ids:
+                raise self.fail(f"batches[{i}].id", f"repeats batch id {batch.id}")
+            ids.add(batch.id)
+            if batch.listed is None:
+                assert batch.start is not None and batch.end is not None
+                spans.append((batch.start, batch.end, i))
+            else:
+                spans.extend((frame, frame + 1, i) for frame in batch.listed)
+        spans.sort()
+        reach, holder = -1, -1  # the end of the frames seen so far, and the batch reaching it
+        for first, end, i in spans:
+            if first < reach:  # the lowest frame given twice
+                raise self.fail(
+                    f"batches[{max(i, holder)}]", f"repeats frame {first}, already in an earlier batch"
+                )
+            if end > reach:
+                reach, holder = end, i
 
     @property
     def frame_count(self) -> int:
         return sum(len(batch) for batch in self.batches)
 
-    def to_dict(self) -> dict[str, Any]:
-        depth: dict[str, Any] = {} if self.bit_depth == 8 else {"bit_depth": self.bit_depth}
-        if self.yuv is not None:
-            depth["yuv"] = {"matrix": self.yuv.matrix, "range": self.yuv.range, "bits": self.yuv.bits}
-        return {
-            "format": MANIFEST_FORMAT,
-            "job_id": self.job_id,
-            "manifest_id": self.manifest_id,
-            "worker_id": self.worker_id,
-            "model": self.model,
-            "scale": self.scale,
-            "tile": self.tile,
-            "tile_pad": self.tile_pad,
-            "frame_format": self.frame_format.value,
-            "png_compression": self.png_compression,
-            **depth,
-            "input_dir": self.input_dir,
-            "output_dir": self.output_dir,
-            "status_file": self.status_file,
-            "batches": [batch.to_dict() for batch in self.batches],
-            **({} if self.segment is None else {"segment": msgspec.to_builtins(self.segment)}),
-        }
-
-    def to_json(self) -> bytes:
-        return dumps(self.to_dict())
-
-    @classmethod
-    def from_json(cls, data: bytes | str, *, source: str | Path | None = None) -> Manifest:
-        """Parse and validate; raises :class:`DocumentError` (or its :class:`FormatVersionError`)."""
-        return cls.from_dict(decode(_KIND, data, source), source=source)
-
-    @classmethod
-    def from_dict(cls, document: dict[str, Any], *, source: str | Path | None = None) -> Manifest:
-        check_format(_KIND, document, MANIFEST_FORMAT, source)
-        f = Fields(_KIND, document, source=source)
-        f.reject_unknown(
-            {
-                "format", "job_id", "manifest_id", "worker_id", "model", "scale", "tile", "tile_pad",
-                "frame_format", "png_compression", "bit_depth", "yuv", "input_dir", "output_dir",
-                "status_file", "batches", "segment",
-            }
-        )  # fmt: skip
-        frame_format = f.data.get("frame_format", FrameFormat.PNG.value)
-        if frame_format not in {member.value for member in FrameFormat}:
-            f.fail(
-                "frame_format",
-                f"must be one of {', '.join(m.value for m in FrameFormat)}, not {frame_format!r}",
-            )
-        png_compression = f.opt_integer("png_compression", minimum=0, maximum=9)
-        bit_depth = f.opt_integer("bit_depth", minimum=8, maximum=16)
-        scale = f.opt_number("scale", positive=True)
-        if scale is not None and not MIN_SCALE <= scale <= MAX_SCALE:
-            f.fail("scale", f"must be between {MIN_SCALE:g} and {MAX_SCALE:g}, not {scale:g}")
-        manifest = object.__new__(cls)
-        values = {
-            "job_id": f.string("job_id"),
-            "manifest_id": f.string("manifest_id"),
-            "worker_id": f.string("worker_id"),
-            "model": f.string("model"),
-            "scale": scale,
-            "tile": f.opt_integer("tile", minimum=0, maximum=MAX_TILE),
-            "tile_pad": f.opt_integer("tile_pad", minimum=0, maximum=MAX_TILE_PAD),
-            "frame_format": FrameFormat(frame_format),
-            "png_compression": DEFAULT_PNG_COMPRESSION if png_compression is None else png_compression,
-            "bit_depth": 8 if bit_depth is None else bit_depth,
-            "yuv": _yuv(f) if f.data.get("yuv") is not None else None,
-            "input_dir": f.string("input_dir"),
-            "output_dir": f.string("output_dir"),
-            "status_file": f.opt_string("status_file") or "",
-            "batches": _batches(f),
-            "segment": _segment(f),
-        }
-        if not values["status_file"]:
-            values["status_file"] = f"status/{values['manifest_id']}.json"
-        for name, value in values.items():
-            object.__setattr__(manifest, name, value)
-        _validate(manifest, source=source)
-        return manifest
-
     def with_batches(self, manifest_id: str, worker_id: str, batches: Sequence[Batch]) -> Manifest:
         """The same job settings for other batches (for re-dealing); gets its own status file."""
-        return replace(
+        return msgspec.structs.replace(
             self, manifest_id=manifest_id, worker_id=worker_id, batches=tuple(batches), status_file=""
         )
-
-
-def _yuv(f: Fields) -> YuvSpec:
-    """The manifest's YUV conversion, each part checked against what a worker can apply."""
-    spec = f.child("yuv")
-    spec.reject_unknown({"matrix", "range", "bits"})
-    matrix, range_ = spec.string("matrix"), spec.string("range")
-    if matrix not in YUV_MATRICES:
-        spec.fail("matrix", f"must be one of {', '.join(YUV_MATRICES)}, not {matrix!r}")
-    if range_ not in YUV_RANGES:
-        spec.fail("range", f"must be tv or pc, not {range_!r}")
-    return YuvSpec(matrix, range_, spec.integer("bits", minimum=8, maximum=16))
-
-
-def _batches(f: Fields) -> tuple[Batch, ...]:
-    """The manifest's batches, refused as soon as they hold more than a manifest may."""
-    listed = f.data.get("batches")
-    if isinstance(listed, list) and len(listed) > MAX_MANIFEST_BATCHES:
-        f.fail("batches", f"holds {len(listed)} batches; a manifest holds at most {MAX_MANIFEST_BATCHES}")
-    batches, frames = [], 0
-    for item in f.objects("batches"):
-        batch = Batch._from_fields(item)
-        frames += len(batch)
-        if frames > MAX_MANIFEST_FRAMES:
-            f.fail("batches", f"hold more than {MAX_MANIFEST_FRAMES} frames, the most a manifest may hold")
-        batches.append(batch)
-    return tuple(batches)
-
-
-def _segment(f: Fields) -> SegmentWork | None:
-    """The manifest's segment record (absent or null: a frames manifest), checked by its Struct."""
-    document = f.data.get("segment")
-    if document is None:
-        return None
-    try:
-        return msgspec.convert(document, SegmentWork)
-    except msgspec.ValidationError as exc:
-        problem, _, where = str(exc).partition(" - at `$")
-        problem = re.sub(r"^Expected ", "must be ", problem)
-        problem = re.sub(r"^Object ", "", problem)
-        f.fail("segment" + where.rstrip("`"), problem)
 
 
 def job_frame_count(job_file: bytes) -> int | None:
@@ -344,82 +297,3 @@ def read_manifest(path: str | Path) -> Manifest:
     """
     source = Path(path)
     return Manifest.from_json(source.read_bytes(), source=source)
-
-
-def _validate(manifest: Manifest, *, source: str | Path | None) -> None:
-    def fail(name: str, problem: str) -> None:
-        raise DocumentError(_KIND, problem, source=source, field=name)
-
-    for name in ("job_id", "manifest_id"):
-        value = getattr(manifest, name)
-        if not isinstance(value, str) or not is_safe_name(value):
-            fail(name, f"must be a safe name (letters, digits, '.', '_', '-'; at most 128), not {value!r}")
-    for name in ("worker_id", "model", "input_dir", "output_dir", "status_file"):
-        value = getattr(manifest, name)
-        if not isinstance(value, str) or not value:
-            fail(name, f"must be a non-empty string, not {value!r}")
-        if len(value) > MAX_STRING:
-            fail(name, f"is {len(value)} characters long; at most {MAX_STRING} are allowed")
-        if name.endswith(("_dir", "_file")) and "\x00" in value:
-            fail(name, "must not contain a NUL character")
-    if manifest.scale is not None and not MIN_SCALE <= manifest.scale <= MAX_SCALE:
-        fail("scale", f"must be between {MIN_SCALE:g} and {MAX_SCALE:g}, not {manifest.scale!r}")
-    for name, most in (("tile", MAX_TILE), ("tile_pad", MAX_TILE_PAD)):
-        value = getattr(manifest, name)
-        if value is not None and (not isinstance(value, int) or not 0 <= value <= most):
-            fail(name, f"must be an integer from 0 to {most} or null, not {value!r}")
-    if not 0 <= manifest.png_compression <= 9:
-        fail("png_compression", f"must be between 0 and 9, not {manifest.png_compression}")
-    if manifest.bit_depth not in BIT_DEPTHS:
-        fail("bit_depth", f"must be 8 or 16, not {manifest.bit_depth!r}")
-    if manifest.frame_format not in frame_formats_for_depth(manifest.bit_depth):
-        fail("frame_format", f"must be npy or yuv for 16-bit frames, not {manifest.frame_format.value}")
-    if (manifest.frame_format is FrameFormat.YUV) != (manifest.yuv is not None):
-        fail("yuv", "must be given exactly when frame_format is yuv (the conversion the worker applies)")
-    if manifest.yuv is not None and manifest.yuv.sample_bits != manifest.bit_depth:
-        fail("yuv", f"holds {manifest.yuv.bits}-bit samples, which a {manifest.bit_depth}-bit frame cannot")
-    if not manifest.batches:
-        fail("batches", "must hold at least one batch")
-    if len(manifest.batches) > MAX_MANIFEST_BATCHES:
-        fail(
-            "batches",
-            f"holds {len(manifest.batches)} batches; a manifest holds at most {MAX_MANIFEST_BATCHES}",
-        )
-    if manifest.frame_count > MAX_MANIFEST_FRAMES:
-        fail("batches", f"hold {manifest.frame_count} frames; a manifest holds at most {MAX_MANIFEST_FRAMES}")
-    ids: set[int] = set()
-    frames: set[int] = set()
-    for i, batch in enumerate(manifest.batches):
-        if not isinstance(batch, Batch):
-            fail(f"batches[{i}]", f"must be a Batch, not {type(batch).__name__}")
-        if len(batch) > MAX_BATCH_FRAMES:
-            fail(f"batches[{i}]", f"holds {len(batch)} frames; a batch holds at most {MAX_BATCH_FRAMES}")
-        if max(batch.frames) > MAX_FRAME_INDEX:
-            fail(f"batches[{i}]", f"names frame {max(batch.frames)}; frame indices end at {MAX_FRAME_INDEX}")
-        if batch.id in ids:
-            fail(f"batches[{i}].id", f"repeats batch id {batch.id}")
-        ids.add(batch.id)
-        overlap = frames.intersection(batch.frames)
-        if overlap:
-            fail(f"batches[{i}]", f"repeats frame {min(overlap)}, already in an earlier batch")
-        frames.update(batch.frames)
-    if manifest.segment is not None:
-        _validate_segment(manifest, fail)
-
-
-def _validate_segment(manifest: Manifest, fail: Callable[[str, str], None]) -> None:
-    """A segment manifest hands decoded frames to the model as ``yuv`` or ``npy`` frames (no PNG files
-    are involved), and its batches are the range's frames, in order, each once."""
-    segment = manifest.segment
-    if not isinstance(segment, SegmentWork):
-        fail("segment", f"must be a SegmentWork, not {type(segment).__name__}")
-        return
-    if manifest.frame_format not in (FrameFormat.YUV, FrameFormat.NPY):
-        fail("frame_format", f"must be yuv or npy for a segment job, not {manifest.frame_format.value}")
-    covered = [frame for batch in manifest.batches for frame in batch.frames]
-    if covered != list(segment.frames):
-        fail(
-            "batches",
-            f"must cover the segment's frames {segment.first_frame}-{segment.last_frame} exactly, "
-            "in order, each once",
-        )

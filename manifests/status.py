@@ -24,13 +24,13 @@ A batch id appears in ``done_batches`` only once all its output frames are on di
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from manifests._fields import Fields, check_format, decode
-from manifests.errors import DocumentError
-from manifests.jsonio import dumps, write_json_atomic
+import msgspec
+
+from manifests.jsonio import write_json_atomic
+from manifests.records import Count, Document, NonEmpty, Record
 
 STATUS_FORMAT = "esrfarm.status/1"
 _KIND = "status"
@@ -48,68 +48,80 @@ class WorkerState(enum.StrEnum):
         return self in {WorkerState.COMPLETED, WorkerState.FAILED, WorkerState.CANCELLED}
 
 
-@dataclass(frozen=True)
-class BatchError:
+class BatchError(Record):
     """Why a batch failed; ``frame`` is the frame at fault, or None when the whole batch failed."""
 
-    batch_id: int
-    frame: int | None
-    reason: str
+    KIND = _KIND
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"batch_id": self.batch_id, "frame": self.frame, "reason": self.reason}
+    batch_id: Count
+    frame: Count | None
+    reason: NonEmpty
 
     def __str__(self) -> str:
         at = f", frame {self.frame}" if self.frame is not None else ""
         return f"batch {self.batch_id}{at}: {self.reason}"
 
 
-@dataclass(frozen=True)
-class WorkerIdentity:
-    worker_id: str
-    host: str
-    pid: int
+class WorkerIdentity(Record):
+    KIND = _KIND
+
+    worker_id: NonEmpty
+    host: NonEmpty
+    pid: Count
     gpu: str | None = (
         None  # the GPU as the host names it (CUDA_VISIBLE_DEVICES entry or index); None on the CPU
     )
     device: str | None = None  # human-readable device name
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "worker_id": self.worker_id,
-            "host": self.host,
-            "pid": self.pid,
-            "gpu": self.gpu,
-            "device": self.device,
-        }
 
+class Status(Document, kw_only=True):
+    """What one worker has done with one manifest. ``batches_done`` is written for readers; it is
+    always the length of ``done_batches`` (None when built: counted)."""
 
-@dataclass(frozen=True)
-class Status:
+    KIND = _KIND
+    FORMAT = STATUS_FORMAT
+
     state: WorkerState
-    worker: WorkerIdentity
-    updated_at: float
     job_id: str | None = None
     manifest_id: str | None = None
-    batches_total: int = 0
-    done_batches: tuple[int, ...] = ()
-    current_batch: int | None = None
-    frames_total: int = 0
-    frames_done: int = 0
+    worker: WorkerIdentity
+    batches_total: Count = 0
+    batches_done: Count | None = None
+    done_batches: tuple[Count, ...] = ()
+    current_batch: Count | None = None
+    frames_total: Count = 0
+    frames_done: Count = 0
     errors: tuple[BatchError, ...] = ()
     started_at: float | None = None
+    updated_at: float
     finished_at: float | None = None
     message: str | None = None
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "state", WorkerState(self.state))
-        object.__setattr__(self, "done_batches", tuple(self.done_batches))
-        object.__setattr__(self, "errors", tuple(self.errors))
-        _validate(self, source=None)
-
-    @property
-    def batches_done(self) -> int:
-        return len(self.done_batches)
+    def _check(self) -> None:
+        self.state = WorkerState(self.state)
+        self.done_batches, self.errors = tuple(self.done_batches), tuple(self.errors)
+        done = len(self.done_batches)
+        if self.batches_done is None:
+            self.batches_done = done
+        elif self.batches_done != done:
+            raise self.fail("batches_done", f"is {self.batches_done} but done_batches lists {done} batch(es)")
+        if len(set(self.done_batches)) != done:
+            raise self.fail("done_batches", "lists a batch twice")
+        if done > self.batches_total:
+            raise self.fail(
+                "done_batches", f"lists {done} batches, more than batches_total ({self.batches_total})"
+            )
+        if self.frames_done > self.frames_total:
+            raise self.fail(
+                "frames_done", f"is {self.frames_done}, more than frames_total ({self.frames_total})"
+            )
+        if self.state is WorkerState.COMPLETED and (done != self.batches_total or self.errors):
+            raise self.fail("state", "is completed, but not every batch is done without error")
+        if self.state is not WorkerState.IDLE and (self.job_id is None or self.manifest_id is None):
+            raise self.fail("job_id", f"must be set when the state is {self.state.value}")
+        failed = set(self.failed_batches).intersection(self.done_batches)
+        if failed:
+            raise self.fail("errors", f"names batch {min(failed)}, which done_batches also lists")
 
     @property
     def failed_batches(self) -> tuple[int, ...]:
@@ -117,96 +129,8 @@ class Status:
         return tuple(dict.fromkeys(error.batch_id for error in self.errors))
 
     def evolve(self, **changes: Any) -> Status:
-        """A copy with ``changes`` applied (validated again)."""
-        return replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": STATUS_FORMAT,
-            "state": self.state.value,
-            "job_id": self.job_id,
-            "manifest_id": self.manifest_id,
-            "worker": self.worker.to_dict(),
-            "batches_total": self.batches_total,
-            "batches_done": self.batches_done,
-            "done_batches": list(self.done_batches),
-            "current_batch": self.current_batch,
-            "frames_total": self.frames_total,
-            "frames_done": self.frames_done,
-            "errors": [error.to_dict() for error in self.errors],
-            "started_at": self.started_at,
-            "updated_at": self.updated_at,
-            "finished_at": self.finished_at,
-            "message": self.message,
-        }
-
-    def to_json(self) -> bytes:
-        return dumps(self.to_dict())
-
-    @classmethod
-    def from_json(cls, data: bytes | str, *, source: str | Path | None = None) -> Status:
-        """Parse and validate; raises :class:`DocumentError` (or its :class:`FormatVersionError`)."""
-        return cls.from_dict(decode(_KIND, data, source), source=source)
-
-    @classmethod
-    def from_dict(cls, document: dict[str, Any], *, source: str | Path | None = None) -> Status:
-        check_format(_KIND, document, STATUS_FORMAT, source)
-        f = Fields(_KIND, document, source=source)
-        f.reject_unknown(
-            {
-                "format", "state", "job_id", "manifest_id", "worker", "batches_total", "batches_done",
-                "done_batches", "current_batch", "frames_total", "frames_done", "errors", "started_at",
-                "updated_at", "finished_at", "message",
-            }
-        )  # fmt: skip
-        state = f.string("state")
-        if state not in {member.value for member in WorkerState}:
-            f.fail("state", f"must be one of {', '.join(m.value for m in WorkerState)}, not {state!r}")
-        w = f.child("worker")
-        w.reject_unknown({"worker_id", "host", "pid", "gpu", "device"})
-        worker = WorkerIdentity(
-            worker_id=w.string("worker_id"),
-            host=w.string("host"),
-            pid=w.integer("pid", minimum=0),
-            gpu=w.opt_string("gpu"),
-            device=w.opt_string("device"),
-        )
-        errors = []
-        for e in f.objects("errors"):
-            e.reject_unknown({"batch_id", "frame", "reason"})
-            errors.append(
-                BatchError(
-                    e.integer("batch_id", minimum=0), e.opt_integer("frame", minimum=0), e.string("reason")
-                )
-            )
-        done = f.int_list("done_batches")
-        batches_done = f.opt_integer("batches_done")
-        if batches_done is not None and batches_done != len(done):
-            f.fail("batches_done", f"is {batches_done} but done_batches lists {len(done)} batch(es)")
-        updated_at = f.opt_number("updated_at")
-        if updated_at is None:
-            f.fail("updated_at", "is missing")
-        values = {
-            "state": WorkerState(state),
-            "worker": worker,
-            "updated_at": updated_at,
-            "job_id": f.opt_string("job_id"),
-            "manifest_id": f.opt_string("manifest_id"),
-            "batches_total": f.integer("batches_total", minimum=0),
-            "done_batches": done,
-            "current_batch": f.opt_integer("current_batch", minimum=0),
-            "frames_total": f.integer("frames_total", minimum=0),
-            "frames_done": f.integer("frames_done", minimum=0),
-            "errors": tuple(errors),
-            "started_at": f.opt_number("started_at"),
-            "finished_at": f.opt_number("finished_at"),
-            "message": f.opt_string("message"),
-        }
-        status = object.__new__(cls)
-        for name, value in values.items():
-            object.__setattr__(status, name, value)
-        _validate(status, source=source)
-        return status
+        """A copy with ``changes`` applied (validated again; ``batches_done`` counted again)."""
+        return msgspec.structs.replace(self, batches_done=None, **changes)
 
 
 def read_status(path: str | Path) -> Status:
@@ -220,27 +144,3 @@ def read_status(path: str | Path) -> Status:
 
 def write_status_atomic(path: str | Path, status: Status) -> None:
     write_json_atomic(path, status.to_json())
-
-
-def _validate(status: Status, *, source: str | Path | None) -> None:
-    def fail(name: str, problem: str) -> None:
-        raise DocumentError(_KIND, problem, source=source, field=name)
-
-    if len(set(status.done_batches)) != len(status.done_batches):
-        fail("done_batches", "lists a batch twice")
-    if status.batches_done > status.batches_total:
-        fail(
-            "done_batches",
-            f"lists {status.batches_done} batches, more than batches_total ({status.batches_total})",
-        )
-    if status.frames_done > status.frames_total:
-        fail("frames_done", f"is {status.frames_done}, more than frames_total ({status.frames_total})")
-    if status.state is WorkerState.COMPLETED and (
-        status.batches_done != status.batches_total or status.errors
-    ):
-        fail("state", "is completed, but not every batch is done without error")
-    if status.state is not WorkerState.IDLE and (status.job_id is None or status.manifest_id is None):
-        fail("job_id", f"must be set when the state is {status.state.value}")
-    failed = set(status.failed_batches).intersection(status.done_batches)
-    if failed:
-        fail("errors", f"names batch {min(failed)}, which done_batches also lists")

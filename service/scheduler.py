@@ -36,6 +36,7 @@ from coordinator.events import Finished, JobEvent, Progress, Stage, Started
 from coordinator.fleet import LocalWorkerConfig, WorkerFleet, WorkerHandle
 from coordinator.job import Job
 from coordinator.spec import FarmSettings, JobSpec
+from manifests.health import Health
 from manifests.layout import JobLayout
 from manifests.status import Status
 from service.comparisons import CompareKilled, CompareProcess, CompareProgress, is_compare
@@ -233,10 +234,10 @@ class Scheduler:
         if self._fleet_start is not None:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._fleet_start)
-        unknown = [h for h in fleet.handles.values() if h.alive and not h.health]
+        unknown = [h for h in fleet.handles.values() if h.alive and h.health is None]
         answers = await asyncio.gather(*(h.client.health() for h in unknown), return_exceptions=True)
         for handle, answer in zip(unknown, answers, strict=True):
-            if isinstance(answer, dict) and handle.changes == 0:
+            if isinstance(answer, Health) and handle.changes == 0:
                 handle.health = answer
         if any(h.ready and h.serves(model, backend) for h in fleet.handles.values()):
             return
@@ -254,13 +255,13 @@ class Scheduler:
         result = []
         for handle, batch in zip(handles, batches, strict=True):
             health = handle.health
-            memory = health.get("gpu_memory") if isinstance(health.get("gpu_memory"), dict) else None
-            state = str(health.get("state") or "starting") if handle.alive else "lost"
+            memory = health.gpu_memory if health else None
+            state = (health.state if health else "starting") if handle.alive else "lost"
             result.append(
                 {
                     "url": handle.url, "state": state, "model": handle.model,
-                    "gpu_memory_used": memory.get("used") if memory else None,
-                    "gpu_memory_total": memory.get("total") if memory else None,
+                    "gpu_memory_used": memory.used if memory else None,
+                    "gpu_memory_total": memory.total if memory else None,
                     "batch": batch,
                 }
             )  # fmt: skip
@@ -478,8 +479,9 @@ class Scheduler:
 
 def _current_batch(root: Path, handle: WorkerHandle) -> int | None:
     """The batch the worker's status file says it is on, if it holds a manifest now."""
-    job_id, manifest_id = handle.health.get("job_id"), handle.health.get("manifest_id")
-    if not isinstance(job_id, str) or not isinstance(manifest_id, str) or not handle.alive:
+    health = handle.health
+    job_id, manifest_id = (health.job_id, health.manifest_id) if health else (None, None)
+    if job_id is None or manifest_id is None or not handle.alive:
         return None
     try:
         path = JobLayout(root, job_id).status_path(manifest_id)

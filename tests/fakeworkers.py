@@ -30,6 +30,7 @@ from coordinator.client import WorkerBusyError, WorkerRequestError
 from manifests import BatchError, Status, WorkerIdentity, WorkerState, read_manifest, write_json_atomic
 from manifests.colour import YuvSpec
 from manifests.frames import read_frame, write_frame
+from manifests.health import Health
 from manifests.layout import FrameFormat, frame_filename
 from manifests.manifest import Manifest
 from media.encode import EncodeSettings, settings_for_depth
@@ -72,17 +73,17 @@ class FakeWorker:
 
     # -- the client protocol ----------------------------------------------------------------------
 
-    async def health(self) -> dict[str, Any]:
+    async def health(self) -> Health:
         if self.dead:
             raise WorkerRequestError(self.url, "health check", None, "ConnectionRefusedError")
         busy = self.busy
         current = self._current if busy else None
-        return {
-            "state": "processing" if busy else "idle", "model": self.model, "scale": float(self.scale),
-            "worker_id": self.url.removeprefix("fake://"), "job_id": current.job_id if current else None,
-            "manifest_id": current.manifest_id if current else None, "backend": self.backend,
-            "transports": list(self.transports),
-        }  # fmt: skip
+        return Health(
+            state="processing" if busy else "idle", model=self.model, scale=float(self.scale),
+            worker_id=self.url.removeprefix("fake://"), job_id=current.job_id if current else None,
+            manifest_id=current.manifest_id if current else None, backend=self.backend,
+            transports=tuple(self.transports),
+        )  # fmt: skip
 
     async def process_manifest(self, manifest_path: str) -> None:
         if self.dead:

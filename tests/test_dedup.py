@@ -48,7 +48,7 @@ def _plan(frames: int, chunk_frames: int, batch_size: int = 2):  # type: ignore[
 
 
 def test_map_round_trips_and_names_each_frames_source() -> None:
-    dedup = DuplicateMap(frames=8, chunk_frames=4, threshold=3.0, block=16, duplicates={3: 1, 2: 1, 8: 5})
+    dedup = DuplicateMap.of(frames=8, chunk_frames=4, threshold=3.0, block=16, duplicates={3: 1, 2: 1, 8: 5})
     assert DuplicateMap.from_json(dedup.to_json()) == dedup
     assert [dedup.source(f) for f in range(1, 9)] == [1, 1, 1, 4, 5, 6, 7, 5]
     assert dedup.upscaled_count == 5
@@ -68,7 +68,7 @@ def test_map_refuses_a_reference_that_is_not_an_earlier_upscaled_frame_of_the_ch
     duplicates: dict[int, int], problem: str
 ) -> None:
     with pytest.raises(ValueError, match=problem):
-        DuplicateMap(frames=8, chunk_frames=4, threshold=3.0, block=16, duplicates=duplicates)
+        DuplicateMap.of(frames=8, chunk_frames=4, threshold=3.0, block=16, duplicates=duplicates)
     document = (
         b'{"format": "esrfarm.dedup/1", "frames": 8, "chunk_frames": 4, "threshold": 3.0, "block": 16,'
         b' "duplicates": [' + b", ".join(b"[%d, %d]" % pair for pair in duplicates.items()) + b"]}"
@@ -79,7 +79,7 @@ def test_map_refuses_a_reference_that_is_not_an_earlier_upscaled_frame_of_the_ch
 
 def test_batches_cover_the_upscaled_frames_chunk_by_chunk() -> None:
     plan = _plan(10, chunk_frames=4)
-    dedup = DuplicateMap(
+    dedup = DuplicateMap.of(
         frames=10, chunk_frames=4, threshold=3.0, block=16, duplicates={2: 1, 3: 1, 7: 6, 10: 9}
     )
     batches = plan_unique_batches(plan, dedup, batch_size=2)
@@ -92,7 +92,7 @@ def test_batches_cover_the_upscaled_frames_chunk_by_chunk() -> None:
 
 def test_chunk_book_takes_held_frames_before_and_after_its_batches_are_handed_on() -> None:
     plan = _plan(8, chunk_frames=4)
-    dedup = DuplicateMap(frames=8, chunk_frames=4, threshold=3.0, block=16, duplicates={3: 2, 4: 2, 6: 5})
+    dedup = DuplicateMap.of(frames=8, chunk_frames=4, threshold=3.0, block=16, duplicates={3: 2, 4: 2, 6: 5})
     batches = plan_unique_batches(plan, dedup, batch_size=2)
     book = ChunkBook(plan, batches, budget=None, held=dedup.duplicates.keys())
     book.admit(0)

@@ -127,7 +127,7 @@ def test_shell_wrapper_checks_its_arguments(tmp_path: Path) -> None:
         ["bash", script, script, str(tmp_path / "o.mp4"), "20"], capture_output=True, text=True, env=env
     )
     assert too_large.returncode == 2
-    assert too_large.stderr.strip() == "esrfarm upscale: error: --scale must be 0.0625 to 16, not 20"
+    assert too_large.stderr.strip() == "esrfarm upscale: error: --scale must be at most 16.0, not 20.0"
 
 
 def test_a_scale_above_the_models_own_is_a_resize_and_says_so(

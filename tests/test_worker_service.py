@@ -11,10 +11,12 @@ import threading
 import time
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 
 from manifests import Batch, FrameFormat, Status, plan_batches
+from manifests.health import Health
 from tests.workerutil import (
     FifoGate,
     Job,
@@ -100,6 +102,9 @@ def test_health_reports_the_model_and_device(idle_worker: WorkerProcess, tiny_mo
         None,
     )
     assert health["pid"] == idle_worker.pid and health["uptime_s"] > 0 and health["version"]
+    # what the coordinator reads: the one declaration of /health, every field the worker sends in it
+    assert set(health) == {f.encode_name for f in msgspec.structs.fields(Health)}
+    assert Health.from_dict(health).model == tiny_model.stem
     status = Status.from_json(idle_worker.get("/status").body)
     # idle, or the end state of the last manifest an earlier test ran on this session worker
     assert status.state.value != "processing" and status.worker.pid == idle_worker.pid

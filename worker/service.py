@@ -57,6 +57,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -75,6 +76,7 @@ from manifests import (
 )
 from manifests.atomic import Directory
 from manifests.errors import FileTooLargeError, SymlinkRefusedError, UnsafeFileError
+from manifests.health import GpuMemory, Health
 from manifests.manifest import check_frames_within_job, job_frame_count
 from manifests.segment import TRANSPORTS
 from worker.frames import FrameLimits
@@ -444,36 +446,36 @@ class WorkerService:
             state=WorkerState.IDLE, worker=self.identity, updated_at=time.time(), message=self.storage_error
         ).to_json()
 
-    def health(self) -> dict[str, Any]:
+    def health(self) -> Health:
         upscaler = self.upscaler
         memory = self.gpu.read() if self.gpu is not None else None
         current = self.run.manifest if self.run is not None and self.busy else None
-        return {
-            "state": self.state,
-            "ready": upscaler is not None,
-            "error": self.load_error,
-            "backend": upscaler.backend if upscaler else self.settings.backend,
-            "model": upscaler.model_name if upscaler else self.settings.model,
-            "architecture": upscaler.architecture if upscaler else None,
-            "scale": upscaler.scale if upscaler else self.settings.scale,
-            "native_scale": upscaler.native_scale if upscaler else None,
-            "precision": upscaler.precision if upscaler else self.settings.precision,
-            "device": upscaler.device_name if upscaler else self.settings.device_spec,
-            "gpu": self.identity.gpu,
-            "gpu_memory": memory,
-            "tile": self.settings.tile,
-            "tile_pad": self.settings.tile_pad,
-            "transports": list(TRANSPORTS),
-            "storage_writable": self.storage_error is None,
-            "storage_error": self.storage_error,
-            "job_id": current.job_id if current else None,
-            "manifest_id": current.manifest_id if current else None,
-            "worker_id": self.identity.worker_id,
-            "host": self.identity.host,
-            "pid": self.identity.pid,
-            "uptime_s": round(time.monotonic() - self.started, 3),
-            "version": _version(),
-        }
+        return Health(
+            state=self.state,
+            ready=upscaler is not None,
+            error=self.load_error,
+            backend=upscaler.backend if upscaler else self.settings.backend,
+            model=upscaler.model_name if upscaler else self.settings.model,
+            architecture=upscaler.architecture if upscaler else None,
+            scale=upscaler.scale if upscaler else self.settings.scale,
+            native_scale=upscaler.native_scale if upscaler else None,
+            precision=upscaler.precision if upscaler else self.settings.precision,
+            device=upscaler.device_name if upscaler else self.settings.device_spec,
+            gpu=self.identity.gpu,
+            gpu_memory=GpuMemory(**memory) if memory is not None else None,
+            tile=self.settings.tile,
+            tile_pad=self.settings.tile_pad,
+            transports=TRANSPORTS,
+            storage_writable=self.storage_error is None,
+            storage_error=self.storage_error,
+            job_id=current.job_id if current else None,
+            manifest_id=current.manifest_id if current else None,
+            worker_id=self.identity.worker_id,
+            host=self.identity.host,
+            pid=self.identity.pid,
+            uptime_s=round(time.monotonic() - self.started, 3),
+            version=_version(),
+        )
 
 
 PROBE_NAME = ".esrfarm-write-probe-{pid}"
@@ -526,7 +528,7 @@ def _error(status: int, message: str, **headers: str) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     worker = request.app[WORKER]
-    return _json(worker.health(), status=200 if worker.upscaler is not None else 503)
+    return _json(msgspec.to_builtins(worker.health()), status=200 if worker.upscaler is not None else 503)
 
 
 async def status(request: web.Request) -> web.Response:
