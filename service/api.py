@@ -3,13 +3,13 @@ page, uploads, live events (SSE), workers, health, metrics, and the static page.
 builds it; :func:`serve` runs it until SIGTERM/SIGINT.
 
 Security: without a token the service must be bound to a loopback address (``ServiceSettings``
-refuses anything else) and refuses ``/api`` requests whose ``Host`` is not a loopback name (a web
-page cannot reach it by DNS rebinding). With a token every ``/api`` route wants ``Authorization:
-Bearer <token>`` (``/api/events`` also takes ``?token=``: EventSource cannot send headers).
-Requests that change something refuse a foreign ``Origin``; POSTs other than uploads must be
-``application/json`` (which a cross-site form cannot send). Every input path is confined to the
-input roots and every output directory to the output directory, after resolving symlinks; an upload
-is stored under a generated name, never the client's.
+refuses anything else). Every ``/api`` route is behind the HTTP guard the workers use too
+(:mod:`manifests.httpguard`: loopback ``Host`` without a token, ``Authorization: Bearer <token>``
+with one (``/api/events`` also takes ``?token=``: EventSource cannot send headers), no foreign
+``Origin`` on a request that changes something, ``application/json`` POSTs but for uploads).
+Every input path is confined to the input roots and every output directory to the output
+directory, after resolving symlinks; an upload is stored under a generated name, never the
+client's.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import hmac
 import logging
 import os
 import re
@@ -31,17 +30,18 @@ from typing import Any, TypeVar
 import orjson
 from aiohttp import BodyPartReader, ClientConnectionError, web
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.typedefs import Middleware
 
 from coordinator.errors import EXPECTED_ERRORS, SpecError
 from coordinator.spec import DEFAULT_MODEL, FarmSettings, JobSpec
+from manifests.httpguard import GuardRules
 from manifests.manifest import BACKENDS
 from media.encode import EncodeSettings
 from service.comparisons import KIND, CompareJobError, batch_page, compare_spec, is_compare
 from service.preview import PreviewError, render_preview
 from service.scheduler import ModelUnavailableError, Scheduler, SchedulerSettings
-from service.settings import ServiceSettings, is_loopback
+from service.settings import ServiceSettings
 from service.store import JobRow, JobState, Store, StoreUnavailableError, new_job, now
+from worker.httpguard import guarded_app
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ MAX_OUTPUT_DEPTH = 32  # directories an output_dir may nest below the output dir
 JOB_ID_MAX = 64  # a longer job id (or prefix) names no job
 PART_SUFFIX = ".part"  # an upload being written: .<id>.part, renamed to <id> once whole
 STORE_RETRY_AFTER_S = 5  # Retry-After of a 503 while the database is unavailable
+MAX_JSON_BODY = 1 << 20  # bytes of a JSON request body (uploads have --max-upload)
 
 
 class BadRequest(Exception):
@@ -618,8 +619,6 @@ async def index(request: web.Request) -> web.StreamResponse:
 async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except web.HTTPRequestEntityTooLarge:
-        return _error(413, "the request body is too large")
     except web.HTTPException:
         raise
     except HttpProcessingError as exc:  # a request aiohttp could not parse (read by the handler)
@@ -634,44 +633,17 @@ async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamR
         return _error(500, f"internal error: {type(exc).__name__}")
 
 
-def _host_name(host: str) -> str:
-    if host.startswith("["):
-        return host[1:].partition("]")[0]
-    name, _, port = host.rpartition(":")
-    return name if name and port.isdigit() else host
-
-
-def _guard(settings: ServiceSettings) -> Middleware:
-    expected = f"Bearer {settings.token}".encode() if settings.token is not None else None
-
-    @web.middleware
-    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not request.path.startswith("/api/"):
-            return await handler(request)
-        host = request.headers.get("Host", "")
-        if expected is None and not is_loopback(_host_name(host)):
-            return _error(403, f"Host {host!r} is not this service's loopback address")
-        if expected is not None:
-            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
-            if request.path == "/api/events" and "token" in request.query:
-                given = f"Bearer {request.query['token']}".encode("utf-8", "surrogateescape")
-            if not hmac.compare_digest(given, expected):
-                response = _error(401, "missing or wrong bearer token")
-                response.headers["WWW-Authenticate"] = 'Bearer realm="esrfarm"'
-                return response
-        if request.method in {"POST", "DELETE", "PUT", "PATCH"}:
-            origin = request.headers.get("Origin")
-            if origin is not None and origin.lower() not in {
-                f"http://{host}".lower(),
-                f"https://{host}".lower(),
-            }:
-                return _error(403, f"requests from Origin {origin!r} are refused (cross-site)")
-            json_only = request.method == "POST" and request.path != "/api/uploads"
-            if json_only and request.content_type != "application/json":
-                return _error(415, f"POST {request.path} takes Content-Type: application/json")
-        return await handler(request)
-
-    return guard
+def guard_rules(settings: ServiceSettings) -> GuardRules:
+    """The service's use of the HTTP guard the workers use too (:mod:`manifests.httpguard`): every
+    ``/api`` path; ``/api/events`` takes ``?token=``, ``/api/uploads`` a raw body (its own limit)."""
+    return GuardRules(
+        server="service",
+        token=settings.token,
+        max_body_bytes=MAX_JSON_BODY,
+        guarded_prefix="/api/",
+        query_token_paths=frozenset({"/api/events"}),
+        raw_body_paths=frozenset({"/api/uploads"}),
+    )
 
 
 # -- the app -----------------------------------------------------------------------------------------
@@ -680,7 +652,7 @@ def _guard(settings: ServiceSettings) -> Middleware:
 def create_app(
     settings: ServiceSettings, farm: FarmSettings, scheduling: SchedulerSettings | None = None
 ) -> web.Application:
-    app = web.Application(middlewares=[_errors_as_json, _guard(settings)], client_max_size=1 << 20)
+    app = guarded_app(guard_rules(settings), outer=[_errors_as_json])
     app[SETTINGS] = settings
     store = Store(settings.db_path, lock_timeout_s=settings.db_lock_timeout_s)
     app[STORE] = store

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from manifests.httpguard import is_loopback
 from manifests.manifest import BACKENDS, MAX_TILE, MAX_TILE_PAD
 from manifests.tokens import TOKEN_ENV
 
@@ -130,12 +130,3 @@ class WorkerSettings:
         if index < len(visible):
             return visible[index]
         return str(index)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
