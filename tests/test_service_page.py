@@ -275,6 +275,8 @@ def test_a_comparison_submitted_through_the_form_links_its_report_and_batch_page
         "--compare-arg=--cpu-threads=1",
     )  # fmt: skip
     try:
+        browser.get("about:blank")
+        browser.get_log("browser")  # what an earlier page left there (its service stopped under it)
         browser.get(service.url + "/")
         Select(browser.find_element(By.ID, "job-type")).select_by_value("compare")
         assert not browser.find_element(By.ID, "codec").is_enabled(), "a comparison has no codec"
