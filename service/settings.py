@@ -6,14 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from manifests.httpguard import is_loopback
+from service.errors import SettingsError
 from service.store import DEFAULT_LOCK_TIMEOUT_S
 
 DEFAULT_PORT = 8080
 DEFAULT_MAX_UPLOAD = 8 << 30
-
-
-class SettingsError(ValueError):
-    """Settings the service cannot run with; the message names the flag."""
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,11 @@ TOKEN = "s3cret-guard"
 LARGE = 2 << 20  # over both servers' JSON body limits (the worker's 64 KiB, the service's 1 MiB)
 REFUSALS = {  # what each of the guard's refusals says
     401: "missing or wrong bearer token",
+    408: "the request body did not arrive within 2s (--body-timeout)",
     413: "the request body is too large: at most ",
     415: "takes Content-Type: application/json, not ",
 }
+STALL = ["--body-timeout", "2"]  # a stalled body is answered 408 after this many seconds
 ROUTE = 400  # the change route's own answer to {}: the guard let the request through
 
 PATHS = {
@@ -46,6 +48,7 @@ class Row:
     content_type: str | None = "application/json"
     length: int | None = None  # a body of this many bytes instead of {}
     chunked: bool = False
+    stalls: bool = False  # half the body is sent, then nothing more
     says: str = ""  # a 403's reason, {server} the server's name
 
 
@@ -78,6 +81,7 @@ TABLE = [
     Row("POST, JSON with charset", ROUTE, path="change", content_type=f"{JSON}; charset=utf-8"),
     Row("POST, body over the limit (declared)", 413, path="change", length=LARGE),
     Row("POST, body over the limit (chunked)", 413, path="change", length=LARGE, chunked=True),
+    Row("POST, a body that stalls", 408, path="change", stalls=True),
     Row("no token", 401, token=""),
     Row("a wrong token", 401, token="Bearer nope"),
     Row("the token without Bearer", 401, token=TOKEN),
@@ -92,7 +96,7 @@ TABLE = [
 
 
 def send(
-    url: str, method: str, path: str, headers: list[tuple[str, str]], body: bytes, chunked: bool
+    url: str, method: str, path: str, headers: list[tuple[str, str]], body: bytes, chunked: bool, stalls: bool
 ) -> tuple[int, dict[str, str], bytes]:
     """Send a request exactly as given (its own Host header or none) on a new connection; the
     answer's status, headers (lower-case names) and body."""
@@ -108,7 +112,7 @@ def send(
         payload += b"0\r\n\r\n"
     else:
         head.append(f"Content-Length: {len(body)}")
-        payload = body
+        payload = body[: len(body) // 2] if stalls else body
     with socket.create_connection((host, int(port)), timeout=60) as sock:
         sock.sendall("\r\n".join(head).encode() + b"\r\n\r\n")
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # answered before the whole body
@@ -133,16 +137,20 @@ def servers(
     token_file.write_text(TOKEN + "\n")
     processes: list[WorkerProcess] = []
     try:
-        open_worker = start_worker(root, tiny_model, logs)
+        open_worker = start_worker(root, tiny_model, logs, args=STALL)
         processes.append(open_worker)
-        token_worker = start_worker(root, tiny_model, logs, env={"ESRFARM_WORKER_TOKEN": TOKEN}, token=TOKEN)
+        token_worker = start_worker(
+            root, tiny_model, logs, args=STALL, env={"ESRFARM_WORKER_TOKEN": TOKEN}, token=TOKEN
+        )
         processes.append(token_worker)
-        open_service = start_service(root, logs, ["--workers", open_worker.url, "--db", logs / "open.db"])
+        open_service = start_service(
+            root, logs, [*STALL, "--workers", open_worker.url, "--db", logs / "open.db"]
+        )
         processes.append(open_service)
         token_service = start_service(
             root, logs,
             ["--workers", token_worker.url, "--worker-token-file", token_file, "--token-file", token_file,
-             "--db", logs / "token.db"],
+             "--db", logs / "token.db", *STALL],
         )  # fmt: skip
         processes.append(token_service)
         yield {
@@ -176,7 +184,9 @@ def test_the_guard_answers_both_servers_alike(
         body = b"{}" if row.length is None else b" " * row.length
         if row.content_type is not None:
             headers.append(("Content-Type", row.content_type))
-    status, answer_headers, answer = send(url, method, PATHS[server][row.path], headers, body, row.chunked)
+    status, answer_headers, answer = send(
+        url, method, PATHS[server][row.path], headers, body, row.chunked, row.stalls
+    )
     assert status == row.status, (server, row, answer)
     if status in REFUSALS:  # the guard's answer, the same from both: JSON naming the problem
         assert answer_headers["content-type"].startswith(JSON), answer_headers

@@ -6,6 +6,7 @@ reads it (aiohttp raises ``HTTPRequestEntityTooLarge`` at the app's ``client_max
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterable
 
 import orjson
@@ -46,6 +47,19 @@ def guard_middleware(rules: GuardRules) -> Middleware:
             return refusal_response(too_large(rules.max_body_bytes))
 
     return guard
+
+
+async def read_body(request: web.Request, timeout_s: float) -> bytes:
+    """The whole request body, which must arrive within ``timeout_s`` (``--body-timeout``, both
+    servers' flag): 408 otherwise. Its size is the guard's (413 past the app's ``client_max_size``)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await request.read()
+    except TimeoutError:
+        message = f"the request body did not arrive within {timeout_s:g}s (--body-timeout)"
+        raise web.HTTPRequestTimeout(
+            body=orjson.dumps({"error": message}), content_type="application/json"
+        ) from None
 
 
 def guarded_app(rules: GuardRules, outer: Iterable[Middleware] = ()) -> web.Application:

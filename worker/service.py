@@ -77,7 +77,7 @@ from manifests.httpguard import GuardRules
 from manifests.manifest import check_frames_within_job, job_frame_count
 from worker.frames import FrameLimits
 from worker.gpuinfo import GpuMemoryProbe
-from worker.httpguard import guarded_app
+from worker.httpguard import guarded_app, read_body
 from worker.logsafe import loggable
 from worker.metrics import WorkerMetrics
 from worker.processing import ManifestRun, RunDirs, Upscaler, in_daemon_thread
@@ -507,12 +507,7 @@ async def status(request: web.Request) -> web.Response:
 
 async def process_manifest(request: web.Request) -> web.Response:
     worker = request.app[WORKER]
-    timeout = worker.settings.body_timeout_s
-    try:
-        async with asyncio.timeout(timeout):
-            raw = await request.read()
-    except TimeoutError:
-        return _error(408, f"the request body did not arrive within {timeout:g}s")
+    raw = await read_body(request, worker.settings.body_timeout_s)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
