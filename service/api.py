@@ -3,26 +3,22 @@ page, uploads, live events (SSE), workers, health, metrics, and the static page.
 builds it; :func:`serve` runs it until SIGTERM/SIGINT.
 
 Security: without a token the service must be bound to a loopback address (``ServiceSettings``
-refuses anything else) and refuses ``/api`` requests whose ``Host`` is not a loopback name (a web
-page cannot reach it by DNS rebinding). With a token every ``/api`` route wants ``Authorization:
-Bearer <token>`` (``/api/events`` also takes ``?token=``: EventSource cannot send headers).
-Requests that change something refuse a foreign ``Origin``; POSTs other than uploads must be
-``application/json`` (which a cross-site form cannot send). Every input path is confined to the
-input roots and every output directory to the output directory, after resolving symlinks; an upload
-is stored under a generated name, never the client's.
+refuses anything else). Every ``/api`` route is behind the HTTP guard the workers use too
+(:mod:`manifests.httpguard`: loopback ``Host`` without a token, ``Authorization: Bearer <token>``
+with one (``/api/events`` also takes ``?token=``: EventSource cannot send headers), no foreign
+``Origin`` on a request that changes something, ``application/json`` POSTs but for uploads).
+Every input path is confined to the input roots and every output directory to the output
+directory, after resolving symlinks; an upload is stored under a generated name, never the
+client's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import hmac
 import logging
 import os
-import re
 import secrets
-import shutil
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -31,18 +27,17 @@ from typing import Any, TypeVar
 import orjson
 from aiohttp import BodyPartReader, ClientConnectionError, web
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.typedefs import Middleware
 
-from coordinator.errors import EXPECTED_ERRORS, SpecError
-from coordinator.spec import DEFAULT_MODEL, FarmSettings, JobSpec
-from manifests.manifest import BACKENDS
-from manifests.segment import FRAMES_TRANSPORT
-from media.encode import EncodeSettings
-from service.comparisons import KIND, CompareJobError, batch_page, compare_spec, is_compare
-from service.preview import PreviewError, render_preview
-from service.scheduler import ModelUnavailableError, Scheduler, SchedulerSettings
-from service.settings import ServiceSettings, is_loopback
-from service.store import JobRow, JobState, Store, StoreUnavailableError, new_job, now
+from coordinator.spec import FarmSettings
+from manifests.httpguard import GuardRules, shown
+from service.comparisons import KIND, batch_page, is_compare
+from service.errors import ListenError, PreviewError, SubmissionError
+from service.preview import render_preview
+from service.scheduler import Scheduler, SchedulerSettings
+from service.settings import ServiceSettings
+from service.store import JobRow, JobState, Store, StoreUnavailableError
+from service.submission import decode_body, forget, prepare
+from worker.httpguard import guarded_app, read_body
 
 log = logging.getLogger(__name__)
 
@@ -55,30 +50,13 @@ SCHEDULER = web.AppKey("scheduler", Scheduler)
 CLOSING = web.AppKey("closing", asyncio.Event)
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
 CHUNK = 1 << 20
-# Bounds of what a request may hold, checked where it is parsed.
-PRIORITY_LIMIT = 1_000_000_000  # a priority is -LIMIT to LIMIT
+# Bounds of what a request may hold, checked where it is parsed (a submission's: service/submission.py).
 MAX_EVENT_ID = (1 << 63) - 1  # SQLite's largest integer
-PATH_MAX = 4096  # bytes of a path, and of one name in it: Linux's limits
-NAME_MAX = 255
-OUTPUT_NAME_ROOM = 200  # bytes an output directory leaves for the generated file name
-MAX_OUTPUT_DEPTH = 32  # directories an output_dir may nest below the output directory
 JOB_ID_MAX = 64  # a longer job id (or prefix) names no job
 PART_SUFFIX = ".part"  # an upload being written: .<id>.part, renamed to <id> once whole
 STORE_RETRY_AFTER_S = 5  # Retry-After of a 503 while the database is unavailable
-
-
-class BadRequest(Exception):
-    """A request field that cannot work: ``field`` names it, the message says why."""
-
-    def __init__(self, field: str, problem: str, status: int = 400) -> None:
-        self.field, self.problem, self.status = field, problem, status
-        super().__init__(f"{field}: {problem}")
-
-
-class ListenError(Exception):
-    """The service cannot listen where it was told to."""
+MAX_JSON_BODY = 1 << 20  # bytes of a JSON request body (uploads have --max-upload)
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -89,271 +67,44 @@ def _json(value: Any, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(value), status=status, content_type="application/json")
 
 
+def shown_job(record: dict[str, Any]) -> dict[str, Any]:
+    """A job's record (:meth:`JobRow.to_json`, an event's data) as the API shows it: with the URLs
+    of its output, its preview (a finished upscaling job) and its batch's page (comparison jobs)."""
+    base, done, kind = f"/api/jobs/{record['id']}", record["state"] == JobState.DONE, record["kind"]
+    return {
+        **record,
+        "output_url": f"{base}/output" if done else None,
+        "preview_url": f"{base}/preview" if done and kind == "upscale" else None,
+        "batch_url": _batch_url(record["batch_id"]) if kind == KIND else None,
+    }
+
+
+def _batch_url(batch_id: str) -> str:
+    return f"/api/batches/{batch_id}/compare"
+
+
+def _job_json(row: JobRow) -> dict[str, Any]:
+    return shown_job(row.to_json())
+
+
 # -- jobs --------------------------------------------------------------------------------------------
 
 
-def _confined(path: Path, roots: tuple[Path, ...]) -> bool:
-    return any(path == root or path.is_relative_to(root) for root in roots)
-
-
-def _list_of(body: dict[str, Any], name: str, kind: type | tuple[type, ...], default: list[Any]) -> list[Any]:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, list) or not value:
-        raise BadRequest(name, f"must be a non-empty list, not {value!r}")
-    for item in value:
-        if isinstance(item, bool) or not isinstance(item, kind):
-            raise BadRequest(name, f"must hold only {_kind_name(kind)}, not {item!r}")
-    return value
-
-
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    return "strings" if kind is str else "numbers"
-
-
-def _optional_int(body: dict[str, Any], name: str, limit: int = PRIORITY_LIMIT) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise BadRequest(name, f"must be a whole number, not {value!r}")
-    if not -limit <= value <= limit:
-        raise BadRequest(name, f"must be {-limit} to {limit}, not {value}")
-    return value
-
-
-def _checked_path(field: str, raw: object, room: int = 0) -> Path:
-    """``raw`` as a path, if it is one the file system can take (``room``: bytes kept for names
-    added below it); raises :class:`BadRequest` naming ``field`` otherwise."""
-    if not isinstance(raw, str) or not raw or "\x00" in raw:
-        raise BadRequest(field, f"is not a path: {_shown(raw)}")
-    size = len(raw.encode("utf-8", "surrogatepass"))
-    if size + room > PATH_MAX:
-        raise BadRequest(field, f"is a path of {size} bytes; the file system takes {PATH_MAX - room} at most")
-    longest = max(len(part.encode("utf-8", "surrogatepass")) for part in raw.split("/"))
-    if longest > NAME_MAX:
-        raise BadRequest(field, f"holds a name of {longest} bytes; the file system takes {NAME_MAX} at most")
-    return Path(raw)
-
-
-def _resolved(field: str, path: Path) -> Path:
-    try:
-        return path.expanduser().resolve()
-    except (OSError, RuntimeError) as exc:  # a symlink loop, a name too long once links are followed
-        raise BadRequest(
-            field, f"{_shown(str(path))} cannot be resolved: {getattr(exc, 'strerror', None) or exc}"
-        ) from None
-
-
-def _shown(value: object, limit: int = 200) -> str:
-    """A value as an error message shows it: repr, cut to ``limit`` characters."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
-def _inputs(body: dict[str, Any], settings: ServiceSettings) -> list[Path]:
-    """The inputs asked for, resolved (symlinks followed) and confined to the input roots."""
-    if ("inputs" in body) == ("upload" in body):
-        raise BadRequest("inputs", 'give either "inputs" (paths) or "upload" (an upload id)')
-    if "upload" in body:
-        upload = body["upload"]
-        if not isinstance(upload, str) or not UPLOAD_ID.match(upload):
-            raise BadRequest("upload", f"is not an upload id: {upload!r}")
-        path = settings.uploads_dir / upload
-        if not path.is_file():
-            raise BadRequest("upload", f"there is no upload {upload}")
-        return [path]
-    paths = []
-    for raw in _list_of(body, "inputs", str, []):
-        given = _checked_path("inputs", raw)
-        resolved = _resolved("inputs", given)
-        if not given.is_absolute() or not _confined(resolved, settings.input_roots):
-            roots = ", ".join(map(str, settings.input_roots)) or "none configured (--input-root)"
-            raise BadRequest("inputs", f"{raw} is outside every input root ({roots})", 403)
-        _checked_path("inputs", str(resolved))  # what the job will open, links followed
-        if resolved.is_dir():
-            raise BadRequest("inputs", f"{raw} is a directory, not a video file")
-        if resolved.exists() and not resolved.is_file():
-            raise BadRequest("inputs", f"{raw} is not a regular file")
-        paths.append(resolved)  # a missing one fails its job, with the coordinator's reason
-    return paths
-
-
-def _output_dir(body: dict[str, Any], settings: ServiceSettings) -> Path:
-    raw = body.get("output_dir")
-    if raw is None:
-        return settings.outputs
-    candidate = _checked_path("output_dir", raw).expanduser()
-    if not candidate.is_absolute():
-        candidate = _checked_path("output_dir", str(settings.outputs / candidate), OUTPUT_NAME_ROOM)
-    resolved = _resolved("output_dir", candidate)
-    if not _confined(resolved, (settings.outputs,)):
-        raise BadRequest("output_dir", f"{raw} is outside the output directory {settings.outputs}", 403)
-    _checked_path("output_dir", str(resolved), OUTPUT_NAME_ROOM)
-    depth = len(resolved.relative_to(settings.outputs).parts)
-    if depth > MAX_OUTPUT_DEPTH:
-        raise BadRequest("output_dir", f"nests {depth} directories deep; at most {MAX_OUTPUT_DEPTH}")
-    return resolved
-
-
-def _encode(body: dict[str, Any]) -> EncodeSettings:
-    codec = body.get("codec", "libx264")
-    if not isinstance(codec, str):
-        raise BadRequest("codec", f"must be a codec name, not {codec!r}")
-    crf = _optional_int(body, "crf")
-    preset = body.get("preset")
-    if preset is not None and not isinstance(preset, str):
-        raise BadRequest("preset", f"must be a string, not {preset!r}")
-    for name, settings in (("codec", {}), ("crf", {"crf": crf}), ("preset", {"crf": crf, "preset": preset})):
-        try:
-            encode = EncodeSettings.for_codec(codec, **settings)
-        except EXPECTED_ERRORS as exc:
-            raise BadRequest(name, str(exc)) from None
-    return encode
-
-
-def _safe_stem(source: Path) -> str:
-    """The input's name as the start of an output's: safe characters only, at most 60."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", source.stem).strip("._-")[:60] or "video"
-
-
-def _output_name(source: Path, model: str, scale: float | None, job_id: str, codec: str) -> str:
-    stem = _safe_stem(source)
-    model_name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(model).stem)[:40]
-    scale_part = f"-x{scale:g}" if scale is not None else ""
-    suffix = ".mkv" if codec == "ffv1" else ".mp4"
-    return f"{stem}-{model_name}{scale_part}-{job_id[:8]}{suffix}"
-
-
-COMMON_FIELDS = {"type", "inputs", "upload", "models", "scales", "priority", "output_dir"}
-UPSCALE_FIELDS = COMMON_FIELDS | {"codec", "crf", "preset", "backend", "dedup", "transport"}
-COMPARE_FIELDS = COMMON_FIELDS | {"frames"}
-
-
 async def submit(request: web.Request) -> web.Response:
+    """Submit a batch (:mod:`service.submission` says what a body may hold and what it makes)."""
     settings, store, scheduler = request.app[SETTINGS], request.app[STORE], request.app[SCHEDULER]
-    timeout = settings.body_timeout_s
+    raw = await read_body(request, settings.body_timeout_s)
     try:
-        async with asyncio.timeout(timeout):
-            raw = await request.read()
-    except TimeoutError:
-        return _error(408, f"the request body did not arrive within {timeout:g} s (--body-timeout)")
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        return _error(400, f"the request body is not valid JSON: {exc}")
-    if not isinstance(body, dict):
-        return _error(400, "the request body must be a JSON object")
-    try:
-        kind = body.get("type", "upscale")
-        if kind not in ("upscale", KIND):
-            raise BadRequest("type", f'must be "upscale" (the default) or "compare", not {kind!r}')
-        unknown = sorted(set(body) - (COMPARE_FIELDS if kind == KIND else UPSCALE_FIELDS))
-        if unknown:
-            raise BadRequest(unknown[0], f"is not a field of a{'' if kind == KIND else 'n'} {kind} job")
-        inputs = await asyncio.to_thread(_inputs, body, settings)
-        priority = _optional_int(body, "priority") or 0
-        output_dir = await asyncio.to_thread(_output_dir, body, settings)
-        batch_id = secrets.token_hex(8)
-        if kind == KIND:
-            # CompareSpec looks for model files on disk: off the event loop
-            rows = await asyncio.to_thread(
-                _compare_rows, body, inputs, output_dir, batch_id, priority, settings
-            )
-        else:
-            rows = await _upscale_rows(body, inputs, output_dir, batch_id, priority, settings, scheduler)
-    except BadRequest as exc:
+        submission = await prepare(decode_body(raw), settings, scheduler.check_model)
+    except SubmissionError as exc:
         return _error(exc.status, str(exc))
-    try:
-        await asyncio.to_thread(output_dir.mkdir, parents=True, exist_ok=True)
-    except OSError as exc:  # a full disk is the server's (507); anything else the request's
-        status = 507 if exc.errno in (errno.ENOSPC, errno.EDQUOT) else 400
-        return _error(status, f"output_dir: cannot create {output_dir}: {exc.strerror or exc}")
-    await store.add_jobs(rows)
+    await store.add_jobs(submission.jobs)
     scheduler.wake()
-    log.info("batch %s: %d %s job(s) queued", batch_id, len(rows), kind)
-    answer: dict[str, Any] = {"batch_id": batch_id, "jobs": [row.to_json() for row in rows]}
-    if kind == KIND:
-        answer["batch_url"] = f"/api/batches/{batch_id}/compare"
+    log.info("batch %s: %d %s job(s) queued", submission.batch_id, len(submission.jobs), submission.kind)
+    answer: dict[str, Any] = {"batch_id": submission.batch_id, "jobs": list(map(_job_json, submission.jobs))}
+    if submission.kind == KIND:
+        answer["batch_url"] = _batch_url(submission.batch_id)
     return _json(answer, 201)
-
-
-def _check_count(count: int, settings: ServiceSettings) -> None:
-    if count > settings.max_jobs_per_submit:
-        raise BadRequest("inputs", f"make {count} jobs; at most {settings.max_jobs_per_submit} at once")
-
-
-async def _upscale_rows(
-    body: dict[str, Any], inputs: list[Path], output_dir: Path, batch_id: str, priority: int,
-    settings: ServiceSettings, scheduler: Scheduler,
-) -> list[JobRow]:  # fmt: skip
-    """One upscaling job per input x model x scale."""
-    models = _list_of(body, "models", str, [DEFAULT_MODEL])
-    scales = _list_of(body, "scales", (int, float), [None])
-    backend = body.get("backend", "torch")
-    if backend not in BACKENDS:  # before the workers are asked about it
-        raise BadRequest("backend", f"must be one of {', '.join(BACKENDS)}, not {backend!r}")
-    encode = _encode(body)
-    dedup = body.get("dedup", False)
-    if not isinstance(dedup, bool):
-        raise BadRequest("dedup", f"must be true or false, not {_shown(dedup)}")
-    _check_count(len(inputs) * len(models) * len(scales), settings)
-    for model in dict.fromkeys(models):
-        try:
-            await scheduler.check_model(model, backend)
-        except ModelUnavailableError as exc:
-            raise BadRequest("models", str(exc)) from None
-    rows = []
-    for source in inputs:
-        for model in models:
-            for scale in scales:
-                job_id = secrets.token_hex(8)
-                output = output_dir / _output_name(source, model, scale, job_id, encode.codec)
-                try:
-                    spec = JobSpec(
-                        input=source, output=output, model=model, backend=backend,
-                        scale=float(scale) if scale is not None else None, encode=encode, dedup=dedup,
-                        transport=body.get("transport", FRAMES_TRANSPORT),
-                    )  # fmt: skip
-                except SpecError as exc:
-                    field = {"scale": "scales", "model": "models"}.get(exc.field, exc.field)
-                    raise BadRequest(field, exc.problem) from None
-                rows.append(
-                    new_job(
-                        job_id=job_id, batch_id=batch_id, input=str(source), output=str(output),
-                        spec=spec.to_dict(), model=model, scale=spec.scale, codec=encode.codec,
-                        priority=priority, now=now(),
-                    )
-                )  # fmt: skip
-    return rows
-
-
-def _compare_rows(
-    body: dict[str, Any], inputs: list[Path], output_dir: Path, batch_id: str, priority: int,
-    settings: ServiceSettings,
-) -> list[JobRow]:  # fmt: skip
-    """One comparison job per input x scale, each over all the models (none: compare's defaults)."""
-    models = _list_of(body, "models", str, [])
-    scales = _list_of(body, "scales", (int, float), [2])
-    _check_count(len(inputs) * len(scales), settings)
-    rows = []
-    for source in inputs:
-        for scale in scales:
-            job_id = secrets.token_hex(8)
-            try:
-                spec = compare_spec(source, models, scale, body.get("frames"))
-            except CompareJobError as exc:
-                raise BadRequest(exc.field, exc.problem) from None
-            output = output_dir / f"{_safe_stem(source)}-compare-x{spec['scale']}-{job_id[:8]}.html"
-            rows.append(
-                new_job(
-                    job_id=job_id, batch_id=batch_id, input=str(source), output=str(output), spec=spec,
-                    model=",".join(models) or "default models", scale=float(spec["scale"]), codec="report",
-                    priority=priority, now=now(),
-                )
-            )  # fmt: skip
-    return rows
 
 
 async def batch_compare(request: web.Request) -> web.Response:
@@ -372,7 +123,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     if state is not None and state not in set(JobState):
         return _error(400, f"state: must be one of {', '.join(JobState)}, not {state!r}")
     rows = await request.app[STORE].jobs(state)
-    return _json([row.to_json() for row in rows])
+    return _json(list(map(_job_json, rows)))
 
 
 async def _job(request: web.Request) -> JobRow:
@@ -380,7 +131,7 @@ async def _job(request: web.Request) -> JobRow:
     commits): 404 when none matches, 409 naming the matches when several do."""
     given, store = request.match_info["id"], request.app[STORE]
     if len(given) > JOB_ID_MAX:
-        raise _http(web.HTTPNotFound, f"no job {_shown(given, 80)}")
+        raise _http(web.HTTPNotFound, f"no job {shown(given, 80)}")
     row = await store.get(given)
     if row is not None:
         return row
@@ -388,8 +139,8 @@ async def _job(request: web.Request) -> JobRow:
     if not matches:
         raise _http(web.HTTPNotFound, f"no job {given}")
     if len(matches) > 1:
-        shown = ", ".join(m.id for m in matches[:4]) + (", ..." if len(matches) > 4 else "")
-        raise _http(web.HTTPConflict, f"job id {given} is ambiguous: it starts {shown}; give more of it")
+        listed = ", ".join(m.id for m in matches[:4]) + (", ..." if len(matches) > 4 else "")
+        raise _http(web.HTTPConflict, f"job id {given} is ambiguous: it starts {listed}; give more of it")
     return matches[0]
 
 
@@ -398,7 +149,7 @@ def _http(kind: type[web.HTTPError], message: str) -> web.HTTPError:
 
 
 async def get_job(request: web.Request) -> web.Response:
-    return _json((await _job(request)).to_json())
+    return _json(_job_json(await _job(request)))
 
 
 async def cancel_job(request: web.Request) -> web.Response:
@@ -409,7 +160,7 @@ async def cancel_job(request: web.Request) -> web.Response:
     current = cancelled or await _job(request)
     if current.job_state.finished and current.state != JobState.CANCELLED:  # it ended first
         return _error(409, f"job {row.id} is {current.state}: it ended before it could be cancelled")
-    return _json(current.to_json())
+    return _json(_job_json(current))
 
 
 async def retry_job(request: web.Request) -> web.Response:
@@ -417,7 +168,7 @@ async def retry_job(request: web.Request) -> web.Response:
     queued = await request.app[SCHEDULER].retry(row.id)
     if queued is None:
         return _error(409, f"job {row.id} is {row.state}: only a failed or cancelled job can be retried")
-    return _json(queued.to_json())
+    return _json(_job_json(queued))
 
 
 async def delete_job(request: web.Request) -> web.Response:
@@ -426,13 +177,7 @@ async def delete_job(request: web.Request) -> web.Response:
     row = await _job(request)
     if not row.job_state.finished or request.app[SCHEDULER].is_running(row.id):
         return _error(409, f"job {row.id} is {row.state}: only a finished job can be deleted")
-    await store.delete(row.id)
-    if row.job_dir and row.state != JobState.DONE:
-        job_dir = Path(row.job_dir).resolve()
-        if job_dir.is_relative_to(settings.shared_root / "jobs") and not any(
-            other.job_dir == row.job_dir for other in await store.jobs() if not other.job_state.finished
-        ):
-            await asyncio.to_thread(shutil.rmtree, job_dir, True)
+    await forget(row, store, settings)
     return _json({"deleted": row.id})
 
 
@@ -514,7 +259,7 @@ async def upload(request: web.Request) -> web.Response:
         log.warning("upload %s dropped: no data for %g s (%d bytes in)", upload_id, timeout, written)
         return _error(408, f"the upload stalled: no data for {timeout:g} s (--body-timeout)")
     except HttpProcessingError as exc:  # a part's headers too long, a broken form
-        return _error(400, f"file: the form cannot be read: {_shown(exc.message, 120)}")
+        return _error(400, f"file: the form cannot be read: {shown(exc.message, 120)}")
     except (ConnectionError, ClientConnectionError):  # the client went away: nobody to answer
         log.info("upload %s: the client went away after %d bytes", upload_id, written)
         return _error(400, "the upload was interrupted")
@@ -552,7 +297,7 @@ async def events(request: web.Request) -> web.StreamResponse:
             last = -1
         if not 0 <= last <= MAX_EVENT_ID:
             return _error(
-                400, f"Last-Event-ID / since: must be an event id (0 to {MAX_EVENT_ID}), not {_shown(raw)}"
+                400, f"Last-Event-ID / since: must be an event id (0 to {MAX_EVENT_ID}), not {shown(raw)}"
             )
     else:
         last = await store.last_event_id()
@@ -566,7 +311,8 @@ async def events(request: web.Request) -> web.StreamResponse:
             new = store.next_event()
             batch = await store.events_after(last)
             for event_id, data in batch:
-                await response.write(b"id: %d\nevent: job\ndata: %s\n\n" % (event_id, data))
+                shown_data = orjson.dumps(shown_job(orjson.loads(data)))
+                await response.write(b"id: %d\nevent: job\ndata: %s\n\n" % (event_id, shown_data))
                 last = event_id
             if batch:
                 continue
@@ -620,12 +366,10 @@ async def index(request: web.Request) -> web.StreamResponse:
 async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except web.HTTPRequestEntityTooLarge:
-        return _error(413, "the request body is too large")
     except web.HTTPException:
         raise
     except HttpProcessingError as exc:  # a request aiohttp could not parse (read by the handler)
-        return _error(exc.code or 400, f"the request cannot be read: {_shown(exc.message, 120)}")
+        return _error(exc.code or 400, f"the request cannot be read: {shown(exc.message, 120)}")
     except StoreUnavailableError as exc:  # nothing was changed; it may work in a moment
         log.warning("%s %s: %s", request.method, request.path, exc)
         response = _error(503, f"{exc}; try again")
@@ -636,44 +380,17 @@ async def _errors_as_json(request: web.Request, handler: Handler) -> web.StreamR
         return _error(500, f"internal error: {type(exc).__name__}")
 
 
-def _host_name(host: str) -> str:
-    if host.startswith("["):
-        return host[1:].partition("]")[0]
-    name, _, port = host.rpartition(":")
-    return name if name and port.isdigit() else host
-
-
-def _guard(settings: ServiceSettings) -> Middleware:
-    expected = f"Bearer {settings.token}".encode() if settings.token is not None else None
-
-    @web.middleware
-    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not request.path.startswith("/api/"):
-            return await handler(request)
-        host = request.headers.get("Host", "")
-        if expected is None and not is_loopback(_host_name(host)):
-            return _error(403, f"Host {host!r} is not this service's loopback address")
-        if expected is not None:
-            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
-            if request.path == "/api/events" and "token" in request.query:
-                given = f"Bearer {request.query['token']}".encode("utf-8", "surrogateescape")
-            if not hmac.compare_digest(given, expected):
-                response = _error(401, "missing or wrong bearer token")
-                response.headers["WWW-Authenticate"] = 'Bearer realm="esrfarm"'
-                return response
-        if request.method in {"POST", "DELETE", "PUT", "PATCH"}:
-            origin = request.headers.get("Origin")
-            if origin is not None and origin.lower() not in {
-                f"http://{host}".lower(),
-                f"https://{host}".lower(),
-            }:
-                return _error(403, f"requests from Origin {origin!r} are refused (cross-site)")
-            json_only = request.method == "POST" and request.path != "/api/uploads"
-            if json_only and request.content_type != "application/json":
-                return _error(415, f"POST {request.path} takes Content-Type: application/json")
-        return await handler(request)
-
-    return guard
+def guard_rules(settings: ServiceSettings) -> GuardRules:
+    """The service's use of the HTTP guard the workers use too (:mod:`manifests.httpguard`): every
+    ``/api`` path; ``/api/events`` takes ``?token=``, ``/api/uploads`` a raw body (its own limit)."""
+    return GuardRules(
+        server="service",
+        token=settings.token,
+        max_body_bytes=MAX_JSON_BODY,
+        guarded_prefix="/api/",
+        query_token_paths=frozenset({"/api/events"}),
+        raw_body_paths=frozenset({"/api/uploads"}),
+    )
 
 
 # -- the app -----------------------------------------------------------------------------------------
@@ -682,7 +399,7 @@ def _guard(settings: ServiceSettings) -> Middleware:
 def create_app(
     settings: ServiceSettings, farm: FarmSettings, scheduling: SchedulerSettings | None = None
 ) -> web.Application:
-    app = web.Application(middlewares=[_errors_as_json, _guard(settings)], client_max_size=1 << 20)
+    app = guarded_app(guard_rules(settings), outer=[_errors_as_json])
     app[SETTINGS] = settings
     store = Store(settings.db_path, lock_timeout_s=settings.db_lock_timeout_s)
     app[STORE] = store

@@ -23,7 +23,8 @@ from coordinator.spec import DEFAULT_MODEL
 from manifests.chunks import parse_size
 from manifests.manifest import BACKENDS
 from manifests.tokens import TokenError, read_token
-from service.settings import DEFAULT_MAX_UPLOAD, DEFAULT_PORT, ServiceSettings, SettingsError
+from service.errors import ClientError, ListenError, SettingsError, StoreError
+from service.settings import DEFAULT_MAX_UPLOAD, DEFAULT_PORT, ServiceSettings
 from service.store import DEFAULT_LOCK_TIMEOUT_S
 
 SERVICE_ENV = "ESRFARM_SERVICE"
@@ -127,7 +128,7 @@ def serve_main(argv: list[str]) -> int:
     args = serve_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from service.api import ListenError, serve
+    from service.api import serve
     from service.scheduler import SchedulerSettings
 
     try:
@@ -149,7 +150,6 @@ def serve_main(argv: list[str]) -> int:
     except (SettingsError, TokenError, ValueError) as exc:
         sys.stderr.write(f"esrfarm serve: error: {exc}\n")
         return 2
-    from service.store import StoreError
 
     def announce(line: str) -> None:
         sys.stderr.write(f"esrfarm serve: {line}\n")
@@ -167,10 +167,6 @@ def serve_main(argv: list[str]) -> int:
 
 
 # -- the clients -------------------------------------------------------------------------------------
-
-
-class ServiceError(Exception):
-    """The service answered with an error, or could not be reached."""
 
 
 class Client:
@@ -194,10 +190,10 @@ class Client:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 return json.loads(response.read() or b"null")
         except urllib.error.HTTPError as exc:
-            raise ServiceError(_message(exc)) from None
+            raise ClientError(_message(exc)) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise ServiceError(f"cannot reach the service at {self.url}: {reason}") from None
+            raise ClientError(f"cannot reach the service at {self.url}: {reason}") from None
 
     def _auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
@@ -231,7 +227,7 @@ class Client:
                         last = event_id
                         yield event_id, data
             except urllib.error.HTTPError as exc:
-                raise ServiceError(_message(exc)) from None
+                raise ClientError(_message(exc)) from None
             except (urllib.error.URLError, OSError) as exc:
                 log.warning("event stream broke (%s); reconnecting", exc)
 
@@ -334,7 +330,7 @@ def client_main(argv: list[str]) -> int:
         done = "cancelled" if args.command == "cancel" else "queued again (it resumes)"
         print(f"job {job['id']} {done}: {job['input']}")
         return 0
-    except (ServiceError, TokenError) as exc:
+    except (ClientError, TokenError) as exc:
         sys.stderr.write(f"esrfarm {args.command}: error: {exc}\n")
         return 1
     except KeyboardInterrupt:
@@ -351,22 +347,22 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
         body["type"] = "compare"
         for name in ("codec", "crf", "preset", "backend"):
             if getattr(args, name) is not None:
-                raise ServiceError(f"--{name} is for upscaling jobs; a comparison writes a report")
+                raise ClientError(f"--{name} is for upscaling jobs; a comparison writes a report")
         if args.frames is not None:
             body["frames"] = args.frames
     elif args.frames is not None:
-        raise ServiceError("--frames is for --compare")
+        raise ClientError("--frames is for --compare")
     if args.scale:
         try:
             body["scales"] = [float(s) for s in args.scale.split(",") if s]
         except ValueError:
-            raise ServiceError(f"--scale takes numbers, not {args.scale!r}") from None
+            raise ClientError(f"--scale takes numbers, not {args.scale!r}") from None
     for name in ("codec", "crf", "preset", "output_dir", "backend"):
         if getattr(args, name) is not None:
             body[name] = getattr(args, name)
     if args.dedup:
         if args.compare:
-            raise ServiceError("--dedup is for upscaling jobs, not --compare")
+            raise ClientError("--dedup is for upscaling jobs, not --compare")
         body["dedup"] = True
     since = _last_event_id(client) if args.wait else 0
     batch = client.submit(body)

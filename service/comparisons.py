@@ -23,8 +23,7 @@ import re
 import signal
 import sys
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,8 @@ import orjson
 
 from compare.results import TABLE_COLUMNS, ModelResult, table_cells
 from compare.spec import DEFAULT_FRAMES, SCALES, CompareSpec
+from service.errors import RunCancelledError, RunError, SubmissionError
+from service.runners import Advanced, RunEvent, RunResult
 from service.store import JobRow
 
 log = logging.getLogger(__name__)
@@ -43,36 +44,21 @@ _ERROR_PREFIX = "esrfarm compare: "
 _TAIL_LINES = 20
 
 
-class CompareKilled(Exception):
-    """The comparison was killed (a cancel, or the service stopping)."""
-
-
 MAX_FRAMES = 100_000  # the most frames a comparison job may ask for
 
 
-class CompareJobError(ValueError):
-    """A comparison field that cannot work: ``field`` names it."""
-
-    def __init__(self, field: str, problem: str) -> None:
-        self.field, self.problem = field, problem
-        super().__init__(f"{field}: {problem}")
-
-
-def compare_spec(source: Path, models: Sequence[str], scale: Any, frames: Any) -> dict[str, Any]:
-    """The stored spec of one comparison job, checked as ``esrfarm compare`` would check it."""
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale not in SCALES:
-        raise CompareJobError("scales", f"a comparison runs at {', '.join(map(str, SCALES))}, not {scale!r}")
+def compare_spec(source: Path, models: Sequence[str], scale: float, frames: int | None) -> dict[str, Any]:
+    """The stored spec of one comparison job, checked as ``esrfarm compare`` would check it; raises
+    :class:`SubmissionError` naming the field."""
+    if scale not in SCALES:
+        raise SubmissionError("scales", f"a comparison runs at {', '.join(map(str, SCALES))}, not {scale:g}")
     if frames is None:
         frames = DEFAULT_FRAMES
-    if isinstance(frames, bool) or not isinstance(frames, int):
-        raise CompareJobError("frames", f"must be a whole number, not {frames!r}")
-    if frames > MAX_FRAMES:  # bounded where it is parsed (a number beyond 64 bits is no frame count)
-        raise CompareJobError("frames", f"must be at most {MAX_FRAMES}, not {frames}")
     try:
         CompareSpec(input=source, models=tuple(models), scale=int(scale), frames=frames)
     except ValueError as exc:
         field = "frames" if "frames" in str(exc) else "models"
-        raise CompareJobError(field, str(exc)) from None
+        raise SubmissionError(field, str(exc)) from None
     return {"kind": KIND, "input": str(source), "models": list(models), "scale": int(scale), "frames": frames}
 
 
@@ -85,17 +71,11 @@ def json_path(row: JobRow) -> Path:
     return Path(row.output).with_suffix(".json")
 
 
-@dataclass
-class CompareProgress:
-    """What the child said last: the model it is on (1-based) of how many."""
-
-    model: int = 0
-    models: int = 0
-    label: str = ""
-
-
 class CompareProcess:
-    """``python -m compare`` for one job: started, followed line by line, killed on cancel."""
+    """``python -m compare`` for one job, as a :class:`service.runners.JobRunner`: started, followed
+    line by line (each model it starts is progress), killed on cancel."""
+
+    on_start: Mapping[str, Any] = {"stage": "comparing", "frames_done": 0, "frames_total": 0, "error": None}
 
     def __init__(self, row: JobRow, device: str, extra_args: Sequence[str] = ()) -> None:
         spec = row.spec_dict
@@ -110,23 +90,30 @@ class CompareProcess:
         self.process: asyncio.subprocess.Process | None = None
         self.tail: deque[str] = deque(maxlen=_TAIL_LINES)
         self.killed = False
+        self.models = 0  # how many models the comparison said it compares
 
-    async def run(self, on_progress: Callable[[CompareProgress], Awaitable[None]]) -> None:
-        """Run to the end; raise :class:`RuntimeError` with the command's own error if it fails,
-        :class:`CompareKilled` if :meth:`kill` ended it."""
+    async def start(self) -> None:
+        """Start the child (not if :meth:`cancel` came first); raises :class:`RunError` if it cannot."""
         if self.killed:
-            raise CompareKilled
-        self.process = await asyncio.create_subprocess_exec(
-            *self.argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,  # a cancel kills the comparison and whatever it started (VMAF)
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        if self.killed:  # kill() came while it started
-            await self.kill()
-        assert self.process.stderr is not None
+            return
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                *self.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,  # a cancel kills the comparison and whatever it started (VMAF)
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        except OSError as exc:
+            raise RunError(f"cannot start esrfarm compare: {exc.strerror or exc}") from None
+        if self.killed:  # cancel() came while it started
+            await self.cancel()
+
+    async def events(self) -> AsyncIterator[RunEvent]:
+        """The model it is on (1-based) of how many, as each starts (``compare.run``'s log line)."""
+        if self.process is None or self.process.stderr is None:
+            return
         async for raw in self.process.stderr:
             line = raw.decode(errors="replace").rstrip()
             if not line:
@@ -134,21 +121,27 @@ class CompareProcess:
             self.tail.append(line)
             match = _MODEL_LINE.search(line)
             if match:
-                await on_progress(CompareProgress(int(match[1]), int(match[2]), match[3]))
-        code = await self.process.wait()
-        if self.killed:
-            raise CompareKilled
-        if code != 0:
-            raise RuntimeError(self._failure(code))
+                number, self.models = int(match[1]), int(match[2])
+                yield Advanced(f"comparing {match[3]}", number - 1, self.models, counts_frames=True)
 
-    def _failure(self, code: int) -> str:
+    async def wait(self) -> RunResult:
+        """The end: :class:`RunCancelledError` if :meth:`cancel` ended it, :class:`RunError` with the
+        command's own error if it failed."""
+        code = await self.process.wait() if self.process is not None else None
+        if self.killed:
+            raise RunCancelledError(f"the comparison of job {self.row.id} was cancelled")
+        if code != 0:
+            raise RunError(self._failure(code))
+        return RunResult(done=self.models, frames_upscaled=0)
+
+    def _failure(self, code: int | None) -> str:
         said = [line[len(_ERROR_PREFIX) :] for line in self.tail if line.startswith(_ERROR_PREFIX)]
         if said:
             return said[-1].removeprefix("error: ")
         last = self.tail[-1] if self.tail else "no output"
         return f"esrfarm compare exited with {code}: {last}"
 
-    async def kill(self) -> None:
+    async def cancel(self) -> None:
         """Kill the comparison (and its children); its report is never written (reports are renamed
         into place whole)."""
         self.killed = True

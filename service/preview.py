@@ -17,10 +17,7 @@ from PIL import Image
 
 from coordinator.errors import EXPECTED_ERRORS
 from media.extract import decode_frames
-
-
-class PreviewError(Exception):
-    """No preview can be made (a file gone, a frame beyond the end); the message says which."""
+from service.errors import PreviewError
 
 
 def decoded_frame(path: Path, frame: int) -> np.ndarray:

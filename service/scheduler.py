@@ -11,13 +11,15 @@
   lost is looked at again once no job runs (it may have been restarted).
 - **Restart**: jobs a killed service left ``running`` are queued again and resume (the same spec
   finds the same job directory).
-- **Cancel**: :meth:`coordinator.job.Job.cancel` (no new batches, workers reset, ffmpeg killed, the
-  output never written); the job is ``cancelled`` and ``retry`` resumes it.
-- A job that fails because its workers did (lost, could not start) is queued again, up to
-  ``max_attempts`` runs; any other failure is final, with the coordinator's one-line reason.
-- **Comparison jobs** (:mod:`service.comparisons`) do not use the fleet: one at a time, beside the
-  upscaling jobs, each ``esrfarm compare`` in a child process; cancel kills it, a stopping service
-  kills it and queues it again.
+- Every job runs through one interface, :class:`service.runners.JobRunner` (start, events, cancel,
+  wait): :class:`~service.runners.UpscaleRunner` for upscaling jobs, :class:`CompareProcess` for
+  comparison jobs, which do not use the fleet: one at a time, beside the upscaling jobs.
+- **Cancel**: the runner's (upscaling: no new batches, workers reset, ffmpeg killed, the output
+  never written; comparison: the child killed); the job is ``cancelled`` and ``retry`` resumes it.
+  A stopping service cancels every run and queues it again.
+- A run that fails with :class:`~service.errors.RetryableError` (its workers failed: lost, could not
+  start) is queued again, up to ``max_attempts`` runs; any other failure is final, with the
+  runner's one-line reason.
 """
 
 from __future__ import annotations
@@ -27,31 +29,24 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coordinator.errors import EXPECTED_ERRORS, FleetError, JobCancelledError
-from coordinator.events import Finished, JobEvent, Progress, Stage, Started
 from coordinator.fleet import LocalWorkerConfig, WorkerFleet, WorkerHandle
-from coordinator.job import Job
-from coordinator.spec import FarmSettings, JobSpec
+from coordinator.spec import FarmSettings
 from manifests.health import Health
 from manifests.layout import JobLayout
 from manifests.status import Status
-from service.comparisons import CompareKilled, CompareProcess, CompareProgress, is_compare
+from service.comparisons import CompareProcess, is_compare
+from service.errors import ModelUnavailableError, RetryableError, RunCancelledError, RunError
 from service.metrics import ServiceMetrics
 from service.policy import Queued, plan_starts
+from service.runners import Began, JobRunner, RunEvent, UpscaleRunner
 from service.store import JobRow, JobState, Store, StoreUnavailableError, now
 
 log = logging.getLogger(__name__)
-
-#: Stages whose counts are frames (joining counts segments; probing and loading count nothing).
-FRAME_STAGES = {Stage.EXTRACTING.value, Stage.UPSCALING.value, Stage.ENCODING.value}
-
-
-class ModelUnavailableError(Exception):
-    """No worker runs the model a job asks for (remote workers)."""
 
 
 @dataclass(frozen=True)
@@ -87,22 +82,17 @@ def _workers_for(row: JobRow) -> str:
 
 
 @dataclass(eq=False)
-class _Running:
-    job: Job
-    fleet: WorkerFleet
-    key: tuple[object, ...]
+class _Run:
+    """A job the scheduler runs: its runner (an upscaling or a comparison job), its task, and what
+    its progress throttle remembers."""
+
+    runner: JobRunner
+    key: tuple[object, ...]  # _same_job: no two runs of one coordinator job at once
+    on_fleet: bool  # it runs on the fleet (an upscaling job), not beside it (a comparison)
     task: asyncio.Task[None] | None = None
     cancel_requested: bool = False  # by a user: cancelled; otherwise (shutdown) queued again
     last_write: float = 0.0
     last_stage: str | None = None
-
-
-@dataclass(eq=False)
-class _Comparing:
-    job_id: str
-    process: CompareProcess
-    task: asyncio.Task[None] | None = None
-    cancel_requested: bool = False
 
 
 @dataclass
@@ -117,8 +107,7 @@ class Scheduler:
         self.fleet: WorkerFleet | None = None
         self.fleet_model: str | None = None
         self._fleet_start: asyncio.Future[None] | None = None
-        self._running: dict[str, _Running] = {}
-        self._comparing: _Comparing | None = None
+        self._runs: dict[str, _Run] = {}  # by job id, every kind
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._closing = False
@@ -129,7 +118,7 @@ class Scheduler:
         requeued = await self.store.requeue_running()
         if requeued:
             log.info("queued again the job(s) a stopped service left running: %s", ", ".join(requeued))
-        if not self.local:
+        if not self.local and self.fleet is None:  # (a test gives one of in-process workers)
             self._use_fleet(WorkerFleet(self.farm), None)
         self._loop_task = asyncio.create_task(self._loop(), name="esrfarm-scheduler")
 
@@ -139,11 +128,9 @@ class Scheduler:
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
-        runs = list(self._running.values())
-        await asyncio.gather(*(run.job.cancel() for run in runs), return_exceptions=True)
+        runs = list(self._runs.values())
+        await asyncio.gather(*(run.runner.cancel() for run in runs), return_exceptions=True)
         await asyncio.gather(*(run.task for run in runs if run.task is not None), return_exceptions=True)
-        if self._comparing is not None:
-            await self._stop_comparison(self._comparing)
         await self._close_fleet()
 
     def wake(self) -> None:
@@ -165,15 +152,18 @@ class Scheduler:
                 woken.cancel()
 
     async def _schedule(self) -> None:
-        queued = await self.store.jobs(JobState.QUEUED)
-        comparisons = [j for j in queued if is_compare(j)]
-        if comparisons and self._comparing is None and not self._closing:
-            await self._start_comparison(comparisons[0])
-        queued = [j for j in queued if not is_compare(j) and j.id not in self._running]
-        slots = self.settings.max_running - len(self._running)
-        if slots <= 0 or not queued or self._closing:
+        queued = [j for j in await self.store.jobs(JobState.QUEUED) if j.id not in self._runs]
+        if self._closing:
             return
-        if not self._running and self.fleet is not None and self._fleet_broken():
+        comparisons = [j for j in queued if is_compare(j)]
+        if comparisons and all(run.on_fleet for run in self._runs.values()):  # one at a time, beside
+            self._start(comparisons[0], self._comparison_runner)
+        on_fleet = [run for run in self._runs.values() if run.on_fleet]
+        queued = [j for j in queued if not is_compare(j)]
+        slots = self.settings.max_running - len(on_fleet)
+        if slots <= 0 or not queued:
+            return
+        if not on_fleet and self.fleet is not None and self._fleet_broken():
             if self.local:
                 log.warning("the local workers of model %s failed; starting them afresh", self.fleet_model)
                 await self._close_fleet()
@@ -183,10 +173,10 @@ class Scheduler:
         plan = plan_starts(
             [Queued(j.id, _workers_for(j), j.priority, _same_job(j)) for j in queued],
             slots=slots,
-            running=len(self._running),
+            running=len(on_fleet),
             fleet_model=self.fleet_model if self.fleet is not None else None,
             one_model=self.local,
-            running_keys={run.key for run in self._running.values()},
+            running_keys={run.key for run in on_fleet},
         )
         if plan.switch_to is not None:
             await self._close_fleet()
@@ -199,7 +189,7 @@ class Scheduler:
             )
         by_id = {j.id: j for j in queued}
         for job_id in plan.start:
-            await self._start_job(by_id[job_id])
+            self._start(by_id[job_id], self._upscale_runner)
 
     # -- the fleet --------------------------------------------------------------------------------
 
@@ -269,24 +259,30 @@ class Scheduler:
 
     # -- jobs -------------------------------------------------------------------------------------
 
-    async def _start_job(self, row: JobRow) -> None:
-        assert self.fleet is not None
-        try:
-            spec = JobSpec.from_dict(row.spec_dict)
-        except EXPECTED_ERRORS as exc:  # a stored spec this version cannot read
-            await self._end(row.id, JobState.FAILED, error=str(exc))
-            return
-        # registered before any await: a cancel from now on finds the run (and waits for its task)
-        job = Job(spec, self.fleet, progress_interval_s=self.settings.progress_interval_s)
-        run = _Running(job, self.fleet, _same_job(row))
-        self._running[row.id] = run
+    def _upscale_runner(self, row: JobRow) -> JobRunner:
+        fleet = self.fleet
+        assert fleet is not None
+
+        def workers_failed() -> bool:
+            return self.fleet is fleet and self._fleet_broken()
+
+        return UpscaleRunner(row, fleet, self.settings.progress_interval_s, workers_failed)
+
+    def _comparison_runner(self, row: JobRow) -> JobRunner:
+        return CompareProcess(row, self.settings.compare_device, self.settings.compare_args)
+
+    def _start(self, row: JobRow, runner_for: Callable[[JobRow], JobRunner]) -> None:
+        """Run ``row`` with the runner ``runner_for`` makes, in a task of its own. Registered before
+        any await: a cancel from now on finds the run (and waits for its task)."""
+        run = _Run(runner_for(row), _same_job(row), on_fleet=not is_compare(row))
+        self._runs[row.id] = run
         run.task = asyncio.create_task(self._drive(row, run), name=f"esrfarm-job-{row.id}")
 
-    async def _drive(self, queued: JobRow, run: _Running) -> None:
+    async def _drive(self, queued: JobRow, run: _Run) -> None:
         job_id = queued.id
         started: dict[str, Any] = {
             "state": JobState.RUNNING, "started_at": queued.started_at or now(),
-            "attempts": queued.attempts + 1, "stage": None, "fps": None, "eta_s": None,
+            "attempts": queued.attempts + 1, **run.runner.on_start,
         }  # fmt: skip
         try:
             try:
@@ -296,29 +292,42 @@ class Scheduler:
                 return
             if row is None:  # cancelled or deleted meanwhile
                 return
-            log.info("started job %s (%s, model %s)", job_id, row.input, row.model)
-            try:
-                async for event in run.job.events():
-                    await self._take_event(job_id, run, event)
-                await run.job.wait()
-            except JobCancelledError:
-                if run.cancel_requested:
-                    await self._end(job_id, JobState.CANCELLED)
-                else:  # the service is stopping: the job waits for the next start, and resumes
-                    await self._record(job_id, state=JobState.QUEUED, fps=None, eta_s=None)
-            except EXPECTED_ERRORS as exc:
-                workers_failed = isinstance(exc, FleetError) or isinstance(exc.__cause__, FleetError)
-                if workers_failed and row.attempts < self.settings.max_attempts and not self._closing:
-                    log.warning("job %s: %s; queued again", job_id, exc)
-                    await self._record(job_id, state=JobState.QUEUED, error=str(exc))
-                else:
-                    await self._end(job_id, JobState.FAILED, error=str(exc))
-            except Exception as exc:
-                log.exception("job %s failed unexpectedly", job_id)
-                await self._end(job_id, JobState.FAILED, error=f"internal error: {type(exc).__name__}: {exc}")
+            log.info("started %s job %s (%s, model %s)", row.kind, job_id, row.input, row.model)
+            await self._run(row, run)
         finally:
-            self._running.pop(job_id, None)
+            self._runs.pop(job_id, None)
             self.wake()
+
+    async def _run(self, row: JobRow, run: _Run) -> None:
+        """Run it to its end, and store that end."""
+        job_id = row.id
+        try:
+            await run.runner.start()
+            async for event in run.runner.events():
+                await self._take_event(job_id, run, event)
+            result = await run.runner.wait()
+        except RunCancelledError:
+            if run.cancel_requested:
+                await self._end(job_id, JobState.CANCELLED)
+            else:  # the service is stopping: the job waits for the next start, and resumes
+                await self._record(job_id, state=JobState.QUEUED, stage=None, fps=None, eta_s=None)
+        except RetryableError as exc:
+            if row.attempts < self.settings.max_attempts and not self._closing:
+                log.warning("job %s: %s; queued again", job_id, exc)
+                await self._record(job_id, state=JobState.QUEUED, error=str(exc))
+            else:
+                await self._end(job_id, JobState.FAILED, error=str(exc))
+        except RunError as exc:
+            await self._end(job_id, JobState.FAILED, error=str(exc))
+        except Exception as exc:
+            log.exception("job %s failed unexpectedly", job_id)
+            await self._end(job_id, JobState.FAILED, error=f"internal error: {type(exc).__name__}: {exc}")
+        else:
+            ended = await self._end(job_id, JobState.DONE, frames_done=result.done)
+            if ended is not None:
+                self.metrics.frames.inc(result.frames_upscaled)
+                if ended.duration_s is not None:
+                    self.metrics.job_duration.observe(ended.duration_s)
 
     async def _record(self, job_id: str, **values: Any) -> JobRow | None:
         """A change of a job's state, which must be stored: while the database is unavailable (a
@@ -347,29 +356,24 @@ class Scheduler:
         except StoreUnavailableError as exc:
             log.warning("job %s: progress not recorded: %s", job_id, exc)
 
-    async def _take_event(self, job_id: str, run: _Running, event: JobEvent) -> None:
-        if isinstance(event, Started):
-            await self._record(job_id, frames_total=event.frames, job_dir=str(event.job_dir), error=None)
-        elif isinstance(event, Progress):
-            moment = time.monotonic()
-            last_of_stage = event.total > 0 and event.done >= event.total
-            if (
-                event.stage == run.last_stage
-                and not last_of_stage
-                and moment - run.last_write < self.settings.progress_interval_s
-            ):
-                return
-            run.last_write, run.last_stage = moment, event.stage
-            values: dict[str, Any] = {"stage": event.stage, "fps": event.fps or None, "eta_s": event.eta_s}
-            if event.stage in FRAME_STAGES:
-                values.update(frames_done=event.done, frames_total=event.total)
-            await self._note(job_id, **values)
-        elif isinstance(event, Finished):
-            row = await self._end(job_id, JobState.DONE, frames_done=event.result.frames)
-            if row is not None:
-                self.metrics.frames.inc(event.result.frames)
-                if row.duration_s is not None:
-                    self.metrics.job_duration.observe(row.duration_s)
+    async def _take_event(self, job_id: str, run: _Run, event: RunEvent) -> None:
+        if isinstance(event, Began):
+            job_dir = str(event.job_dir)
+            await self._record(job_id, frames_total=event.frames_total, job_dir=job_dir, error=None)
+            return
+        moment = time.monotonic()
+        last_of_stage = event.total > 0 and event.done >= event.total
+        if (
+            event.stage == run.last_stage
+            and not last_of_stage
+            and moment - run.last_write < self.settings.progress_interval_s
+        ):
+            return
+        run.last_write, run.last_stage = moment, event.stage
+        values: dict[str, Any] = {"stage": event.stage, "fps": event.fps, "eta_s": event.eta_s}
+        if event.counts_frames:
+            values.update(frames_done=event.done, frames_total=event.total)
+        await self._note(job_id, **values)
 
     async def _end(self, job_id: str, state: JobState, **values: Any) -> JobRow | None:
         row = await self._record(
@@ -380,12 +384,7 @@ class Scheduler:
 
     async def cancel(self, job_id: str) -> JobRow | None:
         """Cancel a queued or running job; returns its row (None if it is neither)."""
-        comparing = self._comparing
-        if comparing is not None and comparing.job_id == job_id:
-            comparing.cancel_requested = True
-            await self._stop_comparison(comparing)
-            return await self.store.get(job_id)
-        run = self._running.get(job_id)
+        run = self._runs.get(job_id)
         if run is None:
             row = await self.store.update(
                 job_id, only_if=[JobState.QUEUED], state=JobState.CANCELLED, finished_at=now()
@@ -393,11 +392,11 @@ class Scheduler:
             if row is not None:
                 self.metrics.jobs_ended.labels(JobState.CANCELLED.value).inc()
                 return row
-            run = self._running.get(job_id)  # it may have started meanwhile
+            run = self._runs.get(job_id)  # it may have started meanwhile
             if run is None:
                 return None
         run.cancel_requested = True
-        await run.job.cancel()
+        await run.runner.cancel()
         if run.task is not None:
             await asyncio.gather(run.task, return_exceptions=True)
         return await self.store.get(job_id)
@@ -419,62 +418,7 @@ class Scheduler:
         return row
 
     def is_running(self, job_id: str) -> bool:
-        return job_id in self._running or (self._comparing is not None and self._comparing.job_id == job_id)
-
-    # -- comparison jobs --------------------------------------------------------------------------
-
-    async def _start_comparison(self, row: JobRow) -> None:
-        started = await self.store.update(
-            row.id, only_if=[JobState.QUEUED], state=JobState.RUNNING, started_at=row.started_at or now(),
-            attempts=row.attempts + 1, stage="comparing", frames_done=0, frames_total=0, error=None,
-        )  # fmt: skip
-        if started is None:
-            return
-        process = CompareProcess(started, self.settings.compare_device, self.settings.compare_args)
-        comparing = _Comparing(row.id, process)
-        self._comparing = comparing
-        task = asyncio.create_task(self._drive_comparison(comparing), name=f"esrfarm-compare-{row.id}")
-        comparing.task = task
-        log.info("started comparison %s (%s, models %s)", row.id, row.input, row.model)
-
-    async def _stop_comparison(self, comparing: _Comparing) -> None:
-        """Kill it and wait until its task has recorded the end (cancelled, or queued again)."""
-        await comparing.process.kill()
-        if comparing.task is not None:
-            await asyncio.gather(comparing.task, return_exceptions=True)
-
-    async def _drive_comparison(self, comparing: _Comparing) -> None:
-        job_id = comparing.job_id
-
-        async def progress(at: CompareProgress) -> None:
-            await self._note(
-                job_id, stage=f"comparing {at.label}", frames_done=at.model - 1, frames_total=at.models
-            )
-
-        current: JobRow | None = None
-        try:
-            try:
-                await comparing.process.run(progress)
-            except CompareKilled:
-                if comparing.cancel_requested:
-                    await self._end(job_id, JobState.CANCELLED)
-                else:  # the service is stopping: it runs again at the next start
-                    await self._record(job_id, state=JobState.QUEUED, stage=None)
-            except (RuntimeError, OSError) as exc:
-                await self._end(job_id, JobState.FAILED, error=str(exc))
-            else:
-                with contextlib.suppress(StoreUnavailableError):
-                    current = await self.store.get(job_id)
-                models = current.frames_total if current is not None else 0
-                row = await self._end(job_id, JobState.DONE, frames_done=models)
-                if row is not None and row.duration_s is not None:
-                    self.metrics.job_duration.observe(row.duration_s)
-        except Exception:
-            log.exception("comparison %s failed unexpectedly", job_id)
-        finally:
-            if self._comparing is comparing:
-                self._comparing = None
-            self.wake()
+        return job_id in self._runs
 
 
 def _current_batch(root: Path, handle: WorkerHandle) -> int | None:

@@ -2,30 +2,15 @@
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from manifests.httpguard import is_loopback
+from service.errors import SettingsError
 from service.store import DEFAULT_LOCK_TIMEOUT_S
 
 DEFAULT_PORT = 8080
 DEFAULT_MAX_UPLOAD = 8 << 30
-LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
-
-
-class SettingsError(ValueError):
-    """Settings the service cannot run with; the message names the flag."""
-
-
-def is_loopback(host: str) -> bool:
-    """``host`` (a name or an address, without port or brackets) is this machine's loopback."""
-    name = host.strip().lower().rstrip(".")
-    if name in LOOPBACK_NAMES or name.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True)

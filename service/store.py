@@ -6,7 +6,7 @@ between threads. The schema has a version (``PRAGMA user_version``); a database 
 is refused, an older one is migrated.
 
 - ``jobs``: one row per job (its spec as JSON, its state, stage and progress, its error, times).
-- ``events``: one row per change a client is told about, the job's JSON at that moment; the row id
+- ``events``: one row per change a client is told about, the job's record at that moment; the row id
   is the SSE event id, so a client that reconnects with ``Last-Event-ID`` gets what it missed.
   Only the newest ``max_events`` rows are kept.
 """
@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
+
+from service.errors import StoreError, StoreUnavailableError
 
 T = TypeVar("T")
 
@@ -78,15 +80,6 @@ class JobState(enum.StrEnum):
         return self in {JobState.DONE, JobState.FAILED, JobState.CANCELLED}
 
 
-class StoreError(Exception):
-    """The database cannot be used (a newer schema, a file that is not a database)."""
-
-
-class StoreUnavailableError(StoreError):
-    """The database cannot be used now: locked by another process past the lock timeout, a full
-    disk, an I/O error. What was asked for did not happen; it may work later."""
-
-
 @dataclass(frozen=True)
 class JobRow:
     """One job as stored."""
@@ -134,21 +127,15 @@ class JobRow:
         return round(self.finished_at - self.started_at, 3)
 
     def to_json(self) -> dict[str, Any]:
-        """The job as the API shows it (``/api/jobs``, SSE ``data:``)."""
-        done = self.state == JobState.DONE
-        base = f"/api/jobs/{self.id}"
-        kind = self.kind
+        """The job's record, as events store it; the API adds its URLs (``service.api.shown_job``)."""
         return {
-            "id": self.id, "kind": kind, "batch_id": self.batch_id, "input": self.input,
+            "id": self.id, "kind": self.kind, "batch_id": self.batch_id, "input": self.input,
             "output": self.output, "model": self.model, "scale": self.scale, "codec": self.codec,
             "priority": self.priority, "dedup": bool(self.spec_dict.get("dedup", False)),
             "state": self.state, "stage": self.stage, "frames_done": self.frames_done,
             "frames_total": self.frames_total, "fps": self.fps, "eta_s": self.eta_s, "error": self.error,
             "created_at": self.created_at, "started_at": self.started_at, "finished_at": self.finished_at,
             "duration_s": self.duration_s,
-            "output_url": f"{base}/output" if done else None,
-            "preview_url": f"{base}/preview" if done and kind == "upscale" else None,
-            "batch_url": f"/api/batches/{self.batch_id}/compare" if kind == "compare" else None,
         }  # fmt: skip
 
 

@@ -21,7 +21,7 @@ from coordinator.job import Job
 from service.scheduler import Scheduler, SchedulerSettings
 from service.store import JobRow, JobState, Store, new_job, now
 from tests import clips
-from tests.fakeworkers import fake_farm
+from tests.fakeworkers import FakeWorker, fake_farm
 from tests.test_job_engine import farm, spec
 from tests.test_service_store import HeldLock
 
@@ -45,14 +45,23 @@ def queued_job(job_id: str, source: Path, output: Path) -> JobRow:
 
 @contextlib.asynccontextmanager
 async def scheduler_on(
-    tmp_path: Path, *, lock_timeout_s: float = 10.0, settings: SchedulerSettings | None = None, **workers: Any
+    tmp_path: Path,
+    *,
+    lock_timeout_s: float = 10.0,
+    settings: SchedulerSettings | None = None,
+    remote: bool = False,
+    **workers: Any,
 ) -> AsyncIterator[tuple[Scheduler, Store]]:
-    """A started scheduler over in-process workers (``workers``: their options) and a real store."""
-    farm_settings = farm(tmp_path / "root")
+    """A started scheduler over in-process workers (``workers``: their options) and a real store.
+    ``remote``: the workers are the farm's (as ``--workers`` gives them), never replaced by local ones."""
+    clients = fake_farm(tmp_path / "root", **workers)
+    if remote:  # the farm's URLs are http; these clients are in process, never reached over a network
+        clients = [FakeWorker(f"http://127.0.0.1/fake-{i}", tmp_path / "root", **workers) for i in range(2)]
+    farm_settings = farm(tmp_path / "root", workers=tuple(c.url for c in clients) if remote else ())
     store = Store(tmp_path / "jobs.db", lock_timeout_s=lock_timeout_s)
     await store.open()
     scheduler = Scheduler(store, farm_settings, settings or SchedulerSettings())
-    fleet = WorkerFleet(farm_settings, clients=fake_farm(farm_settings.shared_root, **workers))
+    fleet = WorkerFleet(farm_settings, clients=clients)
     scheduler._use_fleet(fleet, "fake")
     await scheduler.start()
     try:
@@ -161,11 +170,29 @@ def test_a_directory_named_like_a_video_fails_its_job_in_one_line(tmp_path: Path
             await store.add_jobs([queued_job("j1", folder, tmp_path / "out.mp4")])
             scheduler.wake()
             row = await until(lambda row: row.job_state.finished, store, "j1")
-            assert row.state == JobState.FAILED, row
+            assert row.state == JobState.FAILED and row.attempts == 1, "not retried: not the workers' fault"
             assert row.error == (
                 f"input {folder} is a directory, not a video file (a folder of images goes to an output "
                 "folder, not out.mp4)"
             )
             assert not (tmp_path / "out.mp4").exists()
+
+    asyncio.run(scenario())
+
+
+def test_a_job_whose_workers_die_runs_again_then_fails(clip: Path, tmp_path: Path) -> None:
+    """Its workers die mid-job: a RetryableError, so the job is queued again; they stay dead, so the
+    second run fails too, and with max_attempts=2 that is final, naming the workers."""
+
+    async def scenario() -> None:
+        settings = SchedulerSettings(max_attempts=2)
+        on = scheduler_on(tmp_path, settings=settings, remote=True, die_after_batches=1)
+        async with on as (scheduler, store):
+            await store.add_jobs([queued_job("j1", clip, tmp_path / "out.mkv")])
+            scheduler.wake()
+            row = await until(lambda row: row.job_state.finished, store, "j1")
+            assert row.state == JobState.FAILED and row.attempts == 2, row
+            assert row.error is not None and "worker" in row.error, row.error
+            assert not (tmp_path / "out.mkv").exists()
 
     asyncio.run(scenario())

@@ -13,12 +13,12 @@ Endpoints (all JSON except /metrics)::
     POST /reset             stop the running manifest at the next batch boundary; 200 when it has stopped
     GET  /metrics           Prometheus text
 
-Bound to a non-loopback address, every endpoint but /health wants ``Authorization: Bearer <token>``.
-The two POST endpoints change state, so a web page in the operator's browser must not be able to
-reach them: they want ``Content-Type: application/json`` (415 otherwise, which a browser cannot send
-cross-site without a preflight the worker never grants), refuse any ``Origin`` but the worker's own
-and, on a worker without a token, any ``Host`` that is not a loopback name or the bound address
-(403: DNS rebinding).
+Every endpoint but /health is behind the HTTP guard the job service uses too
+(:mod:`manifests.httpguard`, installed by :mod:`worker.httpguard`): bound to a non-loopback address
+it wants ``Authorization: Bearer <token>``; without a token it answers only to a loopback ``Host``
+(403: DNS rebinding); the POST endpoints refuse any ``Origin`` but the worker's own and want
+``Content-Type: application/json`` (415 otherwise, which a browser cannot send cross-site without a
+preflight the worker never grants); a body over ``max_request_bytes`` gets 413.
 
 The worker is not held by its clients: a connection must complete its request headers within
 ``header_timeout_s`` of opening or of its previous answer (aiohttp's keep-alive timer, which runs
@@ -42,8 +42,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import ipaddress
 import logging
 import math
 import os
@@ -77,10 +75,12 @@ from manifests import (
 from manifests.atomic import Directory
 from manifests.errors import FileTooLargeError, SymlinkRefusedError, UnsafeFileError
 from manifests.health import GpuMemory, Health
+from manifests.httpguard import GuardRules
 from manifests.manifest import check_frames_within_job, job_frame_count
 from manifests.segment import TRANSPORTS
 from worker.frames import FrameLimits
 from worker.gpuinfo import GpuMemoryProbe
+from worker.httpguard import guarded_app, read_body
 from worker.logsafe import loggable
 from worker.metrics import WorkerMetrics
 from worker.processing import ManifestRun, RunDirs, Upscaler, in_daemon_thread
@@ -537,12 +537,7 @@ async def status(request: web.Request) -> web.Response:
 
 async def process_manifest(request: web.Request) -> web.Response:
     worker = request.app[WORKER]
-    timeout = worker.settings.body_timeout_s
-    try:
-        async with asyncio.timeout(timeout):
-            raw = await request.read()
-    except TimeoutError:
-        return _error(408, f"the request body did not arrive within {timeout:g}s")
+    raw = await read_body(request, worker.settings.body_timeout_s)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -603,77 +598,6 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(
         body=worker.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
     )
-
-
-@web.middleware
-async def _errors_as_json(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except web.HTTPRequestEntityTooLarge:
-        limit = request.app[SETTINGS].max_request_bytes
-        return _error(413, f"the request body is too large: at most {limit} bytes")
-
-
-def _auth_middleware(token: str) -> Middleware:
-    expected = f"Bearer {token}".encode()
-
-    @web.middleware
-    async def require_token(
-        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        if request.path != "/health":
-            # Header bytes that are not UTF-8 arrive as surrogate escapes: compare those bytes, never fail.
-            given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
-            if not hmac.compare_digest(given, expected):
-                return _error(
-                    401, "missing or wrong bearer token", **{"WWW-Authenticate": 'Bearer realm="esrfarm"'}
-                )
-        return await handler(request)
-
-    return require_token
-
-
-def _is_local_host(host: str, settings: WorkerSettings) -> bool:
-    """``host`` (a Host header's name, port and brackets removed) names this worker on a loopback bind."""
-    if host == "localhost" or host.endswith(".localhost") or host == settings.host:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _host_name(host: str) -> str:
-    """The name part of a Host header value: ``[::1]:8090`` -> ``::1``, ``a.b:8090`` -> ``a.b``."""
-    if host.startswith("["):
-        return host[1 : host.find("]")] if "]" in host else host
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-
-
-@web.middleware
-async def _state_changing_guard(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """POST endpoints: JSON only (415), no foreign Origin or (without a token) Host (403)."""
-    if request.method != "POST":
-        return await handler(request)
-    settings = request.app[SETTINGS]
-    host = request.headers.get("Host", "")
-    origin = request.headers.get("Origin")
-    if settings.token is None and not _is_local_host(_host_name(host).lower(), settings):
-        return _error(
-            403, f"Host {loggable(host)!r} is not this worker's; state-changing requests are refused"
-        )
-    if origin is not None and origin.lower() not in {f"http://{host}".lower(), f"https://{host}".lower()}:
-        return _error(403, f"requests from Origin {loggable(origin)!r} are refused (cross-site)")
-    if request.content_type != "application/json":
-        return _error(
-            415,
-            f"POST {request.path} takes Content-Type: application/json, not {loggable(request.content_type)}",
-        )
-    return await handler(request)
 
 
 def _connection_tracker(guard: ConnectionGuard) -> Middleware:
@@ -864,14 +788,20 @@ FD_RESERVE = 64  # descriptors kept for the worker's own use below the connectio
 CONNECTIONS = web.AppKey("connections", ConnectionGuard)
 
 
+def guard_rules(settings: WorkerSettings) -> GuardRules:
+    """The worker's use of the HTTP guard (:mod:`manifests.httpguard`): every path but /health."""
+    return GuardRules(
+        server="worker",
+        token=settings.token,
+        max_body_bytes=settings.max_request_bytes,
+        public_paths=frozenset({"/health"}),
+    )
+
+
 def create_app(settings: WorkerSettings, *, load_model: ModelLoader = load_runtime_model) -> web.Application:
     """The worker app. The model loads in the background once the app starts (/health is 503 until then)."""
     guard = ConnectionGuard(*_descriptor_budget(settings))
-    middlewares: list[Middleware] = [_connection_tracker(guard), _errors_as_json]
-    if settings.token is not None:
-        middlewares.append(_auth_middleware(settings.token))
-    middlewares.append(_state_changing_guard)
-    app = web.Application(client_max_size=settings.max_request_bytes, middlewares=middlewares)
+    app = guarded_app(guard_rules(settings), outer=[_connection_tracker(guard)])
     app[SETTINGS] = settings
     app[CONNECTIONS] = guard
     app[WORKER] = WorkerService(settings, load_model)

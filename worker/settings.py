@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from pathlib import Path
 from typing import Annotated
@@ -10,6 +9,7 @@ from typing import Annotated
 from msgspec import Meta
 
 from manifests.errors import DocumentError
+from manifests.httpguard import is_loopback
 from manifests.manifest import BACKENDS, MAX_TILE, MAX_TILE_PAD
 from manifests.records import Count, Positive, Record, Seconds
 from manifests.tokens import TOKEN_ENV
@@ -126,12 +126,3 @@ class WorkerSettings(Record):
         if index < len(visible):
             return visible[index]
         return str(index)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
