@@ -211,6 +211,8 @@ class Manifest(Document, kw_only=True):
     def _check_segment(self, segment: SegmentWork) -> None:
         """A segment manifest hands decoded frames to the model as ``yuv`` or ``npy`` frames (no PNG
         files are involved), and its batches are the range's frames, in order, each once."""
+        if not isinstance(segment, SegmentWork):  # built in code: the declaration is checked after
+            raise self.fail("segment", f"must be a SegmentWork, not {type(segment).__name__}")
         if self.frame_format not in (FrameFormat.YUV, FrameFormat.NPY):
             raise self.fail(
                 "frame_format", f"must be yuv or npy for a segment job, not {self.frame_format.value}"

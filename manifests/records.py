@@ -197,6 +197,7 @@ _STEP = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
 _BOUND = re.compile(r"^Expected `(?P<type>\w+)` (?P<op>>=|>|<=|<) (?P<limit>\S+)$")
 _LENGTH = re.compile(r"^Expected `(?P<type>\w+)` of length (?:(?P<op>>=|<=) )?(?P<limit>\d+)$")
 _TYPE = re.compile(r"^Expected `(?P<types>[^`]+)`, got `\w+`$")
+_PATTERN = re.compile(r"^Expected `str` matching regex '(?P<pattern>.*)'$", re.DOTALL)
 _NAMED = re.compile(r"^Object (?P<what>missing required|contains unknown) field `(?P<name>[^`]+)`$")
 _OPS = {">=": "at least", ">": "above", "<=": "at most", "<": "below"}
 _TYPE_NAMES = {
@@ -257,6 +258,8 @@ def _problem(cls: type[Record], message: str, path: list[str | int], value: Any)
     if typed := _TYPE.match(message):
         wanted = " or ".join(_TYPE_NAMES.get(t, t) for t in typed["types"].split(" | "))
         return f"must be {wanted}, not {_show(value)}"
+    if pattern := _PATTERN.match(message):
+        return f"must match {pattern['pattern']}, not {_show(value)}"
     if message.startswith("Invalid enum value"):
         choices = _choices(cls, path)
         if choices:
