@@ -113,16 +113,42 @@ def _decode_png(data: bytes, name: str, max_pixels: int | None) -> np.ndarray:
         return np.asarray(rgb, dtype=np.uint8)
 
 
-def _decode_npy(data: bytes, name: str, max_pixels: int | None, want: np.dtype) -> np.ndarray:
-    header = io.BytesIO(data)
-    version = np.lib.format.read_magic(header)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(header)
-    elif version == (2, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(header)
+_NPY_MAGIC = b"\x93NUMPY"
+_NPY_HEADER = re.compile(
+    r"^\{'descr': '(?P<descr>[<>|=][a-zA-Z]\d*)', 'fortran_order': (?P<fortran>True|False), "
+    r"'shape': \((?P<shape>(?:\d+, ?)*\d*)\), \}\s*$"
+)
+
+
+def read_npy_header(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, fortran order, dtype, data offset) from the start of an ``.npy`` file (version 1.0 or
+    2.0, as numpy writes them). Parsed with a pattern, not numpy's ``ast.literal_eval``, which
+    CPython 3.11.7 can fail spuriously in several threads at once ("AST constructor recursion depth
+    mismatch"). Raises ValueError for anything else."""
+    if not head.startswith(_NPY_MAGIC) or len(head) < 10:
+        raise ValueError("it is not an npy file (no npy magic)")
+    major, minor = head[6], head[7]
+    if (major, minor) == (1, 0):
+        length, start = int.from_bytes(head[8:10], "little"), 10
+    elif (major, minor) == (2, 0) and len(head) >= 12:
+        length, start = int.from_bytes(head[8:12], "little"), 12
     else:
-        raise FrameFileError(name, "npy", f"npy format version {version[0]}.{version[1]} is not supported")
-    declared, present = math.prod(shape) * dtype.itemsize, len(data) - header.tell()
+        raise ValueError(f"npy format version {major}.{minor} is not supported")
+    if len(head) < start + length:
+        raise ValueError("its npy header is cut short")
+    match = _NPY_HEADER.match(head[start : start + length].decode("latin1"))
+    if match is None:
+        raise ValueError("its npy header is not one numpy writes")
+    shape = tuple(int(part) for part in match["shape"].replace(" ", "").split(",") if part)
+    return shape, match["fortran"] == "True", np.dtype(match["descr"]), start + length
+
+
+def _decode_npy(data: bytes, name: str, max_pixels: int | None, want: np.dtype) -> np.ndarray:
+    try:
+        shape, fortran, dtype, offset = read_npy_header(data[:65_536])
+    except ValueError as exc:
+        raise FrameFileError(name, "npy", str(exc)) from None
+    declared, present = math.prod(shape) * dtype.itemsize, len(data) - offset
     if declared != present:
         raise FrameFileError(
             name, "npy", f"its header declares {declared} bytes of {dtype} {shape}, but {present} follow"
@@ -135,7 +161,7 @@ def _decode_npy(data: bytes, name: str, max_pixels: int | None, want: np.dtype) 
     if fortran:
         raise ValueError("it holds a Fortran-ordered array; frames are C-ordered")
     # The samples in place (read-only, no copy): np.load would copy them once more.
-    return np.frombuffer(data, dtype=dtype, offset=header.tell()).reshape(shape)
+    return np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape)
 
 
 def _yuv_header(data: bytes, name: str) -> tuple[int, int, int]:
@@ -259,15 +285,9 @@ def frame_file_is_sound(
         with open(path, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
             if frame_format is FrameFormat.NPY:
-                version = np.lib.format.read_magic(handle)
-                read_header = (
-                    np.lib.format.read_array_header_1_0
-                    if version == (1, 0)
-                    else np.lib.format.read_array_header_2_0
-                )
-                shape, _, dtype = read_header(handle)
+                shape, _, dtype, offset = read_npy_header(handle.read(4096))
                 want = _DTYPES[bit_depth]
-                expected = handle.tell() + height * width * 3 * want.itemsize
+                expected = offset + height * width * 3 * want.itemsize
                 return bool(shape == (height, width, 3) and dtype == want and size == expected)
             if frame_format is FrameFormat.YUV:
                 try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from manifests.errors import (
     NotRegularFileError,
     SymlinkRefusedError,
 )
-from manifests.frames import decode_frame, frame_file_is_sound, read_frame, write_frame
+from manifests.frames import decode_frame, frame_file_is_sound, read_frame, read_npy_header, write_frame
 from manifests.layout import FrameFormat
 
 
@@ -200,3 +201,40 @@ def test_writes_go_to_the_directory_opened_even_after_its_path_is_swapped(tmp_pa
     with Directory.open(tmp_path) as root:  # a symlink at the final name is replaced, never followed
         root.write_bytes_atomic("planted", b"new")
     assert (tmp_path / "planted").read_bytes() == b"new" and os.listdir(tmp_path / "elsewhere") == []
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "order"),
+    [
+        ((144, 256, 3), "u1", "C"),
+        ((9, 7, 3), "<u2", "C"),
+        ((5,), "u1", "C"),
+        ((), "u1", "C"),
+        ((3, 4), "<f8", "F"),
+    ],
+)
+def test_the_npy_header_is_read_as_numpy_writes_it(shape: tuple[int, ...], dtype: str, order: str) -> None:
+    """Frame headers are parsed by a pattern, not numpy's ast.literal_eval (which CPython 3.11.7 can
+    fail spuriously when several reader threads parse at once): the same answer as numpy's."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros(shape, dtype=dtype, order=order))  # type: ignore[call-overload]
+    data = buffer.getvalue()
+    got_shape, fortran, got_dtype, offset = read_npy_header(data)
+    reference = io.BytesIO(data)
+    np.lib.format.read_magic(reference)
+    assert (got_shape, fortran, got_dtype) == np.lib.format.read_array_header_1_0(reference)
+    assert offset == reference.tell()
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"\x93NUMPY\x01\x00\x10\x00{'descr': 1}    \n",
+        b"\x93NUMPY\x03\x00\x00\x00",
+        b"GIF89a",
+        b"\x93NUMPY\x01\x00\xff\x00{",
+    ],
+)
+def test_an_npy_header_numpy_would_not_write_is_refused(header: bytes) -> None:
+    with pytest.raises(ValueError):
+        read_npy_header(header)

@@ -30,6 +30,7 @@ from coordinator.segment_run import TransportError, refuse_workers_without_segme
 from coordinator.source_share import share_source, shared_source_path
 from coordinator.spec import JobSpec
 from manifests.errors import PlanningError
+from manifests.health import Health
 from manifests.layout import JobLayout
 from manifests.ledger import JobLedger
 from manifests.manifest import Manifest, read_manifest
@@ -157,7 +158,8 @@ class _NoClient:
 
 
 def _handle(worker_id: str, **health: Any) -> WorkerHandle:
-    return WorkerHandle(f"http://127.0.0.1/{worker_id}", _NoClient(), {"worker_id": worker_id, **health})
+    answer = Health.from_dict({"state": "idle", "worker_id": worker_id, **health})
+    return WorkerHandle(f"http://127.0.0.1/{worker_id}", _NoClient(), answer)
 
 
 def test_workers_without_the_segment_transport_are_refused_by_name() -> None:
