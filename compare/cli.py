@@ -152,7 +152,6 @@ def main(argv: list[str] | None = None) -> int:
     from compare.report import check_report_paths, write_report
     from compare.results import format_table
     from compare.run import run_comparison, runtime_settings
-    from compare.vmaf import VmafError
     from media.errors import MediaError
 
     try:
@@ -166,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = run_comparison(spec)
         write_report(report, html_path, json_path)
-    except (CompareError, MediaError, VmafError, OSError) as exc:
+    except (CompareError, MediaError, OSError) as exc:
         sys.stderr.write(f"esrfarm compare: error: {exc}\n")
         return 1
     except KeyboardInterrupt:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from compare.spec import CompareError
 from media.ffmpeg import run_ffmpeg
 
 MODELS = {"vmaf": "vmaf_v0.6.1", "vmaf_neg": "vmaf_v0.6.1neg"}
@@ -28,7 +29,7 @@ MIN_SIDE = 32
 DEFAULT_TIMEOUT_S = 600.0
 
 
-class VmafError(RuntimeError):
+class VmafError(CompareError, RuntimeError):
     """libvmaf did not give scores (ffmpeg failed, or its log could not be read)."""
 
     def __init__(self, reason: str) -> None:

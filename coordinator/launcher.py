@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from coordinator.errors import WorkerStartError
+from coordinator.errors import CoordinatorError, WorkerStartError
 from coordinator.local_workers import (
     LocalWorkerProcess,
     answers_health,
@@ -34,7 +34,7 @@ from manifests import write_json_atomic
 PID_FILE = "workers.json"
 
 
-class LaunchError(RuntimeError):
+class LaunchError(CoordinatorError, RuntimeError):
     """Workers could not be started or stopped; the message says which and why."""
 
 

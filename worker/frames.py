@@ -33,6 +33,7 @@ from manifests.errors import (
     UnsafeFileError,
 )
 from manifests.frames import decode_frame, frame_size, write_frame
+from worker.errors import WorkerError
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -45,7 +46,7 @@ FILE_BYTES_PER_PIXEL = 8
 FILE_BYTES_SLACK = 1 << 20
 
 
-class FrameError(Exception):
+class FrameError(WorkerError):
     """One frame of a batch could not be read or written."""
 
     def __init__(self, frame: int, reason: str) -> None:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import BinaryIO, Literal
 
 from manifests.atomic import atomic_write
+from worker.errors import WorkerError
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ CATALOG: dict[str, ModelSpec] = {
 DEFAULT_MODEL = "realesr-animevideov3"
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(WorkerError):
     """A model could not be found, provided or loaded. The message says what to do."""
 
 

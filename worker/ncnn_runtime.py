@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from worker.errors import WorkerError
 from worker.models import ModelLoadError, NcnnFiles, resolve_ncnn_model
 from worker.upscaling import (
     MIN_TILE,
@@ -44,7 +45,7 @@ PRECISIONS = ("fp16", "fp32")
 _PEAKS = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
 
 
-class VulkanUnavailableError(RuntimeError):
+class VulkanUnavailableError(WorkerError, RuntimeError):
     """No Vulkan device (or not the one asked for): the ncnn backend cannot run here."""
 
 

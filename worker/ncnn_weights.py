@@ -18,12 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
+from worker.errors import WorkerError
+
 _FP16_TAG = 0x01306B47
 _PARAM_MAGIC = "7767517"
 _ARRAY_KEY_BASE = -23300
 
 
-class NcnnFormatError(ValueError):
+class NcnnFormatError(WorkerError, ValueError):
     """The ``.param``/``.bin`` pair is not what this converter understands."""
 
 

@@ -78,6 +78,7 @@ from manifests.health import GpuMemory, Health
 from manifests.httpguard import GuardRules
 from manifests.manifest import check_frames_within_job, job_frame_count
 from manifests.segment import TRANSPORTS
+from worker.errors import WorkerError
 from worker.frames import FrameLimits
 from worker.gpuinfo import GpuMemoryProbe
 from worker.httpguard import guarded_app, read_body
@@ -99,7 +100,7 @@ def _version() -> str:
         return "unknown"
 
 
-class RequestError(Exception):
+class RequestError(WorkerError):
     """A request the worker refuses; becomes a JSON ``{"error": ...}`` response with ``status``
     (and ``Retry-After`` when ``retry_after_s`` says when trying again may help)."""
 

@@ -13,6 +13,7 @@ from manifests.httpguard import is_loopback
 from manifests.manifest import BACKENDS, MAX_TILE, MAX_TILE_PAD
 from manifests.records import Count, Positive, Record, Seconds
 from manifests.tokens import TOKEN_ENV
+from worker.errors import WorkerError
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8090
@@ -20,7 +21,7 @@ DEFAULT_MAX_OUTPUT_PIXELS = 8192 * 8192  # 67 Mpx: 8K output of 2K input at x4, 
 PART_FRAMES_OF_LARGEST = 4  # a batch is handled in parts of at most 4 frames of the largest size
 
 
-class SettingsError(ValueError):
+class SettingsError(WorkerError, ValueError):
     """Settings that cannot work together; the message says which flag to change."""
 
 

@@ -12,11 +12,13 @@ import math
 
 import numpy as np
 
+from worker.errors import WorkerError
+
 MIN_TILE = 32
 MAX_SCALE = 16.0
 
 
-class InferenceError(RuntimeError):
+class InferenceError(WorkerError, RuntimeError):
     """A batch could not be upscaled even after every fallback (either backend)."""
 
 
