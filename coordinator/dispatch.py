@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from coordinator.errors import JobError
+from coordinator.errors import JobError, WorkersLostError
 from coordinator.events import BatchFailed, JobEvent, WorkerLost
 from coordinator.fleet import Dispatch, WorkerFleet, WorkerHandle
 from coordinator.plan import RunPlan
@@ -167,7 +167,8 @@ class Dispatcher:
         failure = self._ledger.failure(alive)
         if failure is not None:
             batch = failure.batch
-            raise JobError(
+            kind = WorkersLostError if failure.workers_gone else JobError
+            raise kind(
                 f"upscaling failed: {failure}",
                 batch_id=batch.id if batch is not None else None,
                 frames=batch.frames if batch is not None else (),

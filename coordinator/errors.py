@@ -10,6 +10,7 @@ worker or command at fault; the data behind it is kept in attributes for logs an
   │   ├── RayClusterError       the Ray cluster of --ray cannot be reached or used
   │   └── NoWorkerError         no worker answers /health with the job's model (each one's reason)
   └── JobError                  the job could not be done (names the batch and frames; job_dir kept)
+      ├── WorkersLostError      ... for want of workers (none left, or unusable): worth running again
       └── JobCancelledError     the job was cancelled; its directory is kept, a rerun resumes it
 
 Errors of the media edge (probe, extract, encode, ffmpeg) are :class:`media.errors.MediaError`, a
@@ -124,6 +125,13 @@ class JobError(CoordinatorError):
             self.message, job_dir, resumable=resumable, batch_id=self.batch_id, frames=self.frames,
             reasons=self.reasons,
         )  # fmt: skip
+
+
+class WorkersLostError(JobError):
+    """The job failed for want of workers: none was left, or they could not be used (a
+    :class:`FleetError`). Running it again, once workers are back, may well succeed (the job
+    service queues it again); a batch that failed on every worker it was tried on is a plain
+    :class:`JobError`."""
 
 
 class JobCancelledError(JobError):

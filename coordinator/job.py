@@ -56,7 +56,7 @@ import orjson
 
 from coordinator.dedup import BLOCK as DEDUP_BLOCK
 from coordinator.dedup import THRESHOLD as DEDUP_THRESHOLD
-from coordinator.errors import EXPECTED_ERRORS, JobCancelledError, JobError
+from coordinator.errors import EXPECTED_ERRORS, FleetError, JobCancelledError, JobError, WorkersLostError
 from coordinator.events import Cancelled, Failed, Finished, JobEvent, JobResult, Stage, Started
 from coordinator.fleet import LocalWorkerConfig, WorkerFleet, WorkerHandle
 from coordinator.frame_runner import run_frames
@@ -354,7 +354,8 @@ class Job:
         except EXPECTED_ERRORS as exc:
             if not layout.job_dir.is_dir():
                 raise
-            raise JobError(str(exc), layout.job_dir) from exc
+            kind = WorkersLostError if isinstance(exc, FleetError) else JobError
+            raise kind(str(exc), layout.job_dir) from exc
         except OSError as exc:  # the shared root or the output's disk: full, gone read-only...
             where = exc.filename or f"the shared root {layout.shared_root} or beside {self.spec.output}"
             raise JobError(f"cannot write to {where}: {exc.strerror or exc}", layout.job_dir) from exc

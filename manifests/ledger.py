@@ -29,6 +29,9 @@ class JobFailure:
     batch: Batch | None
     reasons: Mapping[str, str]  # worker id -> reason
     summary: str
+    #: No worker is left to take the work (as opposed to work failing on every worker it was tried
+    #: on): other workers, or the same ones restarted, may well finish it.
+    workers_gone: bool = False
 
     def __str__(self) -> str:
         return self.summary
@@ -92,17 +95,20 @@ class JobLedger:
         pending = self.pending()
         if pending and not alive_workers:
             summary = f"no worker is left to upscale the remaining {len(pending)} batch(es)"
-            return JobFailure(None, {}, summary)
+            return JobFailure(None, {}, summary, workers_gone=True)
         for batch in pending:
             if not [w for w in alive_workers if w not in self.failures.get(batch.id, {})]:
-                return self._failed(batch.id, "failed, and no other worker is left to retry it")
+                return self._failed(
+                    batch.id, "failed, and no other worker is left to retry it", workers_gone=True
+                )
         return None
 
-    def _failed(self, batch_id: int, how: str) -> JobFailure:
+    def _failed(self, batch_id: int, how: str, *, workers_gone: bool = False) -> JobFailure:
         batch = self.batches[batch_id]
         reasons = dict(self.failures.get(batch_id, {}))
         because = "; ".join(f"on {worker}: {reason}" for worker, reason in reasons.items())
-        return JobFailure(batch, reasons, f"batch {batch_id} ({_frames_text(batch)}) {how} ({because})")
+        summary = f"batch {batch_id} ({_frames_text(batch)}) {how} ({because})"
+        return JobFailure(batch, reasons, summary, workers_gone=workers_gone)
 
     # -- events -----------------------------------------------------------------------------------
 

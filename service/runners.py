@@ -11,12 +11,12 @@ and ends with :meth:`JobRunner.wait`: a :class:`RunResult`, or one of the servic
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from coordinator.errors import EXPECTED_ERRORS, FleetError, JobCancelledError
+from coordinator.errors import EXPECTED_ERRORS, FleetError, JobCancelledError, WorkersLostError
 from coordinator.events import Finished, Progress, Stage, Started
 from coordinator.fleet import WorkerFleet
 from coordinator.job import Job
@@ -84,13 +84,8 @@ class UpscaleRunner:
 
     on_start: Mapping[str, Any] = {"stage": None, "fps": None, "eta_s": None}
 
-    def __init__(
-        self, row: JobRow, fleet: WorkerFleet, progress_interval_s: float, workers_failed: Callable[[], bool]
-    ) -> None:
-        """``workers_failed``: whether the fleet has lost workers or could not start (asked when
-        the job fails: then running it again may work)."""
+    def __init__(self, row: JobRow, fleet: WorkerFleet, progress_interval_s: float) -> None:
         self.row, self.fleet, self.progress_interval_s = row, fleet, progress_interval_s
-        self.workers_failed = workers_failed
         self.job: Job | None = None
         self.cancelled = False
 
@@ -133,11 +128,11 @@ class UpscaleRunner:
         return RunResult(done=result.frames, frames_upscaled=result.frames)
 
     def _run_error(self, exc: Exception) -> RunError:
-        """The coordinator's error as the service's: cancelled, retryable (the fleet failed it, or
-        it failed while the fleet lost workers: "no worker is left", a batch failing on the last
-        worker) or final."""
+        """The coordinator's error as the service's: cancelled, retryable (the workers failed it: a
+        :class:`FleetError`, or :class:`WorkersLostError`: none left, or a batch failing with no other
+        worker to retry it) or final."""
         if isinstance(exc, JobCancelledError):
             return RunCancelledError(str(exc))
-        if isinstance(exc, FleetError) or self.workers_failed():
+        if isinstance(exc, FleetError | WorkersLostError):
             return RetryableError(str(exc))
         return RunError(str(exc))

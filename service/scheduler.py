@@ -260,13 +260,8 @@ class Scheduler:
     # -- jobs -------------------------------------------------------------------------------------
 
     def _upscale_runner(self, row: JobRow) -> JobRunner:
-        fleet = self.fleet
-        assert fleet is not None
-
-        def workers_failed() -> bool:
-            return self.fleet is fleet and self._fleet_broken()
-
-        return UpscaleRunner(row, fleet, self.settings.progress_interval_s, workers_failed)
+        assert self.fleet is not None
+        return UpscaleRunner(row, self.fleet, self.settings.progress_interval_s)
 
     def _comparison_runner(self, row: JobRow) -> JobRunner:
         return CompareProcess(row, self.settings.compare_device, self.settings.compare_args)

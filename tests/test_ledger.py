@@ -199,3 +199,21 @@ def test_forgetting_encoded_batches_keeps_the_counts() -> None:
     ledger.forget([0, 1])
     assert (ledger.frames_done, ledger.frames_total) == (16, 32)
     assert sorted(ledger.batches) == [2, 3] and ledger.manifests == {} and not ledger.done
+
+
+def test_a_failure_says_whether_workers_are_gone_or_the_batch_failed_everywhere() -> None:
+    """The job service queues again a job that failed for want of workers, not one whose batch failed
+    on every worker it was tried on (coordinator.errors.WorkersLostError against JobError)."""
+    batches = [Batch.range(0, 1, 9), Batch.range(1, 9, 17)]
+    ledger = JobLedger.for_batches(batches)
+    ledger.record_failure("w1", 0, "bad frame")
+    ledger.record_failure("w2", 0, "bad frame")
+    twice = ledger.failure(["w1", "w2"])
+    assert twice is not None and not twice.workers_gone
+    empty = JobLedger.for_batches(batches)
+    gone = empty.failure([])
+    assert gone is not None and gone.workers_gone and "no worker is left" in str(gone)
+    one = JobLedger.for_batches(batches)
+    one.record_failure("w1", 1, "out of memory")
+    last = one.failure(["w1"])
+    assert last is not None and last.workers_gone and last.batch == batches[1]
