@@ -293,7 +293,8 @@ def client_parser() -> argparse.ArgumentParser:
     submit.add_argument(
         "--dedup",
         action="store_true",
-        help="upscale a held frame once, as esrfarm upscale --dedup (videos only)",
+        help="upscale a held frame once, as esrfarm upscale --dedup (videos only); with --compare, "
+        "the report also shows what --dedup does to the run, as esrfarm compare --dedup",
     )
     submit.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
     submit.add_argument("--output-dir", help="under the service's output directory")
@@ -361,8 +362,6 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
         if getattr(args, name) is not None:
             body[name] = getattr(args, name)
     if args.dedup:
-        if args.compare:
-            raise ClientError("--dedup is for upscaling jobs, not --compare")
         body["dedup"] = True
     since = _last_event_id(client) if args.wait else 0
     batch = client.submit(body)

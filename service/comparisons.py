@@ -47,19 +47,23 @@ _TAIL_LINES = 20
 MAX_FRAMES = 100_000  # the most frames a comparison job may ask for
 
 
-def compare_spec(source: Path, models: Sequence[str], scale: float, frames: int | None) -> dict[str, Any]:
+def compare_spec(
+    source: Path, models: Sequence[str], scale: float, frames: int | None, *, dedup: bool = False
+) -> dict[str, Any]:
     """The stored spec of one comparison job, checked as ``esrfarm compare`` would check it; raises
-    :class:`SubmissionError` naming the field."""
+    :class:`SubmissionError` naming the field. ``dedup``: ``esrfarm compare --dedup`` (stored only
+    when set, so specs stored before it read the same)."""
     if scale not in SCALES:
         raise SubmissionError("scales", f"a comparison runs at {', '.join(map(str, SCALES))}, not {scale:g}")
     if frames is None:
         frames = DEFAULT_FRAMES
     try:
-        CompareSpec(input=source, models=tuple(models), scale=int(scale), frames=frames)
+        CompareSpec(input=source, models=tuple(models), scale=int(scale), frames=frames, dedup=dedup)
     except ValueError as exc:
         field = "frames" if "frames" in str(exc) else "models"
         raise SubmissionError(field, str(exc)) from None
-    return {"kind": KIND, "input": str(source), "models": list(models), "scale": int(scale), "frames": frames}
+    spec = {"kind": KIND, "input": str(source), "models": list(models), "scale": int(scale), "frames": frames}
+    return {**spec, "dedup": True} if dedup else spec
 
 
 def is_compare(row: JobRow) -> bool:
@@ -87,6 +91,8 @@ class CompareProcess:
         ]  # fmt: skip
         if spec["models"]:
             self.argv[4:4] = ["--models", ",".join(spec["models"])]
+        if spec.get("dedup"):
+            self.argv.append("--dedup")
         self.process: asyncio.subprocess.Process | None = None
         self.tail: deque[str] = deque(maxlen=_TAIL_LINES)
         self.killed = False

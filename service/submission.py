@@ -83,6 +83,7 @@ class CompareBody(_Body, frozen=True):
     type: Literal["compare"] = "compare"
     # None: compare's default; its minimum is compare's (CompareSpec)
     frames: Annotated[int, msgspec.Meta(le=MAX_FRAMES)] | None = None
+    dedup: bool = False  # the report also shows what --dedup does to the run (compare --dedup)
 
 
 Body = UpscaleBody | CompareBody
@@ -325,7 +326,7 @@ def _compare_jobs(
     for source in inputs:
         for scale in scales:
             job_id = secrets.token_hex(8)
-            spec = compare_spec(source, models, scale, body.frames)
+            spec = compare_spec(source, models, scale, body.frames, dedup=body.dedup)
             output = output_dir / report_name(source, spec["scale"], job_id)
             jobs.append(
                 new_job(

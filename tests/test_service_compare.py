@@ -83,6 +83,19 @@ def test_a_batch_gets_a_report_per_input_and_one_comparison_page(
     assert service.get("/api/batches/0123456789abcdef/compare").status == 404
 
 
+def test_a_comparison_with_dedup_reports_what_it_does_to_the_run(
+    service: ServiceProcess, inputs: Path, tiny_model: Path
+) -> None:
+    """The submit body's dedup reaches esrfarm compare: the report holds the --dedup record (off
+    and on rows per model), which a comparison without it does not."""
+    jobs = submit(service, compare_body(inputs, tiny_model, "first.mp4", dedup=True))["jobs"]
+    done = service.wait_state(jobs[0]["id"], "done", "failed", timeout=240)
+    assert done["state"] == "done", done
+    report = orjson.loads(Path(done["output"]).with_suffix(".json").read_bytes())
+    assert report["dedup"] is not None, "the comparison ran without --dedup"
+    assert all(row["dedup"] is not None for row in report["rows"] if row["status"] == "ok")
+
+
 @pytest.mark.parametrize(
     ("change", "field"),
     [

@@ -23,7 +23,7 @@ UPLOAD = "0123456789abcdef" * 2
         ({"colour": "red"}, "colour", "is not a field of an upscale job"),
         ({"frames": 3}, "frames", "is not a field of an upscale job"),
         ({"type": "compare", "codec": "ffv1"}, "codec", "is not a field of a compare job"),
-        ({"type": "compare", "dedup": True}, "dedup", "is not a field of a compare job"),
+        ({"type": "compare", "dedup": "yes"}, "dedup", "expected `bool`, got `str`"),
         ({"inputs": "/a.mp4"}, "inputs", "expected `array | null`, got `str`"),
         ({"inputs": []}, "inputs", "expected `array` of length >= 1"),
         ({"inputs": [""]}, "inputs", "expected `str` of length >= 1"),
