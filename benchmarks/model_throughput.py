@@ -21,6 +21,7 @@ import orjson
 import torch
 
 from worker.runtime import RuntimeSettings, load_upscaler
+from worker.upscaling import settings_from
 
 
 def commit() -> str:
@@ -55,15 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tile", type=int, default=0)
     args = parser.parse_args(argv)
 
-    settings = RuntimeSettings(
-        device=args.device,
-        precision=args.precision,
-        scale=args.scale,
-        max_batch=args.batch,
-        cpu_threads=args.cpu_threads,
-        channels_last=None if args.channels_last is None else args.channels_last == "on",
-        tile=args.tile,
-    )
+    channels_last = None if args.channels_last is None else args.channels_last == "on"
+    settings = settings_from(RuntimeSettings, args, max_batch=args.batch, channels_last=channels_last)
     upscaler = load_upscaler(args.model, settings)
     rng = np.random.default_rng(0)
     batch = rng.integers(0, 256, size=(args.batch, args.height, args.width, 3), dtype=np.uint8)

@@ -63,6 +63,7 @@ from compare.vmaf import VmafScores, vmaf_scores
 from media.probe import MediaInfo, probe
 from worker.models import CATALOG, ModelLoadError, locate
 from worker.runtime import InferenceError, RuntimeSettings, load_upscaler, select_device
+from worker.upscaling import settings_from
 
 log = logging.getLogger(__name__)
 
@@ -306,13 +307,7 @@ def _label(name: str) -> str:
 def runtime_settings(spec: CompareSpec) -> RuntimeSettings:
     """The model runtime's settings for ``spec``; raises ValueError for a bad device, precision or
     tile, or a device that is not there (a missing GPU is the whole comparison's error)."""
-    runtime = RuntimeSettings(
-        device=spec.device,
-        precision=spec.precision,
-        scale=spec.scale,
-        tile=spec.tile,
-        cpu_threads=spec.cpu_threads,
-    )
+    runtime = settings_from(RuntimeSettings, spec)
     select_device(runtime.device)
     return runtime
 

@@ -308,3 +308,19 @@ def test_the_pixel_budget_splits_batches_into_passes(compact_path: Path) -> None
     upscaler._model = counting
     np.testing.assert_array_equal(upscaler.upscale(batch), whole)
     assert counting.frames == [2, 2, 1]
+
+
+def test_runtime_settings_are_taken_from_a_record_with_fields_of_the_same_names() -> None:
+    """The worker's settings and a comparison's spec become a runtime's settings in one place
+    (worker.upscaling.settings_from), fields named otherwise given by the caller."""
+    from types import SimpleNamespace
+
+    from worker.upscaling import settings_from
+
+    source = SimpleNamespace(device="cpu", precision="fp32", scale=3.0, tile=64, tile_pad=4, port=8090)
+    got = settings_from(RuntimeSettings, source, max_pass_pixels=4096)
+    assert got == RuntimeSettings(
+        device="cpu", precision="fp32", scale=3.0, tile=64, tile_pad=4, max_pass_pixels=4096
+    )
+    with pytest.raises(ValueError, match="device"):  # what comes in is checked as any settings are
+        settings_from(RuntimeSettings, SimpleNamespace(device="tpu"))

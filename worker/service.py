@@ -87,6 +87,7 @@ from worker.metrics import WorkerMetrics
 from worker.processing import ManifestRun, RunDirs, Upscaler, in_daemon_thread
 from worker.segments import ProbeCache, SegmentRun, check_segment_manifest
 from worker.settings import WorkerSettings
+from worker.upscaling import settings_from
 
 log = logging.getLogger(__name__)
 
@@ -125,20 +126,15 @@ def load_runtime_model(settings: WorkerSettings) -> Upscaler:
         scale = settings.scale or 4.0
         latency = settings.simulate_latency_ms / 1000
         return SimulatedUpscaler(settings.model, latency, scale=scale, backend=settings.backend)
-    common: dict[str, Any] = {
-        "precision": settings.precision, "scale": settings.scale, "tile": settings.tile,
-        "tile_pad": settings.tile_pad, "max_pass_pixels": settings.pixel_budget,
-    }  # fmt: skip
+    budget = settings.pixel_budget
     if settings.backend == "ncnn":
         from worker.ncnn_runtime import NcnnSettings, load_ncnn_upscaler
 
-        ncnn_settings = NcnnSettings(gpu=settings.gpu or 0, **common)
+        ncnn_settings = settings_from(NcnnSettings, settings, gpu=settings.gpu or 0, max_pass_pixels=budget)
         return load_ncnn_upscaler(settings.model, ncnn_settings, allow_download=settings.allow_download)
     from worker.runtime import RuntimeSettings, load_upscaler
 
-    runtime = RuntimeSettings(
-        device=settings.device_spec, max_batch=settings.max_batch, cpu_threads=settings.cpu_threads, **common
-    )
+    runtime = settings_from(RuntimeSettings, settings, device=settings.device_spec, max_pass_pixels=budget)
     return load_upscaler(settings.model, runtime, allow_download=settings.allow_download)
 
 

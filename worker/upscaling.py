@@ -7,12 +7,16 @@ the device, the ncnn runtime to the frame on the host (:func:`resize_frame`), so
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+from typing import Any, TypeVar
 
 import numpy as np
 
 from worker.errors import WorkerError
+
+S = TypeVar("S")
 
 MIN_TILE = 32
 MAX_SCALE = 16.0
@@ -20,6 +24,16 @@ MAX_SCALE = 16.0
 
 class InferenceError(WorkerError, RuntimeError):
     """A batch could not be upscaled even after every fallback (either backend)."""
+
+
+def settings_from(cls: type[S], source: object, **given: Any) -> S:
+    """A runtime's settings (``cls``, a dataclass: ``RuntimeSettings``, ``NcnnSettings``) from any
+    record with fields of the same names (the worker's settings, a comparison's spec, parsed
+    arguments), then ``given`` for the fields named otherwise there: settings pass from one record to
+    another in one place, not field by field at every caller."""
+    names = (field.name for field in dataclasses.fields(cls))  # type: ignore[arg-type]
+    values = {name: getattr(source, name) for name in names if hasattr(source, name)}
+    return cls(**{**values, **given})
 
 
 def round_up(value: int, multiple: int) -> int:
