@@ -27,8 +27,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict
 
 import msgspec
@@ -199,10 +200,15 @@ class RangeDispatcher(Dispatcher):
 
 def remove_partial(layout: JobLayout, chunk: Chunk) -> None:
     """A range about to be (re)done starts from nothing: its segment and any temporary file of it."""
-    target = segment_path(layout, chunk)
-    target.unlink(missing_ok=True)
-    for leftover in leftover_temp_files(target, PART_SUFFIX):
-        leftover.unlink(missing_ok=True)
+    segment_path(layout, chunk).unlink(missing_ok=True)
+    remove_temp_files(layout, [chunk])
+
+
+def remove_temp_files(layout: JobLayout, chunks: Iterable[Chunk]) -> None:
+    """The temporary files of the ranges' segments that a killed (or lost) worker left behind."""
+    for chunk in chunks:
+        for leftover in leftover_temp_files(segment_path(layout, chunk), PART_SUFFIX):
+            leftover.unlink(missing_ok=True)
 
 
 class SegmentRun:
@@ -237,7 +243,13 @@ class SegmentRun:
             )
             self._started_at = asyncio.get_running_loop().time()
             await self._loop(ledger)
+            # A lost worker may have left a temporary segment after its range was dealt again.
+            await tools.threads.run(remove_temp_files, layout, ranges.ranges)
             succeeded = True
+        except JobError as exc:
+            if not exc.resumable and self._plan.run == 1:  # nothing of this job is worth keeping
+                await tools.threads.run(shutil.rmtree, layout.job_dir, True)
+            raise
         finally:
             if not succeeded and self._dispatcher is not None:
                 await self._dispatcher.abandon()
@@ -262,6 +274,7 @@ class SegmentRun:
             raise JobError(f"cannot start: {exc}", resumable=False) from exc
         self._check_segments_record(plan)
         done = [c.index for c in plan.ranges if media.part_done(layout, c)]
+        remove_temp_files(layout, (c for c in plan.ranges if c.index in done))
         for chunk in plan.ranges:
             if chunk.index not in done:
                 remove_partial(layout, chunk)
