@@ -6,6 +6,12 @@ one that cannot write the shared root, or one whose status file did not change f
 ``stale_after_s`` (that one is lost). A manifest a worker refused as busy (409) is parked and sent
 again, not written anew, while its batches wait. The ledger (:class:`manifests.ledger.JobLedger`)
 is the book; the dispatcher is its I/O.
+
+A unit of work is a batch here (the frames runner's: a manifest takes a worker's share of the
+pending batches, and a batch is done when a status file says so). The segment transport's
+dispatcher (:class:`coordinator.segment_run.RangeDispatcher`) deals ranges instead, through the
+hooks at the end of the class: which workers serve, how many units a manifest takes, the manifest,
+what is done before it is written, and what a status file means.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from coordinator.threads import JobThreads
 from manifests.errors import DocumentError, FormatVersionError
 from manifests.jsonio import write_json_atomic
 from manifests.ledger import JobLedger
-from manifests.manifest import Batch
+from manifests.manifest import Batch, Manifest
 from manifests.status import Status
 
 log = logging.getLogger(__name__)
@@ -38,6 +44,10 @@ class _Parked:
 
 
 class Dispatcher:
+    unit, units = "batch", "batches"  # what the job's ledger holds, as logs and errors name it
+    dispatch_log_level = logging.DEBUG  # one line per manifest dealt
+    manifest_letter = "m"  # in manifest ids: r<run>-<letter><count>
+
     def __init__(
         self,
         plan: RunPlan,
@@ -80,10 +90,10 @@ class Dispatcher:
         raws = await self._threads.run(self._read_status_files, manifest_ids)
         now = asyncio.get_running_loop().time()
         for manifest_id, raw in raws.items():
-            if raw is not None and raw != self._last_status.get(manifest_id):
+            if raw is not None and raw != self._last_status.get(manifest_id) and manifest_id in self._holders:
                 self._last_status[manifest_id] = raw
                 self._last_change[manifest_id] = now
-                self._take_status(manifest_id, raw)
+                await self._take_status(manifest_id, raw)
 
     def _read_status_files(self, manifest_ids: list[str]) -> dict[str, bytes | None]:
         raws: dict[str, bytes | None] = {}
@@ -94,7 +104,7 @@ class Dispatcher:
                 raws[manifest_id] = None
         return raws
 
-    def _take_status(self, manifest_id: str, raw: bytes) -> None:
+    async def _take_status(self, manifest_id: str, raw: bytes) -> None:
         handle = self._holders[manifest_id]
         path = self._plan.layout.status_path(manifest_id)
         try:
@@ -110,8 +120,7 @@ class Dispatcher:
                 self._reported_errors.add((manifest_id, error.batch_id))
                 log.warning("worker %s: %s", handle.worker_id, error)
                 self._emit(BatchFailed(error.batch_id, error.frame, handle.worker_id, error.reason))
-        if manifest_id in self._ledger.manifests:  # else its batches are encoded and forgotten already
-            self._ledger.record_status(status)
+        await self.take_status(manifest_id, handle, status)
         if status.state.is_final:
             self._end_manifest(manifest_id)
 
@@ -130,8 +139,9 @@ class Dispatcher:
             returned = self._ledger.release_worker(handle.url)
             for manifest_id in [m for m, h in self._holders.items() if h is handle]:
                 self._end_manifest(manifest_id)
-            if returned or handle.serves(self._model, self._backend):
-                log.error("%d batch(es) of lost worker %s go to the others", len(returned), handle.worker_id)
+            if returned or (handle.serves(self._model, self._backend) and self.serves(handle)):
+                ids = ",".join(str(b.id) for b in returned) or "none"
+                log.error("%s %s of lost worker %s go to the others", self.units, ids, handle.worker_id)
                 self._emit(WorkerLost(handle.worker_id, handle.lost_reason or "lost", len(returned)))
 
     async def _take_back_from_unwritable_workers(self) -> None:
@@ -146,11 +156,12 @@ class Dispatcher:
             self._end_manifest(manifest_id)
             await self._fleet.reset(handle)
             log.error(
-                "worker %s cannot write the shared storage (%s): its %d batch(es) go to the others, and it "
+                "worker %s cannot write the shared storage (%s): its %d %s go to the others, and it "
                 "gets no more until it can",
                 handle.worker_id,
                 reason,
                 len(returned),
+                self.units,
             )
 
     def _lose_stale_workers(self) -> None:
@@ -161,15 +172,16 @@ class Dispatcher:
                 self._fleet.lose(handle, f"its status file did not change for {still:.0f} s")
 
     def raise_if_stuck(self) -> None:
-        """The job fails when no worker is left for a batch, or one batch failed on two workers."""
+        """The job fails when no worker is left for a unit, or one unit failed on two workers."""
         # A worker being restarted (a Ray actor) counts: it comes back as a new worker.
-        alive = [h.url for h in self._fleet.serving(self._model, self._backend)] + self._fleet.replacing()
+        alive = [h.url for h in self._serving()] + self._fleet.replacing()
         failure = self._ledger.failure(alive)
         if failure is not None:
             batch = failure.batch
+            summary = str(failure).replace("batch ", f"{self.unit} ", 1)
             kind = WorkersLostError if failure.workers_gone else JobError
             raise kind(
-                f"upscaling failed: {failure}",
+                f"upscaling failed: {summary}",
                 batch_id=batch.id if batch is not None else None,
                 frames=batch.frames if batch is not None else (),
                 reasons=dict(failure.reasons),
@@ -178,7 +190,7 @@ class Dispatcher:
     def count_idle(self, now: float) -> None:
         """Adds the time since the last call (loop time ``now``) of every worker holding nothing to
         the ``worker_idle_s`` stat."""
-        idle = sum(1 for h in self._fleet.serving(self._model, self._backend) if h.holding is None)
+        idle = sum(1 for h in self._serving() if h.holding is None)
         self._stats["worker_idle_s"] += idle * (now - (self._last_tick or now))
         self._last_tick = now
 
@@ -189,11 +201,11 @@ class Dispatcher:
         await self._reset_orphaned_manifests()
         await self._drop_stale_parked_manifests()
         pending = len(self._ledger.pending())
-        idle = self._fleet.idle(self._model, self._backend)
+        serving = self._serving()
+        idle = [h for h in self._fleet.idle(self._model, self._backend) if h in serving]
         if not pending or not idle:
             return
-        serving = len(self._fleet.serving(self._model, self._backend))
-        share = -(-pending // max(1, serving))
+        share = self.share(pending, len(serving))
         handles = {h.url: h for h in idle}
         for url, batches in self._ledger.deal(list(handles), limit=share * len(idle)).items():
             await self._dispatch(handles[url], batches[:share])
@@ -233,6 +245,7 @@ class Dispatcher:
 
     async def _dispatch(self, handle: WorkerHandle, batches: tuple[Batch, ...]) -> None:
         layout = self._plan.layout
+        await self.prepare(batches)
         parked = self._parked.pop(handle.url, None)
         if parked is not None and parked.batches == batches:
             manifest_id = parked.manifest_id  # the same file again: nothing new is written
@@ -240,8 +253,8 @@ class Dispatcher:
             if parked is not None:
                 await self._threads.run(layout.manifest_path(parked.manifest_id).unlink, True)
             self._manifest_count += 1
-            manifest_id = f"r{self._plan.run:02d}-m{self._manifest_count:05d}"
-            manifest = self._plan.manifest(manifest_id, handle.worker_id, batches)
+            manifest_id = f"r{self._plan.run:02d}-{self.manifest_letter}{self._manifest_count:05d}"
+            manifest = self.manifest(manifest_id, handle, batches)
             await self._threads.run(write_json_atomic, layout.manifest_path(manifest_id), manifest.to_json())
         if handle.holding is not None:  # another job on the fleet dealt to it while the file was written
             self._parked[handle.url] = _Parked(manifest_id, batches)
@@ -257,9 +270,35 @@ class Dispatcher:
                 self._parked[handle.url] = _Parked(manifest_id, batches)
             return
         self._last_change[manifest_id] = asyncio.get_running_loop().time()
-        log.debug(
-            "dispatched %s (batches %s) to %s",
+        log.log(
+            self.dispatch_log_level,
+            "dispatched %s (%s %s) to %s",
             manifest_id,
+            self.units,
             ",".join(str(b.id) for b in batches),
             handle.worker_id,
         )
+
+    def _serving(self) -> list[WorkerHandle]:
+        return [h for h in self._fleet.serving(self._model, self._backend) if self.serves(h)]
+
+    # -- what a unit of work is (the hooks a transport's dispatcher changes) ----------------------
+
+    def serves(self, handle: WorkerHandle) -> bool:
+        """Whether ``handle``, a worker of the job's model and backend, takes this job's units."""
+        return True
+
+    def share(self, pending: int, serving: int) -> int:
+        """How many of ``pending`` units a manifest takes when ``serving`` workers serve the job."""
+        return -(-pending // max(1, serving))
+
+    async def prepare(self, batches: tuple[Batch, ...]) -> None:
+        """What is done on disk before ``batches`` are dealt (nothing for frames)."""
+
+    def manifest(self, manifest_id: str, handle: WorkerHandle, batches: tuple[Batch, ...]) -> Manifest:
+        return self._plan.manifest(manifest_id, handle.worker_id, batches)
+
+    async def take_status(self, manifest_id: str, handle: WorkerHandle, status: Status) -> None:
+        """A new status file of ``manifest_id`` (held by ``handle``) in the ledger: its batches done."""
+        if manifest_id in self._ledger.manifests:  # else its batches are encoded and forgotten already
+            self._ledger.record_status(status)

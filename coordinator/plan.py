@@ -42,6 +42,7 @@ from manifests.jsonio import write_json_atomic
 from manifests.layout import FrameFormat, JobLayout, frame_filename
 from manifests.manifest import Batch, Manifest
 from manifests.planner import plan_batches
+from manifests.segment import SegmentWork
 from media.encode import PART_SUFFIX
 from media.ffmpeg import ProcessGroup
 from media.segments import SEGMENT_SUFFIX
@@ -61,8 +62,17 @@ class RunPlan:
     frame_format: FrameFormat
     yuv: YuvSpec | None  # YUV frames: the conversion the workers apply
 
-    def manifest(self, manifest_id: str, worker_id: str, batches: tuple[Batch, ...]) -> Manifest:
-        """The manifest that hands ``batches`` to worker ``worker_id``."""
+    def manifest(
+        self,
+        manifest_id: str,
+        worker_id: str,
+        batches: tuple[Batch, ...],
+        *,
+        segment: SegmentWork | None = None,
+        frame_format: FrameFormat | None = None,
+    ) -> Manifest:
+        """The manifest that hands ``batches`` to worker ``worker_id``: as frame files, or as a
+        ``segment`` to decode and encode (its frames reach the model as ``frame_format``)."""
         spec = self.spec
         return Manifest(
             job_id=self.layout.job_id,
@@ -72,10 +82,11 @@ class RunPlan:
             batches=batches,
             scale=self.scale,
             tile=spec.tile,
-            frame_format=self.frame_format,
+            frame_format=frame_format or self.frame_format,
             png_compression=spec.png_compression,
             bit_depth=self.media.bit_depth,
             yuv=self.yuv,
+            segment=segment,
         )
 
 

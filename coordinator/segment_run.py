@@ -27,38 +27,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict
-from typing import Any
 
 import msgspec
 
+from coordinator.dispatch import Dispatcher
 from coordinator.errors import JobError
-from coordinator.events import BatchFailed, JobEvent, SegmentDone, Stage, WorkerLost
-from coordinator.fleet import Dispatch, WorkerFleet, WorkerHandle
+from coordinator.events import SegmentDone, Stage
+from coordinator.fleet import WorkerHandle
 from coordinator.media import VideoMedia, segment_path
 from coordinator.plan import RunPlan, RunTools
 from coordinator.source_share import share_source
-from coordinator.spec import JobSpec
 from manifests.atomic import leftover_temp_files
 from manifests.chunks import Chunk
-from manifests.colour import YuvSpec
-from manifests.errors import DocumentError, FormatVersionError, PlanningError
+from manifests.errors import DocumentError, PlanningError
 from manifests.jobrecord import SegmentsRecord
 from manifests.jsonio import write_json_atomic
 from manifests.layout import FrameFormat, JobLayout
 from manifests.ledger import JobLedger
-from manifests.manifest import Manifest
+from manifests.manifest import Batch, Manifest
 from manifests.ranges import RangePlan, plan_ranges
 from manifests.segment import ENCODER_PARAM_OPTIONS, SEGMENTS_TRANSPORT, SegmentEncode, SegmentWork
 from manifests.status import Status, WorkerState
 from media.encode import PART_SUFFIX, EncodeSettings
 
 log = logging.getLogger(__name__)
-
-Report = Callable[..., None]
-InThread = Callable[..., Coroutine[Any, Any, Any]]
 
 
 class TransportError(JobError):
@@ -104,119 +100,186 @@ def refuse_workers_without_segments(handles: list[WorkerHandle]) -> list[WorkerH
     return able
 
 
-class SegmentRun:
-    """One job's ranges through the fleet, then the join. Built and awaited by :class:`coordinator.job.Job`
-    once the input is probed and the job directory is open."""
+class RangeDispatcher(Dispatcher):
+    """The dispatcher over ranges: one range per manifest, only to workers that support segments,
+    its partial segment deleted before it is dealt, and done when its worker's status says completed
+    and its segment file is whole (else it failed on that worker, and is redone from its start)."""
+
+    unit, units = "range", "ranges"
+    manifest_letter = "s"
+    dispatch_log_level = logging.INFO
 
     def __init__(
         self,
-        spec: JobSpec,
-        fleet: WorkerFleet,
-        layout: JobLayout,
-        media: VideoMedia,
-        run_number: int,
+        plan: RunPlan,
+        tools: RunTools,
+        ledger: JobLedger,
+        ranges: RangePlan,
         *,
-        frame_format: FrameFormat,
-        yuv: YuvSpec | None,
-        emit: Callable[[JobEvent], None],
-        report: Report,
-        in_thread: InThread,
-        stats: dict[str, float],
+        source: str,
+        encode: SegmentEncode,
     ) -> None:
-        self.spec, self.fleet, self.farm = spec, fleet, fleet.farm
-        self.layout, self.media, self.run_number = layout, media, run_number
+        super().__init__(plan, tools.fleet, ledger, threads=tools.threads, emit=tools.emit, stats=tools.stats)
+        self._ranges, self._source, self._encode = ranges, source, encode
         # The decoded frames reach the model as the job's frame files would (YUV, or RGB as npy: no
         # PNG is involved when no frame file is written).
-        self.frame_format = FrameFormat.NPY if frame_format is FrameFormat.PNG else frame_format
-        self.yuv = yuv
-        self._emit, self._report, self._in_thread, self.stats = emit, report, in_thread, stats
-        self.encode = segment_encode(media.encode)
-        self.plan: RangePlan | None = None
-        self.scale: float | None = spec.scale
-        self.frames_found = 0  # frames of segments an earlier run finished
-        self._source = ""
-        self._ledger = JobLedger.for_batches([])
-        self._holders: dict[str, WorkerHandle] = {}  # manifest id -> worker
-        self._range_of: dict[str, int] = {}  # manifest id -> range index
+        fmt = plan.frame_format
+        self._frame_format = FrameFormat.NPY if fmt is FrameFormat.PNG else fmt
         self._progress: dict[str, int] = {}  # manifest id -> frames its status claims
-        self._last_status: dict[str, bytes] = {}
-        self._last_change: dict[str, float] = {}
-        self._reported_errors: set[tuple[str, int]] = set()
-        self._lost: set[str] = set()
-        self._reset_orphans: set[str] = set()
         self._refused: set[str] = set()
-        self._count = 0
+
+    @property
+    def frames_in_progress(self) -> int:
+        """Frames of ranges not done yet that their workers' status files claim."""
+        return sum(self._progress.values())
+
+    def serves(self, handle: WorkerHandle) -> bool:
+        """Workers without the segment transport are refused (and logged once)."""
+        if SEGMENTS_TRANSPORT in handle.transports:
+            return True
+        if handle.url not in self._refused:
+            self._refused.add(handle.url)
+            with contextlib.suppress(TransportError):
+                refuse_workers_without_segments([handle])
+        return False
+
+    def share(self, pending: int, serving: int) -> int:
+        return 1
+
+    async def prepare(self, batches: tuple[Batch, ...]) -> None:
+        (unit,) = batches
+        await self._threads.run(remove_partial, self._plan.layout, self._ranges.ranges[unit.id])
+
+    def manifest(self, manifest_id: str, handle: WorkerHandle, batches: tuple[Batch, ...]) -> Manifest:
+        (unit,) = batches
+        chunk, layout = self._ranges.ranges[unit.id], self._plan.layout
+        file = str(segment_path(layout, chunk).relative_to(layout.job_dir))
+        work = SegmentWork(self._source, chunk.first, chunk.count, file, self._encode)
+        own = self._ranges.batches[chunk.index]
+        return self._plan.manifest(
+            manifest_id, handle.worker_id, own, segment=work, frame_format=self._frame_format
+        )
+
+    async def take_status(self, manifest_id: str, handle: WorkerHandle, status: Status) -> None:
+        (unit,) = self._ledger.held_by(manifest_id)
+        chunk = self._ranges.ranges[unit.id]
+        sizes = {b.id: len(b) for b in self._ranges.batches[chunk.index]}
+        self._progress[manifest_id] = sum(sizes.get(b, 0) for b in status.done_batches)
+        if not status.state.is_final:
+            return
+        whole = status.state is WorkerState.COMPLETED and await self._threads.run(
+            self._plan.media.part_done, self._plan.layout, chunk
+        )
+        if whole:
+            self._ledger.record_done(manifest_id)
+            self._emit(SegmentDone(chunk.index, chunk.first, chunk.last))
+            log.info(
+                "segment %d (frames %d-%d) done by %s", chunk.index, chunk.first, chunk.last, handle.worker_id
+            )
+            return
+        reason = (
+            "; ".join(str(e) for e in status.errors) or status.message or f"it ended {status.state.value}"
+        )
+        if status.state is WorkerState.COMPLETED:
+            reason = "its segment file is missing or not whole although its status says completed"
+        self._ledger.record_failure(handle.url, chunk.index, reason)
+        log.error(
+            "range %d (frames %d-%d) failed on %s: %s",
+            chunk.index,
+            chunk.first,
+            chunk.last,
+            handle.worker_id,
+            reason,
+        )
+        await self._threads.run(remove_partial, self._plan.layout, chunk)
+
+    def _end_manifest(self, manifest_id: str) -> None:
+        super()._end_manifest(manifest_id)
+        self._progress.pop(manifest_id, None)
+
+
+def remove_partial(layout: JobLayout, chunk: Chunk) -> None:
+    """A range about to be (re)done starts from nothing: its segment and any temporary file of it."""
+    segment_path(layout, chunk).unlink(missing_ok=True)
+    remove_temp_files(layout, [chunk])
+
+
+def remove_temp_files(layout: JobLayout, chunks: Iterable[Chunk]) -> None:
+    """The temporary files of the ranges' segments that a killed (or lost) worker left behind."""
+    for chunk in chunks:
+        for leftover in leftover_temp_files(segment_path(layout, chunk), PART_SUFFIX):
+            leftover.unlink(missing_ok=True)
+
+
+class SegmentRun:
+    """One run's ranges through the fleet (:class:`RangeDispatcher`); the job handle joins them."""
+
+    def __init__(self, plan: RunPlan, tools: RunTools) -> None:
+        assert isinstance(plan.media, VideoMedia)
+        self._plan, self._tools, self._media = plan, tools, plan.media
+        self.frames_found = 0  # frames of segments an earlier run finished
+        self._dispatcher: RangeDispatcher | None = None
         self._started_at = 0.0
 
-    # -- the run ----------------------------------------------------------------------------------
-
-    async def run(self) -> None:
-        """Produce every segment, then join them into the output."""
-        ready = asyncio.ensure_future(self.fleet.wait_ready(self.spec.model, self.spec.backend))
-        try:
-            ranges = await self.produce(ready)
-        finally:
-            ready.cancel()
-        await self._join(ranges)
-
-    async def produce(
-        self, ready: Awaitable[list[WorkerHandle]], scale: float | None = None
-    ) -> tuple[Chunk, ...]:
+    async def produce(self, ready: Awaitable[list[WorkerHandle]]) -> tuple[Chunk, ...]:
         """Share the source, deal the ranges until every segment is on disk, and return the ranges
         in order (what :meth:`VideoMedia.finish` joins). ``ready`` gives the workers once they have
-        loaded their model; ``scale``, when known, is the job's (else the workers' model's)."""
-        spec, layout = self.spec, self.layout
-        if scale is not None:
-            self.scale = scale
+        loaded their model."""
+        tools, layout = self._tools, self._plan.layout
         succeeded = False
         try:
+            encode = segment_encode(self._media.encode)  # refused before anything is shared
             started = time.monotonic()
-            shared = await self._in_thread(share_source, spec.input, layout, self._copy_progress())
-            self._source = str(shared.relative_to(layout.job_dir))
-            self.stats["share_source_s"] = time.monotonic() - started
-            self._report(Stage.LOADING, 0, 0)
-            handles = refuse_workers_without_segments(await ready)
-            if self.scale is None:
-                self.scale = handles[0].scale
-                await self._in_thread(self.media.check_output, self.scale)
-            await self._in_thread(self._start)
+            shared = await tools.threads.run(
+                share_source, self._plan.spec.input, layout, self._copy_progress()
+            )
+            tools.stats["share_source_s"] = time.monotonic() - started
+            tools.meter.report(Stage.LOADING, 0, 0)
+            refuse_workers_without_segments(await ready)
+            source = str(shared.relative_to(layout.job_dir))
+            ranges, ledger = await tools.threads.run(self._start, source)
+            self._dispatcher = RangeDispatcher(
+                self._plan, tools, ledger, ranges, source=source, encode=encode
+            )
             self._started_at = asyncio.get_running_loop().time()
-            await self._loop()
+            await self._loop(ledger)
+            # A lost worker may have left a temporary segment after its range was dealt again.
+            await tools.threads.run(remove_temp_files, layout, ranges.ranges)
             succeeded = True
+        except JobError as exc:
+            if not exc.resumable and self._plan.run == 1:  # nothing of this job is worth keeping
+                await tools.threads.run(shutil.rmtree, layout.job_dir, True)
+            raise
         finally:
-            if not succeeded:
-                await self._stop()
-        assert self.plan is not None
-        return self.plan.ranges
+            if not succeeded and self._dispatcher is not None:
+                await self._dispatcher.abandon()
+        return ranges.ranges
 
     def _copy_progress(self) -> Callable[[int, int], None]:
         """Progress of a copy of the source (a thread) as the job's extracting stage, in frames."""
-        loop, frames = asyncio.get_running_loop(), self.media.frame_count
+        loop, frames, report = asyncio.get_running_loop(), self._media.frame_count, self._tools.meter.report
 
         def copied(done: int, total: int) -> None:
             with contextlib.suppress(RuntimeError):  # the loop closed: the job is over
-                loop.call_soon_threadsafe(
-                    self._report, Stage.EXTRACTING, frames * done // max(total, 1), frames
-                )
+                loop.call_soon_threadsafe(report, Stage.EXTRACTING, frames * done // max(total, 1), frames)
 
         return copied
 
-    def _start(self) -> None:
+    def _start(self, source: str) -> tuple[RangePlan, JobLedger]:
         """Plan the ranges and take in the segments an earlier run finished (a thread)."""
-        media, layout = self.media, self.layout
+        media, layout, spec = self._media, self._plan.layout, self._plan.spec
         try:
-            self.plan = plan = plan_ranges(
-                media.frame_count, self.spec.segment_frames, media.batch_size(self.spec.batch_size)
-            )
+            plan = plan_ranges(media.frame_count, spec.segment_frames, media.batch_size(spec.batch_size))
         except PlanningError as exc:
             raise JobError(f"cannot start: {exc}", resumable=False) from exc
         self._check_segments_record(plan)
         done = [c.index for c in plan.ranges if media.part_done(layout, c)]
+        remove_temp_files(layout, (c for c in plan.ranges if c.index in done))
         for chunk in plan.ranges:
             if chunk.index not in done:
-                self._remove_partial(chunk)
-        self._ledger = JobLedger.for_batches(plan.units())
-        self._ledger.done.update(done)
+                remove_partial(layout, chunk)
+        ledger = JobLedger.for_batches(plan.units())
+        ledger.done.update(done)
         self.frames_found = sum(plan.ranges[i].count for i in done)
         if done:
             log.info("resuming: %d of %d segments done", len(done), len(plan.ranges))
@@ -225,274 +288,45 @@ class SegmentRun:
             media.frame_count,
             len(plan.ranges),
             plan.segment_frames,
-            self._source,
+            source,
         )
+        return plan, ledger
 
     def _check_segments_record(self, plan: RangePlan) -> None:
         """Segments of an earlier run count only if cut and encoded the same way."""
+        encode = self._media.encode
         record = SegmentsRecord(
             chunk_frames=plan.segment_frames,
-            encode={
-                "transport": SEGMENTS_TRANSPORT,
-                **asdict(self.media.encode),
-                "extra_args": list(self.media.encode.extra_args),
-            },
+            encode={"transport": SEGMENTS_TRANSPORT, **asdict(encode), "extra_args": list(encode.extra_args)},
         )
-        record_file = self.layout.segments_dir / "segments.json"
+        record_file = self._plan.layout.segments_dir / "segments.json"
         previous: SegmentsRecord | None = None
         with contextlib.suppress(OSError, DocumentError):
             previous = SegmentsRecord.from_json(record_file.read_bytes(), source=record_file)
         if previous != record and previous is not None:
             log.info("encoder settings or ranges changed: the earlier segments are encoded again")
             for chunk in plan.ranges:
-                segment_path(self.layout, chunk).unlink(missing_ok=True)
+                segment_path(self._plan.layout, chunk).unlink(missing_ok=True)
         write_json_atomic(record_file, record.to_json())
 
-    def _remove_partial(self, chunk: Chunk) -> None:
-        """A range about to be (re)done starts from nothing: its segment and any temporary file of it."""
-        target = segment_path(self.layout, chunk)
-        target.unlink(missing_ok=True)
-        for leftover in leftover_temp_files(target, PART_SUFFIX):
-            leftover.unlink(missing_ok=True)
-
-    async def _loop(self) -> None:
-        while not self._ledger.complete:
-            await self._read_statuses()
-            self._account_lost_workers()
-            self._lose_stale_workers()
-            self._raise_if_stuck()
-            await self._deal()
-            self._report_progress()
-            await asyncio.sleep(self.farm.poll_interval_s)
-
-    async def _stop(self) -> None:
-        holders = [h for h in set(self._holders.values()) if h.holding in self._holders]
-        await asyncio.gather(*(self.fleet.reset(h) for h in holders))
-        for manifest_id, handle in self._holders.items():
-            self.fleet.release(handle, manifest_id)
-
-    async def _join(self, ranges: tuple[Chunk, ...]) -> None:
-        started = time.monotonic()
-        self._report(Stage.JOINING, 0, 1)
-        await self._in_thread(self.media.finish, self.layout, ranges)
-        self.stats["join_s"] = time.monotonic() - started
-        log.info("joined %d segment(s) into %s", len(ranges), self.spec.output)
-        self._report(Stage.JOINING, 1, 1)
-
-    # -- workers ----------------------------------------------------------------------------------
-
-    def _serving(self) -> list[WorkerHandle]:
-        """Workers of the job's model and backend that support segments (the others are refused once)."""
-        serving = []
-        for handle in self.fleet.serving(self.spec.model, self.spec.backend):
-            if SEGMENTS_TRANSPORT in handle.transports:
-                serving.append(handle)
-            elif handle.url not in self._refused:
-                self._refused.add(handle.url)
-                with contextlib.suppress(TransportError):
-                    refuse_workers_without_segments([handle])
-        return serving
-
-    async def _deal(self) -> None:
-        await self._reset_orphaned_manifests()
-        serving = {h.url for h in self._serving()}
-        idle = [h for h in self.fleet.idle(self.spec.model, self.spec.backend) if h.url in serving]
-        if not idle or not self._ledger.pending():
-            return
-        handles = {h.url: h for h in idle}
-        for url, units in self._ledger.deal(list(handles), limit=len(idle)).items():
-            await self._dispatch(handles[url], units[0].id)
-
-    async def _reset_orphaned_manifests(self) -> None:
-        """A worker still busy with this job's manifest of an earlier, killed run is reset (once)."""
-        for handle in self.fleet.serving(self.spec.model, self.spec.backend):
-            health = handle.health
-            manifest_id = (health.manifest_id if health else None) or ""
-            if (
-                handle.busy_elsewhere
-                and health is not None
-                and health.job_id == self.layout.job_id
-                and not manifest_id.startswith(f"r{self.run_number:02d}-")
-                and handle.url not in self._reset_orphans
-            ):
-                self._reset_orphans.add(handle.url)
-                log.info("resetting %s: it still runs a manifest of an earlier run", handle.worker_id)
-                await self.fleet.reset(handle)
-
-    async def _dispatch(self, handle: WorkerHandle, index: int) -> None:
-        assert self.plan is not None
-        chunk = self.plan.ranges[index]
-        await self._in_thread(self._remove_partial, chunk)
-        self._count += 1
-        manifest_id = f"r{self.run_number:02d}-s{self._count:05d}"
-        path = self.layout.manifest_path(manifest_id)
-        await self._in_thread(write_json_atomic, path, self._manifest_json(manifest_id, handle, chunk))
-        if handle.holding is not None:  # another job on the fleet dealt to it while the file was written
-            await self._in_thread(path.unlink, True)
-            return
-        self._ledger.assign(manifest_id, handle.url, [self.plan.unit(index)])
-        self._holders[manifest_id] = handle
-        self._range_of[manifest_id] = index
-        outcome = await self.fleet.dispatch(
-            handle, manifest_id, str(path.relative_to(self.layout.shared_root))
-        )
-        if outcome is not Dispatch.ACCEPTED:
-            self._ledger.release(manifest_id)
-            self._forget(manifest_id)
-            await self._in_thread(path.unlink, True)
-            return
-        self._last_change[manifest_id] = asyncio.get_running_loop().time()
-        log.info("range %d (frames %d-%d) to %s", index, chunk.first, chunk.last, handle.worker_id)
-
-    def _manifest_json(self, manifest_id: str, handle: WorkerHandle, chunk: Chunk) -> bytes:
-        assert self.plan is not None
-        work = SegmentWork(
-            source=self._source,
-            first_frame=chunk.first,
-            count=chunk.count,
-            file=str(segment_path(self.layout, chunk).relative_to(self.layout.job_dir)),
-            encode=self.encode,
-        )
-        return Manifest(
-            job_id=self.layout.job_id,
-            manifest_id=manifest_id,
-            worker_id=handle.worker_id,
-            model=self.spec.model,
-            batches=self.plan.batches[chunk.index],
-            scale=self.scale,
-            tile=self.spec.tile,
-            frame_format=self.frame_format,
-            png_compression=self.spec.png_compression,
-            bit_depth=self.media.bit_depth,
-            yuv=self.yuv,
-            segment=work,
-        ).to_json()
-
-    def _forget(self, manifest_id: str) -> None:
-        handle = self._holders.pop(manifest_id)
-        self.fleet.release(handle, manifest_id)
-        self._range_of.pop(manifest_id, None)
-        self._progress.pop(manifest_id, None)
-        self._last_status.pop(manifest_id, None)
-        self._last_change.pop(manifest_id, None)
-
-    # -- status files -----------------------------------------------------------------------------
-
-    async def _read_statuses(self) -> None:
-        manifest_ids = list(self._holders)
-        if not manifest_ids:
-            return
-        raws = await self._in_thread(self._read_status_files, manifest_ids)
-        now = asyncio.get_running_loop().time()
-        for manifest_id, raw in raws.items():
-            if raw is not None and raw != self._last_status.get(manifest_id) and manifest_id in self._holders:
-                self._last_status[manifest_id] = raw
-                self._last_change[manifest_id] = now
-                await self._take_status(manifest_id, raw)
-
-    def _read_status_files(self, manifest_ids: list[str]) -> dict[str, bytes | None]:
-        raws: dict[str, bytes | None] = {}
-        for manifest_id in manifest_ids:
-            try:
-                raws[manifest_id] = self.layout.status_path(manifest_id).read_bytes()
-            except FileNotFoundError:
-                raws[manifest_id] = None
-        return raws
-
-    async def _take_status(self, manifest_id: str, raw: bytes) -> None:
-        assert self.plan is not None
-        handle = self._holders[manifest_id]
-        path = self.layout.status_path(manifest_id)
-        try:
-            status = Status.from_json(raw, source=path)
-        except FormatVersionError as exc:
-            self.fleet.lose(handle, f"it writes status files this coordinator cannot read ({exc})")
-            return
-        except DocumentError as exc:
-            log.warning("ignoring unreadable status file: %s", exc)
-            return
-        index = self._range_of[manifest_id]
-        sizes = {b.id: len(b) for b in self.plan.batches[index]}
-        self._progress[manifest_id] = sum(sizes.get(b, 0) for b in status.done_batches)
-        for error in status.errors:
-            if (manifest_id, error.batch_id) not in self._reported_errors:
-                self._reported_errors.add((manifest_id, error.batch_id))
-                log.warning("worker %s: %s", handle.worker_id, error)
-                self._emit(BatchFailed(error.batch_id, error.frame, handle.worker_id, error.reason))
-        if not status.state.is_final:
-            return
-        chunk = self.plan.ranges[index]
-        whole = status.state is WorkerState.COMPLETED and await self._in_thread(
-            self.media.part_done, self.layout, chunk
-        )
-        if whole:
-            self._ledger.record_done(manifest_id)
-            self._emit(SegmentDone(chunk.index, chunk.first, chunk.last))
-            log.info(
-                "segment %d (frames %d-%d) done by %s", chunk.index, chunk.first, chunk.last, handle.worker_id
+    async def _loop(self, ledger: JobLedger) -> None:
+        dispatcher = self._dispatcher
+        assert dispatcher is not None
+        while not ledger.complete:
+            await dispatcher.watch()
+            dispatcher.raise_if_stuck()
+            await dispatcher.deal()
+            now = asyncio.get_running_loop().time()
+            dispatcher.count_idle(now)
+            done = ledger.frames_done + dispatcher.frames_in_progress
+            self._tools.meter.report(
+                Stage.UPSCALING,
+                done,
+                self._media.frame_count,
+                this_run=done - self.frames_found,
+                elapsed_s=now - self._started_at,
             )
-        else:
-            reason = (
-                "; ".join(str(e) for e in status.errors) or status.message or f"it ended {status.state.value}"
-            )
-            if status.state is WorkerState.COMPLETED:
-                reason = "its segment file is missing or not whole although its status says completed"
-            self._ledger.record_failure(handle.url, index, reason)
-            log.error(
-                "range %d (frames %d-%d) failed on %s: %s",
-                index,
-                chunk.first,
-                chunk.last,
-                handle.worker_id,
-                reason,
-            )
-            await self._in_thread(self._remove_partial, chunk)
-        self._forget(manifest_id)
-
-    def _account_lost_workers(self) -> None:
-        """A worker the fleet lost gives its range back (once); the range is redone from its start."""
-        for handle in self.fleet.handles.values():
-            if handle.alive or handle.url in self._lost:
-                continue
-            self._lost.add(handle.url)
-            returned = self._ledger.release_worker(handle.url)
-            for manifest_id in [m for m, h in self._holders.items() if h is handle]:
-                self._forget(manifest_id)
-            if returned:
-                log.error(
-                    "the range(s) %s of lost worker %s go to the others",
-                    ",".join(str(b.id) for b in returned),
-                    handle.worker_id,
-                )
-                self._emit(WorkerLost(handle.worker_id, handle.lost_reason or "lost", len(returned)))
-
-    def _lose_stale_workers(self) -> None:
-        now = asyncio.get_running_loop().time()
-        for manifest_id, handle in list(self._holders.items()):
-            still = now - self._last_change.get(manifest_id, now)
-            if still > self.farm.stale_after_s:
-                self.fleet.lose(handle, f"its status file did not change for {still:.0f} s")
-
-    def _raise_if_stuck(self) -> None:
-        alive = [h.url for h in self._serving()] + self.fleet.replacing()
-        failure = self._ledger.failure(alive)
-        if failure is None:
-            return
-        unit = failure.batch
-        summary = str(failure).replace("batch ", "range ", 1)
-        raise JobError(
-            f"upscaling failed: {summary}",
-            batch_id=unit.id if unit is not None else None,
-            frames=unit.frames if unit is not None else (),
-            reasons=dict(failure.reasons),
-        )
-
-    def _report_progress(self) -> None:
-        now = asyncio.get_running_loop().time()
-        done = self._ledger.frames_done + sum(self._progress.values())
-        this_run = done - self.frames_found
-        total = self.media.frame_count
-        self._report(Stage.UPSCALING, done, total, this_run=this_run, elapsed_s=now - self._started_at)
+            await asyncio.sleep(self._tools.fleet.farm.poll_interval_s)
 
 
 async def run_segments(
@@ -500,13 +334,8 @@ async def run_segments(
 ) -> tuple[Chunk, ...]:
     """The segment transport as a :class:`coordinator.plan.Runner`: the workers decode and encode
     the ranges; the job handle joins the segments it returns."""
-    assert isinstance(plan.media, VideoMedia)
-    run = SegmentRun(
-        plan.spec, tools.fleet, plan.layout, plan.media, plan.run, frame_format=plan.frame_format,
-        yuv=plan.yuv, emit=tools.emit, report=tools.meter.report, in_thread=tools.threads.run,
-        stats=tools.stats,
-    )  # fmt: skip
+    run = SegmentRun(plan, tools)
     try:
-        return await run.produce(ready, plan.scale)
+        return await run.produce(ready)
     finally:
         tools.meter.frames_found = run.frames_found

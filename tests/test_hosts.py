@@ -46,9 +46,10 @@ JOB = ["--scale", "2", "--batch-size", "4", "--codec", "ffv1", "--pix-fmt", "gbr
 WORKER_ARGS = ["--device", "cpu", "--cpu-threads", "1", "--warmup-size", "16"]
 TOKEN = "netns-test-token-0123456789abcdef"
 DEADLINE_S = 240.0
-#: The transports a job may run on. The segments transport (``--transport segments``) joins this
-#: list once it lands; each test below then runs on it too.
-TRANSPORTS = ["frames"]
+#: The transports a job may run on; each test below runs on each.
+TRANSPORTS = ["frames", "segments"]
+#: Segments jobs cut the clip into ranges of 12 frames (6 ranges: each host gets some).
+SEGMENT_FRAMES = 12
 
 
 def upscale_command(*args: str | Path) -> list[str]:
@@ -56,7 +57,9 @@ def upscale_command(*args: str | Path) -> list[str]:
 
 
 def transport_args(transport: str) -> list[str]:
-    return [] if transport == "frames" else ["--transport", transport]
+    return (
+        [] if transport == "frames" else ["--transport", transport, "--segment-frames", str(SEGMENT_FRAMES)]
+    )
 
 
 def run(command: list[str], timeout: float = DEADLINE_S) -> subprocess.CompletedProcess[str]:
@@ -179,6 +182,11 @@ def test_a_job_across_three_hosts_is_frame_identical_to_a_local_worker(
     assert result.returncode == 0, result.stderr
     assert_same_frames(output, reference[transport])
     assert not [e for e in events(result.stdout) if e["event"] in {"worker_lost", "batch_failed"}]
+    if transport == "segments":  # the workers encoded the ranges
+        assert (
+            len([e for e in events(result.stdout) if e["event"] == "segment_done"])
+            == FRAMES // SEGMENT_FRAMES
+        )
     for worker in farm.workers:  # every host did its share, at its own path of the shared root
         status = worker.status()
         assert status["state"] == "completed" and status["frames_done"] > 0, (status, worker.log())

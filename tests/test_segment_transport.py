@@ -310,10 +310,15 @@ def test_a_stopped_segments_job_resumes_keeping_its_finished_segments(
     assert isinstance(error, JobCancelledError) and job.job_dir is not None
     kept = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (job.job_dir / "segments").glob("*.mp4")}
     assert 0 < len(kept) < 4
+    segments_dir = job.job_dir / "segments"
+    # What a worker killed mid-range leaves: a temporary segment (here beside a kept one).
+    killed_writer = segments_dir / f".{min(kept)}.999999.0badf00d.part"
+    killed_writer.write_bytes(b"half a segment")
     again = fake_farm(root, 2)
     job_spec = segments_spec(engine_clip, output, keep_frames=True)  # keeps the manifests
     events, job, error = asyncio.run(run_engine(job_spec, again, engine_farm(root)))
     assert error is None
+    assert not killed_writer.exists() and not list(segments_dir.glob(".*")), "no temporary segment is left"
     assert_same_frames(frames_of(output), engine_expected)
     assert next(e for e in events if isinstance(e, Started)).run == 2
     firsts = sorted(m.segment.first_frame for w in again for m in manifests_of(w) if m.segment is not None)
@@ -363,6 +368,7 @@ def test_workers_without_segments_get_no_range_and_none_at_all_is_one_line(
     )
     assert isinstance(error, TransportError)
     assert str(error).startswith("no worker supports the segments transport (w0 supports frames)")
+    assert not [p for p in (tmp_path / "root2" / "jobs").iterdir() if p.is_dir()], "no job directory is left"
 
 
 # -- whole jobs: frames against segments ------------------------------------------------------
