@@ -113,7 +113,10 @@ def test_a_tiny_manifest_naming_millions_of_frames_is_refused_before_202(
             {"batches": [{"id": i, "start": 1 + 4096 * i, "end": 4097 + 4096 * i} for i in range(300)]},
             "the most a manifest may hold",
         ),
-        ({"batches": [{"id": 0, "frames": list(range(1, 5000))}]}, "a batch holds at most 4096"),
+        (
+            {"batches": [{"id": 0, "frames": list(range(1, 5000))}]},
+            "holds 4999 items; at most 4096 are allowed",
+        ),
         ({"batches": [{"id": 0, "start": 99_999_999, "end": 100_000_001}]}, "must be at most"),
     ]
     for fields, message in cases:
@@ -431,7 +434,7 @@ def test_a_flood_of_posts_gets_http_answers_and_the_client_retries_the_503s(
                 for sock in blockers:  # the bodies complete (400): the connections free up
                     sock.sendall(b"}" + b" " * 98)
                     sock.close()
-                assert (await task)["ready"] is True
+                assert (await task).ready is True
 
         asyncio.run(through_a_full_worker())
     finally:

@@ -256,6 +256,10 @@ class WorkerService:
             raise RequestError(503, f"the model is not ready (state {self.state})")
         if self.storage_error is not None:
             raise RequestError(503, self.storage_error, retry_after_s=self.settings.storage_probe_interval_s)
+        if self.busy and self.run is not None and self.run.status.state.is_final and self.task is not None:
+            # Its final status is written (a coordinator may already have read it and sent the next
+            # manifest); the run is only ending: wait for it rather than refuse with 409.
+            await asyncio.wait({self.task}, timeout=self.settings.reset_timeout_s)
         if self.busy:
             raise RequestError(409, self._busy_message())
         if self._submitting:
