@@ -30,6 +30,7 @@ from manifests.chunks import Chunk
 from manifests.errors import PlanningError
 from manifests.layout import DEFAULT_FIRST_FRAME
 from manifests.manifest import Batch
+from manifests.planner import plan_batches
 
 DEFAULT_SEGMENT_FRAMES = 64
 
@@ -69,18 +70,10 @@ def plan_ranges(
         raise PlanningError(f"segment frames must be at least 1, not {segment_frames}")
     if batch_size < 1:
         raise PlanningError(f"batch size must be at least 1, not {batch_size}")
-    segment_frames = -(-segment_frames // batch_size) * batch_size
-    end = first_frame + frame_count
-    ranges: list[Chunk] = []
-    batches: list[tuple[Batch, ...]] = []
-    next_id = 0
-    for index, start in enumerate(range(first_frame, end, segment_frames)):
-        stop = min(start + segment_frames, end)
-        ranges.append(Chunk(index, start, stop - start))
-        own = tuple(
-            Batch.range(next_id + n, first, min(first + batch_size, stop))
-            for n, first in enumerate(range(start, stop, batch_size))
-        )
-        next_id += len(own)
-        batches.append(own)
-    return RangePlan(tuple(ranges), tuple(batches))
+    per_range = -(-segment_frames // batch_size)  # whole batches per range
+    every = plan_batches(frame_count, batch_size, ["all"], first_frame=first_frame).batches
+    batches = tuple(every[at : at + per_range] for at in range(0, len(every), per_range))
+    ranges = tuple(
+        Chunk(index, own[0].frames[0], sum(len(batch) for batch in own)) for index, own in enumerate(batches)
+    )
+    return RangePlan(ranges, batches)
