@@ -145,7 +145,7 @@ def read_npy_header(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
 
 def _decode_npy(data: bytes, name: str, max_pixels: int | None, want: np.dtype) -> np.ndarray:
     try:
-        shape, fortran, dtype, offset = read_npy_header(data[:65_536])
+        shape, fortran, dtype, offset = read_npy_header(data)
     except ValueError as exc:
         raise FrameFileError(name, "npy", str(exc)) from None
     declared, present = math.prod(shape) * dtype.itemsize, len(data) - offset

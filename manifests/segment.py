@@ -27,6 +27,8 @@ from typing import Annotated
 
 import msgspec
 
+from manifests.layout import FRAME_DIGITS
+
 #: The ways a job's frames travel between the coordinator and the workers.
 FRAMES_TRANSPORT = "frames"
 SEGMENTS_TRANSPORT = "segments"
@@ -35,7 +37,7 @@ TRANSPORTS = (FRAMES_TRANSPORT, SEGMENTS_TRANSPORT)
 #: Encoder parameter options a segment manifest may carry (each takes one ``key=value:...`` string).
 ENCODER_PARAM_OPTIONS = ("-x264-params", "-x265-params", "-svtav1-params")
 MAX_SEGMENT_FRAMES = 1 << 20
-_MAX_FRAME_INDEX = 10**8 - 1  # manifests.layout.FRAME_DIGITS digits, as for frame files
+_MAX_FRAME_INDEX = 10**FRAME_DIGITS - 1  # as for frame files (manifests.manifest.MAX_FRAME_INDEX)
 _Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:+-]+$")]
 _Path = Annotated[str, msgspec.Meta(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")]
 _Param = Annotated[str, msgspec.Meta(min_length=1, max_length=4096, pattern=r"^[^-\x00][^\x00]*$")]
