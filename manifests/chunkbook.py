@@ -164,15 +164,16 @@ class ChunkBook:
         return ready
 
     def frame_extracted(self, frame: int) -> int | None:
-        """Frame ``frame`` is on disk (or not needed); returns its chunk's index, or None for a held
-        frame (in no batch: nothing waits for it, and its chunk may have moved on already)."""
+        """Frame ``frame`` is on disk (or not needed); returns its chunk's index, or None for a frame
+        nothing waits for (held, or of a batch found on disk) once its chunk has moved on."""
         entry = self._entries[self.plan.chunk_of(frame).index]
-        if entry.stage > ChunkStage.EXTRACTING and (
-            not entry.batches or self._batch_of(entry, frame) is None
-        ):
-            return None  # held (an encoded chunk has forgotten its batches: only a held frame comes late)
+        batch = self._batch_of(entry, frame) if entry.batches else None
+        if entry.stage > ChunkStage.EXTRACTING and (batch is None or batch.id in entry.done_on_disk):
+            # Frames that come after their chunk moved on and that nothing waits for: a held frame
+            # (an encoded chunk has forgotten its batches), or one of a batch found on disk, which is
+            # handed on at once, so a chunk whose last batches were found moves on before them.
+            return None
         self._expect(entry, ChunkStage.EXTRACTING)
-        batch = self._batch_of(entry, frame)
         if batch is None:
             return None
         if batch.id in entry.frames_left:

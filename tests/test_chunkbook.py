@@ -74,6 +74,26 @@ def test_resumed_chunks_start_where_the_disk_says() -> None:
     assert ready == [(book.batches(2)[0], True)], "a batch found on disk is ready at once, as done"
 
 
+def test_a_chunk_whose_last_batch_was_found_on_disk_takes_that_batch_s_frames_after_moving_on() -> None:
+    """As the extraction bridge drives it: every frame (skipped ones too) is reported, and batches
+    are handed on after each. A resumed chunk whose last batch was found on disk hands it on with
+    the last extracted frame and moves on; the skipped frames that follow are not an error (CI saw
+    'chunk 5 is upscaling, not extracting' when a killed run had finished a later batch first)."""
+    book = book_for(24, outputs_on_disk={1: [3]})  # chunk 1: batch 2 (frames 9-12) to do, 3 (13-16) found
+    for chunk in (0, 1):
+        admission = book.admit(chunk)
+        handed = []
+        for frame in book.plan.chunks[chunk].frames:
+            assert book.frame_extracted(frame) in (chunk, None)
+            if book.stage(chunk) is ChunkStage.EXTRACTING:
+                handed += [(b.id, done) for b, done in book.ready_batches(chunk)]
+        assert book.stage(chunk) is ChunkStage.UPSCALING
+    assert admission.skip == {3} and handed == [(3, True), (2, False)]
+    assert book.frame_extracted(16) is None, "a found batch's late frame is nothing to wait for"
+    with pytest.raises(ValueError, match="upscaling, not extracting"):
+        book.frame_extracted(9)  # a frame of a batch that was extracted: it cannot come twice
+
+
 def test_out_of_order_steps_are_refused() -> None:
     book = book_for(16)
     with pytest.raises(ValueError, match="waiting, not upscaling"):
