@@ -14,6 +14,8 @@ With ``--detector-only`` only the detector runs, on each clip's frames as a job 
 decodes them (seconds per clip): the frames it would upscale, and the reused frames whose picture
 differs by construction, with the largest window score among them.
 
+Each ``--level`` (``--dedup-level``; default: every level) is measured on every clip.
+
 Otherwise each clip is upscaled by ``esrfarm upscale`` with ``--dedup`` off and on, on the same running
 workers, to a lossless output (libx264 CRF 0, so the frames compared are the upscaled frames). The
 model is deterministic (seeded weights; ``--model`` for another), so off against off is identical
@@ -43,7 +45,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.pipeline import running_workers, time_upscale  # noqa: E402
 from compare.metrics import flicker_ratio, psnr, temporal_energy  # noqa: E402
 from coordinator.dedup import DuplicateFinder  # noqa: E402
-from manifests.dedup import DEDUP_FILE, DuplicateMap  # noqa: E402
+from manifests.dedup import DEDUP_FILE, DEDUP_LEVELS, DuplicateMap, dedup_level  # noqa: E402
 from media.extract import decode_frames  # noqa: E402
 from media.probe import probe  # noqa: E402
 from tests import clips  # noqa: E402
@@ -78,10 +80,10 @@ def build_clips(source: Path, work: Path, size: str, frames: int) -> dict[str, P
     return {name: make() for name, make in made.items()}
 
 
-def detect(name: str, clip: Path) -> dict[str, object]:
+def detect(name: str, clip: Path, level: str) -> dict[str, object]:
     """The detector alone on ``clip``'s YUV frames (one chunk): what it would upscale and reuse."""
     picture = PICTURES[name.split("-")[0]]
-    finder = DuplicateFinder(yuv=True)
+    finder = DuplicateFinder(yuv=True, level=dedup_level(level))
     upscaled, count, wrong = 0, 0, []
     for count, frame in enumerate(decode_frames(probe(clip), yuv=True), start=1):
         reference = finder.reference_of(count, frame)
@@ -91,6 +93,7 @@ def detect(name: str, clip: Path) -> dict[str, object]:
             wrong.append(finder.differences[-1])
     return {
         "clip": name,
+        "level": level,
         "frames": count,
         "upscaled": upscaled,
         "upscaled_fraction": round(upscaled / count, 3),
@@ -101,14 +104,13 @@ def detect(name: str, clip: Path) -> dict[str, object]:
 
 
 def measure(
-    name: str, clip: Path, urls: list[str], root: Path, model: str, scale: str, work: Path
+    name: str, clip: Path, urls: list[str], root: Path, model: str, scale: str, work: Path, level: str
 ) -> dict[str, object]:
-    off, on = work / f"{name}-off.mkv", work / f"{name}-on.mkv"
+    off, on = work / f"{name}-off.mkv", work / f"{name}-on-{level}.mkv"
     stats = work / f"{name}-stats.json"
     seconds_off = time_upscale(clip, off, urls, root, model, scale, *LOSSLESS)
-    seconds_on = time_upscale(
-        clip, on, urls, root, model, scale, *LOSSLESS, "--dedup", "--keep-frames", "--stats", str(stats)
-    )
+    on_args = ["--dedup", "--dedup-level", level, "--keep-frames", "--stats", str(stats)]
+    seconds_on = time_upscale(clip, on, urls, root, model, scale, *LOSSLESS, *on_args)
     job_dir = next(p.parent for p in (root / "jobs").glob(f"*/{DEDUP_FILE}"))
     dedup = DuplicateMap.from_json((job_dir / DEDUP_FILE).read_bytes())
     shutil.rmtree(job_dir)
@@ -123,6 +125,7 @@ def measure(
     across = [psnr(frames_on[f - 1], frames_off[f - 1]) for f in wrong]
     return {
         "clip": name,
+        "level": level,
         "frames": len(frames_off),
         "upscaled": upscaled,
         "upscaled_fraction": round(upscaled / len(frames_off), 3),
@@ -168,6 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--only", nargs="*", help="clip names to run (default: all)")
     parser.add_argument(
+        "--level",
+        nargs="+",
+        choices=list(DEDUP_LEVELS),
+        default=list(DEDUP_LEVELS),
+        help="the --dedup-level(s) to measure, each on every clip (default: all)",
+    )
+    parser.add_argument(
         "--detector-only", action="store_true", help="run the detector alone on each clip (no upscale)"
     )
     args = parser.parse_args(argv)
@@ -175,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(temp)
         if args.detector_only:
             for name, clip in build_clips(args.source, work, args.size, args.frames).items():
-                if not args.only or name in args.only:
-                    print(orjson.dumps(detect(name, clip)).decode(), flush=True)
+                for level in args.level if not args.only or name in args.only else ():
+                    print(orjson.dumps(detect(name, clip, level)).decode(), flush=True)
             return 0
         if args.full_size_model:
             state = compact_state_dict(num_feat=64, num_conv=16, seed=0)
@@ -186,12 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         made = build_clips(args.source, work, args.size, args.frames)
         with running_workers(1, work / "root", model, ["--cpu-threads", "2"], work / "logs") as urls:
             for name, clip in made.items():
-                if args.only and name not in args.only:
-                    continue
-                print(
-                    orjson.dumps(measure(name, clip, urls, work / "root", model, args.scale, work)).decode(),
-                    flush=True,
-                )
+                for level in args.level if not args.only or name in args.only else ():
+                    row = measure(name, clip, urls, work / "root", model, args.scale, work, level)
+                    print(orjson.dumps(row).decode(), flush=True)
     return 0
 
 

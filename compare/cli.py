@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from compare.spec import DEFAULT_CROP, DEFAULT_FRAMES, SCALES, CompareError, CompareSpec, Region, parse_time
+from manifests.dedup import DEDUP_LEVELS, STRICT
 
 log = logging.getLogger("esrfarm.compare")
 
@@ -32,7 +33,8 @@ run as a job with --dedup would: the held frames show the upscale of the frame t
 model, off and on side by side: frames upscaled, seconds on the run (on: the detector's time
 included) and their ratio, PSNR of on against off (the worst frame, and the run as a whole: a frame
 upscaled either way is the same, so it is the reused frames that lower it) and flicker of each.
-It adds one upscale of the frames that are not held, per model.
+It adds one upscale of the frames that are not held, per model. --dedup-level loose measures that
+level of esrfarm upscale --dedup-level instead of the default strict.
 
 Cost: each model upscales the run twice, once degraded (1/scale^2 of the pixels) and once for
 real, so the time grows in proportion to --frames, to the frame's pixels (or --region's) and to
@@ -107,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also upscale the run as esrfarm upscale --dedup would and report what it changes",
     )
     run.add_argument(
+        "--dedup-level",
+        choices=list(DEDUP_LEVELS),
+        default=STRICT,
+        help="with --dedup, the level of esrfarm upscale --dedup-level to measure (default %(default)s)",
+    )
+    run.add_argument(
         "--no-download",
         action="store_true",
         help="skip models that are not in the cache or the offline source",
@@ -136,6 +144,7 @@ def spec_from_args(args: argparse.Namespace) -> CompareSpec:
         cpu_threads=args.cpu_threads,
         allow_download=not args.no_download,
         dedup=args.dedup,
+        dedup_level=args.dedup_level,
     )
 
 

@@ -24,7 +24,8 @@ import numpy as np
 from compare.frames import FrameUpscaler, read_run
 from compare.metrics import flicker_ratio, luma, mse, psnr_of_mse, temporal_energy
 from compare.results import DedupResult, DedupRun
-from coordinator.dedup import BLOCK, SHIFT_THRESHOLD, THRESHOLD, DuplicateFinder
+from coordinator.dedup import BLOCK, DuplicateFinder
+from manifests.dedup import DedupLevel
 from media.extract import YUV_SOURCE_FORMATS
 from media.probe import MediaInfo
 
@@ -37,6 +38,7 @@ class HeldFrames:
     references: tuple[int | None, ...]
     samples: str
     seconds: float
+    level: DedupLevel
 
     @property
     def upscaled(self) -> tuple[int, ...]:
@@ -52,23 +54,26 @@ class HeldFrames:
             duplicates=pairs,
             samples=self.samples,
             block=BLOCK,
-            threshold=THRESHOLD,
-            shift_threshold=SHIFT_THRESHOLD,
+            threshold=self.level.threshold,
+            shift_threshold=self.level.shift_threshold,
             seconds=self.seconds,
+            level=self.level.name,
+            blur=self.level.blur,
         )
 
 
-def find_held_frames(info: MediaInfo, run: range, rgb_frames: np.ndarray) -> HeldFrames:
+def find_held_frames(info: MediaInfo, run: range, rgb_frames: np.ndarray, level: DedupLevel) -> HeldFrames:
     """The held frames of ``run`` (0-based frame indexes of the video), whose whole RGB frames are
-    ``rgb_frames``; the YUV samples, where a job would compare those, are read here."""
+    ``rgb_frames``, at ``level``; the YUV samples, where a job would compare those, are read here."""
     video = info.video
     bits = YUV_SOURCE_FORMATS.get(video.pix_fmt or "")
     yuv = bits is not None and video.width % 2 == 0 and video.height % 2 == 0
     frames = read_run(info, run, yuv=True) if yuv else rgb_frames
     started = time.perf_counter()
-    finder = DuplicateFinder(yuv=yuv, bits=bits if bits is not None and yuv else 8)
+    finder = DuplicateFinder(yuv=yuv, bits=bits if bits is not None and yuv else 8, level=level)
     references = tuple(finder.reference_of(i, frame) for i, frame in enumerate(frames))
-    return HeldFrames(references, str(video.pix_fmt) if yuv else "rgb24", time.perf_counter() - started)
+    samples = str(video.pix_fmt) if yuv else "rgb24"
+    return HeldFrames(references, samples, time.perf_counter() - started, level)
 
 
 def upscale_with_dedup(

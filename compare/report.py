@@ -32,6 +32,7 @@ from compare.results import (
 )
 from compare.spec import BORDER, CompareError
 from manifests.atomic import atomic_path
+from manifests.dedup import DEDUP_LEVELS
 
 CHART_SIZE = (640, 360)
 _MARGIN = {"left": 60, "right": 24, "top": 20, "bottom": 48}
@@ -221,14 +222,18 @@ def _dedup(report: Report) -> str:
             name = html.escape(row.name)
             body.append(f'<tr class="{row.kind}" data-model="{name}" data-dedup="{cells[1]}">{tds}</tr>')
     pairs = ", ".join(f"{frame} (as {reference})" for frame, reference in held.duplicates) or "none"
+    blur = f" of {held.blur}x{held.blur} means" if held.blur > 1 else ""
+    other = " or ".join(level for level in DEDUP_LEVELS if level != held.level)
     return f"""
 <h2>Held frames (--dedup)</h2>
 <p id="dedup-found">{held.upscaled} of the run's {held.frames} frames are upscaled with
-<code>--dedup</code>; the others repeat the last frame upscaled and show its upscale:
-{html.escape(pairs)}. Found by the detector of <code>esrfarm upscale --dedup</code> on the whole
-frames' {html.escape(held.samples)} samples, as a job decodes them ({held.block}x{held.block}
-windows, threshold {held.threshold:g} levels, mean shift {held.shift_threshold:g}), in
-{held.seconds:.2g} s; the run's first frame is always upscaled.</p>
+<code>--dedup --dedup-level {html.escape(held.level)}</code>; the others repeat the last frame
+upscaled and show its upscale: {html.escape(pairs)}. Found by the detector of <code>esrfarm upscale
+--dedup</code> on the whole frames' {html.escape(held.samples)} samples, as a job decodes them
+({held.block}x{held.block} windows{blur}, threshold {held.threshold:g} levels, mean shift
+{held.shift_threshold:g}), in {held.seconds:.2g} s; the run's first frame is always upscaled. The
+other level is measured by running the comparison again with <code>--dedup-level</code>
+{html.escape(other)}.</p>
 <table id="dedup"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>
 <p>Each model upscaled the run without <code>--dedup</code> (off) and with it (on).
 <b>Frames upscaled</b>: how many went through the model, and their share. <b>Seconds</b>: the

@@ -63,7 +63,7 @@ class DedupRun:
     frame with the frame whose upscale it shows (video frame numbers, 1-based), decided on
     ``samples`` (``yuv420p``...: the decoder's own samples, as a job with YUV frames; ``rgb24``: the
     RGB frames, as a job with npy or png frames) with the detector's ``block``, ``threshold`` and
-    ``shift_threshold``, in ``seconds``."""
+    ``shift_threshold`` of ``--dedup-level`` ``level`` (its ``blur``), in ``seconds``."""
 
     frames: int
     duplicates: tuple[tuple[int, int], ...]
@@ -72,6 +72,8 @@ class DedupRun:
     threshold: float
     shift_threshold: float
     seconds: float
+    level: str = "strict"  # results kept before levels: strict
+    blur: int = 1
 
     @property
     def upscaled(self) -> int:

@@ -60,6 +60,7 @@ from compare.metrics import (
 from compare.results import Kind, Machine, ModelResult, Report, ReportImages
 from compare.spec import BORDER, MIN_INPUT_SIDE, CompareError, CompareSpec
 from compare.vmaf import VmafScores, vmaf_scores
+from manifests.dedup import dedup_level
 from media.probe import MediaInfo, probe
 from worker.models import CATALOG, ModelLoadError, locate
 from worker.runtime import InferenceError, RuntimeSettings, load_upscaler, select_device
@@ -336,7 +337,7 @@ def run_comparison(spec: CompareSpec, progress: ProgressCallback | None = None) 
     held = None
     if spec.dedup:
         say("--dedup: finding the held frames of the run")
-        held = find_held_frames(info, frames_run, frames)
+        held = find_held_frames(info, frames_run, frames, dedup_level(spec.dedup_level))
     run = _prepare(spec, info, frames, region, held)
 
     results, machine = _compare_models(spec, runtime, run, info, say)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compare.frames import BASELINES
+from manifests.dedup import STRICT, dedup_level
 from worker.models import CATALOG, MODEL_FILE_SUFFIXES, looks_like_path
 
 SCALES = (2, 3, 4)
@@ -107,7 +108,8 @@ class CompareSpec:
     drawn with ``seed``. ``device``, ``precision``, ``tile`` and ``cpu_threads`` are the model
     runtime's (:class:`worker.runtime.RuntimeSettings`, which checks them when the run starts; this
     module does not import torch, so a service can build specs cheaply). ``dedup``: each scored row
-    also upscales the run as ``esrfarm upscale --dedup`` would (:mod:`compare.dedup`).
+    also upscales the run as ``esrfarm upscale --dedup --dedup-level DEDUP_LEVEL`` would
+    (:mod:`compare.dedup`).
     """
 
     input: Path
@@ -128,6 +130,7 @@ class CompareSpec:
     allow_download: bool = True
     vmaf_timeout_s: float = 600.0
     dedup: bool = False
+    dedup_level: str = STRICT
 
     def __post_init__(self) -> None:
         if self.scale not in SCALES:
@@ -147,6 +150,9 @@ class CompareSpec:
             raise ValueError(f"shift search needs 0 <= max_shift <= 4 and step > 0, not {shift}")
         if self.vmaf_timeout_s <= 0:
             raise ValueError(f"vmaf_timeout_s must be above 0, not {self.vmaf_timeout_s}")
+        dedup_level(self.dedup_level)  # ValueError names the levels
+        if self.dedup_level != STRICT and not self.dedup:
+            raise ValueError("dedup_level is for dedup: a dedup level without dedup does nothing")
         for name in self.models:
             check_model_name(name)
         if len(set(self.models)) != len(self.models):

@@ -28,6 +28,7 @@ import orjson
 from coordinator.errors import EXPECTED_ERRORS, JobCancelledError, SpecError
 from coordinator.events import Failed, JobEvent, JobResult, Progress, Started
 from coordinator.spec import DEFAULT_MODEL, FarmSettings, JobSpec, default_shared_root
+from manifests.dedup import DEDUP_LEVELS, STRICT
 from manifests.jsonio import write_json_atomic
 from manifests.layout import FrameFormat
 from manifests.manifest import BACKENDS
@@ -54,6 +55,7 @@ FLAGS = {
     "ray_workers": "--ray-workers",
     "unreachable_after_s": "--unreachable-timeout", "stale_after_s": "--stale-timeout",
     "transport": "--transport", "segment_frames": "--segment-frames", "dedup": "--dedup",
+    "dedup_level": "--dedup-level",
 }  # fmt: skip
 
 log = logging.getLogger("esrfarm")
@@ -192,6 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="upscale a held frame once: a frame that repeats the last upscaled one (up to compression "
         "noise) reuses its upscaled frame; every frame and timestamp is kept (videos only; README: --dedup)",
+    )
+    work.add_argument(
+        "--dedup-level",
+        choices=list(DEDUP_LEVELS),
+        default=STRICT,
+        help="with --dedup, how close a repeat must be: strict never reused a frame that changed in "
+        "our measurements, but upscales some repeats of heavily compressed video again; loose catches "
+        "those too and may reuse a faint change (about 3 levels over a 16x16 area); default %(default)s",
     )
     work.add_argument(
         "--transport",
@@ -398,6 +408,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[JobSpec, FarmSettings]
         overwrite=args.overwrite,
         keep_frames=args.keep_frames,
         dedup=args.dedup,
+        dedup_level=args.dedup_level,
         transport=args.transport,
         segment_frames=args.segment_frames,
     )

@@ -5,21 +5,23 @@ with the previous frame: a slow pan or fade, each step below the threshold, stil
 away from the reference until one is upscaled again (no drift). The comparison is at full
 resolution and local: the score of a pair is the largest mean absolute difference over windows of
 :data:`BLOCK` x :data:`BLOCK` samples of luma (half that of each 4:2:0 chroma plane, or each RGB
-channel), laid every half window, on the 8-bit scale. A change confined to a small area (a blink,
-a moving mouth, a small object) fills most of one window and scores high; compression noise on a
-held frame is spread thin and scores low. The frame is a duplicate when the score is at most
-:data:`THRESHOLD` and no plane's mean over the whole picture moved by more than
-:data:`SHIFT_THRESHOLD` (a fade moves every sample a little; noise moves the mean hardly at all).
+channel), laid every half window, on the 8-bit scale; at ``--dedup-level loose`` the signed
+difference is first averaged over 2x2 cells. A change confined to a small area (a blink, a moving
+mouth, a small object) fills most of one window and scores high; compression noise on a held frame
+is spread thin and scores low. The frame is a duplicate when the score is at most the level's
+threshold and no plane's mean over the whole picture moved by more than its shift threshold (a fade
+moves every sample a little; noise moves the mean hardly at all).
 
-The thresholds are measured (``benchmarks/dedup.py``, RESULTS.md "Held frames (--dedup)"): on
-320x180 frames of Big Buck Bunny, libx264 re-encoding leaves held frames at most 2.8 (CRF 18) and
-4.8 (CRF 28) apart in a window, and their shift in any plane under 0.09; one step of a 1-pixel pan
-scores 5.2 or more, a 16x16 patch swapped for another part of the picture 10.3, and one step of a
-slow fade (about 2 levels a frame at most) shifts a plane by 0.33 or more (a dark blue picture's
-chroma by 0.28). :data:`THRESHOLD` errs towards upscaling: some noisy repeats at CRF 28 are
-upscaled again.
+The levels are measured (:class:`manifests.dedup.DedupLevel`; ``benchmarks/dedup.py``, RESULTS.md
+"Held frames (--dedup)"): on 320x180 frames of Big Buck Bunny, libx264 re-encoding leaves held
+frames at most 2.8 (CRF 18) and 4.9 (CRF 28) apart in a window (3.8 after the 2x2 mean), and their
+shift in any plane under 0.13; one step of a 1-pixel pan scores 5.1 or more (4.2 after the mean), a
+16x16 box at 10 % 3.4 (3.3), and one step of a slow fade (about 2 levels a frame at most) shifts a
+plane by 0.33 or more (a dark blue picture's chroma by 0.28). ``strict`` (3.0) errs towards
+upscaling: some noisy repeats at CRF 28 are upscaled again; ``loose`` (4.0 after the mean) catches
+them and cannot see a change as faint as the 10 % box.
 
-What it cannot see: a change smaller than about a quarter of a window at a few levels (a 2x2 pixel
+What neither can see: a change smaller than about a quarter of a window at a few levels (a 2x2 pixel
 dot changing by 40 levels scores 0.6), and a change of the whole picture by less than the threshold
 per step, as long as the accumulated change stays below it.
 
@@ -39,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from manifests.chunks import ChunkPlan
-from manifests.dedup import DEDUP_FILE, DuplicateMap
+from manifests.dedup import DEDUP_BLOCK, DEDUP_FILE, DEDUP_LEVELS, STRICT, DedupLevel, DuplicateMap
 from manifests.errors import DocumentError
 from manifests.jsonio import write_json_atomic
 from media.extract import decode_frames
@@ -48,11 +50,9 @@ from media.probe import MediaInfo
 log = logging.getLogger(__name__)
 
 #: The side of a luma window, in samples (chroma planes of 4:2:0 frames: half of it).
-BLOCK = 16
-#: The largest window mean absolute difference (8-bit levels) of a duplicate.
-THRESHOLD = 3.0
-#: The largest mean signed difference of any plane over the whole picture (8-bit levels) of a duplicate.
-SHIFT_THRESHOLD = 0.2
+BLOCK = DEDUP_BLOCK
+#: The default level (``--dedup`` without ``--dedup-level``).
+DEFAULT_LEVEL = DEDUP_LEVELS[STRICT]
 
 
 def _planes(frame: np.ndarray, yuv: bool) -> list[tuple[np.ndarray, int]]:
@@ -98,19 +98,35 @@ class Difference:
     window: float
     shift: float
 
-    def is_repeat(self, threshold: float = THRESHOLD, shift_threshold: float = SHIFT_THRESHOLD) -> bool:
-        return self.window <= threshold and abs(self.shift) <= shift_threshold
+    def is_repeat(self, level: DedupLevel = DEFAULT_LEVEL) -> bool:
+        return self.window <= level.threshold and abs(self.shift) <= level.shift_threshold
 
 
-def frame_difference(a: np.ndarray, b: np.ndarray, *, yuv: bool, bits: int = 8) -> Difference:
-    """How far apart two frames of one layout are (samples of ``bits`` bits are scaled to 8)."""
+def _cell_sums(signed: np.ndarray, blur: int) -> np.ndarray:
+    """The sums of ``signed`` over ``blur`` x ``blur`` cells (a plane of odd sides: its last row or
+    column counted twice, so every sample is in a cell)."""
+    rows, cols = signed.shape
+    padded = np.pad(signed, ((0, -rows % blur), (0, -cols % blur)), mode="edge")
+    height, width = padded.shape[0] // blur, padded.shape[1] // blur
+    return padded.reshape(height, blur, width, blur).sum(axis=(1, 3))
+
+
+def frame_difference(
+    a: np.ndarray, b: np.ndarray, *, yuv: bool, bits: int = 8, level: DedupLevel = DEFAULT_LEVEL
+) -> Difference:
+    """How far apart two frames of one layout are (samples of ``bits`` bits are scaled to 8), scored
+    as ``level`` scores them (its ``blur``)."""
     if a.shape != b.shape:
         raise ValueError(f"frames of shapes {a.shape} and {b.shape} cannot be compared")
-    worst, shifts = 0.0, []
+    worst, shifts, blur = 0.0, [], level.blur
     for (plane_a, block), (plane_b, _) in zip(_planes(a, yuv), _planes(b, yuv), strict=True):
         signed = plane_b.astype(np.int32) - plane_a.astype(np.int32)
         shifts.append(float(signed.mean()))
-        worst = max(worst, _window_max(np.abs(signed), block))
+        if blur > 1:  # windows of the cell means: block / blur cells a side, each blur * blur samples
+            cells = np.abs(_cell_sums(signed, blur))
+            worst = max(worst, _window_max(cells, max(block // blur, 1)) / (blur * blur))
+        else:
+            worst = max(worst, _window_max(np.abs(signed), block))
     # The largest shift of any plane: a slow fade of a dark blue picture moves luma by a tenth of a
     # level a frame, but its blue-difference chroma by a quarter or more.
     shift = max(shifts, key=abs)
@@ -121,15 +137,8 @@ def frame_difference(a: np.ndarray, b: np.ndarray, *, yuv: bool, bits: int = 8) 
 class DuplicateFinder:
     """Frame by frame, in order: which earlier frame of the chunk (if any) each one repeats."""
 
-    def __init__(
-        self,
-        *,
-        yuv: bool,
-        bits: int = 8,
-        threshold: float = THRESHOLD,
-        shift_threshold: float = SHIFT_THRESHOLD,
-    ) -> None:
-        self.yuv, self.bits, self.threshold, self.shift_threshold = yuv, bits, threshold, shift_threshold
+    def __init__(self, *, yuv: bool, bits: int = 8, level: DedupLevel = DEFAULT_LEVEL) -> None:
+        self.yuv, self.bits, self.level = yuv, bits, level
         self._reference: tuple[int, np.ndarray] | None = None
         self.differences: list[Difference] = []  # each compared frame's, for measurements
 
@@ -138,9 +147,9 @@ class DuplicateFinder:
         becomes the reference). ``fresh``: a chunk starts here, nothing before it counts."""
         if self._reference is not None and not fresh:
             reference, kept = self._reference
-            difference = frame_difference(kept, frame, yuv=self.yuv, bits=self.bits)
+            difference = frame_difference(kept, frame, yuv=self.yuv, bits=self.bits, level=self.level)
             self.differences.append(difference)
-            if difference.is_repeat(self.threshold, self.shift_threshold):
+            if difference.is_repeat(self.level):
                 return reference
         self._reference = (index, frame.copy())
         return None
@@ -152,11 +161,10 @@ def find_duplicates(
     *,
     yuv: bool,
     bits: int = 8,
-    threshold: float = THRESHOLD,
-    shift_threshold: float = SHIFT_THRESHOLD,
+    level: DedupLevel = DEFAULT_LEVEL,
 ) -> DuplicateMap:
-    """The duplicate map of ``frames`` (frame 1 first) cut as ``plan`` cuts them."""
-    finder = DuplicateFinder(yuv=yuv, bits=bits, threshold=threshold, shift_threshold=shift_threshold)
+    """The duplicate map of ``frames`` (frame 1 first) cut as ``plan`` cuts them, at ``level``."""
+    finder = DuplicateFinder(yuv=yuv, bits=bits, level=level)
     duplicates: dict[int, int] = {}
     count = 0
     first_frames = {chunk.first for chunk in plan.chunks}
@@ -165,17 +173,20 @@ def find_duplicates(
         reference = finder.reference_of(index, frame, fresh=index in first_frames)
         if reference is not None:
             duplicates[index] = reference
-    return DuplicateMap.of(count, plan.chunk_frames, threshold, BLOCK, duplicates)
+    return DuplicateMap.of(count, plan.chunk_frames, level, duplicates)
 
 
-def find_video_duplicates(info: MediaInfo, plan: ChunkPlan, *, yuv: bool, bits: int) -> DuplicateMap:
+def find_video_duplicates(
+    info: MediaInfo, plan: ChunkPlan, *, yuv: bool, bits: int, level: DedupLevel = DEFAULT_LEVEL
+) -> DuplicateMap:
     """Decode the video once (as extraction will: YUV or RGB samples) and make its duplicate map."""
     started = time.monotonic()
-    dedup = find_duplicates(decode_frames(info, yuv=yuv), plan, yuv=yuv, bits=bits)
+    dedup = find_duplicates(decode_frames(info, yuv=yuv), plan, yuv=yuv, bits=bits, level=level)
     if dedup.frames != info.video.frame_count:
         raise ValueError(f"{dedup.frames} frames decoded, the probe counted {info.video.frame_count}")
     log.info(
-        "--dedup: %d of %d frames repeat an upscaled one (found in %.1f s)",
+        "--dedup (%s): %d of %d frames repeat an upscaled one (found in %.1f s)",
+        level.name,
         len(dedup.duplicates),
         dedup.frames,
         time.monotonic() - started,
@@ -185,8 +196,7 @@ def find_video_duplicates(info: MediaInfo, plan: ChunkPlan, *, yuv: bool, bits: 
 
 __all__ = [
     "BLOCK",
-    "SHIFT_THRESHOLD",
-    "THRESHOLD",
+    "DEFAULT_LEVEL",
     "Difference",
     "DuplicateFinder",
     "find_duplicates",
@@ -195,16 +205,16 @@ __all__ = [
 
 
 def job_duplicate_map(
-    job_dir: Path, info: MediaInfo, plan: ChunkPlan, *, yuv: bool, bits: int
+    job_dir: Path, info: MediaInfo, plan: ChunkPlan, *, yuv: bool, bits: int, level: DedupLevel
 ) -> DuplicateMap:
     """The job's duplicate map: the one an earlier run kept in ``job_dir`` (``dedup.json``) if it was
-    made for this chunking and threshold, else a new one, found and written there atomically."""
+    made for this chunking and level, else a new one, found and written there atomically."""
     path = job_dir / DEDUP_FILE
     with contextlib.suppress(OSError, DocumentError):
         kept = DuplicateMap.from_json(path.read_bytes(), source=path)
-        if kept.matches(info.video.frame_count, plan.chunk_frames) and kept.threshold == THRESHOLD:
+        if kept.matches(info.video.frame_count, plan.chunk_frames, level):
             log.info("--dedup: the duplicate map of an earlier run is used (%s)", path)
             return kept
-    dedup = find_video_duplicates(info, plan, yuv=yuv, bits=bits)
+    dedup = find_video_duplicates(info, plan, yuv=yuv, bits=bits, level=level)
     write_json_atomic(path, dedup.to_json())
     return dedup

@@ -54,8 +54,6 @@ from typing import IO
 
 import orjson
 
-from coordinator.dedup import BLOCK as DEDUP_BLOCK
-from coordinator.dedup import THRESHOLD as DEDUP_THRESHOLD
 from coordinator.errors import EXPECTED_ERRORS, FleetError, JobCancelledError, JobError, WorkersLostError
 from coordinator.events import Cancelled, Failed, Finished, JobEvent, JobResult, Stage, Started
 from coordinator.fleet import LocalWorkerConfig, WorkerFleet, WorkerHandle
@@ -69,6 +67,7 @@ from coordinator.spec import FarmSettings, JobSpec
 from coordinator.threads import JobThreads
 from manifests.chunks import Chunk
 from manifests.colour import YuvSpec
+from manifests.dedup import dedup_level
 from manifests.errors import DocumentError
 from manifests.jobrecord import JobRecord
 from manifests.jsonio import write_json_atomic
@@ -102,7 +101,7 @@ def job_identity(spec: JobSpec, media: JobMedia, yuv_frames: bool = False) -> di
     if spec.backend != "torch":  # torch jobs keep the identity (and directory) they had before backends
         identity["backend"] = spec.backend
     if spec.dedup:  # named only when on: other jobs keep their ids
-        identity["dedup"] = {"block": DEDUP_BLOCK, "threshold": DEDUP_THRESHOLD}
+        identity["dedup"] = dedup_level(spec.dedup_level).identity()
     if spec.transport != FRAMES_TRANSPORT:  # named only when not frames: other jobs keep their ids
         identity["transport"] = spec.transport
     return identity

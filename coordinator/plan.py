@@ -34,7 +34,7 @@ from coordinator.spec import JobSpec
 from coordinator.threads import JobThreads
 from manifests.chunks import Chunk, ChunkPlan, plan_chunks
 from manifests.colour import YuvSpec
-from manifests.dedup import DuplicateMap, plan_unique_batches
+from manifests.dedup import DuplicateMap, dedup_level, plan_unique_batches
 from manifests.errors import DocumentError, PlanningError
 from manifests.frames import frame_file_is_sound
 from manifests.jobrecord import SegmentsRecord
@@ -154,7 +154,10 @@ def _duplicate_map(run: RunPlan, chunks: ChunkPlan) -> DuplicateMap:
     media = run.media
     assert isinstance(media, VideoMedia)
     bits = run.yuv.bits if run.yuv is not None else media.bit_depth
-    return job_duplicate_map(run.layout.job_dir, media.info, chunks, yuv=run.yuv is not None, bits=bits)
+    level = dedup_level(run.spec.dedup_level)
+    return job_duplicate_map(
+        run.layout.job_dir, media.info, chunks, yuv=run.yuv is not None, bits=bits, level=level
+    )
 
 
 def _scan_earlier_runs(

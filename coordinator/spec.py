@@ -20,6 +20,7 @@ import msgspec
 from msgspec import Meta
 
 from coordinator.errors import SpecError
+from manifests.dedup import DEDUP_LEVELS, STRICT
 from manifests.errors import DocumentError
 from manifests.layout import FrameFormat
 from manifests.manifest import BACKENDS, MAX_BATCH_FRAMES, MAX_FRAME_INDEX, MAX_SCALE, MAX_TILE, MIN_SCALE
@@ -66,6 +67,7 @@ class JobSpec(Record):
     overwrite: bool = False
     keep_frames: bool = False
     dedup: bool = False  # held frames (repeats of the last upscaled frame) reuse its upscale
+    dedup_level: str = STRICT  # how close a repeat must be (manifests.dedup.DEDUP_LEVELS)
     transport: str = FRAMES_TRANSPORT  # "frames" or "segments" (manifests.segment)
     # segments transport: source frames per worker range
     segment_frames: Annotated[int, Meta(ge=1, le=MAX_SEGMENT_FRAMES)] = DEFAULT_SEGMENT_FRAMES
@@ -80,6 +82,11 @@ class JobSpec(Record):
             raise self.fail("precision", "must be fp16 or fp32 on the ncnn backend, not bf16")
         if self.transport not in TRANSPORTS:
             raise self.fail("transport", f"must be one of {', '.join(TRANSPORTS)}, not {self.transport!r}")
+        if self.dedup_level not in DEDUP_LEVELS:
+            levels = ", ".join(DEDUP_LEVELS)
+            raise self.fail("dedup_level", f"must be one of {levels}, not {self.dedup_level!r}")
+        if self.dedup_level != STRICT and not self.dedup:
+            raise self.fail("dedup_level", "is for --dedup: say --dedup as well")
         if self.dedup and self.transport != FRAMES_TRANSPORT:
             raise self.fail("dedup", f"is for the frames transport, not {self.transport}")
 

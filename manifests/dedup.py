@@ -6,8 +6,12 @@ extracted, not given to any worker, and its output is its *reference*'s upscaled
 reads that file for it). The map is decided once per job, before any frame is extracted, and kept
 in the job directory as ``dedup.json``, so a run that resumes after a kill deals the same batches::
 
-    {"format": "esrfarm.dedup/1", "frames": 132, "chunk_frames": 256, "threshold": 2.0,
-     "block": 16, "duplicates": [[2, 1], [3, 1], [5, 4]]}
+    {"format": "esrfarm.dedup/1", "frames": 132, "chunk_frames": 256, "level": "strict",
+     "threshold": 3.0, "block": 16, "duplicates": [[2, 1], [3, 1], [5, 4]]}
+
+How close is close enough is a :class:`DedupLevel` (``--dedup-level``): ``strict`` (the default) or
+``loose``, each measured (RESULTS.md "Held frames"); a map is kept only for the level it was made
+for.
 
 A reference always lies in its duplicate's chunk (the comparison starts afresh at each chunk's first
 frame), so a chunk's segment needs only its own output frames: chunks, ``--max-disk`` and the removal
@@ -28,8 +32,57 @@ from manifests.manifest import Batch
 from manifests.records import Document, Positive
 
 DEDUP_FORMAT = "esrfarm.dedup/1"
+#: The side of the detector's luma windows, in samples (chroma planes of 4:2:0 frames: half of it).
+DEDUP_BLOCK = 16
 DEDUP_FILE = "dedup.json"
 _KIND = "duplicate map"
+
+
+class DedupLevel(msgspec.Struct, frozen=True):
+    """How close a frame must come to the last upscaled frame to reuse its upscale.
+
+    The score of a pair is the largest mean absolute difference over windows of :data:`DEDUP_BLOCK`
+    samples, taken of the signed difference averaged over ``blur`` x ``blur`` cells first (1: none);
+    a repeat scores at most ``threshold`` and moves no plane's mean by more than ``shift_threshold``
+    (8-bit levels). The values are measured (``benchmarks/dedup.py``, RESULTS.md "Held frames"):
+
+    - ``strict`` (the default): never reused a frame that differs in any clip measured, a 16x16 box
+      at 10 % included; re-encoded at CRF 28 (heavy compression), some noisy repeats are upscaled
+      again (held 2 and 3: 0.65 and 0.48 of the frames upscaled, not 1/2 and 1/3).
+    - ``loose``: for heavily compressed sources: catches those repeats (1/2 and 1/3 at CRF 28), and
+      still never reuses a step of a 1-pixel pan, a fade or a 16x16 box at 30 %, but reuses a change
+      as faint as a 16x16 box at 10 % (about 3 levels over the box) even in a clean source.
+    """
+
+    name: str
+    blur: int
+    threshold: float
+    shift_threshold: float
+
+    def identity(self) -> dict[str, object]:
+        """What the job's identity keeps of the level (strict: as before levels existed)."""
+        named: dict[str, object] = {"block": DEDUP_BLOCK, "threshold": self.threshold}
+        if self.name != STRICT:
+            named.update(level=self.name, blur=self.blur, shift_threshold=self.shift_threshold)
+        return named
+
+
+STRICT = "strict"
+#: The levels of ``--dedup-level``, by name.
+DEDUP_LEVELS: Mapping[str, DedupLevel] = MappingProxyType(
+    {
+        STRICT: DedupLevel(STRICT, blur=1, threshold=3.0, shift_threshold=0.2),
+        "loose": DedupLevel("loose", blur=2, threshold=4.0, shift_threshold=0.2),
+    }
+)
+
+
+def dedup_level(name: str) -> DedupLevel:
+    """The level called ``name`` (ValueError names the levels there are)."""
+    try:
+        return DEDUP_LEVELS[name]
+    except KeyError:
+        raise ValueError(f"no --dedup-level {name!r}: choose one of {', '.join(DEDUP_LEVELS)}") from None
 
 
 class DuplicateMap(Document, kw_only=True, dict=True):
@@ -42,6 +95,7 @@ class DuplicateMap(Document, kw_only=True, dict=True):
 
     frames: Positive
     chunk_frames: Positive
+    level: str = STRICT  # the DedupLevel it was made with (maps kept before levels: strict)
     threshold: float = 0.0
     block: Positive
     pairs: tuple[tuple[Positive, Positive], ...] = msgspec.field(default=(), name="duplicates")
@@ -61,12 +115,12 @@ class DuplicateMap(Document, kw_only=True, dict=True):
 
     @classmethod
     def of(
-        cls, frames: int, chunk_frames: int, threshold: float, block: int, duplicates: Mapping[int, int]
+        cls, frames: int, chunk_frames: int, level: DedupLevel, duplicates: Mapping[int, int]
     ) -> DuplicateMap:
-        """The map of ``duplicates`` (frame: reference)."""
+        """The map of ``duplicates`` (frame: reference), found at ``level``."""
         return cls(
-            frames=frames, chunk_frames=chunk_frames, threshold=threshold, block=block,
-            pairs=tuple(duplicates.items()),
+            frames=frames, chunk_frames=chunk_frames, level=level.name, threshold=level.threshold,
+            block=DEDUP_BLOCK, pairs=tuple(duplicates.items()),
         )  # fmt: skip
 
     @functools.cached_property
@@ -82,9 +136,16 @@ class DuplicateMap(Document, kw_only=True, dict=True):
     def upscaled_count(self) -> int:
         return self.frames - len(self.pairs)
 
-    def matches(self, frames: int, chunk_frames: int) -> bool:
-        """Whether this map was made for a job of ``frames`` frames cut in chunks of ``chunk_frames``."""
-        return self.frames == frames and self.chunk_frames == chunk_frames
+    def matches(self, frames: int, chunk_frames: int, level: DedupLevel) -> bool:
+        """Whether this map was made for a job of ``frames`` frames cut in chunks of ``chunk_frames``,
+        at ``level`` (as it is now: a level's threshold may be measured again)."""
+        return (
+            self.frames == frames
+            and self.chunk_frames == chunk_frames
+            and self.level == level.name
+            and self.threshold == level.threshold
+            and self.block == DEDUP_BLOCK
+        )
 
 
 def plan_unique_batches(plan: ChunkPlan, dedup: DuplicateMap | None, batch_size: int) -> tuple[Batch, ...]:

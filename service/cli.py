@@ -21,6 +21,7 @@ from coordinator.cli import BAR_COUNTED, BAR_UNCOUNTED, FLAGS, farm_settings_fro
 from coordinator.errors import SpecError
 from coordinator.spec import DEFAULT_MODEL
 from manifests.chunks import parse_size
+from manifests.dedup import DEDUP_LEVELS
 from manifests.manifest import BACKENDS
 from manifests.tokens import TokenError, read_token
 from service.errors import ClientError, ListenError, SettingsError, StoreError
@@ -296,6 +297,11 @@ def client_parser() -> argparse.ArgumentParser:
         help="upscale a held frame once, as esrfarm upscale --dedup (videos only); with --compare, "
         "the report also shows what --dedup does to the run, as esrfarm compare --dedup",
     )
+    submit.add_argument(
+        "--dedup-level",
+        choices=list(DEDUP_LEVELS),
+        help="with --dedup: how close a repeat must be, as esrfarm upscale --dedup-level (default strict)",
+    )
     submit.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
     submit.add_argument("--output-dir", help="under the service's output directory")
     submit.add_argument(
@@ -363,6 +369,8 @@ def _submit(client: Client, args: argparse.Namespace) -> int:
             body[name] = getattr(args, name)
     if args.dedup:
         body["dedup"] = True
+    if args.dedup_level is not None:
+        body["dedup_level"] = args.dedup_level
     since = _last_event_id(client) if args.wait else 0
     batch = client.submit(body)
     for job in batch["jobs"]:

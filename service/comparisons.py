@@ -31,6 +31,7 @@ import orjson
 
 from compare.results import TABLE_COLUMNS, ModelResult, table_cells
 from compare.spec import DEFAULT_FRAMES, SCALES, CompareSpec
+from manifests.dedup import STRICT
 from service.errors import RunCancelledError, RunError, SubmissionError
 from service.runners import Advanced, RunEvent, RunResult
 from service.store import JobRow
@@ -48,22 +49,36 @@ MAX_FRAMES = 100_000  # the most frames a comparison job may ask for
 
 
 def compare_spec(
-    source: Path, models: Sequence[str], scale: float, frames: int | None, *, dedup: bool = False
+    source: Path,
+    models: Sequence[str],
+    scale: float,
+    frames: int | None,
+    *,
+    dedup: bool = False,
+    dedup_level: str = STRICT,
 ) -> dict[str, Any]:
     """The stored spec of one comparison job, checked as ``esrfarm compare`` would check it; raises
-    :class:`SubmissionError` naming the field. ``dedup``: ``esrfarm compare --dedup`` (stored only
-    when set, so specs stored before it read the same)."""
+    :class:`SubmissionError` naming the field. ``dedup``, ``dedup_level``: ``esrfarm compare --dedup
+    --dedup-level`` (stored only when set, so specs stored before them read the same)."""
     if scale not in SCALES:
         raise SubmissionError("scales", f"a comparison runs at {', '.join(map(str, SCALES))}, not {scale:g}")
     if frames is None:
         frames = DEFAULT_FRAMES
     try:
-        CompareSpec(input=source, models=tuple(models), scale=int(scale), frames=frames, dedup=dedup)
+        CompareSpec(
+            input=source, models=tuple(models), scale=int(scale), frames=frames, dedup=dedup,
+            dedup_level=dedup_level,
+        )  # fmt: skip
     except ValueError as exc:
-        field = "frames" if "frames" in str(exc) else "models"
-        raise SubmissionError(field, str(exc)) from None
+        text = str(exc)
+        field = "frames" if "frames" in text else "dedup_level" if "dedup" in text else "models"
+        raise SubmissionError(field, text) from None
     spec = {"kind": KIND, "input": str(source), "models": list(models), "scale": int(scale), "frames": frames}
-    return {**spec, "dedup": True} if dedup else spec
+    if dedup:
+        spec["dedup"] = True
+    if dedup_level != STRICT:
+        spec["dedup_level"] = dedup_level
+    return spec
 
 
 def is_compare(row: JobRow) -> bool:
@@ -92,7 +107,7 @@ class CompareProcess:
         if spec["models"]:
             self.argv[4:4] = ["--models", ",".join(spec["models"])]
         if spec.get("dedup"):
-            self.argv.append("--dedup")
+            self.argv += ["--dedup", "--dedup-level", spec.get("dedup_level", STRICT)]
         self.process: asyncio.subprocess.Process | None = None
         self.tail: deque[str] = deque(maxlen=_TAIL_LINES)
         self.killed = False

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 import orjson
 
+from manifests.dedup import STRICT
 from service.errors import StoreError, StoreUnavailableError
 
 T = TypeVar("T")
@@ -132,6 +133,7 @@ class JobRow:
             "id": self.id, "kind": self.kind, "batch_id": self.batch_id, "input": self.input,
             "output": self.output, "model": self.model, "scale": self.scale, "codec": self.codec,
             "priority": self.priority, "dedup": bool(self.spec_dict.get("dedup", False)),
+            "dedup_level": self.spec_dict.get("dedup_level", STRICT),
             "state": self.state, "stage": self.stage, "frames_done": self.frames_done,
             "frames_total": self.frames_total, "fps": self.fps, "eta_s": self.eta_s, "error": self.error,
             "created_at": self.created_at, "started_at": self.started_at, "finished_at": self.finished_at,

@@ -28,6 +28,7 @@ import orjson
 
 from coordinator.errors import EXPECTED_ERRORS, SpecError
 from coordinator.spec import DEFAULT_MODEL, JobSpec
+from manifests.dedup import DEDUP_LEVELS, STRICT
 from manifests.httpguard import shown
 from manifests.manifest import BACKENDS
 from manifests.segment import FRAMES_TRANSPORT, TRANSPORTS
@@ -63,6 +64,10 @@ class _Body(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=Tru
     output_dir: PathText | None = None  # absolute, or relative to the output directory
 
 
+#: A ``--dedup-level`` name (manifests.dedup.DEDUP_LEVELS).
+DedupLevelName = Annotated[str, msgspec.Meta(pattern=f"^({'|'.join(DEDUP_LEVELS)})$")]
+
+
 class UpscaleBody(_Body, frozen=True):
     """An upscaling batch: one job per input x model (default: the default model) x scale (default:
     the model's own)."""
@@ -73,6 +78,7 @@ class UpscaleBody(_Body, frozen=True):
     preset: Annotated[str, msgspec.Meta(max_length=NAME_MAX)] | None = None
     backend: Annotated[str, msgspec.Meta(pattern=f"^({'|'.join(BACKENDS)})$")] = "torch"
     dedup: bool = False
+    dedup_level: DedupLevelName = STRICT  # with dedup: esrfarm upscale --dedup-level
     transport: Annotated[str, msgspec.Meta(pattern=f"^({'|'.join(TRANSPORTS)})$")] = FRAMES_TRANSPORT
 
 
@@ -84,6 +90,7 @@ class CompareBody(_Body, frozen=True):
     # None: compare's default; its minimum is compare's (CompareSpec)
     frames: Annotated[int, msgspec.Meta(le=MAX_FRAMES)] | None = None
     dedup: bool = False  # the report also shows what --dedup does to the run (compare --dedup)
+    dedup_level: DedupLevelName = STRICT  # with dedup: the level measured (compare --dedup-level)
 
 
 Body = UpscaleBody | CompareBody
@@ -300,7 +307,8 @@ async def _upscale_jobs(
                 try:
                     spec = JobSpec(
                         input=source, output=output, model=model, backend=body.backend, scale=scale,
-                        encode=encode, dedup=body.dedup, transport=body.transport,
+                        encode=encode, dedup=body.dedup, dedup_level=body.dedup_level,
+                        transport=body.transport,
                     )  # fmt: skip
                 except SpecError as exc:
                     field = {"scale": "scales", "model": "models"}.get(exc.field, exc.field)
@@ -326,7 +334,9 @@ def _compare_jobs(
     for source in inputs:
         for scale in scales:
             job_id = secrets.token_hex(8)
-            spec = compare_spec(source, models, scale, body.frames, dedup=body.dedup)
+            spec = compare_spec(
+                source, models, scale, body.frames, dedup=body.dedup, dedup_level=body.dedup_level
+            )
             output = output_dir / report_name(source, spec["scale"], job_id)
             jobs.append(
                 new_job(

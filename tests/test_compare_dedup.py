@@ -16,10 +16,13 @@ from selenium import webdriver
 from selenium.webdriver.common.by import By
 
 from compare.cli import build_parser, main
-from compare.dedup import HeldFrames, upscale_with_dedup
-from compare.frames import PillowUpscaler
+from compare.dedup import HeldFrames, find_held_frames, upscale_with_dedup
+from compare.frames import PillowUpscaler, read_run
 from compare.metrics import temporal_energy
 from compare.results import ModelResult
+from compare.spec import CompareSpec
+from manifests.dedup import DEDUP_LEVELS
+from media.probe import probe
 from tests import clips
 from tests.browser import chromium
 
@@ -54,6 +57,7 @@ def test_dedup_upscales_each_held_drawing_once_and_reuses_it_for_its_repeats(
     first, last = data["run"]
     held = data["dedup"]
     assert held["frames"] == FRAMES and held["samples"] == "yuv420p"  # as a job with YUV frames decodes
+    assert (held["level"], held["threshold"], held["blur"]) == ("strict", 3.0, 1)  # the default level
     drawings = {(frame - 1) // HOLD for frame in range(first, last + 1)}
     for frame, reference in held["duplicates"]:  # a repeat of the same drawing, never of a neighbour
         assert first <= reference < frame <= last and (reference - 1) // HOLD == (frame - 1) // HOLD
@@ -89,7 +93,7 @@ def test_a_held_frame_shows_its_references_upscale() -> None:
             return PillowUpscaler("bicubic", 2).upscale(batch)
 
     off = PillowUpscaler("bicubic", 2).upscale(frames)
-    held = HeldFrames((None, 0, None, 2, 2), "rgb24", 0.0)
+    held = HeldFrames((None, 0, None, 2, 2), "rgb24", 0.0, DEDUP_LEVELS["strict"])
     result = upscale_with_dedup(Counting(), frames, held, off, 1.0, temporal_energy(off))
     assert given == [1] and result.upscaled == 2  # frame 2 only: frame 0 was off's warm-up
     assert result.psnr_frames[0] == result.psnr_frames[2] == math.inf
@@ -125,10 +129,35 @@ def test_the_report_shows_each_model_off_and_on(
         assert on_cells["PSNR vs off, worst / run"].endswith(" dB")
         assert off_cells["flicker"] and on_cells["flicker"]
     found = browser.find_element(By.ID, "dedup-found").text
-    assert found.startswith(f"{upscaled} of the run's {FRAMES} frames are upscaled with --dedup")
+    assert found.startswith(
+        f"{upscaled} of the run's {FRAMES} frames are upscaled with --dedup --dedup-level strict"
+    )
+    assert "running the comparison again with --dedup-level loose" in found
     assert "With --dedup, tiny-x4 upscales" in browser.find_element(By.ID, "verdict").text
 
 
 def test_help_names_dedup() -> None:
     text = build_parser().format_help()
     assert "--dedup" in text and "With --dedup, the held frames of the run" in text
+
+
+def test_the_level_reaches_the_detector_and_the_record(tmp_path: Path) -> None:
+    """``--dedup-level loose``: the run's held frames are found at that level, and the report's record
+    says which (on a clip re-encoded at CRF 28, where the levels differ)."""
+    moving = clips.video(tmp_path / "moving.mp4", size="256x144", frames=24)
+    clip = clips.held_video(tmp_path / "held3-28.mp4", moving, hold=3, frames=24, crf=28)
+    info = probe(clip)
+    run = range(24)
+    frames = read_run(info, run)
+    strict = find_held_frames(info, run, frames, DEDUP_LEVELS["strict"])
+    loose = find_held_frames(info, run, frames, DEDUP_LEVELS["loose"])
+    assert len(loose.upscaled) < len(strict.upscaled)
+    record = loose.record(1)
+    assert (record.level, record.blur, record.threshold) == ("loose", 2, 4.0)
+    assert record.upscaled == len(loose.upscaled)
+    args = build_parser().parse_args([str(clip), "--dedup", "--dedup-level", "loose"])
+    assert (args.dedup, args.dedup_level) == (True, "loose")
+    with pytest.raises(ValueError, match="dedup_level is for dedup"):
+        CompareSpec(input=clip, dedup_level="loose")
+    with pytest.raises(ValueError, match="no --dedup-level 'lax'"):
+        CompareSpec(input=clip, dedup=True, dedup_level="lax")

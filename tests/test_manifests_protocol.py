@@ -36,7 +36,7 @@ from manifests import (
     write_status_atomic,
 )
 from manifests.colour import YUV_MATRICES, YuvSpec
-from manifests.dedup import DuplicateMap
+from manifests.dedup import DEDUP_LEVELS, DuplicateMap
 from manifests.health import Health
 from manifests.jobrecord import JobRecord, SegmentsRecord
 from manifests.manifest import check_frames_within_job, job_frame_count
@@ -555,7 +555,7 @@ RECORDS: list[Any] = [
         updated_at=1718000000.5,
     ),
     SegmentsRecord(chunk_frames=256, encode={"codec": "libx264", "crf": None, "extra_args": []}),
-    DuplicateMap.of(8, 4, 3.0, 16, {3: 1, 2: 1, 8: 5}),
+    DuplicateMap.of(8, 4, DEDUP_LEVELS["loose"], {3: 1, 2: 1, 8: 5}),
 ]
 
 

@@ -144,6 +144,8 @@ def test_bad_input_fails_alone_and_bad_fields_are_refused(
         ({"inputs": [small], "models": [model], "backend": "vulkan"}, "backend"),
         ({"inputs": [small], "models": [model], "dedup": "yes"}, "dedup"),
         ({"inputs": [small], "models": [model], "transport": "pigeon"}, "transport"),
+        ({"inputs": [small], "models": [model], "dedup_level": "loose"}, "dedup_level"),  # no dedup
+        ({"inputs": [small], "type": "compare", "dedup_level": "loose"}, "dedup_level"),
         # These workers run torch: no worker runs the model on ncnn.
         ({"inputs": [small], "models": [model], "backend": "ncnn"}, "models"),
     ):

@@ -86,13 +86,16 @@ def test_a_batch_gets_a_report_per_input_and_one_comparison_page(
 def test_a_comparison_with_dedup_reports_what_it_does_to_the_run(
     service: ServiceProcess, inputs: Path, tiny_model: Path
 ) -> None:
-    """The submit body's dedup reaches esrfarm compare: the report holds the --dedup record (off
-    and on rows per model), which a comparison without it does not."""
-    jobs = submit(service, compare_body(inputs, tiny_model, "first.mp4", dedup=True))["jobs"]
+    """The submit body's dedup and dedup_level reach esrfarm compare: the report holds the --dedup
+    record at that level (off and on rows per model), which a comparison without it does not."""
+    body = compare_body(inputs, tiny_model, "first.mp4", dedup=True, dedup_level="loose")
+    jobs = submit(service, body)["jobs"]
+    assert (jobs[0]["dedup"], jobs[0]["dedup_level"]) == (True, "loose")
     done = service.wait_state(jobs[0]["id"], "done", "failed", timeout=240)
     assert done["state"] == "done", done
     report = orjson.loads(Path(done["output"]).with_suffix(".json").read_bytes())
     assert report["dedup"] is not None, "the comparison ran without --dedup"
+    assert report["dedup"]["level"] == "loose", report["dedup"]
     assert all(row["dedup"] is not None for row in report["rows"] if row["status"] == "ok")
 
 

@@ -39,6 +39,8 @@ UPLOAD = "0123456789abcdef" * 2
         ({"crf": 2**64 - 1}, "crf", f"expected `int` <= {PRIORITY_LIMIT}"),
         ({"backend": "vulkan"}, "backend", "matching regex '^(torch|ncnn)$'"),
         ({"dedup": "yes"}, "dedup", "expected `bool`, got `str`"),
+        ({"dedup_level": "lax"}, "dedup_level", "matching regex '^(strict|loose)$'"),
+        ({"type": "compare", "dedup_level": 2}, "dedup_level", "expected `str`, got `int`"),
         ({"codec": None}, "codec", "expected `str`, got `null`"),
         ({"type": "compare", "frames": "many"}, "frames", "expected `int | null`, got `str`"),
         ({"type": "compare", "frames": 2**64 - 1}, "frames", "expected `int` <= 100000"),
@@ -67,6 +69,7 @@ def test_the_declared_defaults_and_types() -> None:
     assert (upscale.type, upscale.codec, upscale.backend, upscale.dedup, upscale.priority) == (
         "upscale", "libx264", "torch", False, None,
     )  # fmt: skip
+    assert upscale.dedup_level == "strict"
     compare = decode_body(json.dumps({"type": "compare", "upload": UPLOAD, "frames": 8}).encode())
     assert compare == CompareBody(upload=UPLOAD, frames=8) and compare.type == "compare"
 

@@ -18,7 +18,7 @@ def test_a_spec_round_trips_through_json_values() -> None:
     spec = JobSpec(
         Path("/in/a.mp4"), Path("/out/a.mkv"), scale=2.0, tile=256, precision="fp16",
         frame_format=FrameFormat.NPY, encode=EncodeSettings("libx265", crf=22, extra_args=("-x", "y")),
-        dedup=True,
+        dedup=True, dedup_level="loose",
     )  # fmt: skip
     values = spec.to_dict()
     assert values["input"] == "/in/a.mp4" and values["frame_format"] == "npy"
@@ -44,6 +44,8 @@ def test_a_spec_round_trips_through_json_values() -> None:
             "precision must be fp16 or fp32 on the ncnn backend, not bf16",
         ),
         ({"model": ""}, "model must not be empty"),
+        ({"dedup": True, "dedup_level": "lax"}, "dedup_level must be one of strict, loose, not 'lax'"),
+        ({"dedup_level": "loose"}, "dedup_level is for --dedup: say --dedup as well"),
     ],
 )
 def test_a_bad_spec_field_is_named_built_or_read(changes: dict[str, Any], message: str) -> None:
