@@ -306,8 +306,12 @@ class RayWorkerPool:
                 self._lost(slot)
 
     async def stop(self, timeout_s: float = 30.0) -> None:
-        """Stop every worker cleanly, then the actors; disconnect from Ray if this pool connected."""
-        stops = [s.actor.stop.remote(timeout_s) for s in self.slots if not s.gone]
+        """Stop every worker that is up cleanly, then the actors; disconnect from Ray if this pool
+        connected. An actor whose worker is not up (Ray has not placed or started it yet, or is
+        restarting it) is only killed, and its worker process, if any, dies with it: a call on an
+        actor still being created, waited for, aborts this process inside Ray (SIGABRT; seen when a
+        service was stopped while one of its actors could not be placed)."""
+        stops = [s.actor.stop.remote(timeout_s) for s in self.slots if not s.gone and s.url is not None]
         with contextlib.suppress(RayActorError, GetTimeoutError):
             await asyncio.to_thread(ray.get, stops, timeout=timeout_s + 5)
         for slot in self.slots:

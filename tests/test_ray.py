@@ -306,3 +306,36 @@ def test_the_service_runs_its_jobs_on_ray_actors_and_leaves_none_when_it_stops(
     assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"] in served], (
         "the service's actors are gone once it stops"
     )
+
+
+def test_the_service_stops_cleanly_while_an_actor_cannot_be_placed(
+    cluster: Cluster, work: Path, tiny_model: Path
+) -> None:
+    """Four actors on a cluster with room for three: the fourth stays pending creation. Stopping the
+    service then must stop the three and kill the fourth, not wait on it (which aborted the service
+    inside Ray: exit -6, seen when a loaded machine stopped a service whose actors were still
+    starting)."""
+    from tests.serviceutil import start_service
+
+    inputs = work / "pending-inputs"
+    inputs.mkdir()
+    source = clips.video(inputs / "clip.mp4", size="32x18", frames=8)
+    args = ["--ray", cluster.address, "--ray-workers", "4", "--worker-arg=--cpu-threads=1",
+            "--input-root", inputs]  # fmt: skip
+    service = start_service(work / "pending-root", work / "pending-logs", args)
+    try:
+        service.submit(inputs=[str(source)], models=[str(tiny_model)], scales=[2])
+        deadline = time.monotonic() + 120
+        while (
+            time.monotonic() < deadline
+            and "asked Ray for 4 worker actor(s)" not in service.log_path.read_text()
+        ):
+            time.sleep(0.1)
+        assert "asked Ray for 4 worker actor(s)" in service.log_path.read_text(), service.log()
+        time.sleep(1.0)  # some actors may come up meanwhile; the fourth cannot
+    finally:
+        code = service.stop()
+    assert code == 0, service.log()
+    assert "stopped (jobs that were running stay queued" in service.log_path.read_text()
+    mine = f"esrfarm-{socket.gethostname()}-{service.process.pid}-"
+    assert not [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(mine)]
