@@ -68,10 +68,9 @@ def plan_ranges(
         raise PlanningError(f"a segment job needs at least one frame, not {frame_count}")
     if segment_frames < 1:
         raise PlanningError(f"segment frames must be at least 1, not {segment_frames}")
-    if batch_size < 1:
-        raise PlanningError(f"batch size must be at least 1, not {batch_size}")
-    per_range = -(-segment_frames // batch_size)  # whole batches per range
+    # plan_batches refuses a batch size under 1, before it divides anything here
     every = plan_batches(frame_count, batch_size, ["all"], first_frame=first_frame).batches
+    per_range = -(-segment_frames // batch_size)  # whole batches per range
     batches = tuple(every[at : at + per_range] for at in range(0, len(every), per_range))
     ranges = tuple(
         Chunk(index, own[0].frames[0], sum(len(batch) for batch in own)) for index, own in enumerate(batches)
