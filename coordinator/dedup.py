@@ -122,11 +122,9 @@ def frame_difference(
     for (plane_a, block), (plane_b, _) in zip(_planes(a, yuv), _planes(b, yuv), strict=True):
         signed = plane_b.astype(np.int32) - plane_a.astype(np.int32)
         shifts.append(float(signed.mean()))
-        if blur > 1:  # windows of the cell means: block / blur cells a side, each blur * blur samples
-            cells = np.abs(_cell_sums(signed, blur))
-            worst = max(worst, _window_max(cells, max(block // blur, 1)) / (blur * blur))
-        else:
-            worst = max(worst, _window_max(np.abs(signed), block))
+        # windows of the cell means: block / blur cells a side, each cell blur * blur samples
+        cells = np.abs(_cell_sums(signed, blur) if blur > 1 else signed)
+        worst = max(worst, _window_max(cells, max(block // blur, 1)) / (blur * blur))
     # The largest shift of any plane: a slow fade of a dark blue picture moves luma by a tenth of a
     # level a frame, but its blue-difference chroma by a quarter or more.
     shift = max(shifts, key=abs)
