@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compare.frames import BASELINES
-from manifests.dedup import STRICT, dedup_level
+from manifests.dedup import STRICT, dedup_level_problem
 from worker.models import CATALOG, MODEL_FILE_SUFFIXES, looks_like_path
 
 SCALES = (2, 3, 4)
@@ -150,9 +150,8 @@ class CompareSpec:
             raise ValueError(f"shift search needs 0 <= max_shift <= 4 and step > 0, not {shift}")
         if self.vmaf_timeout_s <= 0:
             raise ValueError(f"vmaf_timeout_s must be above 0, not {self.vmaf_timeout_s}")
-        dedup_level(self.dedup_level)  # ValueError names the levels
-        if self.dedup_level != STRICT and not self.dedup:
-            raise ValueError("dedup_level is for dedup: a dedup level without dedup does nothing")
+        if (problem := dedup_level_problem(self.dedup, self.dedup_level)) is not None:
+            raise ValueError(f"dedup_level {problem}")
         for name in self.models:
             check_model_name(name)
         if len(set(self.models)) != len(self.models):

@@ -20,7 +20,7 @@ import msgspec
 from msgspec import Meta
 
 from coordinator.errors import SpecError
-from manifests.dedup import DEDUP_LEVELS, STRICT
+from manifests.dedup import STRICT, dedup_level_problem
 from manifests.errors import DocumentError
 from manifests.layout import FrameFormat
 from manifests.manifest import BACKENDS, MAX_BATCH_FRAMES, MAX_FRAME_INDEX, MAX_SCALE, MAX_TILE, MIN_SCALE
@@ -82,11 +82,8 @@ class JobSpec(Record):
             raise self.fail("precision", "must be fp16 or fp32 on the ncnn backend, not bf16")
         if self.transport not in TRANSPORTS:
             raise self.fail("transport", f"must be one of {', '.join(TRANSPORTS)}, not {self.transport!r}")
-        if self.dedup_level not in DEDUP_LEVELS:
-            levels = ", ".join(DEDUP_LEVELS)
-            raise self.fail("dedup_level", f"must be one of {levels}, not {self.dedup_level!r}")
-        if self.dedup_level != STRICT and not self.dedup:
-            raise self.fail("dedup_level", "is for --dedup: say --dedup as well")
+        if (problem := dedup_level_problem(self.dedup, self.dedup_level)) is not None:
+            raise self.fail("dedup_level", problem)
         if self.dedup and self.transport != FRAMES_TRANSPORT:
             raise self.fail("dedup", f"is for the frames transport, not {self.transport}")
 

@@ -85,6 +85,16 @@ def dedup_level(name: str) -> DedupLevel:
         raise ValueError(f"no --dedup-level {name!r}: choose one of {', '.join(DEDUP_LEVELS)}") from None
 
 
+def dedup_level_problem(dedup: bool, name: str) -> str | None:
+    """What is wrong with asking for level ``name`` with ``dedup`` on or off, in a field error's words
+    (None: nothing); the rule of every spec that takes a level (an upscale job's, a comparison's)."""
+    if name not in DEDUP_LEVELS:
+        return f"must be one of {', '.join(DEDUP_LEVELS)}, not {name!r}"
+    if name != STRICT and not dedup:
+        return "is for --dedup: say --dedup as well"
+    return None
+
+
 class DuplicateMap(Document, kw_only=True, dict=True):
     """Which frames of a job repeat an upscaled one: ``pairs`` (``"duplicates"`` in the file) maps a
     frame to its reference (a frame upscaled, earlier in the same chunk); :attr:`duplicates` is the
