@@ -70,6 +70,21 @@ def _planes(frame: np.ndarray, yuv: bool) -> list[tuple[np.ndarray, int]]:
     ]
 
 
+def _cell_sums(plane: np.ndarray, side: int) -> np.ndarray:
+    """The sums of ``plane`` (int32) over cells of ``side`` x ``side`` samples; sides that are not a
+    multiple of ``side`` have their last row or column repeated, so every sample is in a cell."""
+    rows, cols = plane.shape
+    if rows % side or cols % side:
+        plane = np.pad(plane, ((0, -rows % side), (0, -cols % side)), mode="edge")
+    # strided adds: reshaping to (h, side, w, side) and summing axes 1 and 3 took 15x as long at 720p
+    sums = plane[::side, ::side].copy()
+    for row in range(side):
+        for col in range(side):
+            if row or col:
+                sums += plane[row::side, col::side]
+    return sums
+
+
 def _window_max(diff: np.ndarray, block: int) -> float:
     """The largest mean of ``diff`` over windows of side ``block`` laid every half window, on two
     grids: one from the top left corner, one flush with the bottom and right edges (so every sample
@@ -82,8 +97,7 @@ def _window_max(diff: np.ndarray, block: int) -> float:
     for top in dict.fromkeys((0, rows % cell)):
         for left in dict.fromkeys((0, cols % cell)):
             height, width = (rows - top) // cell, (cols - left) // cell
-            part = diff[top : top + height * cell, left : left + width * cell]
-            cells = part.reshape(height, cell, width, cell).sum(axis=(1, 3), dtype=np.int64)
+            cells = _cell_sums(diff[top : top + height * cell, left : left + width * cell], cell)
             windows = cells[:-1, :-1] + cells[1:, :-1] + cells[:-1, 1:] + cells[1:, 1:]
             best = max(best, int(windows.max()))
     return best / (block * block)
@@ -100,15 +114,6 @@ class Difference:
 
     def is_repeat(self, level: DedupLevel = DEFAULT_LEVEL) -> bool:
         return self.window <= level.threshold and abs(self.shift) <= level.shift_threshold
-
-
-def _cell_sums(signed: np.ndarray, blur: int) -> np.ndarray:
-    """The sums of ``signed`` over ``blur`` x ``blur`` cells (a plane of odd sides: its last row or
-    column counted twice, so every sample is in a cell)."""
-    rows, cols = signed.shape
-    padded = np.pad(signed, ((0, -rows % blur), (0, -cols % blur)), mode="edge")
-    height, width = padded.shape[0] // blur, padded.shape[1] // blur
-    return padded.reshape(height, blur, width, blur).sum(axis=(1, 3))
 
 
 def frame_difference(
