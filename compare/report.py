@@ -232,8 +232,8 @@ upscaled and show its upscale: {html.escape(pairs)}. Found by the detector of <c
 --dedup</code> on the whole frames' {html.escape(held.samples)} samples, as a job decodes them
 ({held.block}x{held.block} windows{blur}, threshold {held.threshold:g} levels, mean shift
 {held.shift_threshold:g}), in {held.seconds:.2g} s; the run's first frame is always upscaled. The
-other level is measured by running the comparison again with <code>--dedup-level</code>
-{html.escape(other)}.</p>
+other level is measured by running the comparison again with <code>--dedup-level
+{html.escape(other)}</code>.</p>
 <table id="dedup"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>
 <p>Each model upscaled the run without <code>--dedup</code> (off) and with it (on).
 <b>Frames upscaled</b>: how many went through the model, and their share. <b>Seconds</b>: the

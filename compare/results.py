@@ -386,7 +386,8 @@ def format_table(report: Report) -> str:
         held = report.dedup
         lines.append("")
         lines.append(
-            f"--dedup: {held.upscaled} of {held.frames} frames of the run are upscaled, the others repeat "
+            f"--dedup --dedup-level {held.level}: {held.upscaled} of {held.frames} frames of the run are "
+            "upscaled, the others repeat "
             f"one (found on its {held.samples} samples in {held.seconds:.2g} s):"
         )
         lines.extend(
