@@ -19,7 +19,7 @@ import pytest
 
 from media.extract import decode_frames
 from tests import clips
-from tests.workerutil import REPO, WorkerProcess
+from tests.workerutil import REPO, WorkerProcess, running
 
 LOSSLESS = ["--codec", "ffv1", "--pix-fmt", "gbrp"]
 
@@ -153,9 +153,9 @@ def test_a_stopped_local_worker_is_given_up_and_killed_not_waited_for(
     assert "ignored SIGTERM" not in stderr, "a stopped worker cannot act on SIGTERM: it is killed"
     assert len(list(decode_frames(tmp_path / "out.mkv"))) == 80
     deadline = time.monotonic() + 60
-    while _exists(stopped) and time.monotonic() < deadline:
+    while running(stopped) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _exists(stopped), "the stopped worker was left behind"
+    assert not running(stopped), "the stopped worker was left behind"
 
 
 def _stop_while_it_holds_a_manifest(pid: int, root: Path) -> bool:
@@ -171,14 +171,6 @@ def _stop_while_it_holds_a_manifest(pid: int, root: Path) -> bool:
             return True
     os.kill(pid, signal.SIGCONT)
     return False
-
-
-def _exists(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 @pytest.mark.parametrize("name", ["vidéo.mp4", "映画.mp4", ".hidden.mp4", "_under.mp4", "-dash.mp4"])
@@ -207,13 +199,13 @@ def test_ffmpeg_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
     try:
         assert parent.stdout is not None
         ffmpeg_pid = int(parent.stdout.readline())
-        assert _exists(ffmpeg_pid)
+        assert running(ffmpeg_pid)
         parent.kill()
         parent.wait()
         deadline = time.monotonic() + 10
-        while _exists(ffmpeg_pid) and time.monotonic() < deadline:
+        while running(ffmpeg_pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not _exists(ffmpeg_pid), "ffmpeg outlived the process that started it"
+        assert not running(ffmpeg_pid), "ffmpeg outlived the process that started it"
     finally:
         if parent.poll() is None:
             parent.kill()

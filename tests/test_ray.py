@@ -29,7 +29,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from media.extract import decode_frames  # noqa: E402
 from tests import clips  # noqa: E402
-from tests.workerutil import REPO  # noqa: E402
+from tests.workerutil import REPO, running  # noqa: E402
 
 LOSSLESS = ["--codec", "ffv1", "--pix-fmt", "gbrp"]
 NAMESPACE = "esrfarm"
@@ -133,14 +133,6 @@ def run_actors(coordinator_pid: int) -> list[str]:
     )
 
 
-def pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-
-
 def assert_same_frames(output: Path, reference: list[np.ndarray]) -> None:
     got = list(decode_frames(output))
     assert len(got) == len(reference)
@@ -226,7 +218,7 @@ def test_the_only_actor_killed_mid_manifest_is_restarted_and_the_job_ends_right(
     assert len(lost) == 1 and "died" in lost[0]["reason"], lost
     after = {s["worker"]["pid"] for s in statuses(job.root) if s["state"] == "completed"}
     assert after - {status["worker"]["pid"]}, "the restarted actor's new worker did the rest"
-    assert not pid_exists(status["worker"]["pid"]), "the killed actor's worker died with it"
+    assert not running(status["worker"]["pid"]), "the killed actor's worker died with it"
     assert_same_frames(job.output, slow_reference)
 
 
@@ -258,11 +250,11 @@ def test_a_coordinator_killed_mid_job_leaves_no_actor_and_its_rerun_resumes(
     worker_pids = {s["worker"]["pid"] for s in statuses(job.root)}
     done_before = {b for s in statuses(job.root) for b in s["done_batches"]}
     while (
-        run_actors(job.process.pid) or any(map(pid_exists, worker_pids))
+        run_actors(job.process.pid) or any(map(running, worker_pids))
     ) and time.monotonic() - killed_at < 60:
         time.sleep(0.2)
     assert run_actors(job.process.pid) == [], "Ray destroyed the dead coordinator's actors"
-    assert not any(map(pid_exists, worker_pids)), "and their workers: no orphan holds a GPU"
+    assert not any(map(running, worker_pids)), "and their workers: no orphan holds a GPU"
     again = job.rerun()
     started = next(e for e in again.wait() if e["event"] == "started")
     assert started["run"] == 2, started

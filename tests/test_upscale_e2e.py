@@ -23,7 +23,7 @@ from media.extract import decode_frames
 from media.probe import probe
 from tests import clips
 from tests.videocheck import assert_faithful_upscale
-from tests.workerutil import REPO, WorkerProcess, part_way, start_worker
+from tests.workerutil import REPO, WorkerProcess, part_way, running, start_worker
 from worker.runtime import RuntimeSettings, load_upscaler
 
 FAST = ["--preset", "ultrafast"]
@@ -313,22 +313,9 @@ def test_local_workers_die_with_a_killed_coordinator(
         coordinator.kill()
         coordinator.wait()
         deadline = time.monotonic() + 30
-        while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+        while any(running(pid) for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not [pid for pid in pids if _running(pid)], "local workers outlived their coordinator"
+        assert not [pid for pid in pids if running(pid)], "local workers outlived their coordinator"
     finally:
         if coordinator.poll() is None:
             coordinator.kill()
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie has exited; its parent (gone) just has not reaped it.
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.workerutil import request
+from tests.workerutil import request, running
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -18,15 +18,6 @@ def run_script(name: str, *args: str, timeout: float = 180) -> subprocess.Comple
     return subprocess.run(
         [str(REPO / "scripts" / name), *args], capture_output=True, text=True, env=env, timeout=timeout
     )
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and stat.read_text().split(") ", 1)[1].startswith("Z"))
 
 
 def test_start_n_workers_wait_for_health_record_pids_and_stop_cleanly(
@@ -43,7 +34,7 @@ def test_start_n_workers_wait_for_health_record_pids_and_stop_cleanly(
         assert [w["index"] for w in workers] == [0, 1]
         assert len({w["url"] for w in workers}) == 2
         for record in workers:
-            assert alive(record["pid"])
+            assert running(record["pid"])
             health = request(record["url"] + "/health")
             assert health.status == 200 and health.json()["pid"] == record["pid"]
             assert health.json()["device"] == "cpu"
@@ -57,7 +48,7 @@ def test_start_n_workers_wait_for_health_record_pids_and_stop_cleanly(
         stopped = run_script("stop_workers.sh", "--run-dir", str(run_dir))
     assert stopped.returncode == 0, stopped.stderr
     assert stopped.stdout.count("stopped cleanly") == 2
-    assert not any(alive(w["pid"]) for w in workers)
+    assert not any(running(w["pid"]) for w in workers)
     assert not (run_dir / "workers.json").exists()
     for index in (0, 1):
         assert "worker.service: stopped" in (run_dir / f"worker-{index}.log").read_text()

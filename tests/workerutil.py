@@ -332,6 +332,19 @@ class FifoGate:
         self.release()
 
 
+def running(pid: int) -> bool:
+    """Whether ``pid`` is a process that has not exited (a zombie has exited; its parent has not reaped it).
+
+    The state is the field after the command name in /proc/PID/stat; the name may hold spaces and
+    parentheses, so it is read after the last ``)``. A process that goes while we look is not running.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def part_way(root: Path, pid: int) -> bool:
     """Whether a status file under ``root`` shows worker ``pid`` part way through its manifest (at
     least one batch done, more to go): the moment a fault test kills it."""
