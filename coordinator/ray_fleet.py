@@ -40,6 +40,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# Ray's crash handler (absl's failure signal handler, installed by ray.init) also takes SIGTERM: it
+# logs a stack, passes the signal on, and arms a 3 s alarm that then aborts the process (SIGABRT). A
+# coordinator or service stopping on SIGTERM waits for the batches in flight, often longer than
+# that. Read when ray is imported, so set first (and always); a crash still ends the process, without
+# Ray's trace.
+os.environ["RAY_DISABLE_FAILURE_SIGNAL_HANDLER"] = "1"
+
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
@@ -309,12 +316,13 @@ class RayWorkerPool:
         """Stop every worker that is up cleanly, then the actors; disconnect from Ray if this pool
         connected. An actor whose worker is not up (Ray has not placed or started it yet, or is
         restarting it) is only killed, and its worker process, if any, dies with it: a call on an
-        actor still being created, waited for, aborts this process inside Ray (SIGABRT; seen when a
-        service was stopped while one of its actors could not be placed)."""
+        actor still being created would hold the stop for the whole ``timeout_s``."""
         stops = [s.actor.stop.remote(timeout_s) for s in self.slots if not s.gone and s.url is not None]
         with contextlib.suppress(RayActorError, GetTimeoutError):
             await asyncio.to_thread(ray.get, stops, timeout=timeout_s + 5)
         for slot in self.slots:
+            if not slot.gone and slot.url is None:
+                log.info("Ray actor %s is not up: killed, not waited for", slot.name)
             with contextlib.suppress(RayActorError):
                 ray.kill(slot.actor, no_restart=True)
             slot.gone = True
