@@ -279,17 +279,13 @@ def test_a_coordinator_on_ray_stopped_by_sigterm_waits_for_its_batch_and_exits_a
     args = on_ray(cluster, source, work / "sigterm.mkv", root, tiny_model, "--ray-workers", "1",
                   "--worker-arg=--simulate-latency-ms=2000")  # fmt: skip
     process = start(args, log)
-    deadline = time.monotonic() + 180
-    while not [s for s in statuses(root) if s["state"] == "processing" and s["batches_done"] == 0]:
-        assert process.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, "no batch got under way"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)  # the first batch (4 frames, 2 s each) has just begun
+    wait_mid_manifest(root, process)  # the first batch is done; the second (its frames read ahead) upscales
+    process.send_signal(signal.SIGTERM)
     code = process.wait(timeout=120)
     text = log.read_text()
     assert code == 130, f"exit {code}:\n{text}"
     assert text.strip().splitlines()[-1].startswith("esrfarm upscale: interrupted ("), text
-    assert sum(s["batches_done"] for s in statuses(root)) >= 1, "the batch in flight was finished"
+    assert sum(s["batches_done"] for s in statuses(root)) >= 2, "the batch in flight was finished"
     assert run_actors(process.pid) == [], "and its actor is gone"
 
 
